@@ -1,0 +1,31 @@
+# summon: the README's commands. Each target installs what it needs first.
+VENV := .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup demo test test-fast bench lint fuzz clean
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	bash scripts/demo.sh
+
+lint: setup
+	$(VENV)/bin/ruff check proxy tests loadtests
+	$(VENV)/bin/mypy proxy
+
+test: setup lint
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) loadtests/bench.py
+
+fuzz: setup
+	$(PY) -m pytest -q tests -k fuzz --hypothesis-profile=deep
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

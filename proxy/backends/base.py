@@ -1,0 +1,84 @@
+"""The interface every instance driver implements: start, ready address, stop.
+
+How this works: the engine decides *that* an instance should exist on a host; the
+asyncio shell calls the host's driver to make it so. A driver returns as soon as the
+instance has an address the proxy can reach (the VM or process may still be booting);
+readiness is then detected by the proxy itself (`proxy.readiness`), the same way for
+every driver, so boot-to-ready times are comparable across drivers.
+
+Errors: a driver raises `BackendError` (or a subclass) for anything that goes wrong,
+translating foreign exceptions (OSError, libvirt.libvirtError) with ``raise ... from``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from ..config import Address, Host, Route
+from ..errors import SummonError
+
+if TYPE_CHECKING:
+    from ..images import Image
+
+
+class BackendError(SummonError):
+    """Starting or stopping an instance failed. Becomes 503 for waiting requests."""
+
+    status = 503
+    reason = "Service Unavailable"
+
+
+class ImageError(BackendError):
+    """The image is missing, malformed, or an artefact does not match its digest."""
+
+
+class HostUnavailable(BackendError):
+    """The host (libvirtd, the hypervisor) cannot be reached: fail fast, place elsewhere."""
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """Everything a driver needs to start one instance."""
+
+    instance_id: str  # unique, also used as the VM/domain name suffix
+    route: Route
+    host: Host
+    image: "Image"
+    start: str = "boot"  # "boot" or "restore"
+
+
+@dataclass
+class Handle:
+    """A started instance, as the driver knows it.
+
+    `exited` resolves (with a short reason) if the instance dies on its own, so the
+    shell can fail a boot early or replace a dead replica instead of waiting for a
+    timeout.
+    """
+
+    instance_id: str
+    address: Address
+    exited: "asyncio.Future[str]"
+    detail: dict[str, object] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    name: str
+
+    async def start(self, spec: InstanceSpec) -> Handle:
+        """Create the instance and return once it has a reachable address."""
+        ...
+
+    async def stop(self, handle: Handle) -> None:
+        """Destroy the instance. Never raises for an instance that is already gone."""
+        ...
+
+    async def reap_orphans(self) -> list[str]:
+        """Destroy instances this driver left behind in an earlier run; return their ids."""
+        ...
+
+    async def close(self) -> None:
+        """Stop everything this driver started and release connections."""
+        ...

@@ -1,0 +1,579 @@
+"""TOML config -> one frozen `Config`.
+
+How this works: `tomllib` parses each file (the main one and every `include`d route
+table); a `LineIndex` built from the same text remembers on which line each table header
+and each key stands, so that every problem can be reported as ``file:line: message``
+naming the key.  Validation collects *all* problems before raising one `ConfigError`,
+so `summon check` prints them in one go.  Nothing below `load()` reads the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError, Problem
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    listen: tuple[Address, ...] = (Address("127.0.0.1", 8080),)
+    admin: Address | None = Address("127.0.0.1", 8081)
+    admin_token: str | None = None
+    workers: int = 1
+    trusted_proxies: tuple[Network, ...] = ()
+    max_header_bytes: int = 16 * 1024  # IIS 16K; nginx 1K + 4x8K
+    max_header_count: int = 100  # Apache LimitRequestFields
+    header_timeout_s: float = 10.0  # slowloris bound, nginx client_header_timeout is 60s
+    keepalive_timeout_s: float = 60.0  # idle client keep-alive (nginx 75s)
+    body_timeout_s: float = 60.0  # gap between two reads of a request body
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_connections: int = 10_000
+    max_inflight: int = 5_000
+    connect_timeout_s: float = 5.0
+    upstream_timeout_s: float = 60.0  # until the response head arrives
+    upstream_idle_s: float = 30.0  # idle pooled upstream connections are closed after
+    upstream_pool_size: int = 64  # idle keep-alive connections kept per upstream
+    drain_timeout_s: float = 30.0
+    server_name: str = "summon"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_instances: int = 16
+    budget_instance_seconds_per_hour: float | None = None
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str
+    nearest: tuple[str, ...] = ()
+    cidrs: tuple[Network, ...] = ()
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    region: str
+    backend: str = "process"
+    uri: str = ""
+    slots: int = 8
+    arch: str = "x86_64"
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    host: str = "*"
+    path: str | None = None
+    url: str | None = None
+    image: str | None = None
+    upstreams: tuple[Address, ...] = ()
+    min_replicas: int = 0
+    max_replicas: int = 4
+    target_concurrency: int = 32
+    idle_timeout_s: float = 300.0
+    boot_timeout_s: float = 30.0
+    queue_size: int = 1000  # requests buffered per pool while it boots
+    hash_key: str = "client"
+    health_path: str = "/"
+    start: str = "boot"
+    source: str = ""  # "file:line" of the [[route]] header, for messages and events
+
+    @property
+    def summoned(self) -> bool:
+        return self.image is not None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    proxy: ProxySettings
+    limits: Limits
+    regions: tuple[Region, ...]
+    hosts: tuple[Host, ...]
+    routes: tuple[Route, ...]
+    images_dir: Path
+    events_path: Path
+    events_retention_s: float = 7 * 24 * 3600.0
+    events_max_rows: int = 1_000_000
+    default_region: str = "local"
+
+
+# --- parsing helpers ---------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.I)
+
+
+def parse_duration(value: Any) -> float:
+    """``"500ms"``, ``"30s"``, ``"5m"``, ``"1h"`` or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as \"30s\"")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"{value!r} is not a duration (use e.g. \"500ms\", \"30s\", \"5m\")")
+
+
+def parse_size(value: Any) -> int:
+    """Bytes as a number or ``"16k"``, ``"64MiB"``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            unit = (m.group(2) or "b").lower()[:1]
+            return int(m.group(1)) * {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
+    raise ValueError(f"{value!r} is not a size (use e.g. 16384 or \"16k\")")
+
+
+def parse_address(value: Any) -> Address:
+    if not isinstance(value, str):
+        raise ValueError("expected \"HOST:PORT\"")
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return Address(host, int(port))
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a whole number >= 0, got {value!r}")
+    return value
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected a list of strings")
+    return tuple(value)
+
+
+def _networks(value: Any) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(v, strict=False) for v in _strings(value))
+
+
+def _addresses(value: Any) -> tuple[Address, ...]:
+    if isinstance(value, str):
+        value = [value]
+    return tuple(parse_address(v) for v in _strings(value))
+
+
+def _optional_address(value: Any) -> Address | None:
+    if value in ("", False):
+        return None
+    return parse_address(value)
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"expected a number >= 0, got {value!r}")
+    return float(value)
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
+        return str(value)
+
+    return check
+
+
+def _hash_key(value: Any) -> str:
+    v = _string(value)
+    if v in ("client", "path") or re.fullmatch(r"(header|cookie):[!#$%&'*+.^`|~0-9A-Za-z-]+", v):
+        return v
+    raise ValueError(f"expected client, path, header:NAME or cookie:NAME, got {v!r}")
+
+
+def _health_path(value: Any) -> str:
+    v = _string(value)
+    if not v.startswith("/"):
+        raise ValueError("must start with /")
+    return v
+
+
+# key -> (dataclass field, converter)
+_PROXY_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "listen": ("listen", _addresses),
+    "admin": ("admin", _optional_address),
+    "admin_token": ("admin_token", _string),
+    "workers": ("workers", _positive_int),
+    "trusted_proxies": ("trusted_proxies", _networks),
+    "max_header_bytes": ("max_header_bytes", parse_size),
+    "max_header_count": ("max_header_count", _positive_int),
+    "header_timeout": ("header_timeout_s", parse_duration),
+    "keepalive_timeout": ("keepalive_timeout_s", parse_duration),
+    "body_timeout": ("body_timeout_s", parse_duration),
+    "max_body_bytes": ("max_body_bytes", parse_size),
+    "max_connections": ("max_connections", _positive_int),
+    "max_inflight": ("max_inflight", _positive_int),
+    "connect_timeout": ("connect_timeout_s", parse_duration),
+    "upstream_timeout": ("upstream_timeout_s", parse_duration),
+    "upstream_idle_timeout": ("upstream_idle_s", parse_duration),
+    "upstream_pool_size": ("upstream_pool_size", _positive_int),
+    "drain_timeout": ("drain_timeout_s", parse_duration),
+    "server_name": ("server_name", _string),
+}
+_LIMIT_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "max_instances": ("max_instances", _positive_int),
+    "budget_instance_seconds_per_hour": ("budget_instance_seconds_per_hour", _number),
+}
+_REGION_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "name": ("name", _string),
+    "nearest": ("nearest", _strings),
+    "cidrs": ("cidrs", _networks),
+}
+_HOST_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "name": ("name", _string),
+    "region": ("region", _string),
+    "backend": ("backend", _choice("process", "libvirt", "fake")),
+    "uri": ("uri", _string),
+    "slots": ("slots", _positive_int),
+    "arch": ("arch", _choice("x86_64", "aarch64")),
+}
+_ROUTE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "name": ("name", _string),
+    "host": ("host", _string),
+    "path": ("path", _string),
+    "url": ("url", _string),
+    "image": ("image", _string),
+    "upstreams": ("upstreams", _addresses),
+    "min_replicas": ("min_replicas", _positive_int),
+    "max_replicas": ("max_replicas", _positive_int),
+    "target_concurrency": ("target_concurrency", _positive_int),
+    "idle_timeout": ("idle_timeout_s", parse_duration),
+    "boot_timeout": ("boot_timeout_s", parse_duration),
+    "queue_size": ("queue_size", _positive_int),
+    "hash_key": ("hash_key", _hash_key),
+    "health_path": ("health_path", _health_path),
+    "start": ("start", _choice("boot", "restore")),
+}
+_TOP_KEYS = {"include", "proxy", "limits", "region", "host", "route", "images", "events"}
+
+
+class LineIndex:
+    """Where tables and keys stand in one TOML file's text.
+
+    tomllib gives no positions, so we scan the text ourselves: good enough for the
+    plain `key = value` style of config files (dotted keys and inline tables point at
+    the line of their table header instead).
+    """
+
+    _HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-]+)\s*\]\]?")
+    _KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+|\"[^\"]*\")\s*=")
+
+    def __init__(self, text: str) -> None:
+        # (table name, ordinal) -> (header line, {key: line})
+        self.tables: dict[tuple[str, int], tuple[int, dict[str, int]]] = {}
+        counts: dict[str, int] = {}
+        current: dict[str, int] = {}
+        self.tables[("", 0)] = (1, current)
+        in_multiline = False
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if line.count('"""') % 2 == 1 or line.count("'''") % 2 == 1:
+                in_multiline = not in_multiline
+                if not in_multiline:
+                    continue
+            if in_multiline and not self._KEY.match(line):
+                continue
+            if m := self._HEADER.match(line):
+                name = m.group(2)
+                n = counts.get(name, 0) if m.group(1) == "[[" else 0
+                counts[name] = n + 1
+                current = {}
+                self.tables[(name, n)] = (lineno, current)
+            elif m := self._KEY.match(line):
+                current.setdefault(m.group(1).strip('"'), lineno)
+
+    def line(self, table: str, ordinal: int = 0, key: str | None = None) -> int:
+        header, keys = self.tables.get((table, ordinal), (1, {}))
+        if key is not None and key in keys:
+            return keys[key]
+        return header
+
+
+@dataclass
+class _Collector:
+    problems: list[Problem] = field(default_factory=list)
+
+    def add(self, file: str, line: int, message: str) -> None:
+        self.problems.append(Problem(file, line, message))
+
+
+def _section(
+    raw: Any,
+    keys: dict[str, tuple[str, Callable[[Any], Any]]],
+    where: str,
+    file: str,
+    index: LineIndex,
+    table: str,
+    ordinal: int,
+    out: _Collector,
+) -> dict[str, Any] | None:
+    if not isinstance(raw, dict):
+        out.add(file, index.line(table, ordinal), f"{where} must be a table")
+        return None
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        line = index.line(table, ordinal, key)
+        if key not in keys:
+            known = ", ".join(sorted(keys))
+            out.add(file, line, f"{where}: unknown key '{key}' (known: {known})")
+            continue
+        attr, convert = keys[key]
+        try:
+            values[attr] = convert(value)
+        except ValueError as exc:
+            out.add(file, line, f"{where}.{key}: {exc}")
+    return values
+
+
+def _read_toml(path: Path, out: _Collector, line_from: tuple[str, int]) -> tuple[dict[str, Any], LineIndex] | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        out.add(line_from[0], line_from[1], f"cannot read {path}: {exc.strerror or exc}")
+        return None
+    except UnicodeDecodeError:
+        out.add(str(path), 1, "not UTF-8 text")
+        return None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"line (\d+)", str(exc))
+        out.add(str(path), int(m.group(1)) if m else 1, f"TOML syntax: {exc}")
+        return None
+    return data, LineIndex(text)
+
+
+def _check_path(p: str) -> str | None:
+    if not p.startswith("/"):
+        return "must start with /"
+    if any(seg in (".", "..") for seg in p.split("/")) or "%" in p or "?" in p or "#" in p:
+        return "must be a normalised path (no . or .. segments, no %, ? or #)"
+    return None
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate; raise `ConfigError` listing every problem found."""
+    main = Path(path)
+    out = _Collector()
+    parsed = _read_toml(main, out, (str(main), 1))
+    if parsed is None:
+        raise ConfigError(out.problems)
+    data, index = parsed
+    file = str(main)
+    base = main.parent
+
+    for key in data:
+        if key not in _TOP_KEYS:
+            out.add(file, index.line(key, 0, None) if (key, 0) in index.tables else index.line("", 0, key),
+                    f"unknown top-level key '{key}' (known: {', '.join(sorted(_TOP_KEYS))})")
+
+    proxy_vals = _section(data.get("proxy", {}), _PROXY_KEYS, "[proxy]", file, index, "proxy", 0, out) or {}
+    limit_vals = _section(data.get("limits", {}), _LIMIT_KEYS, "[limits]", file, index, "limits", 0, out) or {}
+    proxy = ProxySettings(**proxy_vals)
+    limits = Limits(**limit_vals)
+    if proxy.workers < 1:
+        out.add(file, index.line("proxy", 0, "workers"), "[proxy].workers must be at least 1")
+
+    listens = list(proxy.listen)
+    if proxy.admin is not None:
+        listens.append(proxy.admin)
+    seen_addr: set[tuple[str, int]] = set()
+    for addr in listens:
+        k = (addr.host, addr.port)
+        if addr.port != 0 and (k in seen_addr or _overlaps(addr, seen_addr)):
+            out.add(file, index.line("proxy", 0, "listen"), f"[proxy]: listen addresses overlap at {addr}")
+        seen_addr.add(k)
+
+    images = data.get("images", {})
+    images_dir = base / "images"
+    if isinstance(images, dict):
+        for key, value in images.items():
+            if key != "dir":
+                out.add(file, index.line("images", 0, key), f"[images]: unknown key '{key}' (known: dir)")
+            elif not isinstance(value, str):
+                out.add(file, index.line("images", 0, key), "[images].dir: expected a string")
+            else:
+                images_dir = base / value
+    events = data.get("events", {})
+    events_path = base / "summon-events.db"
+    retention_s = Config.events_retention_s
+    max_rows = Config.events_max_rows
+    if isinstance(events, dict):
+        for key, value in events.items():
+            line = index.line("events", 0, key)
+            try:
+                if key == "path":
+                    events_path = base / _string(value)
+                elif key == "retention":
+                    retention_s = parse_duration(value)
+                elif key == "max_rows":
+                    max_rows = _positive_int(value)
+                else:
+                    out.add(file, line, f"[events]: unknown key '{key}' (known: max_rows, path, retention)")
+            except ValueError as exc:
+                out.add(file, line, f"[events].{key}: {exc}")
+
+    regions: list[Region] = []
+    for i, raw in enumerate(_list_of_tables(data.get("region", []), "region", file, index, out)):
+        vals = _section(raw, _REGION_KEYS, "[[region]]", file, index, "region", i, out)
+        if vals is None:
+            continue
+        if "name" not in vals:
+            out.add(file, index.line("region", i), "[[region]]: missing key 'name'")
+            continue
+        regions.append(Region(**vals))
+    region_names = {r.name for r in regions}
+    for i, r in enumerate(regions):
+        for n in r.nearest:
+            if n not in region_names:
+                out.add(file, index.line("region", i, "nearest"), f"[[region]] {r.name}: nearest names unknown region '{n}'")
+    default_region = regions[0].name if regions else "local"
+
+    hosts: list[Host] = []
+    for i, raw in enumerate(_list_of_tables(data.get("host", []), "host", file, index, out)):
+        vals = _section(raw, _HOST_KEYS, "[[host]]", file, index, "host", i, out)
+        if vals is None:
+            continue
+        vals.setdefault("name", f"host{i}")
+        vals.setdefault("region", default_region)
+        if regions and vals["region"] not in region_names:
+            out.add(file, index.line("host", i, "region"), f"[[host]] {vals['name']}: unknown region '{vals['region']}'")
+        if vals.get("backend") == "libvirt" and not vals.get("uri"):
+            vals["uri"] = "qemu:///system"
+        hosts.append(Host(**vals))
+    if not hosts:
+        hosts.append(Host(name="local", region=default_region))
+    if len({h.name for h in hosts}) != len(hosts):
+        out.add(file, index.line("host", 0), "[[host]]: host names must be unique")
+
+    route_sources: list[tuple[Any, str, LineIndex, int]] = []
+    for i, raw in enumerate(_list_of_tables(data.get("route", []), "route", file, index, out)):
+        route_sources.append((raw, file, index, i))
+    includes = data.get("include", [])
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list):
+        out.add(file, index.line("", 0, "include"), "include: expected a list of file names")
+        includes = []
+    for pattern in includes:
+        if not isinstance(pattern, str):
+            out.add(file, index.line("", 0, "include"), "include: expected file names (strings)")
+            continue
+        paths = sorted(base.glob(pattern)) if any(c in pattern for c in "*?[") else [base / pattern]
+        if not paths:
+            out.add(file, index.line("", 0, "include"), f"include: no file matches {pattern!r}")
+        for inc in paths:
+            parsed_inc = _read_toml(inc, out, (file, index.line("", 0, "include")))
+            if parsed_inc is None:
+                continue
+            inc_data, inc_index = parsed_inc
+            for key in inc_data:
+                if key != "route":
+                    out.add(str(inc), inc_index.line(key, 0) if (key, 0) in inc_index.tables else 1,
+                            f"a route table may only hold [[route]] entries, not '{key}'")
+            for i, raw in enumerate(_list_of_tables(inc_data.get("route", []), "route", str(inc), inc_index, out)):
+                route_sources.append((raw, str(inc), inc_index, i))
+
+    routes: list[Route] = []
+    seen_routes: dict[tuple[str, str, str], str] = {}
+    seen_names: dict[str, str] = {}
+    for raw, rfile, rindex, i in route_sources:
+        vals = _section(raw, _ROUTE_KEYS, "[[route]]", rfile, rindex, "route", i, out)
+        if vals is None:
+            continue
+        line = rindex.line("route", i)
+        where = f"{rfile}:{line}"
+        if ("path" in vals) == ("url" in vals):
+            out.add(rfile, line, "[[route]]: give exactly one of 'path' (prefix) or 'url' (exact)")
+            continue
+        match_key = "path" if "path" in vals else "url"
+        problem = _check_path(vals[match_key])
+        if problem:
+            out.add(rfile, rindex.line("route", i, match_key), f"[[route]].{match_key}: {problem}")
+        if ("image" in vals) == ("upstreams" in vals):
+            out.add(rfile, line, "[[route]]: give exactly one of 'image' (summoned) or 'upstreams' (static)")
+            continue
+        if "upstreams" in vals and not vals["upstreams"]:
+            out.add(rfile, rindex.line("route", i, "upstreams"), "[[route]].upstreams: empty list")
+        host = vals.get("host", "*").lower()
+        if not re.fullmatch(r"\*|(\*\.)?[a-z0-9.\-]+(:\d+)?", host):
+            out.add(rfile, rindex.line("route", i, "host"), f"[[route]].host: {host!r} is not a host name, *.suffix or *")
+        vals["host"] = host
+        vals.setdefault("name", f"{host}{vals[match_key]}")
+        mn, mx = vals.get("min_replicas", 0), vals.get("max_replicas", Route.max_replicas)
+        if mn > mx:
+            out.add(rfile, rindex.line("route", i, "min_replicas"), f"[[route]] {vals['name']}: min_replicas {mn} > max_replicas {mx}")
+        if vals.get("target_concurrency", 1) < 1:
+            out.add(rfile, rindex.line("route", i, "target_concurrency"), "[[route]].target_concurrency must be at least 1")
+        key = (host, match_key, vals[match_key])
+        if key in seen_routes:
+            out.add(rfile, line, f"duplicate route {host} {match_key} {vals[match_key]} (first at {seen_routes[key]})")
+            continue
+        seen_routes[key] = where
+        if vals["name"] in seen_names:
+            out.add(rfile, rindex.line("route", i, "name"), f"duplicate route name {vals['name']!r} (first at {seen_names[vals['name']]})")
+            continue
+        seen_names[vals["name"]] = where
+        routes.append(Route(source=where, **vals))
+
+    if out.problems:
+        raise ConfigError(out.problems)
+    return Config(
+        path=str(main),
+        proxy=proxy,
+        limits=limits,
+        regions=tuple(regions),
+        hosts=tuple(hosts),
+        routes=tuple(routes),
+        images_dir=images_dir,
+        events_path=events_path,
+        events_retention_s=retention_s,
+        events_max_rows=max_rows,
+        default_region=default_region,
+    )
+
+
+def _overlaps(addr: Address, seen: set[tuple[str, int]]) -> bool:
+    """A wildcard address overlaps any other address on the same port."""
+    wild = ("0.0.0.0", "::", "")
+    return any(p == addr.port and (h in wild or addr.host in wild) for h, p in seen)
+
+
+def _list_of_tables(raw: Any, name: str, file: str, index: LineIndex, out: _Collector) -> list[Any]:
+    if isinstance(raw, list):
+        return raw
+    out.add(file, index.line(name, 0), f"'{name}' must be an array of tables: write [[{name}]]")
+    return []

@@ -1,0 +1,113 @@
+"""Typed errors, each knowing the HTTP status it becomes.
+
+The tree (one place turns any of these into a response: `proxy.http.responses`):
+
+    SummonError
+    ├── ClientError            the client misbehaved: 4xx, connection closed after
+    │   ├── BadRequest             400  framing, syntax, smuggling attempts
+    │   ├── NotFound               404  no route for host/path
+    │   ├── PayloadTooLarge        413
+    │   ├── HeadersTooLarge        431
+    │   ├── RequestTimeout         408
+    │   └── NotImplementedEncoding 501  Transfer-Encoding other than chunked
+    ├── UpstreamError          the instance misbehaved: 5xx
+    │   ├── BadGateway             502  refused, reset, bad framing
+    │   └── GatewayTimeout         504  no response head in time
+    ├── Unavailable            503 + Retry-After: boot failed, queue full, cap reached
+    └── ConfigError            not HTTP: `summon check` exit 2, one line per problem
+
+Foreign exceptions (OSError, httptools.HttpParserError, libvirt.libvirtError) are
+translated at the boundary where they are caught, with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class SummonError(Exception):
+    status = 500
+    reason = "Internal Server Error"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail or self.reason)
+        self.detail = detail or self.reason
+
+
+class ClientError(SummonError):
+    """The peer sent something we will not pass on. The connection is closed after."""
+
+    status = 400
+    reason = "Bad Request"
+
+
+class BadRequest(ClientError):
+    pass
+
+
+class NotFound(ClientError):
+    status = 404
+    reason = "Not Found"
+
+
+class PayloadTooLarge(ClientError):
+    status = 413
+    reason = "Payload Too Large"
+
+
+class HeadersTooLarge(ClientError):
+    status = 431
+    reason = "Request Header Fields Too Large"
+
+
+class RequestTimeout(ClientError):
+    status = 408
+    reason = "Request Timeout"
+
+
+class NotImplementedEncoding(ClientError):
+    status = 501
+    reason = "Not Implemented"
+
+
+class UpstreamError(SummonError):
+    status = 502
+    reason = "Bad Gateway"
+
+
+class BadGateway(UpstreamError):
+    pass
+
+
+class GatewayTimeout(UpstreamError):
+    status = 504
+    reason = "Gateway Timeout"
+
+
+class Unavailable(SummonError):
+    """No instance can serve now; the client may try again after `retry_after_s`."""
+
+    status = 503
+    reason = "Service Unavailable"
+
+    def __init__(self, detail: str = "", retry_after_s: int = 1) -> None:
+        super().__init__(detail)
+        self.retry_after_s = max(1, int(retry_after_s))
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One config problem, printed as ``file:line: message``."""
+
+    file: str
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.message}"
+
+
+class ConfigError(SummonError):
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))

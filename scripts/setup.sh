@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Install everything summon needs on a fresh Debian machine: Debian packages (when
+# root), a virtualenv in .venv with the project and its dev tools, and the libvirt
+# daemons started by hand (these machines have no systemd).
+#   scripts/setup.sh           core + test tools
+#   SUMMON_SKIP_APT=1 ...      do not touch Debian packages
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEB_PACKAGES=(
+  busybox-static          # httpd for the demo site, and /init of the microVM
+  nginx-light             # the reference reverse proxy in `make bench`
+  wrk                     # load generator for `make bench`
+  qemu-system-x86         # runs the microVMs (KVM where it works, TCG otherwise)
+  libvirt-daemon-system   # libvirtd + virtlogd
+  libvirt-clients         # virsh, to look at what summon started
+  libvirt-dev pkg-config  # to build libvirt-python
+  linux-image-cloud-amd64 # a small virtio kernel for the microVM
+  cpio                    # initramfs packing
+  chromium                # browser tests (headless)
+  redis-server            # shared state where an issue asks for it
+)
+
+missing=()
+for p in "${DEB_PACKAGES[@]}"; do
+  [[ "$p" == *"#"* ]] && continue
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [[ "${SUMMON_SKIP_APT:-}" == 1 ]]; then
+    echo "setup: skipping apt-get; missing: ${missing[*]}" >&2
+  elif [[ $(id -u) -eq 0 && -x /usr/bin/apt-get ]]; then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/tmp/summon-apt.log 2>&1 \
+      || { tail -20 /tmp/summon-apt.log; echo "setup: apt-get install failed" >&2; exit 1; }
+  else
+    echo "setup: not root or not Debian: install these yourself: ${missing[*]}" >&2
+  fi
+fi
+
+PY=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  "$PY" -m venv .venv
+fi
+extras="dev"
+if pkg-config --exists libvirt 2>/dev/null; then extras="$extras,libvirt"; fi
+stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-$extras"
+if [[ ! -f "$stamp" ]]; then
+  .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
+  .venv/bin/pip install -q -e ".[$extras]"
+  touch "$stamp"
+fi
