@@ -12,9 +12,10 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import ConfigError, Problem
 
@@ -538,11 +539,11 @@ def load(path: str | Path) -> Config:
             out.add(rfile, rindex.line("route", i, "min_replicas"), f"[[route]] {vals['name']}: min_replicas {mn} > max_replicas {mx}")
         if vals.get("target_concurrency", 1) < 1:
             out.add(rfile, rindex.line("route", i, "target_concurrency"), "[[route]].target_concurrency must be at least 1")
-        key = (host, match_key, vals[match_key])
-        if key in seen_routes:
-            out.add(rfile, line, f"duplicate route {host} {match_key} {vals[match_key]} (first at {seen_routes[key]})")
+        route_key = (host, match_key, vals[match_key])
+        if route_key in seen_routes:
+            out.add(rfile, line, f"duplicate route {host} {match_key} {vals[match_key]} (first at {seen_routes[route_key]})")
             continue
-        seen_routes[key] = where
+        seen_routes[route_key] = where
         if vals["name"] in seen_names:
             out.add(rfile, rindex.line("route", i, "name"), f"duplicate route name {vals['name']!r} (first at {seen_names[vals['name']]})")
             continue

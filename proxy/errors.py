@@ -6,6 +6,7 @@ The tree (one place turns any of these into a response: `proxy.http.responses`):
     ├── ClientError            the client misbehaved: 4xx, connection closed after
     │   ├── BadRequest             400  framing, syntax, smuggling attempts
     │   ├── NotFound               404  no route for host/path
+    │   ├── MethodNotAllowed       405  CONNECT
     │   ├── PayloadTooLarge        413
     │   ├── HeadersTooLarge        431
     │   ├── RequestTimeout         408
@@ -48,6 +49,11 @@ class BadRequest(ClientError):
 class NotFound(ClientError):
     status = 404
     reason = "Not Found"
+
+
+class MethodNotAllowed(ClientError):
+    status = 405
+    reason = "Method Not Allowed"
 
 
 class PayloadTooLarge(ClientError):

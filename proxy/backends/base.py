@@ -45,7 +45,7 @@ class InstanceSpec:
     instance_id: str  # unique, also used as the VM/domain name suffix
     route: Route
     host: Host
-    image: "Image"
+    image: Image
     start: str = "boot"  # "boot" or "restore"
 
 
@@ -60,7 +60,7 @@ class Handle:
 
     instance_id: str
     address: Address
-    exited: "asyncio.Future[str]"
+    exited: asyncio.Future[str]
     detail: dict[str, object] = field(default_factory=dict)
 
 

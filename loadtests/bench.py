@@ -1,0 +1,562 @@
+"""`make bench`: throughput and latency of summon next to nginx and mitmproxy.
+
+    python loadtests/bench.py [--quick] [--out loadtests/results/bench.json] [--only proxy]
+
+Everything runs on 127.0.0.1 with configs and logs in a temporary directory; every
+process started here is stopped by PID at the end, also on errors and Ctrl-C.
+
+The run is a list of sections (SECTIONS below). Each is a function taking the shared
+Bench context and returning a dict, stored in the JSON file under the section's name;
+`--only a,b` runs a subset. Exit code: 0 when the harness ran (missed goals and
+unavailable targets are reported, not fatal), 1 on a harness error, 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib as bl  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+BODY = b"hello, world\n"  # 13 bytes, what the upstream returns for every path
+
+# Goals of the proxy section (see loadtests/README.md).
+GOAL_NGINX_RATIO = 0.25  # summon req/s / nginx-proxy req/s at c32, at least
+GOAL_MITM_RATIO = 10.0  # summon req/s / mitmproxy req/s at c32, at least
+GOAL_ADDED_P50_MS = 0.3  # summon p50 - direct p50 at c1, below
+
+
+class HarnessError(RuntimeError):
+    """Something the benchmark itself needs is missing or broken (not a target's fault)."""
+
+
+class TargetUnavailable(RuntimeError):
+    """A target could not be started or does not answer correctly; it is skipped."""
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    tmp: Path
+    procs: bl.Processes
+    duration_s: float
+    warmup_s: float
+    messages: list[str] = field(default_factory=list)
+
+    def log(self, msg: str) -> None:
+        print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# targets
+
+
+def nginx_common(tmp: Path, name: str) -> str:
+    """Top of an nginx config: one process, no daemon, every path inside tmp."""
+    d = tmp / name
+    (d / "temp").mkdir(parents=True, exist_ok=True)
+    temps = "\n".join(
+        f"  {k}_temp_path {d / 'temp' / k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""daemon off;
+master_process off;
+worker_processes 1;
+pid {d / "nginx.pid"};
+error_log {d / "error.log"} warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  keepalive_timeout 65s;
+{temps}
+"""
+
+
+def start_nginx(bench: Bench, name: str, server_block: str) -> tuple[bl.Proc, int]:
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if nginx is None:
+        raise TargetUnavailable("nginx not found (Debian: apt-get install nginx-light; or run scripts/setup.sh)")
+    port = bl.free_port(HOST)
+    d = bench.tmp / name
+    conf = d / "nginx.conf"
+    d.mkdir(parents=True, exist_ok=True)
+    conf.write_text(nginx_common(bench.tmp, name) + server_block.replace("@PORT@", str(port)) + "}\n")
+    proc = bench.procs.start(name, [nginx, "-p", str(d), "-e", str(d / "error.log"), "-c", str(conf)])
+    if not bl.wait_port(HOST, port, timeout=10, alive=proc.alive):
+        why = proc.output_tail() or bl.tail(d / "error.log")
+        bench.procs.stop(proc)
+        raise TargetUnavailable(f"{name} did not start:\n{why}")
+    return proc, port
+
+
+def start_upstream(bench: Bench) -> tuple[bl.Proc, int]:
+    body = BODY.decode().replace("\n", "\\n")
+    server = f"""  server {{
+    listen {HOST}:@PORT@;
+    default_type text/plain;
+    location / {{ return 200 "{body}"; }}
+  }}
+"""
+    return start_nginx(bench, "upstream", server)
+
+
+def start_nginx_proxy(bench: Bench, upstream_port: int) -> tuple[bl.Proc, int]:
+    server = f"""  upstream bench_upstream {{
+    server {HOST}:{upstream_port};
+    keepalive 64;
+    keepalive_requests 1000000;
+  }}
+  server {{
+    listen {HOST}:@PORT@;
+    location / {{
+      proxy_pass http://bench_upstream;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}
+"""
+    return start_nginx(bench, "nginx-proxy", server)
+
+
+def summon_bin() -> Path:
+    return ROOT / ".venv" / "bin" / "summon"
+
+
+def start_summon(bench: Bench, upstream_port: int) -> tuple[bl.Proc, int]:
+    exe = summon_bin()
+    if not exe.exists():
+        raise TargetUnavailable(f"{exe} not found (run `make setup`)")
+    cp = subprocess.run([str(exe), "serve", "--help"], capture_output=True, text=True, timeout=30, check=False)
+    if cp.returncode != 0:
+        raise TargetUnavailable(
+            "`summon serve --help` failed, summon serve is not there yet:\n" + bl_tail_text(cp.stderr or cp.stdout)
+        )
+    port = bl.free_port(HOST)
+    admin = bl.free_port(HOST)
+    d = bench.tmp / "summon"
+    d.mkdir(parents=True, exist_ok=True)
+    conf = d / "summon.toml"
+    conf.write_text(
+        f"""[proxy]
+listen = "{HOST}:{port}"
+admin = "{HOST}:{admin}"
+workers = 1
+
+[events]
+path = "{d / "events.db"}"
+
+[[route]]
+name = "bench"
+host = "*"
+path = "/"
+upstreams = ["{HOST}:{upstream_port}"]
+"""
+    )
+    proc = bench.procs.start("summon", [str(exe), "serve", "-c", str(conf)], cwd=d)
+    if not bl.wait_port(HOST, port, timeout=20, alive=proc.alive):
+        alive = proc.alive()
+        code = bench.procs.stop(proc)
+        state = "did not listen within 20 s" if alive else f"exited with code {code}"
+        raise TargetUnavailable(f"summon {state}; stderr tail:\n{proc.output_tail()}")
+    return proc, port
+
+
+def bl_tail_text(text: str, lines: int = 20) -> str:
+    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+
+def mitmdump_bin() -> Path:
+    return ROOT / ".venv-mitm" / "bin" / "mitmdump"
+
+
+def ensure_mitmproxy(bench: Bench) -> Path:
+    exe = mitmdump_bin()
+    if exe.exists():
+        return exe
+    if bench.args.no_install:
+        raise TargetUnavailable(f"{exe} not found and --no-install given (run scripts/setup-mitmproxy.sh)")
+    bench.log("mitmproxy: .venv-mitm missing, running scripts/setup-mitmproxy.sh ...")
+    script = ROOT / "scripts" / "setup-mitmproxy.sh"
+    log = bench.tmp / "setup-mitmproxy.log"
+    with open(log, "wb") as f:
+        try:
+            cp = subprocess.run(["bash", str(script)], stdout=f, stderr=subprocess.STDOUT, timeout=600, check=False)
+        except subprocess.TimeoutExpired:
+            raise TargetUnavailable("scripts/setup-mitmproxy.sh took more than 10 minutes") from None
+    if cp.returncode != 0 or not exe.exists():
+        raise TargetUnavailable(f"could not install mitmproxy (scripts/setup-mitmproxy.sh):\n{bl.tail(log)}")
+    return exe
+
+
+def start_mitmproxy(bench: Bench, upstream_port: int) -> tuple[bl.Proc, int]:
+    exe = ensure_mitmproxy(bench)
+    port = bl.free_port(HOST)
+    confdir = bench.tmp / "mitmproxy"
+    confdir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        str(exe),
+        "--mode",
+        f"reverse:http://{HOST}:{upstream_port}",
+        "--listen-host",
+        HOST,
+        "--listen-port",
+        str(port),
+        "--set",
+        f"confdir={confdir}",  # its CA lives in tmp, not in ~/.mitmproxy
+        "-q",
+    ]
+    proc = bench.procs.start("mitmproxy", argv)
+    if not bl.wait_port(HOST, port, timeout=30, alive=proc.alive):
+        alive = proc.alive()
+        code = bench.procs.stop(proc)
+        state = "did not listen within 30 s" if alive else f"exited with code {code}"
+        raise TargetUnavailable(f"mitmdump {state}:\n{proc.output_tail()}")
+    return proc, port
+
+
+def probe(port: int, path: str = "/") -> None:
+    """One GET through the target: it must answer 200 with the upstream's body."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Host": f"bench.test:{port}"})
+        resp = conn.getresponse()
+        body = resp.read()
+    except (OSError, http.client.HTTPException) as e:
+        raise TargetUnavailable(f"probe GET {path} failed: {e!r}") from None
+    finally:
+        conn.close()
+    if resp.status != 200 or body != BODY:
+        raise TargetUnavailable(f"probe GET {path}: status {resp.status}, body {body[:80]!r} (want 200, {BODY!r})")
+
+
+# ---------------------------------------------------------------------------
+# measuring
+
+
+def measure(bench: Bench, name: str, port: int, duration_s: float, concurrencies: list[int]) -> dict:
+    url = f"http://{HOST}:{port}/"
+    runs: dict[str, dict] = {}
+    bench.log(f"  {name}: warm-up {bench.warmup_s:g}s, then {duration_s:g}s per run at c={concurrencies}")
+    bl.run_wrk(url, bench.warmup_s, max(concurrencies))
+    for c in concurrencies:
+        reps = []
+        for _ in range(bench.args.repeat):
+            try:
+                reps.append(bl.run_wrk(url, duration_s, c, timeout_s=bench.args.wrk_timeout))
+            except bl.WrkParseError as e:
+                runs[f"c{c}"] = {"connections": c, "error": str(e)}
+                break
+        else:
+            runs[f"c{c}"] = summarize(c, reps)
+            r = runs[f"c{c}"]
+            bench.log(
+                f"    c{c:<3} {r['requests_per_s']:>10.1f} req/s  p50 {fmt(r['p50_ms'], 3)} ms"
+                f"  p99 {fmt(r['p99_ms'], 3)} ms  errors {r['errors']}"
+            )
+    return {"available": True, "url": url, "duration_s": duration_s, "runs": runs}
+
+
+def summarize(connections: int, reps: list[dict]) -> dict:
+    """One row from one or more wrk runs: medians of the figures, errors summed."""
+
+    def med(key: str, pct: str | None = None) -> float | None:
+        if pct is None:
+            return bl.median(r.get(key) for r in reps)
+        return bl.median(r["latency_ms"].get(pct) for r in reps)
+
+    return {
+        "connections": connections,
+        "threads": 1,
+        "repeats": len(reps),
+        "requests_per_s": med("requests_per_s"),
+        "requests": sum(r["requests"] or 0 for r in reps),
+        "latency_avg_ms": med("latency_avg_ms"),
+        "p50_ms": med("latency_ms", "50"),
+        "p75_ms": med("latency_ms", "75"),
+        "p90_ms": med("latency_ms", "90"),
+        "p99_ms": med("latency_ms", "99"),
+        "errors": sum(r["errors"] for r in reps),
+        "non2xx": sum(r["non2xx"] for r in reps),
+        "socket_errors": {k: sum(r["socket_errors"][k] for r in reps) for k in ("connect", "read", "write", "timeout")},
+        "all_requests_per_s": [r["requests_per_s"] for r in reps],
+        "commands": [r["command"] for r in reps],
+    }
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def figure(targets: dict, target: str, conc: int, key: str) -> float | None:
+    t = targets.get(target) or {}
+    return ((t.get("runs") or {}).get(f"c{conc}") or {}).get(key)
+
+
+# ---------------------------------------------------------------------------
+# sections
+
+
+def section_proxy(bench: Bench) -> dict:
+    """Direct upstream vs nginx proxy vs summon vs mitmproxy, wrk at c1 and c32."""
+    concurrencies = [1, 32]
+    mitm_duration = min(bench.duration_s, bench.args.mitm_duration)
+    targets: dict[str, dict] = {}
+
+    bench.log("proxy: starting the upstream (nginx, return 200)")
+    try:
+        up_proc, up_port = start_upstream(bench)
+        probe(up_port)
+    except TargetUnavailable as e:
+        raise HarnessError(f"the upstream is needed by every target: {e}") from None
+
+    starters: list[tuple[str, Callable[[Bench, int], tuple[bl.Proc, int]] | None, float]] = [
+        ("direct", None, bench.duration_s),
+        ("nginx", start_nginx_proxy, bench.duration_s),
+        ("summon", start_summon, bench.duration_s),
+        ("mitmproxy", start_mitmproxy, mitm_duration),
+    ]
+    for name, start, duration in starters:
+        if bench.args.targets and name not in bench.args.targets:
+            continue
+        proc = None
+        try:
+            if start is None:
+                port = up_port
+            else:
+                bench.log(f"proxy: starting {name}")
+                proc, port = start(bench, up_port)
+                probe(port)
+            targets[name] = measure(bench, name, port, duration, concurrencies)
+            if proc is not None and not proc.alive():
+                targets[name]["note"] = f"exited during the run: {proc.output_tail(5)}"
+        except TargetUnavailable as e:
+            msg = f"{name}: SKIPPED: {e}"
+            bench.log("  " + msg.replace("\n", "\n    "))
+            bench.messages.append(msg)
+            targets[name] = {"available": False, "reason": str(e)}
+        except bl.WrkParseError as e:
+            msg = f"{name}: wrk failed: {e}"
+            bench.log("  " + msg)
+            bench.messages.append(msg)
+            targets[name] = {"available": False, "reason": str(e)}
+        finally:
+            if proc is not None:
+                bench.procs.stop(proc, grace=10)
+    if not up_proc.alive():
+        raise HarnessError(f"the upstream nginx died during the run:\n{up_proc.output_tail()}")
+    bench.procs.stop(up_proc)
+
+    summon_nginx = bl.ratio(figure(targets, "summon", 32, "requests_per_s"), figure(targets, "nginx", 32, "requests_per_s"))
+    summon_mitm = bl.ratio(
+        figure(targets, "summon", 32, "requests_per_s"), figure(targets, "mitmproxy", 32, "requests_per_s")
+    )
+    added = bl.difference(figure(targets, "summon", 1, "p50_ms"), figure(targets, "direct", 1, "p50_ms"))
+    goals = {
+        "summon_over_nginx_rps_c32": {
+            "value": summon_nginx,
+            "goal": f">= {GOAL_NGINX_RATIO}",
+            "status": bl.check_goal(summon_nginx, ">=", GOAL_NGINX_RATIO),
+        },
+        "summon_over_mitmproxy_rps_c32": {
+            "value": summon_mitm,
+            "goal": f">= {GOAL_MITM_RATIO}",
+            "status": bl.check_goal(summon_mitm, ">=", GOAL_MITM_RATIO),
+        },
+        "summon_added_p50_ms_c1": {
+            "value": added,
+            "goal": f"< {GOAL_ADDED_P50_MS}",
+            "status": bl.check_goal(added, "<", GOAL_ADDED_P50_MS),
+        },
+    }
+    # The same figures for the references, for context (no goal).
+    reference = {
+        "nginx_added_p50_ms_c1": bl.difference(figure(targets, "nginx", 1, "p50_ms"), figure(targets, "direct", 1, "p50_ms")),
+        "mitmproxy_added_p50_ms_c1": bl.difference(
+            figure(targets, "mitmproxy", 1, "p50_ms"), figure(targets, "direct", 1, "p50_ms")
+        ),
+        "nginx_over_direct_rps_c32": bl.ratio(
+            figure(targets, "nginx", 32, "requests_per_s"), figure(targets, "direct", 32, "requests_per_s")
+        ),
+        "nginx_over_mitmproxy_rps_c32": bl.ratio(
+            figure(targets, "nginx", 32, "requests_per_s"), figure(targets, "mitmproxy", 32, "requests_per_s")
+        ),
+    }
+    print_proxy_table(targets, goals, concurrencies)
+    return {
+        "settings": {
+            "duration_s": bench.duration_s,
+            "mitmproxy_duration_s": mitm_duration,
+            "warmup_s": bench.warmup_s,
+            "repeat": bench.args.repeat,
+            "wrk_threads": 1,
+            "concurrencies": concurrencies,
+            "response_body_bytes": len(BODY),
+        },
+        "targets": targets,
+        "goals": goals,
+        "reference": reference,
+    }
+
+
+def print_proxy_table(targets: dict, goals: dict, concurrencies: list[int]) -> None:
+    print()
+    print(f"{'target':<10} {'conc':>4} {'req/s':>11} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")
+    print("-" * 55)
+    for name, t in targets.items():
+        if not t.get("available"):
+            print(f"{name:<10} {'':>4} {'unavailable':>11}")
+            continue
+        for c in concurrencies:
+            r = t["runs"].get(f"c{c}", {})
+            if "error" in r:
+                print(f"{name:<10} {c:>4} {'wrk failed':>11}")
+                continue
+            print(
+                f"{name:<10} {c:>4} {fmt(r.get('requests_per_s'), 1):>11} {fmt(r.get('p50_ms'), 3):>9}"
+                f" {fmt(r.get('p99_ms'), 3):>9} {r.get('errors', 0):>7}"
+            )
+    print()
+    labels = {
+        "summon_over_nginx_rps_c32": "summon / nginx req/s at c32",
+        "summon_over_mitmproxy_rps_c32": "summon / mitmproxy req/s at c32",
+        "summon_added_p50_ms_c1": "summon p50 - direct p50 at c1 (ms)",
+    }
+    for key, g in goals.items():
+        print(f"{labels[key]:<38} {fmt(g['value'], 3):>8}   goal {g['goal']:<7} {g['status']}")
+    print()
+
+
+SECTIONS: dict[str, Callable[[Bench], dict]] = {
+    "proxy": section_proxy,
+    # Later: "cold_start", "route_table", "mitm_addon", "overload".
+}
+
+
+# ---------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="2 s runs instead of 5 s")
+    p.add_argument("--duration", type=float, help="seconds per measured wrk run (default 5, 2 with --quick)")
+    p.add_argument("--repeat", type=int, default=1, help="runs per (target, concurrency); medians are reported")
+    p.add_argument("--mitm-duration", type=float, default=3.0, help="cap on mitmproxy's run length (s)")
+    p.add_argument("--wrk-timeout", type=float, default=2.0, help="wrk --timeout (s); slower replies count as errors")
+    p.add_argument("--out", default=str(ROOT / "loadtests" / "results" / "bench.json"), help="JSON file to write")
+    p.add_argument("--only", action="append", help=f"sections to run, comma-separated ({', '.join(SECTIONS)})")
+    p.add_argument(
+        "--targets", help="proxy section: comma-separated subset of direct,nginx,summon,mitmproxy (default all)"
+    )
+    p.add_argument("--no-install", action="store_true", help="never run scripts/setup-mitmproxy.sh")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temporary directory (configs and logs)")
+    args = p.parse_args(argv)
+    only = [s.strip() for group in (args.only or []) for s in group.split(",") if s.strip()]
+    unknown = [s for s in only if s not in SECTIONS]
+    if unknown:
+        p.error(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+    args.only = only or list(SECTIONS)
+    args.targets = [t.strip() for t in args.targets.split(",")] if args.targets else []
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    return args
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
+    if shutil.which("wrk") is None:
+        print("bench: wrk not found (Debian: apt-get install wrk; or run scripts/setup.sh)", file=sys.stderr)
+        return 1
+
+    tmp = Path(tempfile.mkdtemp(prefix="summon-bench-"))
+    procs = bl.Processes(tmp / "logs")
+    duration = args.duration if args.duration else (2.0 if args.quick else 5.0)
+    bench = Bench(args, tmp, procs, duration_s=duration, warmup_s=1.0)
+    started = time.time()
+    results: dict[str, dict] = {}
+    failed = False
+    try:
+        for name in args.only:
+            t0 = time.monotonic()
+            try:
+                results[name] = SECTIONS[name](bench)
+            except HarnessError as e:
+                print(f"bench: section {name}: {e}", file=sys.stderr)
+                results[name] = {"error": str(e)}
+                failed = True
+            except Exception as e:  # a bug in the harness: report it, run the other sections
+                traceback.print_exc()
+                results[name] = {"error": f"{type(e).__name__}: {e}"}
+                failed = True
+            finally:
+                procs.stop_all()
+            results[name]["elapsed_s"] = round(time.monotonic() - t0, 2)
+    except KeyboardInterrupt:
+        print("\nbench: interrupted, stopping processes", file=sys.stderr)
+        procs.stop_all()
+        return 130
+    finally:
+        procs.stop_all()
+        if args.keep_tmp:
+            print(f"bench: configs and logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    results["meta"] = meta(started, args)
+    bl.write_json(args.out, results)
+    print(f"bench: wrote {args.out}")
+    for msg in bench.messages:
+        print(f"bench: note: {msg.splitlines()[0]}")
+    return 1 if failed else 0
+
+
+def meta(started: float, args: argparse.Namespace) -> dict:
+    def git(*cmd: str) -> str | None:
+        try:
+            cp = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return cp.stdout.strip() if cp.returncode == 0 else None
+
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    try:
+        nv = subprocess.run([nginx, "-v"], capture_output=True, text=True, check=False).stderr.strip()
+    except OSError:
+        nv = None
+    return {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "sections": args.only,
+        "quick": args.quick,
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "wrk": bl.wrk_version(),
+        "nginx": nv,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""One request's trip: client head -> replica -> upstream connection -> response.
+
+How this works: the client connection hands a validated `RequestHead` to an Exchange.
+The exchange asks the dispatcher for a lease on a replica (at once for a warm pool,
+as a future while an instance is summoned), takes an idle upstream connection or opens
+one, sends a re-framed head, then streams the body through as it arrives. Response
+callbacks from the upstream connection stream back the same way. Flow control is
+symmetric: a full upstream pauses client reads, a full client pauses upstream reads.
+
+Retry rule (DESIGN edge rules): a failure before any response byte is retried once,
+on a fresh connection, when nothing of the body has been sent or there is no body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Protocol
+
+from ..config import Address, Route
+from ..errors import BadGateway, GatewayTimeout, PayloadTooLarge, SummonError, Unavailable
+from .message import RequestHead, outbound_head, response_head
+from .responses import continue_response
+from .upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from .front import ClientConnection
+
+_BUFFER_HIGH = 256 * 1024  # body bytes held while no upstream is attached
+
+
+class Lease(Protocol):
+    """A claim on one replica for one request; `release` is called exactly once."""
+
+    address: Address
+
+    def release(self, ok: bool) -> None: ...
+
+
+class Exchange:
+    __slots__ = (
+        "client", "head", "route", "method", "lease", "upstream", "out_head", "body_buf", "body_buf_bytes",
+        "body_done", "body_bytes", "body_sent", "attached", "response_started", "client_framing",
+        "keep_alive", "finished", "response_deadline", "retries", "continue_sent", "tunnel",
+        "started_at", "cold", "status", "tunnel_buf", "error", "counted",
+    )
+
+    def __init__(self, client: ClientConnection, head: RequestHead, route: Route | None,
+                 error: SummonError | None = None) -> None:
+        self.client = client
+        self.head = head
+        self.route = route
+        self.method = head.method
+        self.lease: Lease | None = None
+        self.upstream: UpstreamConnection | None = None
+        state = client.state
+        self.out_head = outbound_head(head, client.peer_ip, client.trusted, state.via)
+        self.body_buf: list[bytes] = []
+        self.body_buf_bytes = 0
+        self.body_done = not head.has_body and head.upgrade is None
+        self.body_bytes = 0
+        self.body_sent = False
+        self.attached = False
+        self.response_started = False
+        self.client_framing = ""
+        self.keep_alive = head.keep_alive
+        self.finished = False
+        self.response_deadline: float | None = None  # checked by ServerState.sweep
+        self.retries = 0
+        self.continue_sent = False
+        self.tunnel = False
+        self.started_at = state.loop.time()
+        self.cold = False
+        self.status = 0
+        self.tunnel_buf: list[bytes] = []
+        self.error = error  # answered with this instead of being forwarded (404, shed)
+        self.counted = False
+
+    # --- getting a replica ---------------------------------------------------------
+
+    def start(self) -> None:
+        state = self.client.state
+        if self.error is not None or self.route is None:
+            self.fail(self.error or Unavailable("no route"))
+            return
+        try:
+            got = state.dispatcher.acquire(self.route, self.head, self.client.peer_ip, self.client.region(self.head))
+        except SummonError as exc:
+            self.fail(exc)
+            return
+        if isinstance(got, asyncio.Future):
+            self.cold = True
+            got.add_done_callback(self._lease_ready)
+            self.client.waiting.add(got)
+        else:
+            self._use(got)
+
+    def _lease_ready(self, fut: asyncio.Future[Lease]) -> None:
+        self.client.waiting.discard(fut)
+        if self.finished:
+            if not fut.cancelled() and fut.exception() is None:
+                fut.result().release(True)
+            return
+        if fut.cancelled():
+            self.fail(Unavailable("request cancelled while waiting for an instance"))
+            return
+        exc = fut.exception()
+        if exc is not None:
+            self.fail(exc if isinstance(exc, SummonError) else Unavailable(str(exc)))
+            return
+        self._use(fut.result())
+
+    def _use(self, lease: Lease) -> None:
+        self.lease = lease
+        conn = self.client.state.upstreams.take_idle(lease.address)
+        if conn is not None:
+            self._attach(conn)
+            return
+        task = self.client.state.loop.create_task(self.client.state.upstreams.connect(lease.address))
+        task.add_done_callback(self._connected)
+
+    def _connected(self, task: asyncio.Task[UpstreamConnection]) -> None:
+        if task.cancelled():
+            self._release_lease(False)
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._release_lease(False)
+            if not self.finished:
+                self.fail(exc if isinstance(exc, SummonError) else BadGateway(str(exc)))
+            return
+        conn = task.result()
+        conn.reused = False
+        if self.finished:
+            conn.close()
+            self._release_lease(True)
+            return
+        self._attach(conn)
+
+    def _attach(self, conn: UpstreamConnection) -> None:
+        self.upstream = conn
+        self.attached = True
+        conn.start(self, self.out_head)
+        if self.head.expect_continue and not self.body_done and self.body_bytes == 0 and not self.continue_sent:
+            # The replica is up: now invite the body (we stripped Expect upstream).
+            self.continue_sent = True
+            self.client.write(continue_response())
+        if self.body_buf:
+            self.body_sent = True
+            for chunk in self.body_buf:
+                conn.write(self._frame(chunk))
+            self.body_buf.clear()
+            if self.body_buf_bytes >= _BUFFER_HIGH:
+                self.client.set_reading_for_body(True)
+            self.body_buf_bytes = 0
+        if self.body_done:
+            self._request_sent()
+
+    # --- request body -----------------------------------------------------------------
+
+    def _frame(self, chunk: bytes) -> bytes:
+        if self.head.chunked:
+            return b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        return chunk
+
+    def client_body(self, data: bytes) -> None:
+        self.body_bytes += len(data)
+        if self.body_bytes > self.client.state.config.max_body_bytes:
+            self.fail(PayloadTooLarge(f"body over {self.client.state.config.max_body_bytes} bytes"))
+            return
+        if self.attached and self.upstream is not None:
+            self.body_sent = True
+            self.upstream.write(self._frame(data))
+        else:
+            self.body_buf.append(data)
+            self.body_buf_bytes += len(data)
+            if self.body_buf_bytes >= _BUFFER_HIGH:
+                self.client.set_reading_for_body(False)
+
+    def client_body_done(self) -> None:
+        if self.body_done:
+            return
+        self.body_done = True
+        if self.attached:
+            self._request_sent()
+
+    def _request_sent(self) -> None:
+        if self.head.chunked and self.upstream is not None:
+            self.upstream.write(b"0\r\n\r\n")  # trailers are never forwarded
+        if self.response_deadline is None and not self.response_started:
+            self.response_deadline = self.client.state.loop.time() + self.client.state.config.upstream_timeout_s
+
+    def response_timeout(self) -> None:
+        if self.response_started or self.finished:
+            return
+        if self.upstream is not None:
+            self.upstream.abort()
+        self.upstream = None
+        self._release_lease(False)
+        self.fail(GatewayTimeout(f"no response from {self.lease.address if self.lease else 'upstream'} in time"))
+
+    # --- response, called by UpstreamConnection ------------------------------------------
+
+    def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: str) -> None:
+        self.response_deadline = None
+        if self.finished:
+            return
+        self.response_started = True
+        self.status = status
+        client_http11 = self.head.version == "1.1"
+        keep = self.keep_alive and not self.client.state.draining
+        line = b""
+        if framing == "tunnel":
+            if self.head.upgrade is None:
+                raise BadGateway("upstream switched protocols without being asked")
+            self.tunnel = True
+            self.client_framing = "tunnel"
+        elif framing == "none":
+            self.client_framing = "none"
+            if self.method == "HEAD" or status == 304:
+                for k, v in headers:
+                    if k.lower() == b"content-length":
+                        line = b"Content-Length: " + v.strip() + b"\r\n"
+                        break
+        elif framing == "length":
+            self.client_framing = "length"
+            for k, v in headers:
+                if k.lower() == b"content-length":
+                    line = b"Content-Length: " + v.strip() + b"\r\n"
+                    break
+        elif client_http11:
+            self.client_framing = "chunked"
+            line = b"Transfer-Encoding: chunked\r\n"
+        else:
+            self.client_framing = "close"  # HTTP/1.0 client: the end of the body is the close
+            keep = False
+        if self.head.upgrade is not None and not self.tunnel:
+            keep = False  # the client may already be speaking the new protocol
+        self.keep_alive = keep
+        self.client.write(
+            response_head(status, reason, headers, self.client.state.via, line, keep, tunnel=self.tunnel)
+        )
+        if self.tunnel:
+            self.client.start_tunnel(self)
+
+    def response_body(self, data: bytes) -> None:
+        if self.finished:
+            return
+        if self.client_framing == "chunked":
+            self.client.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self.client.write(data)
+
+    def response_complete(self, reusable: bool) -> None:
+        if self.finished:
+            return
+        if self.client_framing == "chunked":
+            self.client.write(b"0\r\n\r\n")
+        conn, self.upstream = self.upstream, None
+        if conn is not None:
+            if reusable and self.body_done and self.head.upgrade is None:
+                conn.release()
+            else:
+                conn.close()
+        self._release_lease(True)
+        self.finished = True
+        if not self.body_done:
+            self.keep_alive = False  # an unread request body is still on the wire
+        self.client.exchange_finished(self)
+
+    def upstream_failed(self, exc: Exception, got_bytes: bool) -> None:
+        self.response_deadline = None
+        if self.finished:
+            return
+        conn, self.upstream = self.upstream, None
+        reused = conn is not None and conn.reused
+        if conn is not None:
+            conn.close()
+        self.attached = False
+        if not got_bytes and not self.response_started and self.retries < 1 and not self.body_sent:
+            # Nothing of the response reached us and no body byte left: safe to retry,
+            # on a fresh connection (a reused one may just have hit the keep-alive race).
+            self.retries += 1
+            if reused and self.lease is not None:
+                lease = self.lease
+                task = self.client.state.loop.create_task(self.client.state.upstreams.connect(lease.address))
+                task.add_done_callback(self._connected)
+                return
+            self._release_lease(False)
+            self.start()
+            return
+        self._release_lease(False)
+        if self.response_started:
+            self.finished = True
+            self.client.abort()  # the client must see a truncated response, not a clean one
+            return
+        self.fail(exc if isinstance(exc, SummonError) else BadGateway(str(exc)))
+
+    def upstream_write_paused(self, paused: bool) -> None:
+        self.client.set_reading_for_body(not paused)
+
+    # --- tunnel ----------------------------------------------------------------------
+
+    def tunnel_data(self, data: bytes) -> None:
+        self.client.write(data)
+
+    def client_tunnel_data(self, data: bytes) -> None:
+        # Before the 101 nothing may reach the upstream: held until the switch.
+        if self.tunnel and self.upstream is not None:
+            self.upstream.write(data)
+        else:
+            self.tunnel_buf.append(data)
+
+    def flush_tunnel(self) -> None:
+        if self.upstream is not None and self.tunnel_buf:
+            for chunk in self.tunnel_buf:
+                self.upstream.write(chunk)
+            self.tunnel_buf.clear()
+
+    def client_closed(self) -> None:
+        """The client went away: give back the replica, drop the upstream connection."""
+        self.response_deadline = None
+        if self.finished:
+            return
+        self.finished = True
+        conn, self.upstream = self.upstream, None
+        if conn is not None:
+            conn.close()
+        self._release_lease(self.response_started)
+
+    # --- ending ------------------------------------------------------------------------
+
+    def _release_lease(self, ok: bool) -> None:
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            lease.release(ok)
+
+    def fail(self, exc: SummonError | BaseException) -> None:
+        self.response_deadline = None
+        if self.finished:
+            return
+        self.finished = True
+        conn, self.upstream = self.upstream, None
+        if conn is not None:
+            conn.close()
+        self._release_lease(False)
+        err = exc if isinstance(exc, SummonError) else BadGateway(str(exc))
+        self.status = err.status
+        if self.response_started:
+            self.client.abort()
+        else:
+            self.client.send_error(self, err)

@@ -1,0 +1,455 @@
+"""The client side: one asyncio.Protocol per connection, httptools underneath.
+
+How this works: bytes are fed to a strict llhttp request parser. Its callbacks build a
+head; on headers-complete the head is validated (`message.parse_head`), routed, and an
+`Exchange` created. Requests are answered strictly in order: a pipelined request waits
+(with reading paused) until the one before it has been answered. Any client error is
+answered once and the connection closed, since after a framing problem nobody can know
+where the next request starts.
+
+Timers (one handle, re-armed): header_timeout from the first byte of a head (slowloris),
+body_timeout between reads of a body, keepalive_timeout while idle between requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import logging
+from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol, cast
+
+import httptools
+
+from ..config import ProxySettings, Route
+from ..errors import BadRequest, ClientError, HeadersTooLarge, NotFound, RequestTimeout, SummonError, Unavailable
+from .exchange import Exchange, Lease
+from .message import RequestHead, client_trusted, parse_head
+from .responses import error_response
+from .upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger("summon.front")
+
+
+class Dispatcher(Protocol):
+    """What the front needs from the engine's shell: routing and replicas."""
+
+    def lookup(self, head: RequestHead) -> Route: ...
+
+    def acquire(self, route: Route, head: RequestHead, client_ip: str, region: str | None) -> Lease | asyncio.Future[Lease]: ...
+
+    def observe(self, exchange: Exchange) -> None:
+        """Called once per finished request (metrics)."""
+        ...
+
+
+@dataclass
+class ServerState:
+    """Everything the connections of one worker share."""
+
+    config: ProxySettings
+    loop: asyncio.AbstractEventLoop
+    dispatcher: Dispatcher
+    upstreams: UpstreamPool
+    via: bytes = b"summon"
+    connections: set[ClientConnection] = field(default_factory=set)
+    inflight: int = 0
+    draining: bool = False
+    refused_connections: int = 0
+    sweeper: asyncio.TimerHandle | None = None
+
+    def start_sweeping(self, interval_s: float = 0.25) -> None:
+        """Fire connection deadlines (header, body, keep-alive, upstream response)."""
+
+        def sweep() -> None:
+            now = self.loop.time()
+            for conn in list(self.connections):
+                try:
+                    conn.check_deadlines(now)
+                except Exception:
+                    log.exception("deadline handling failed")
+            self.sweeper = self.loop.call_later(interval_s, sweep)
+
+        self.sweeper = self.loop.call_later(interval_s, sweep)
+
+    def stop_sweeping(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            self.sweeper = None
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.cfg = state.config
+        self.transport: asyncio.Transport | None = None
+        self.peer_ip = ""
+        self.trusted = False
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0
+        self.in_head = True  # between requests or inside a head
+        self.head_started = False
+        self.incoming: Exchange | None = None  # the exchange whose body is being read
+        self.active: Exchange | None = None  # the exchange being answered
+        self.pending: collections.deque[Exchange] = collections.deque()
+        # One deadline instead of a timer per request: `ServerState.sweep` checks every
+        # connection a few times a second (cheaper than call_later/cancel per request).
+        self.deadline: float | None = None
+        self.on_deadline: Callable[[], None] | None = None
+        self.closing = False
+        self.tunnel: Exchange | None = None
+        self.read_paused_by: set[str] = set()
+        self.write_paused = False
+        self.waiting: set[asyncio.Future[Lease]] = set()
+        self.requests_served = 0
+        self.deferred_error: ClientError | None = None
+
+    # --- asyncio.Protocol -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
+        self.trusted = client_trusted(self.peer_ip, self.cfg.trusted_proxies)
+        if len(self.state.connections) >= self.cfg.max_connections or self.state.draining:
+            # Shed at the door: one cheap 503 instead of slowing everyone down.
+            self.state.refused_connections += 1
+            self.transport.write(error_response(Unavailable("too many connections", retry_after_s=1)))
+            transport.close()
+            self.closing = True
+            return
+        self.state.connections.add(self)
+        self._arm(self.cfg.header_timeout_s, self._on_header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.state.connections.discard(self)
+        self._disarm()
+        for fut in list(self.waiting):
+            fut.cancel()
+        self.waiting.clear()
+        for ex in [self.active, self.incoming, *self.pending]:
+            if ex is not None:
+                ex.client_closed()
+                self._done_counting(ex)
+        self.active = self.incoming = None
+        self.pending.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        if self.tunnel is not None:
+            self.tunnel.client_tunnel_data(data)
+            return
+        if self.in_head:
+            if not self.head_started:
+                self.head_started = True
+                self._arm(self.cfg.header_timeout_s, self._on_header_timeout)
+            self.head_bytes += len(data)
+        elif self.incoming is not None:
+            self._arm(self.cfg.body_timeout_s, self._on_body_timeout)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            ex = self.incoming or self.active
+            if ex is not None and ex.head.upgrade is not None:
+                self.tunnel_wait(ex, data[offset:])
+            else:
+                self._client_error(BadRequest("unexpected protocol upgrade"))
+            return
+        except httptools.HttpParserError as exc:
+            self._client_error(BadRequest(_parser_message(exc)))
+            return
+        except ClientError as exc:
+            self._client_error(exc)
+            return
+        if self.in_head and self.head_bytes > self.cfg.max_header_bytes:
+            self._client_error(HeadersTooLarge(f"request head over {self.cfg.max_header_bytes} bytes"))
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        ex = self.active
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.set_reading(False)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        ex = self.active
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.set_reading(True)
+
+    def eof_received(self) -> bool | None:
+        # Half-close from the client: keep answering what it sent (RFC 9112 9.6 allows
+        # closing, but pipelining clients such as wrk expect their answers).
+        if self.active is None and not self.pending and self.incoming is None:
+            return False
+        return True
+
+    # --- parser callbacks -----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.in_head = True
+        self.head_started = True
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.cfg.max_header_bytes:
+            raise HeadersTooLarge("request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            return  # trailer fields: dropped, never merged into the head
+        self.headers.append((name, value))
+        if len(self.headers) > self.cfg.max_header_count:
+            raise HeadersTooLarge(f"more than {self.cfg.max_header_count} header fields")
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.head_started = False
+        self.head_bytes = 0
+        p = self.parser
+        method = p.get_method().decode("ascii", "replace")
+        version = p.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise BadRequest(f"unsupported HTTP version {version}")
+        head = parse_head(method, self.url, version, self.headers, p.should_keep_alive(), self.cfg.max_header_count)
+        if self.state.draining:
+            head = replace(head, keep_alive=False)
+        route: Route | None
+        error: SummonError | None = None
+        try:
+            route = self.state.dispatcher.lookup(head)
+        except NotFound as exc:
+            route, error = None, exc  # answered in order, like any other request
+        ex = Exchange(self, head, route, error)
+        self.incoming = ex
+        self.state.inflight += 1
+        if head.has_body:
+            self._arm(self.cfg.body_timeout_s, self._on_body_timeout)
+        else:
+            self._disarm()
+        if self.state.inflight > self.cfg.max_inflight:
+            ex.error = Unavailable("proxy overloaded", retry_after_s=1)
+            ex.keep_alive = False
+        if self.active is None:
+            self.active = ex
+            ex.start()
+        else:
+            self.pending.append(ex)
+            self._set_reading("pipeline", False)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.incoming
+        if ex is not None and not ex.finished:
+            ex.client_body(body)
+
+    def on_message_complete(self) -> None:
+        ex, self.incoming = self.incoming, None
+        self.in_head = True
+        if ex is not None:
+            ex.client_body_done()
+            if ex.finished and ex is self.active:
+                self._advance()
+        if self.active is not None or self.pending:
+            self._disarm()
+
+    # --- request ordering ------------------------------------------------------------
+
+    def exchange_finished(self, ex: Exchange) -> None:
+        """Called by the exchange when its response is complete (or failed cleanly)."""
+        self._done_counting(ex)
+        if ex is not self.active:
+            return
+        if not ex.keep_alive:
+            self.active = None
+            self.close()
+            return
+        if ex is self.incoming:
+            # Answered before its body was read: the parser must still consume the body
+            # to find the next request; on_message_complete advances.
+            return
+        self._advance()
+
+    def _advance(self) -> None:
+        self.active = None
+        self.requests_served += 1
+        if self.deferred_error is not None:
+            self._client_error(self.deferred_error)
+            return
+        if self.pending:
+            nxt = self.pending.popleft()
+            self.active = nxt
+            if not self.pending:
+                self._set_reading("pipeline", True)
+            nxt.start()
+            return
+        if self.closing:
+            return
+        if self.state.draining:
+            self.close()
+            return
+        if self.incoming is None:
+            self._arm(self.cfg.keepalive_timeout_s, self._on_idle)
+
+    def _done_counting(self, ex: Exchange) -> None:
+        if ex.counted:
+            return
+        ex.counted = True
+        self.state.inflight -= 1
+        try:
+            self.state.dispatcher.observe(ex)
+        except Exception:  # metrics must never break the data path
+            log.exception("observe failed")
+
+    # --- tunnels (Upgrade) -----------------------------------------------------------
+
+    def tunnel_wait(self, ex: Exchange, rest: bytes) -> None:
+        """The client asked to upgrade: hold its next bytes until the upstream answers."""
+        if rest:
+            ex.client_tunnel_data(rest)
+        self._set_reading("upgrade", False)
+
+    def start_tunnel(self, ex: Exchange) -> None:
+        self.tunnel = ex
+        self._disarm()
+        ex.flush_tunnel()
+        self._set_reading("upgrade", True)
+
+    # --- output ------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def send_error(self, ex: Exchange, exc: SummonError) -> None:
+        """Answer `ex` with an error. Keeps the connection only when that is safe: the
+        request was well-framed (404, 5xx) and its body will still be read in full."""
+        if ex is not self.active:
+            self.abort()  # cannot answer out of order
+            return
+        keep = ex.keep_alive and (not isinstance(exc, ClientError) or isinstance(exc, NotFound))
+        if ex is self.incoming and ex.head.expect_continue and not ex.continue_sent:
+            keep = False  # the client holds its body back; do not wait for it
+        ex.keep_alive = keep
+        self.write(error_response(exc, close=not keep))
+        self.exchange_finished(ex)
+
+    def _client_error(self, exc: ClientError) -> None:
+        """A framing or syntax error: answer once, then close."""
+        if self.closing:
+            return
+        active = self.active
+        if active is not None and not active.finished and active is not self.incoming:
+            # An earlier request is still being answered: finish it first.
+            self.deferred_error = exc
+            self._set_reading("error", False)
+            return
+        if active is not None and active.response_started and not active.finished:
+            self.abort()
+            return
+        self.closing = True
+        self._disarm()
+        self.write(error_response(exc))
+        if self.transport is not None:
+            self.transport.close()
+
+    def close(self) -> None:
+        self.closing = True
+        self._disarm()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closing = True
+        self._disarm()
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- flow control and timers ---------------------------------------------------------
+
+    def set_reading_for_body(self, on: bool) -> None:
+        self._set_reading("body", on)
+
+    def _set_reading(self, reason: str, on: bool) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        was_paused = bool(self.read_paused_by)
+        if on:
+            self.read_paused_by.discard(reason)
+        else:
+            self.read_paused_by.add(reason)
+        now_paused = bool(self.read_paused_by)
+        if now_paused != was_paused:
+            if now_paused:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    def _arm(self, delay: float, cb: Callable[[], None]) -> None:
+        self.deadline = self.state.loop.time() + delay
+        self.on_deadline = cb
+
+    def _disarm(self) -> None:
+        self.deadline = None
+
+    def check_deadlines(self, now: float) -> None:
+        if self.deadline is not None and now >= self.deadline and self.on_deadline is not None:
+            self.deadline = None
+            self.on_deadline()
+        ex = self.active
+        if ex is not None and ex.response_deadline is not None and now >= ex.response_deadline:
+            ex.response_deadline = None
+            ex.response_timeout()
+
+    def _on_header_timeout(self) -> None:
+        if self.active is None and not self.head_started:
+            self.close()  # nothing was asked: just close
+            return
+        self._client_error(RequestTimeout("request head not received in time"))
+
+    def _on_body_timeout(self) -> None:
+        if self.incoming is not None:
+            if self.incoming is self.active and self.incoming.response_started:
+                self.abort()
+            else:
+                self._client_error(RequestTimeout("request body stalled"))
+
+    def _on_idle(self) -> None:
+        if self.active is None and not self.pending:
+            self.close()
+
+    def region(self, head: RequestHead) -> str | None:
+        if self.trusted:
+            value = head.header(b"x-client-region")
+            if value:
+                return value.decode("ascii", "replace").strip()
+        return None
+
+    def shutdown_idle(self) -> None:
+        """Draining: close now if nothing is in progress; else close after the answer."""
+        if self.active is None and self.incoming is None and not self.pending:
+            self.close()
+
+
+def _parser_message(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"malformed request: {text}"
+
+
+def ip_of(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        return None
+
+

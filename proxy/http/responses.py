@@ -1,0 +1,33 @@
+"""The one place where errors become HTTP responses."""
+
+from __future__ import annotations
+
+from ..errors import SummonError, Unavailable
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def continue_response() -> bytes:
+    return _CONTINUE
+
+
+def error_response(exc: SummonError, server: bytes = b"summon", close: bool = True) -> bytes:
+    """A short text/plain response for a typed error.
+
+    Client errors always close: after a framing problem we cannot know where the next
+    request would start. 503s carry Retry-After so well-behaved clients back off.
+    """
+    body = f"{exc.status} {exc.reason}: {exc.detail}\n".encode("utf-8", "replace")
+    lines = [
+        f"HTTP/1.1 {exc.status} {exc.reason}\r\n".encode(),
+        b"Server: " + server + b"\r\n",
+        b"Content-Type: text/plain; charset=utf-8\r\n",
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n",
+        b"Cache-Control: no-store\r\n",
+    ]
+    if isinstance(exc, Unavailable):
+        lines.append(b"Retry-After: " + str(exc.retry_after_s).encode() + b"\r\n")
+    if close:
+        lines.append(b"Connection: close\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines) + body

@@ -1,0 +1,281 @@
+"""Image manifests (`images/NAME/image.toml`), their digests, and artefact verification.
+
+Why: a route names an image; the proxy must know *exactly* what it boots. The manifest
+lists, per target (``unix``: a command; ``x86_64``: kernel + initrd), every artefact with
+its sha256. The image digest is a hash over a canonical form of the whole manifest, so
+pinning a route to ``name@sha256:...`` also pins every artefact the manifest names, and
+`Image.verify` proves the files on disk are still those artefacts.
+
+Loading is on the request path (a cold route resolves its image per boot), so manifests
+are cached by (path, mtime, size) and artefact hashes by (path, size, mtime): a file that
+is rewritten gets a new mtime and is hashed again; an untouched 30 MB kernel is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .backends.base import ImageError
+
+MANIFEST = "image.toml"
+DIGEST_SUFFIX = "_sha256"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_PIN = re.compile(r"^(?P<ref>.+?)@(?P<digest>sha256:[0-9a-f]{64})$")
+
+_lock = threading.Lock()
+_manifest_cache: dict[tuple[str, int, int], Image] = {}
+_file_hash_cache: dict[tuple[str, int, int], str] = {}
+
+
+@dataclass(frozen=True)
+class Image:
+    """One loaded manifest. `manifest` is the raw TOML table; treat it as read-only."""
+
+    name: str
+    dir: Path
+    manifest: dict[str, Any]
+    digest: str  # "sha256:<hex>" over canonical_manifest(manifest)
+
+    @property
+    def ref(self) -> str:
+        """The pinned reference, e.g. ``decks@sha256:ab12...``, for logs and events."""
+        return f"{self.name}@{self.digest}"
+
+    def targets(self) -> list[str]:
+        return sorted(self.manifest.get("targets", {}))
+
+    def target(self, name: str) -> dict[str, Any]:
+        table = self.manifest.get("targets", {}).get(name)
+        if not isinstance(table, dict):
+            have = ", ".join(self.targets()) or "none"
+            hint = " (run `summon images build " + self.name + "`)" if name != "unix" else ""
+            raise ImageError(f"image {self.name!r} ({self.dir / MANIFEST}) has no target {name!r} (has: {have}){hint}")
+        return table
+
+    def path(self, target: str, key: str) -> Path:
+        """An artefact path of a target (relative paths are relative to the image dir)."""
+        value = self.target(target).get(key)
+        if not isinstance(value, str):
+            raise ImageError(f"image {self.name!r}: [targets.{target}].{key} must be a path string")
+        return self.dir / value
+
+    def unix_command(self, port: int) -> list[str]:
+        """The unix target's argv with ``{port}`` and ``{dir}`` substituted.
+
+        Plain `str.replace`, not `str.format`: an argument may legitimately hold braces.
+        """
+        command = self.target("unix").get("command")
+        if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
+            raise ImageError(f"image {self.name!r}: [targets.unix].command must be a non-empty list of strings")
+        return [a.replace("{port}", str(port)).replace("{dir}", str(self.dir)) for a in command]
+
+    def artefacts(self, target: str) -> list[tuple[str, Path, str]]:
+        """(key, path, expected hex digest) for each ``KEY`` that has a ``KEY_sha256`` sibling."""
+        table = self.target(target)
+        out: list[tuple[str, Path, str]] = []
+        for key, expected in sorted(table.items()):
+            if not key.endswith(DIGEST_SUFFIX):
+                continue
+            base = key[: -len(DIGEST_SUFFIX)]
+            if base not in table:
+                raise ImageError(f"image {self.name!r}: [targets.{target}].{key} has no '{base}' path next to it")
+            if not isinstance(expected, str) or not re.fullmatch(r"[0-9a-f]{64}", expected):
+                raise ImageError(f"image {self.name!r}: [targets.{target}].{key} is not a sha256 hex digest")
+            out.append((base, self.path(target, base), expected))
+        return out
+
+    def verify(self, target: str) -> None:
+        """Recompute every artefact digest of `target`; raise `ImageError` on the first mismatch."""
+        for key, path, expected in self.artefacts(target):
+            actual = artefact_digest(path, image=self.name)
+            if actual != expected:
+                raise ImageError(
+                    f"image {self.name!r}: {path} ([targets.{target}].{key}) does not match its digest: "
+                    f"expected sha256:{expected}, actual sha256:{actual}"
+                )
+
+
+def canonical_manifest(manifest: dict[str, Any]) -> bytes:
+    """Sorted-key compact JSON: independent of TOML formatting, comments and key order."""
+    return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    return "sha256:" + hashlib.sha256(canonical_manifest(manifest)).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 hex of a file, cached by (path, size, mtime_ns) so re-verification is cheap."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    with _lock:
+        hit = _file_hash_cache.get(key)
+    if hit is not None:
+        return hit
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    digest = h.hexdigest()
+    with _lock:
+        _file_hash_cache[key] = digest
+    return digest
+
+
+def content_digest(dir: Path) -> str:
+    """sha256 hex over the sorted (relative path, bytes) of every regular file under `dir`.
+
+    Each path and body is length-prefixed so that no two different trees hash the same
+    (``a`` + ``bc`` vs ``ab`` + ``c``). Modes and mtimes are left out on purpose: a fresh
+    checkout must produce the committed digest.
+    """
+    if not dir.is_dir():
+        raise ImageError(f"content directory {dir} does not exist")
+    files = sorted((p.relative_to(dir).as_posix(), p) for p in dir.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for rel, path in files:
+        name = rel.encode()
+        h.update(len(name).to_bytes(8, "big") + name)
+        h.update(path.stat().st_size.to_bytes(8, "big"))
+        h.update(bytes.fromhex(file_digest(path)))
+    return h.hexdigest()
+
+
+def artefact_digest(path: Path, image: str = "?") -> str:
+    """Digest of an artefact: a file's sha256, or `content_digest` for a directory."""
+    try:
+        return content_digest(path) if path.is_dir() else file_digest(path)
+    except FileNotFoundError as exc:
+        raise ImageError(f"image {image!r}: artefact {path} is missing") from exc
+    except OSError as exc:
+        raise ImageError(f"image {image!r}: cannot read artefact {path}: {exc.strerror or exc}") from exc
+
+
+def _resolve(images_dir: Path, ref: str) -> Path:
+    """A bare name is looked up under `images_dir`; anything with a slash is a path."""
+    if "/" in ref or ref.startswith("."):
+        candidates = [Path(ref)] if Path(ref).is_absolute() else [Path(ref), images_dir / ref]
+        for c in candidates:
+            if (c / MANIFEST).is_file():
+                return c
+        raise ImageError(f"no image at {ref!r} (looked for {' and '.join(str(c / MANIFEST) for c in candidates)})")
+    if not _NAME.match(ref):
+        raise ImageError(f"{ref!r} is not an image name")
+    path = images_dir / ref
+    if not (path / MANIFEST).is_file():
+        raise ImageError(f"no image named {ref!r} (looked for {path / MANIFEST})")
+    return path
+
+
+def read_manifest(image_dir: Path) -> dict[str, Any]:
+    """Parse and shape-check `image_dir/image.toml` (uncached: for builders and the CLI)."""
+    file = image_dir / MANIFEST
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ImageError(f"no image manifest at {file}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ImageError(f"cannot read {file}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ImageError(f"{file}: TOML syntax: {exc}") from exc
+    if not isinstance(data.get("name"), str) or not _NAME.match(data["name"]):
+        raise ImageError(f"{file}: 'name' must be an image name string")
+    targets = data.get("targets", {})
+    if not isinstance(targets, dict) or not all(isinstance(t, dict) for t in targets.values()):
+        raise ImageError(f"{file}: 'targets' must hold tables such as [targets.unix]")
+    return data
+
+
+def load_image(images_dir: Path, ref: str) -> Image:
+    """Resolve ``NAME``, ``path/to/dir`` or either with ``@sha256:<hex>``; cached by mtime."""
+    pin: str | None = None
+    m = _PIN.match(ref)
+    if m:
+        ref, pin = m.group("ref"), m.group("digest")
+    elif "@" in ref:
+        raise ImageError(f"{ref!r}: a pin must look like NAME@sha256:<64 hex digits>")
+    image_dir = _resolve(images_dir, ref).absolute()  # {dir} must not depend on a later cwd
+    file = image_dir / MANIFEST
+    try:
+        st = file.stat()
+    except OSError as exc:
+        raise ImageError(f"cannot read {file}: {exc.strerror or exc}") from exc
+    key = (str(file.resolve()), st.st_mtime_ns, st.st_size)
+    with _lock:
+        image = _manifest_cache.get(key)
+    if image is None:
+        manifest = read_manifest(image_dir)
+        image = Image(name=manifest["name"], dir=image_dir, manifest=manifest, digest=manifest_digest(manifest))
+        with _lock:
+            _manifest_cache[key] = image
+    if pin is not None and pin != image.digest:
+        raise ImageError(f"image {ref!r} is pinned to {pin} but {file} has digest {image.digest}")
+    return image
+
+
+def image_names(images_dir: Path) -> list[str]:
+    """Names of the image directories (those holding an image.toml), sorted."""
+    if not images_dir.is_dir():
+        return []
+    return sorted(p.name for p in images_dir.iterdir() if (p / MANIFEST).is_file())
+
+
+# --- writing manifests ----------------------------------------------------------------
+# tomllib only reads. The manifest has a small fixed shape (strings, ints, lists of
+# strings, tables of strings), so a tiny emitter is simpler than another dependency.
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_\-]+", key) else json.dumps(key)
+
+
+def dump_manifest(manifest: dict[str, Any]) -> str:
+    """Manifest -> TOML text: top-level keys, then [targets.X] tables, then the rest."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
+    for key, value in manifest.items():
+        if key == "targets":
+            tables.extend((f"targets.{_toml_key(t)}", v) for t, v in value.items())
+        elif isinstance(value, dict):
+            tables.append((_toml_key(key), value))
+        else:
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    tables.sort(key=lambda t: (not t[0].startswith("targets."), t[0] != "targets.unix", t[0]))
+    for header, table in tables:
+        lines.append("")
+        lines.append(f"[{header}]")
+        lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items())
+    return "\n".join(lines) + "\n"
+
+
+def write_manifest(image_dir: Path, manifest: dict[str, Any]) -> None:
+    """Atomically replace image.toml (a reader never sees half a manifest)."""
+    file = image_dir / MANIFEST
+    tmp = file.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
+    tmp.write_text(
+        "# Written by `summon images build`; the [targets.unix] table may be edited by hand.\n" + dump_manifest(manifest),
+        encoding="utf-8",
+    )
+    os.replace(tmp, file)

@@ -1,0 +1,207 @@
+"""Per-route summaries of the event log: pure functions, no database, no clock.
+
+`compute` answers the questions an operator asks after a day of traffic: how often did
+each route boot, how long did boots take, how many requests had to wait for one, how many
+instances ran at once, and what did it cost in instance-seconds.
+
+Definitions (the tests pin them down with hand-computed answers):
+
+* **boots**: "summoned" events inside the window.
+* **ready p50/p95/max**: over ``duration_s`` of "ready" events inside the window
+  (boot-to-ready time).  Percentiles are *nearest-rank*: the smallest value with at
+  least p% of the samples at or below it, i.e. ``sorted[ceil(p/100 * n) - 1]``.  It is
+  always a value that really occurred, which is what one wants to quote for latency.
+* **cold requests**: the sum of ``detail["cold_requests"]`` on "ready" events: the number
+  of requests that were waiting for that boot.  One counter per boot rather than one row
+  per request keeps the log small under load.
+* **peak**: replay "summoned" (+1) and "stopped"/"failed" (-1, only for an instance
+  that was running) in time order; the highest count reached inside the window,
+  including the count already running when the window opens.  Events without an
+  instance id count as boots but cannot be followed, so they do not count here.
+* **instance-seconds**: for each instance, from its "summoned" to its "stopped"/"failed",
+  or to ``now`` while it still runs, clipped to ``[since, now]``.
+* **failures** / **rejected**: "failed" and "rejected" events inside the window.
+
+To be right about instances that started before ``since``, pass their "summoned" events
+too (`proxy.events.EventReader.running_at` finds them); events before ``since`` are used
+only for this replay, never counted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+from .events import END_KINDS, START_KINDS, Event
+
+TOTAL = "(all)"
+
+
+@dataclass(frozen=True)
+class RouteStats:
+    route: str
+    boots: int = 0
+    ready_p50_s: float | None = None
+    ready_p95_s: float | None = None
+    ready_max_s: float | None = None
+    cold_requests: int = 0
+    peak_instances: int = 0
+    instance_seconds: float = 0.0
+    failures: int = 0
+    rejected: int = 0
+
+
+def percentile(values: Sequence[float], p: float) -> float | None:
+    """Nearest-rank percentile of ``values`` (``None`` when there are none)."""
+    if not values:
+        return None
+    if not 0 < p <= 100:
+        raise ValueError("percentile must be in (0, 100]")
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def _cold(event: Event) -> int:
+    value = event.detail.get("cold_requests", 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0  # a malformed detail must not break the whole report
+    return int(value)
+
+
+class _Acc:
+    """Running totals for one route (or for all of them)."""
+
+    def __init__(self) -> None:
+        self.boots = 0
+        self.ready: list[float] = []
+        self.cold = 0
+        self.failures = 0
+        self.rejected = 0
+        self.running: dict[str, float] = {}  # instance -> summoned ts
+        self.peak = 0
+        self.instance_seconds = 0.0
+        self.seen = False
+
+    def result(self, route: str) -> RouteStats:
+        return RouteStats(
+            route=route,
+            boots=self.boots,
+            ready_p50_s=percentile(self.ready, 50),
+            ready_p95_s=percentile(self.ready, 95),
+            ready_max_s=max(self.ready) if self.ready else None,
+            cold_requests=self.cold,
+            peak_instances=self.peak,
+            instance_seconds=self.instance_seconds,
+            failures=self.failures,
+            rejected=self.rejected,
+        )
+
+
+def compute(events: Iterable[Event], *, now: float, since: float | None = None) -> list[RouteStats]:
+    """One `RouteStats` per route (sorted by name), then a totals row named `TOTAL`.
+
+    The totals row's peak is the peak of all instances together (not the sum of the
+    routes' peaks, which may have happened at different times); its percentiles are over
+    all boots.
+    """
+    start = -math.inf if since is None else since
+    routes: dict[str, _Acc] = {}
+    total = _Acc()
+    ordered = sorted((e for e in events if e.ts <= now), key=lambda e: e.ts)
+
+    def charge(acc: _Acc, began: float, ended: float) -> None:
+        acc.instance_seconds += max(0.0, min(ended, now) - max(began, start))
+
+    # Instances already running when the window opens count towards its peak.
+    window_open = False
+    for ev in ordered:
+        if not window_open and ev.ts >= start:
+            window_open = True
+            for acc in (*routes.values(), total):
+                acc.peak = max(acc.peak, len(acc.running))
+        acc = routes.setdefault(ev.route, _Acc())
+        inside = ev.ts >= start
+        if inside:
+            acc.seen = True
+        for a in (acc, total):
+            if ev.kind in START_KINDS:
+                key = f"{ev.route}\0{ev.instance}" if a is total else ev.instance
+                if ev.instance:
+                    a.running[key] = ev.ts
+                if inside:
+                    a.boots += 1
+            elif ev.kind in END_KINDS and ev.instance:
+                key = f"{ev.route}\0{ev.instance}" if a is total else ev.instance
+                began = a.running.pop(key, None)
+                if began is not None:
+                    charge(a, began, ev.ts)
+            if not inside:
+                continue
+            if ev.kind == "ready":
+                if ev.duration_s is not None:
+                    a.ready.append(ev.duration_s)
+                a.cold += _cold(ev)
+            elif ev.kind == "failed":
+                a.failures += 1
+            elif ev.kind == "rejected":
+                a.rejected += 1
+            a.peak = max(a.peak, len(a.running))
+    if not window_open:  # every event is older than the window: what still runs is the peak
+        for a in (*routes.values(), total):
+            a.peak = len(a.running)
+    for acc in (*routes.values(), total):
+        for began in acc.running.values():
+            charge(acc, began, now)
+        if acc.running:
+            acc.seen = True  # still running in the window: it costs, so it is shown
+    rows = [acc.result(name) for name, acc in sorted(routes.items()) if acc.seen]
+    rows.append(total.result(TOTAL))
+    return rows
+
+
+# --- output ---------------------------------------------------------------------------
+
+
+def _dur(seconds: float | None) -> str:
+    """Milliseconds below one second (boots from a snapshot), seconds above."""
+    if seconds is None:
+        return "-"
+    if seconds < 1.0:
+        return f"{seconds * 1000:.0f}ms"
+    return f"{seconds:.2f}s"
+
+
+_HEADERS = ("route", "boots", "ready p50", "p95", "max", "cold reqs", "peak", "inst-s", "failed", "rejected")
+
+
+def format_table(rows: Sequence[RouteStats]) -> str:
+    """An aligned text table, the totals row separated by a rule."""
+    cells = [
+        (r.route, str(r.boots), _dur(r.ready_p50_s), _dur(r.ready_p95_s), _dur(r.ready_max_s),
+         str(r.cold_requests), str(r.peak_instances), f"{r.instance_seconds:.1f}", str(r.failures),
+         str(r.rejected))
+        for r in rows
+    ]
+    widths = [max(len(c[i]) for c in [_HEADERS, *cells]) for i in range(len(_HEADERS))]
+
+    def line(values: Sequence[str]) -> str:
+        first = values[0].ljust(widths[0])  # names left, numbers right
+        rest = (v.rjust(w) for v, w in zip(values[1:], widths[1:], strict=True))
+        return "  ".join((first, *rest)).rstrip()
+
+    out = [line(_HEADERS)]
+    for row, c in zip(rows, cells, strict=True):
+        if row.route == TOTAL:
+            out.append("-" * len(out[0]))
+        out.append(line(c))
+    return "\n".join(out)
+
+
+def to_json(rows: Sequence[RouteStats]) -> str:
+    """``{"routes": [...], "totals": {...}}`` with durations in seconds."""
+    routes = [asdict(r) for r in rows if r.route != TOTAL]
+    totals = next((asdict(r) for r in rows if r.route == TOTAL), None)
+    return json.dumps({"routes": routes, "totals": totals}, indent=2)
