@@ -361,7 +361,9 @@ def section_proxy(bench: Bench) -> dict:
         raise HarnessError(f"the upstream nginx died during the run:\n{up_proc.output_tail()}")
     bench.procs.stop(up_proc)
 
-    summon_nginx = bl.ratio(figure(targets, "summon", 32, "requests_per_s"), figure(targets, "nginx", 32, "requests_per_s"))
+    summon_nginx = bl.ratio(
+        figure(targets, "summon", 32, "requests_per_s"), figure(targets, "nginx", 32, "requests_per_s")
+    )
     summon_mitm = bl.ratio(
         figure(targets, "summon", 32, "requests_per_s"), figure(targets, "mitmproxy", 32, "requests_per_s")
     )
@@ -385,7 +387,9 @@ def section_proxy(bench: Bench) -> dict:
     }
     # The same figures for the references, for context (no goal).
     reference = {
-        "nginx_added_p50_ms_c1": bl.difference(figure(targets, "nginx", 1, "p50_ms"), figure(targets, "direct", 1, "p50_ms")),
+        "nginx_added_p50_ms_c1": bl.difference(
+            figure(targets, "nginx", 1, "p50_ms"), figure(targets, "direct", 1, "p50_ms")
+        ),
         "mitmproxy_added_p50_ms_c1": bl.difference(
             figure(targets, "mitmproxy", 1, "p50_ms"), figure(targets, "direct", 1, "p50_ms")
         ),
@@ -452,7 +456,9 @@ SECTIONS: dict[str, Callable[[Bench], dict]] = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="2 s runs instead of 5 s")
     p.add_argument("--duration", type=float, help="seconds per measured wrk run (default 5, 2 with --quick)")
     p.add_argument("--repeat", type=int, default=1, help="runs per (target, concurrency); medians are reported")

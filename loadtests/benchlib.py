@@ -251,12 +251,16 @@ def parse_wrk(text: str) -> dict:
     m = _RE_NON2XX.search(text)
     non2xx = int(m.group(1)) if m else 0
     m = _RE_SOCKET.search(text)
-    sock = dict(zip(("connect", "read", "write", "timeout"), (int(g) for g in m.groups()), strict=True)) if m else {
-        "connect": 0,
-        "read": 0,
-        "write": 0,
-        "timeout": 0,
-    }
+    sock = (
+        dict(zip(("connect", "read", "write", "timeout"), (int(g) for g in m.groups()), strict=True))
+        if m
+        else {
+            "connect": 0,
+            "read": 0,
+            "write": 0,
+            "timeout": 0,
+        }
+    )
     out["non2xx"] = non2xx
     out["socket_errors"] = sock
     out["errors"] = non2xx + sum(sock.values())

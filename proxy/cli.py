@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from .cli_events import add_parsers as add_event_parsers
+from .cli_images import add_parsers as add_image_parsers
 from .config import load
 from .errors import ConfigError
 
@@ -36,6 +38,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(config)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Ask a running proxy's admin API for its pools and instances."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    if config.proxy.admin is None:
+        print("summon: [proxy] admin is disabled in this config", file=sys.stderr)
+        return 1
+    url = f"http://{config.proxy.admin}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            data = json.load(resp)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"summon: cannot reach the admin API at {url}: {exc} (is `summon serve` running?)", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(data, indent=1))
+        return 0
+    totals = data.get("totals", {})
+    print(f"instances {totals.get('instances', 0)}/{totals.get('cap', '?')}   connections {totals.get('connections', 0)}"
+          f"   in flight {totals.get('inflight', 0)}")
+    for route in data.get("routes", []):
+        kind = "static" if route.get("static") else f"image {route.get('image')}"
+        print(f"{route['name']}  ({kind}, queued {route.get('queued', 0)})")
+        for i in route.get("instances", []):
+            print(f"  {i['id']:<24} {i['state']:<9} {i.get('host', ''):<10} {i.get('region', ''):<8} {i.get('address') or ''}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="summon", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a config: exit 0, or 2 with file:line: message lines")
     p.add_argument("-c", "--config", default="summon.toml")
     p.set_defaults(func=cmd_check)
+    p = sub.add_parser("status", help="pools and instances of a running proxy (admin API)")
+    p.add_argument("-c", "--config", default="summon.toml")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    add_event_parsers(sub)
+    add_image_parsers(sub)
     return parser
 
 

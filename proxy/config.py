@@ -91,6 +91,7 @@ class Route:
     idle_timeout_s: float = 300.0
     boot_timeout_s: float = 30.0
     queue_size: int = 1000  # requests buffered per pool while it boots
+    max_conns: int = 32  # connections in use per replica; more requests wait in the proxy (0: no cap)
     hash_key: str = "client"
     health_path: str = "/"
     start: str = "boot"
@@ -118,8 +119,8 @@ class Config:
 
 # --- parsing helpers ---------------------------------------------------------------
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.I)
 
 
@@ -275,6 +276,7 @@ _ROUTE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "idle_timeout": ("idle_timeout_s", parse_duration),
     "boot_timeout": ("boot_timeout_s", parse_duration),
     "queue_size": ("queue_size", _positive_int),
+    "max_conns": ("max_conns", _positive_int),
     "hash_key": ("hash_key", _hash_key),
     "health_path": ("health_path", _health_path),
     "start": ("start", _choice("boot", "restore")),

@@ -17,12 +17,20 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from .config import Address, Config, Route
+from .admin import AdminServer
+from .backends.base import Backend
+from .backends.process import ProcessBackend
+from .config import Address, Config, Route, load
 from .dispatch import Dispatcher, Pool, StaticPool
+from .errors import ConfigError
+from .events import Event, EventLog, json_line
 from .http.front import ClientConnection, ServerState
 from .http.upstream import UpstreamPool
+from .metrics import Metrics
 from .routes import RouteTable
+from .summoner import Summoner
 
 log = logging.getLogger("summon.server")
 
@@ -47,38 +55,143 @@ class Runtime:
     config: Config
     state: ServerState
     dispatcher: Dispatcher
+    summoner: Summoner | None = None
+    events: EventLog | None = None
+    metrics: Metrics | None = None
+    admin: AdminServer | None = None
     servers: list[asyncio.AbstractServer] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
-    on_close: list[Callable[[], object]] = field(default_factory=list)
 
 
-def make_pool_factory(config: Config, summoner: object | None) -> Callable[[Route], Pool]:
+def make_backends(config: Config) -> dict[str, Backend]:
+    """One driver per host; hosts sharing a libvirt URI share its connection."""
+    backends: dict[str, Backend] = {}
+    by_uri: dict[str, Backend] = {}
+    process: Backend | None = None
+    for host in config.hosts:
+        if host.backend == "process":
+            process = process or ProcessBackend()
+            backends[host.name] = process
+        elif host.backend == "libvirt":
+            if host.uri not in by_uri:
+                from .backends.libvirt import LibvirtBackend
+
+                by_uri[host.uri] = LibvirtBackend(host.uri)
+            backends[host.name] = by_uri[host.uri]
+        else:
+            from .backends.fake import FakeBackend
+
+            backends[host.name] = FakeBackend()
+    return backends
+
+
+def make_pool_factory(rt_ref: list[Runtime]) -> Callable[[Route], Pool]:
     def pool_for(route: Route) -> Pool:
         if route.upstreams:
             return StaticPool(route)
+        summoner = rt_ref[0].summoner
         if summoner is None:
-            raise RuntimeError("summoned routes need the summoner")
-        return summoner.pool(route)  # type: ignore[attr-defined, no-any-return]
+            raise RuntimeError("summoned route without a summoner")
+        return summoner.pool(route)
 
     return pool_for
 
 
-async def build_runtime(config: Config, sockets: list[socket.socket], summoner: object | None = None) -> Runtime:
+async def build_runtime(config: Config, sockets: list[socket.socket], admin: bool = True,
+                        backends: dict[str, Backend] | None = None) -> Runtime:
     loop = asyncio.get_running_loop()
     p = config.proxy
-    dispatcher = Dispatcher(RouteTable(config.routes), make_pool_factory(config, summoner))
+    rt_ref: list[Runtime] = []
+    dispatcher = Dispatcher(RouteTable(config.routes), make_pool_factory(rt_ref))
     upstreams = UpstreamPool(loop, p.upstream_pool_size, p.upstream_idle_s, p.connect_timeout_s)
     state = ServerState(config=p, loop=loop, dispatcher=dispatcher, upstreams=upstreams, via=p.server_name.encode())
-    rt = Runtime(config=config, state=state, dispatcher=dispatcher)
+    events = EventLog(config.events_path, config.events_retention_s, config.events_max_rows)
+    rt = Runtime(config=config, state=state, dispatcher=dispatcher, events=events)
+    rt_ref.append(rt)
+    if any(r.summoned for r in config.routes):
+        rt.summoner = Summoner(config, events, backends or make_backends(config))
+        for backend in set(rt.summoner.backends.values()):
+            try:
+                reaped = await backend.reap_orphans()
+            except Exception as exc:  # a host that is down must not stop the proxy
+                log.warning("could not reap orphans on %s: %s", backend.name, exc)
+                continue
+            for name in reaped:
+                events.record(Event(kind="reaped", instance=name, detail={"backend": backend.name}))
+                log.warning("reaped orphan instance %s left by an earlier run", name)
+        rt.summoner.start()
+    rt.metrics = Metrics(rt.summoner.status if rt.summoner else None)
+    metrics = rt.metrics
+    dispatcher.observers.append(lambda ex: metrics.observe(ex, loop.time()))
+    if rt.summoner is not None:
+        rt.summoner.listeners.append(metrics.command)
     state.start_sweeping()
     for sock in sockets:
         server = await loop.create_server(lambda: ClientConnection(state), sock=sock, backlog=4096)
         rt.servers.append(server)
+    if admin and p.admin is not None:
+        rt.admin = AdminServer(p.admin, status=lambda: status_of(rt), events=lambda n, r: events_of(rt, n, r),
+                               metrics=metrics.render, reload=lambda: reload(rt), token=p.admin_token)
+        await rt.admin.start()
     return rt
 
 
+def status_of(rt: Runtime) -> dict[str, Any]:
+    if rt.summoner is not None:
+        snap = rt.summoner.status()
+    else:
+        snap = {"routes": [], "totals": {"instances": 0, "cap": rt.config.limits.max_instances}}
+    static = [{"name": r.name, "static": True, "instances": [
+        {"id": str(a), "state": "ready", "host": "static", "region": "", "address": str(a)} for a in r.upstreams]}
+        for r in rt.config.routes if r.upstreams]
+    snap["routes"].extend(static)
+    snap["totals"]["connections"] = len(rt.state.connections)
+    snap["totals"]["inflight"] = rt.state.inflight
+    snap["totals"]["routes"] = len(rt.config.routes)
+    return snap
+
+
+def events_of(rt: Runtime, n: int, route: str | None) -> list[str]:
+    if rt.events is None:
+        return []
+    rt.events.flush(timeout=2.0)
+    events = rt.events.query(route=route, limit=max(1, min(n, 10_000)), newest=True)
+    return [json_line(e) for e in events]
+
+
+async def reload(rt: Runtime) -> tuple[bool, list[str]]:
+    """Validate the config file again and swap atomically; on error keep the old one."""
+    try:
+        new = load(rt.config.path)
+    except ConfigError as exc:
+        messages = [str(p) for p in exc.problems]
+        for m in messages:
+            log.error("reload refused: %s", m)
+        if rt.events is not None:
+            rt.events.record(Event(kind="reload", detail={"ok": False, "errors": messages[:20]}))
+        return False, messages
+    if rt.summoner is None and any(r.summoned for r in new.routes):
+        return False, ["reload cannot add the first summoned route: restart summon"]
+    old_routes = {r.name: r for r in rt.config.routes}
+    table = RouteTable(new.routes)
+    if rt.summoner is not None:
+        rt.summoner.set_routes(new.routes)
+    # pools of unchanged routes keep their state; changed or removed ones are rebuilt lazily
+    for name in list(rt.dispatcher.pools):
+        if old_routes.get(name) != table.by_name.get(name):
+            del rt.dispatcher.pools[name]
+    rt.dispatcher.table = table  # one reference swap: a request sees the old or the new table
+    rt.config = new
+    changed = sum(1 for r in new.routes if old_routes.get(r.name) != r)
+    log.info("reloaded %s: %d routes, %d new or changed", new.path, len(new.routes), changed)
+    if rt.events is not None:
+        rt.events.record(Event(kind="reload", detail={"ok": True, "routes": len(new.routes), "changed": changed}))
+    return True, []
+
+
 async def drain(rt: Runtime, deadline_s: float) -> None:
-    """Stop accepting, finish in-flight requests (bounded), close idle connections."""
+    """Stop accepting, finish in-flight requests (bounded), close idle connections,
+    then stop every instance summon started."""
     state = rt.state
     state.draining = True
     for server in rt.servers:
@@ -93,11 +206,18 @@ async def drain(rt: Runtime, deadline_s: float) -> None:
         conn.abort() if conn.active is not None else conn.close()
     state.upstreams.close_all()
     state.stop_sweeping()
+    if rt.admin is not None:
+        rt.admin.close()
+    if rt.summoner is not None:
+        await rt.summoner.close()
+    if rt.events is not None:
+        rt.events.record(Event(kind="shutdown", detail={"requests_left": state.inflight}))
+        rt.events.close()
 
 
 async def run_worker(config: Config, sockets: list[socket.socket], worker: int) -> int:
     loop = asyncio.get_running_loop()
-    rt = await build_runtime(config, sockets)
+    rt = await build_runtime(config, sockets, admin=(worker == 0))
     signals = {"count": 0}
 
     def on_stop() -> None:
@@ -105,14 +225,20 @@ async def run_worker(config: Config, sockets: list[socket.socket], worker: int) 
         if signals["count"] > 1:
             log.warning("second signal: exiting now")
             os._exit(1)
+        log.info("draining (up to %.0fs); signal again to force", config.proxy.drain_timeout_s)
         rt.stopping.set()
+
+    def on_hup() -> None:
+        loop.create_task(reload(rt))
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     addrs = ", ".join(str(a) for a in config.proxy.listen)
-    log.info("worker %d listening on %s", worker, addrs)
+    admin = f", admin on {config.proxy.admin}" if rt.admin else ""
+    log.info("worker %d listening on %s%s", worker, addrs, admin)
     await rt.stopping.wait()
-    await drain(rt, config.proxy.drain_timeout_s)
+    await drain(rt, rt.config.proxy.drain_timeout_s)
     return 0
 
 

@@ -127,7 +127,7 @@ async def http_ok(port: int, path: str, timeout_s: float) -> bool:
             parts = line.split()
             if len(parts) >= 2 and parts[1][:1] in (b"2", b"3"):
                 return True
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             pass
         await asyncio.sleep(0.1)
     return False
@@ -226,17 +226,23 @@ class LibvirtBackend:
             write_initramfs, probe_initrd,
             [Entry("bin/busybox", S_IFREG | 0o755, BUSYBOX.read_bytes()), Entry("init", S_IFREG | 0o755, init)],
         )
-        params = self._params(image, "summon-kvm-probe", uuid.uuid4().hex[:8], "kvm", port=_free_port(self._ports))
+        probe_id = uuid.uuid4().hex[:8]
+        params = self._params(image, f"summon-kvm-probe-{probe_id}", probe_id, "kvm", port=_free_port(self._ports))
         params = DomainParams(**{**params.__dict__, "initrd": probe_initrd, "route": "kvm-probe"})
         xml = domain_xml(params)
+        self.console_dir.mkdir(parents=True, exist_ok=True)
         await self._call("create kvm probe", lambda: self._connection().createXML(xml, 0))
-        deadline = time.monotonic() + KVM_PROBE_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if params.name not in await self._call("list domains", self._active_names):
-                return True
-            await asyncio.sleep(0.2)
-        await self._destroy(params.name)
-        return False
+        try:
+            deadline = time.monotonic() + KVM_PROBE_TIMEOUT_S
+            while time.monotonic() < deadline:
+                if params.name not in await self._call("list domains", self._active_names):
+                    return True
+                await asyncio.sleep(0.2)
+            await self._destroy(params.name)
+            return False
+        finally:
+            if params.console_log is not None:
+                params.console_log.unlink(missing_ok=True)
 
     # --- start / stop -----------------------------------------------------------------
 

@@ -17,6 +17,7 @@ copy: ~0.05 s for 90 MB here) and is deleted once QEMU has read it.
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import struct
@@ -116,12 +117,12 @@ def parse_metadata(xml: str) -> dict[str, str]:
     for tag in ("route", "id", "image", "pid", "port"):
         m = re.search(rf"<(?:\w+:)?{tag}\b([^>]*)>([^<]*)</", xml)
         if m:
-            out[tag] = m.group(2)
+            out[tag] = html.unescape(m.group(2))
             if tag == "pid":
                 for attr in ("start", "host"):
                     a = re.search(rf"\b{attr}=['\"]([^'\"]*)['\"]", m.group(1))
                     if a:
-                        out[f"pid_{attr}"] = a.group(1)
+                        out[f"pid_{attr}"] = html.unescape(a.group(1))
     return out
 
 

@@ -73,7 +73,8 @@ class BoundedLoadBalancer:
         return self.ring.get_node(key)  # unreachable: the bound admits at least one node
 
     def _walk(self, key: str) -> Iterable[str]:
-        return self.ring.range(key, unique=True)  # type: ignore[no-any-return]
+        for conf in self.ring.range(key, unique=True):
+            yield conf["nodename"]  # uhashring yields each node's config dict
 
     def acquire(self, node: str) -> None:
         if node in self.load:

@@ -111,30 +111,20 @@ class Exchange:
 
     def _use(self, lease: Lease) -> None:
         self.lease = lease
-        conn = self.client.state.upstreams.take_idle(lease.address)
-        if conn is not None:
-            self._attach(conn)
-            return
-        task = self.client.state.loop.create_task(self.client.state.upstreams.connect(lease.address))
-        task.add_done_callback(self._connected)
+        assert self.route is not None
+        self.client.state.upstreams.request(lease.address, self.route.max_conns, self._connected)
 
-    def _connected(self, task: asyncio.Task[UpstreamConnection]) -> None:
-        if task.cancelled():
-            self._release_lease(False)
-            return
-        exc = task.exception()
-        if exc is not None:
+    def _connected(self, got: UpstreamConnection | Exception) -> None:
+        if isinstance(got, Exception):
             self._release_lease(False)
             if not self.finished:
-                self.fail(exc if isinstance(exc, SummonError) else BadGateway(str(exc)))
+                self.fail(got if isinstance(got, SummonError) else BadGateway(str(got)))
             return
-        conn = task.result()
-        conn.reused = False
         if self.finished:
-            conn.close()
+            got.release()  # nobody wants it any more: back to the pool (or the next waiter)
             self._release_lease(True)
             return
-        self._attach(conn)
+        self._attach(got)
 
     def _attach(self, conn: UpstreamConnection) -> None:
         self.upstream = conn
@@ -280,10 +270,9 @@ class Exchange:
             # Nothing of the response reached us and no body byte left: safe to retry,
             # on a fresh connection (a reused one may just have hit the keep-alive race).
             self.retries += 1
-            if reused and self.lease is not None:
-                lease = self.lease
-                task = self.client.state.loop.create_task(self.client.state.upstreams.connect(lease.address))
-                task.add_done_callback(self._connected)
+            if reused and self.lease is not None and self.route is not None:
+                upstreams = self.client.state.upstreams
+                upstreams.request(self.lease.address, self.route.max_conns, self._connected)
                 return
             self._release_lease(False)
             self.start()

@@ -17,8 +17,8 @@ import asyncio
 import collections
 import ipaddress
 import logging
-from dataclasses import dataclass, field, replace
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
@@ -165,11 +165,20 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self._client_error(BadRequest("unexpected protocol upgrade"))
             return
-        except httptools.HttpParserError as exc:
-            self._client_error(BadRequest(_parser_message(exc)))
-            return
         except ClientError as exc:
             self._client_error(exc)
+            return
+        except httptools.HttpParserCallbackError as exc:
+            # httptools wraps what our callbacks raised; unwrap it
+            inner = exc.__context__ or exc.__cause__
+            if isinstance(inner, ClientError):
+                self._client_error(inner)
+            else:
+                log.error("request handling failed", exc_info=inner or exc)
+                self._client_error(BadRequest("request could not be handled"))
+            return
+        except httptools.HttpParserError as exc:
+            self._client_error(BadRequest(_parser_message(exc)))
             return
         if self.in_head and self.head_bytes > self.cfg.max_header_bytes:
             self._client_error(HeadersTooLarge(f"request head over {self.cfg.max_header_bytes} bytes"))

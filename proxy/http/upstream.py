@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
@@ -41,7 +43,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "address", "pool", "transport", "sink", "parser", "status", "reason", "headers",
         "head_done", "until_close", "got_bytes", "done", "tunnel", "idle_timer", "reused",
-        "write_paused", "lost",
+        "write_paused", "lost", "checked_out",
     )
 
     def __init__(self, address: Address, pool: UpstreamPool) -> None:
@@ -62,6 +64,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.write_paused = False
         self.lost = False
+        self.checked_out = False
 
     # --- asyncio.Protocol ---------------------------------------------------------
 
@@ -217,13 +220,17 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self._cancel_idle()
+        self.sink = None
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+        self.pool.forget(self)
 
     def abort(self) -> None:
         self._cancel_idle()
+        self.sink = None
         if self.transport is not None:
             self.transport.abort()
+        self.pool.forget(self)
 
     def _cancel_idle(self) -> None:
         if self.idle_timer is not None:
@@ -243,7 +250,19 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class UpstreamPool:
-    """Idle keep-alive connections per upstream address, bounded and timed out."""
+    """Keep-alive connections per upstream address, with a cap on how many are in use.
+
+    Why the cap: a single-purpose instance is small; busybox httpd listens with a
+    backlog of 9. Opening 500 connections at once (a burst released by a boot) makes
+    the kernel drop handshakes, and those requests then crawl through TCP
+    retransmission back-off for tens of seconds. Like HAProxy's per-server `maxconn`,
+    requests beyond the cap wait here, in order, for a connection to come free.
+
+    Accounting: `busy[address]` counts connections being opened or carrying an
+    exchange. A connection is counted from checkout until it is parked, closed or lost
+    (`_checkin` is idempotent, and `connection_lost` always calls it, so a forgotten
+    close can never leak a slot).
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, max_idle_per_address: int, idle_timeout_s: float,
                  connect_timeout_s: float) -> None:
@@ -252,19 +271,84 @@ class UpstreamPool:
         self.idle_timeout_s = idle_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.idle: dict[Address, collections.deque[UpstreamConnection]] = {}
+        self.busy: dict[Address, int] = {}
+        self.limits: dict[Address, int] = {}
+        self.waiters: dict[Address, collections.deque[Callable[[UpstreamConnection | Exception], None]]] = {}
 
-    def take_idle(self, address: Address) -> UpstreamConnection | None:
+    def request(self, address: Address, limit: int, deliver: Callable[[UpstreamConnection | Exception], None]) -> None:
+        """Get a connection to `address` for one exchange: `deliver` is called with it
+        (maybe at once), or with an exception if connecting failed. `limit` 0 = no cap."""
+        self.limits[address] = limit
+        if limit and self.busy.get(address, 0) >= limit:
+            self.waiters.setdefault(address, collections.deque()).append(deliver)
+            return
+        self._serve(address, deliver)
+
+    def _serve(self, address: Address, deliver: Callable[[UpstreamConnection | Exception], None]) -> None:
+        conn = self._take_idle(address)
+        if conn is not None:
+            deliver(conn)
+            return
+        self.busy[address] = self.busy.get(address, 0) + 1
+        task = self.loop.create_task(self.connect(address))
+        task.add_done_callback(functools.partial(self._connected, address, deliver))
+
+    def _connected(self, address: Address, deliver: Callable[[UpstreamConnection | Exception], None],
+                   task: asyncio.Task[UpstreamConnection]) -> None:
+        if task.cancelled():
+            self._uncount(address)
+            deliver(BadGateway("connect cancelled"))
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._uncount(address)
+            deliver(exc if isinstance(exc, Exception) else BadGateway(str(exc)))
+            return
+        conn = task.result()
+        conn.checked_out = True  # counted in busy since the connect began
+        if conn.lost:
+            self._checkin(conn)
+            deliver(BadGateway(f"{address} closed the connection at once"))
+            return
+        deliver(conn)
+
+    def _take_idle(self, address: Address) -> UpstreamConnection | None:
         idle = self.idle.get(address)
         while idle:
             conn = idle.pop()  # most recently used: warmest, least likely to be timed out
             conn._cancel_idle()
             if not conn.lost and conn.transport is not None and not conn.transport.is_closing():
                 conn.reused = True
+                conn.checked_out = True
+                self.busy[address] = self.busy.get(address, 0) + 1
                 return conn
         return None
 
+    def _uncount(self, address: Address) -> None:
+        n = self.busy.get(address, 0) - 1
+        if n > 0:
+            self.busy[address] = n
+        else:
+            self.busy.pop(address, None)
+        self._wake(address)
+
+    def _checkin(self, conn: UpstreamConnection) -> None:
+        if conn.checked_out:
+            conn.checked_out = False
+            self._uncount(conn.address)
+
+    def _wake(self, address: Address) -> None:
+        waiters = self.waiters.get(address)
+        if not waiters:
+            return
+        limit = self.limits.get(address, 0)
+        while waiters and (not limit or self.busy.get(address, 0) < limit):
+            self._serve(address, waiters.popleft())
+        if not waiters:
+            self.waiters.pop(address, None)
+
     async def connect(self, address: Address) -> UpstreamConnection:
-        """Open a new connection; raise BadGateway (refused) or GatewayTimeout-like BadGateway."""
+        """Open a new connection; raise BadGateway when refused or too slow."""
         try:
             _, proto = await asyncio.wait_for(
                 self.loop.create_connection(lambda: UpstreamConnection(address, self), address.host, address.port),
@@ -278,12 +362,28 @@ class UpstreamPool:
         return proto
 
     def park(self, conn: UpstreamConnection) -> None:
+        waiters = self.waiters.get(conn.address)
+        if waiters:
+            # Hand it to the next request in line (it stays checked out), on the next
+            # loop turn: we may still be inside the previous response's parser callback.
+            deliver = waiters.popleft()
+            conn.reused = True
+            self.loop.call_soon(self._hand_over, conn, deliver)
+            return
+        self._checkin(conn)
         idle = self.idle.setdefault(conn.address, collections.deque())
         if len(idle) >= self.max_idle:
             conn.close()
             return
         idle.append(conn)
         conn.idle_timer = self.loop.call_later(self.idle_timeout_s, conn.close)
+
+    def _hand_over(self, conn: UpstreamConnection, deliver: Callable[[UpstreamConnection | Exception], None]) -> None:
+        if conn.lost or conn.transport is None or conn.transport.is_closing():
+            self._checkin(conn)  # it died in between: this waiter gets a fresh connection
+            self._serve(conn.address, deliver)
+            return
+        deliver(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
         idle = self.idle.get(conn.address)
@@ -292,11 +392,14 @@ class UpstreamPool:
                 idle.remove(conn)
             except ValueError:
                 pass
+        self._checkin(conn)
 
     def close_address(self, address: Address) -> None:
-        """An instance went away: drop its idle connections."""
+        """An instance went away: drop its idle connections and fail its waiters."""
         for conn in list(self.idle.pop(address, ())):
             conn.close()
+        for deliver in self.waiters.pop(address, ()):
+            deliver(BadGateway(f"{address} went away"))
 
     def close_all(self) -> None:
         for address in list(self.idle):

@@ -1,0 +1,567 @@
+"""The summoning engine: every pool, every host, the global cap. No I/O, no clock.
+
+How this works (h11 style): the shell tells the fleet what happened by calling one of
+its fact methods (`request_arrived`, `instance_ready`, `boot_failed`, `tick`, ...) with
+the current time, and gets back a list of commands (`Boot`, `Forward`, `Reject`,
+`Stop`, `Record`) to carry out. The fleet never waits, sleeps or reads a clock, so
+tests drive it with a fake clock in microseconds and both fronts (the native proxy
+and the mitmproxy addon) share it.
+
+Rules kept here, and only here:
+- exactly one boot per cold pool, however many requests arrive together; more boots
+  only when the scaler asks for them;
+- a request waits at most `boot_timeout`, in a queue of at most `queue_size`;
+- the fleet never has more live instances than `max_instances`, nor a pool more
+  than `max_replicas`, nor a host more than its `slots`;
+- a pool whose boots keep failing backs off exponentially;
+- an instance idle for `idle_timeout` is drained and stopped (down to `min_replicas`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import Address, Host, Limits, Region, Route
+from .balancer import BoundedLoadBalancer
+from .lifecycle import LIVE, State, next_state
+from .scaler import ScalerSettings, ScalerState, desired_replicas
+
+# --- commands (what the shell must do) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Boot:
+    instance_id: str
+    route: str
+    host: str
+    region: str
+
+
+@dataclass(frozen=True)
+class Forward:
+    request_id: int
+    instance_id: str
+    address: Address
+
+
+@dataclass(frozen=True)
+class Reject:
+    request_id: int
+    retry_after_s: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    instance_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Record:
+    """An event for the log; `proxy.events.Event` fields."""
+
+    kind: str
+    route: str = ""
+    instance: str = ""
+    host: str = ""
+    region: str = ""
+    duration_s: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+Command = Boot | Forward | Reject | Stop | Record
+
+BACKOFF_BASE_S = 1.0
+BACKOFF_MAX_S = 60.0
+
+
+@dataclass
+class Instance:
+    id: str
+    route: str
+    host: str
+    region: str
+    state: State
+    summoned_at: float
+    address: Address | None = None
+    ready_at: float | None = None
+    last_used: float = 0.0
+    inflight: int = 0
+    served: int = 0
+    first_request_at: float | None = None
+
+    def move(self, event: str) -> None:
+        self.state = next_state(self.state, event)
+
+
+@dataclass
+class Waiting:
+    key: str
+    region: str
+    deadline: float
+
+
+@dataclass
+class PoolState:
+    route: Route
+    balancer: BoundedLoadBalancer
+    instances: dict[str, Instance] = field(default_factory=dict)
+    queue: OrderedDict[int, Waiting] = field(default_factory=OrderedDict)
+    failures: int = 0
+    backoff_until: float = 0.0
+    scaler: ScalerState = field(default_factory=ScalerState)
+    removed: bool = False  # route gone after a reload: drain and forget
+
+    def live(self) -> list[Instance]:
+        return [i for i in self.instances.values() if i.state in LIVE]
+
+    def count(self, state: State) -> int:
+        return sum(1 for i in self.instances.values() if i.state is state)
+
+    def concurrency(self) -> int:
+        return sum(i.inflight for i in self.instances.values()) + len(self.queue)
+
+
+class Fleet:
+    def __init__(
+        self,
+        limits: Limits,
+        hosts: Iterable[Host],
+        regions: Iterable[Region] = (),
+        default_region: str = "local",
+        new_id: Callable[[str], str] | None = None,
+        scaler: ScalerSettings | None = None,
+        balance_factor: float = 1.25,
+    ) -> None:
+        self.limits = limits
+        self.hosts = {h.name: h for h in hosts}
+        self.regions = {r.name: r for r in regions}
+        self.default_region = default_region
+        self.scaler = scaler or ScalerSettings()
+        self.balance_factor = balance_factor
+        self.pools: dict[str, PoolState] = {}
+        self.instances: dict[str, Instance] = {}
+        self.host_used: dict[str, int] = {h: 0 for h in self.hosts}
+        self.host_down_until: dict[str, float] = {}
+        self._counter = 0
+        self._new_id = new_id or self._default_id
+        self.instance_seconds: dict[str, float] = {}  # per route, closed instances only
+        self.budget_spent: deque[tuple[float, float]] = deque()  # (end time, instance-seconds)
+
+    def _default_id(self, route: str) -> str:
+        self._counter += 1
+        return f"{route}-{self._counter}"
+
+    # --- configuration -------------------------------------------------------------
+
+    def set_routes(self, routes: Iterable[Route], now: float) -> list[Command]:
+        """Install the summoned routes (first start or reload). Pools of unchanged
+        routes keep their instances; pools of removed routes drain."""
+        out: list[Command] = []
+        wanted = {r.name: r for r in routes if r.summoned}
+        for name, pool in list(self.pools.items()):
+            new = wanted.get(name)
+            if new is None:
+                pool.removed = True
+                for inst in list(pool.instances.values()):
+                    if inst.state is State.READY:
+                        self._drain(pool, inst, now, "route removed", out)
+                    elif inst.state is State.BOOTING:
+                        self._stop(inst, "route removed", out)
+                for rid in list(pool.queue):
+                    out.append(Reject(rid, 1, "route removed"))
+                pool.queue.clear()
+            elif new != pool.route:
+                if new.image != pool.route.image:
+                    # a new image: the old instances drain, new ones boot on demand
+                    for inst in list(pool.instances.values()):
+                        if inst.state is State.READY:
+                            self._drain(pool, inst, now, "image changed", out)
+                pool.route = new
+        for name, route in wanted.items():
+            if name not in self.pools:
+                self.pools[name] = PoolState(route=route, balancer=BoundedLoadBalancer(self.balance_factor))
+            elif self.pools[name].removed:
+                self.pools[name].removed = False
+        out.extend(self.tick(now))
+        return out
+
+    # --- facts ------------------------------------------------------------------------
+
+    def request_arrived(self, route: str, request_id: int, key: str, region: str | None, now: float) -> list[Command]:
+        pool = self.pools[route]
+        region = region or self.default_region
+        if pool.balancer.load:
+            inst_id = self._pick(pool, key, region)
+            inst = self.instances[inst_id]
+            self._assign(pool, inst, now, region)
+            if inst.first_request_at is None:
+                return [Forward(request_id, inst.id, inst.address), self._first(inst, now)]  # type: ignore[arg-type]
+            return [Forward(request_id, inst.id, inst.address)]  # type: ignore[arg-type]
+        out: list[Command] = []
+        if len(pool.queue) >= pool.route.queue_size:
+            out.append(Reject(request_id, self._retry_after(pool, now), "boot queue full"))
+            out.append(Record("rejected", route, detail={"reason": "boot queue full"}))
+            return out
+        if now < pool.backoff_until and not pool.count(State.BOOTING):
+            wait = pool.backoff_until - now
+            out.append(Reject(request_id, max(1, math.ceil(wait)), "boots failing: backing off"))
+            out.append(Record("rejected", route, detail={"reason": "backoff"}))
+            return out
+        pool.queue[request_id] = Waiting(key, region, now + pool.route.boot_timeout_s)
+        pool.scaler.last_demand = now
+        if not pool.count(State.BOOTING):
+            self._boot(pool, region, now, "cold request", out)
+            if not pool.count(State.BOOTING):
+                # could not boot (cap, slots, budget): tell the client now, not later
+                del pool.queue[request_id]
+                reason = self._last_refusal or "no capacity"
+                out.append(Reject(request_id, 2, reason))
+                out.append(Record("rejected", route, detail={"reason": reason}))
+        return out
+
+    def request_finished(self, route: str, instance_id: str, ok: bool, now: float) -> list[Command]:
+        inst = self.instances.get(instance_id)
+        if inst is None:
+            return []
+        inst.inflight -= 1
+        inst.served += 1
+        inst.last_used = now
+        pool = self.pools.get(inst.route)
+        if pool is not None:
+            pool.balancer.release(inst.id)
+            if inst.state is State.DRAINING and inst.inflight == 0:
+                out: list[Command] = []
+                self._stop(inst, "drained", out)
+                return out
+        return []
+
+    def request_cancelled(self, route: str, request_id: int, now: float) -> list[Command]:
+        pool = self.pools.get(route)
+        if pool is not None:
+            pool.queue.pop(request_id, None)
+        return []
+
+    def instance_ready(self, instance_id: str, address: Address, now: float) -> list[Command]:
+        inst = self.instances.get(instance_id)
+        out: list[Command] = []
+        if inst is None or inst.state is not State.BOOTING:
+            return out
+        pool = self.pools[inst.route]
+        inst.move("ready")
+        inst.address = address
+        inst.ready_at = now
+        inst.last_used = now
+        pool.failures = 0
+        pool.backoff_until = 0.0
+        if pool.removed:
+            self._drain(pool, inst, now, "route removed", out)
+            return out
+        pool.balancer.add(inst.id)
+        waited = len(pool.queue)
+        out.append(Record("ready", inst.route, inst.id, inst.host, inst.region, now - inst.summoned_at,
+                          {"cold_requests": waited}))
+        self._flush_queue(pool, now, out)
+        return out
+
+    def boot_failed(self, instance_id: str, reason: str, now: float) -> list[Command]:
+        inst = self.instances.get(instance_id)
+        out: list[Command] = []
+        if inst is None or inst.state is not State.BOOTING:
+            return out
+        pool = self.pools[inst.route]
+        inst.move("fail")
+        pool.failures += 1
+        backoff = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (pool.failures - 1))
+        pool.backoff_until = now + backoff
+        out.append(Record("failed", inst.route, inst.id, inst.host, inst.region, now - inst.summoned_at,
+                          {"reason": reason, "phase": "boot", "backoff_s": backoff}))
+        out.append(Stop(inst.id, f"boot failed: {reason}"))
+        if not pool.count(State.BOOTING) and not pool.balancer.load:
+            for rid in list(pool.queue):
+                out.append(Reject(rid, max(1, math.ceil(backoff)), f"instance failed to boot: {reason}"))
+            if pool.queue:
+                out.append(Record("rejected", inst.route, detail={"reason": "boot failed", "requests": len(pool.queue)}))
+            pool.queue.clear()
+        return out
+
+    def instance_died(self, instance_id: str, reason: str, now: float) -> list[Command]:
+        """A ready (or draining) instance stopped on its own: out of rotation, replaced on demand."""
+        inst = self.instances.get(instance_id)
+        out: list[Command] = []
+        if inst is None or inst.state not in (State.READY, State.DRAINING):
+            return out
+        pool = self.pools[inst.route]
+        pool.balancer.remove(inst.id)
+        inst.move("fail")
+        out.append(Record("failed", inst.route, inst.id, inst.host, inst.region, now - inst.summoned_at,
+                          {"reason": reason, "phase": "running"}))
+        out.append(Stop(inst.id, f"died: {reason}"))
+        return out
+
+    def instance_stopped(self, instance_id: str, now: float) -> list[Command]:
+        inst = self.instances.get(instance_id)
+        out: list[Command] = []
+        if inst is None:
+            return out
+        if inst.state is not State.STOPPED:
+            inst.move("stop")
+        self._forget(inst, now, out)
+        out.extend(self._serve_waiting(now))
+        return out
+
+    def host_failed(self, host: str, now: float, retry_after_s: float) -> list[Command]:
+        """The host's hypervisor is unreachable: place elsewhere until `retry_after_s`."""
+        self.host_down_until[host] = now + retry_after_s
+        return [Record("host_down", host=host, detail={"retry_in_s": retry_after_s})]
+
+    def tick(self, now: float) -> list[Command]:
+        out: list[Command] = []
+        for name, pool in list(self.pools.items()):
+            # requests that waited too long
+            for rid, w in list(pool.queue.items()):
+                if now >= w.deadline:
+                    del pool.queue[rid]
+                    out.append(Reject(rid, self._retry_after(pool, now), "timed out waiting for an instance"))
+                    out.append(Record("rejected", name, detail={"reason": "boot timeout"}))
+            for inst in list(pool.instances.values()):
+                if inst.state is State.BOOTING and now - inst.summoned_at > pool.route.boot_timeout_s:
+                    out.extend(self.boot_failed(inst.id, f"not ready after {pool.route.boot_timeout_s:g}s", now))
+            if pool.removed:
+                if not pool.live() and not pool.instances:
+                    del self.pools[name]
+                continue
+            self._scale(pool, now, out)
+            demand = pool.scaler.region_demand
+            for region in list(demand):
+                demand[region] *= 0.8  # recent demand by client region, for placement
+                if demand[region] < 0.01:
+                    del demand[region]
+        return out
+
+    # --- decisions -------------------------------------------------------------------
+
+    def _scale(self, pool: PoolState, now: float, out: list[Command]) -> None:
+        route = pool.route
+        ready = [i for i in pool.instances.values() if i.state is State.READY]
+        booting = pool.count(State.BOOTING)
+        # scale to zero / down to min: idle instances
+        for inst in ready:
+            if (inst.inflight == 0 and now - inst.last_used >= route.idle_timeout_s
+                    and len(ready) > route.min_replicas):
+                self._drain(pool, inst, now, f"idle for {route.idle_timeout_s:g}s", out)
+                ready.remove(inst)
+        decision = desired_replicas(pool.scaler, self.scaler, now, pool.concurrency(), len(ready),
+                                    route.target_concurrency)
+        want = max(route.min_replicas, min(route.max_replicas, decision.replicas))
+        live = len(ready) + booting
+        if want > live and (booting == 0 or booting < len(ready)):
+            # never faster than the backend boots: at most as many boots in flight as ready replicas
+            n = min(want - live, max(1, len(ready)) - booting) if ready else max(0, min(want - live, 1 - booting))
+            if live == 0 and route.min_replicas == 0 and not pool.queue:
+                n = 0  # pools start cold; the first request boots
+            for _ in range(max(0, n)):
+                region = self._busiest_region(pool)
+                if not self._boot(pool, region, now, decision.reason, out):
+                    break
+                out.append(Record("scale", route.name, detail={"from": live, "to": want, "reason": decision.reason,
+                                                                "panic": decision.panic}))
+        elif len(ready) > max(want, route.min_replicas, 1) and not decision.panic and decision.scale_in_ok:
+            # the last replica goes only through idle_timeout (scale to zero)
+            victim = min(ready, key=lambda i: (i.inflight, i.last_used))
+            self._drain(pool, victim, now, decision.reason, out)
+            out.append(Record("scale", route.name, detail={"from": len(ready), "to": want, "reason": decision.reason}))
+
+    def _busiest_region(self, pool: PoolState) -> str:
+        counts: dict[str, float] = {}
+        for w in pool.queue.values():
+            counts[w.region] = counts.get(w.region, 0) + 1
+        for region, n in pool.scaler.region_demand.items():
+            counts[region] = counts.get(region, 0) + n
+        if not counts:
+            return self.default_region
+        return max(counts.items(), key=lambda kv: kv[1])[0]
+
+    _last_refusal: str | None = None
+
+    def _boot(self, pool: PoolState, region: str, now: float, reason: str, out: list[Command]) -> bool:
+        route = pool.route
+        self._last_refusal = None
+        if len(pool.live()) >= route.max_replicas:
+            self._last_refusal = f"route at max_replicas ({route.max_replicas})"
+            return False
+        if self.live_count() >= self.limits.max_instances:
+            if not self._reclaim(pool, now, out):
+                self._last_refusal = f"instance cap reached ({self.limits.max_instances})"
+                out.append(Record("cap_reached", route.name, detail={"cap": self.limits.max_instances}))
+                return False
+            if self.live_count() >= self.limits.max_instances:
+                self._last_refusal = "waiting for a reclaimed instance to stop"
+                return False
+        if self._over_budget(now):
+            self._last_refusal = "instance-seconds budget spent"
+            out.append(Record("budget_spent", route.name))
+            return False
+        host = self._place(region, now)
+        if host is None:
+            self._last_refusal = "no host has a free slot"
+            return False
+        inst = Instance(self._new_id(route.name), route.name, host.name, host.region, State.BOOTING, now,
+                        last_used=now)
+        self.instances[inst.id] = inst
+        pool.instances[inst.id] = inst
+        self.host_used[host.name] += 1
+        out.append(Boot(inst.id, route.name, host.name, host.region))
+        out.append(Record("summoned", route.name, inst.id, host.name, host.region,
+                          detail={"reason": reason, "client_region": region}))
+        return True
+
+    def _place(self, region: str, now: float) -> Host | None:
+        """Client's region first, then its nearest-first fallbacks, then anywhere."""
+        order = [region]
+        r = self.regions.get(region)
+        if r is not None:
+            order.extend(n for n in r.nearest if n not in order)
+        order.extend(n for n in self.regions if n not in order)
+        order.extend(h.region for h in self.hosts.values() if h.region not in order)
+        for name in order:
+            candidates = [h for h in self.hosts.values()
+                          if h.region == name and self.host_used[h.name] < h.slots
+                          and self.host_down_until.get(h.name, 0.0) <= now]
+            if candidates:
+                return min(candidates, key=lambda h: (self.host_used[h.name] / max(1, h.slots), h.name))
+        return None
+
+    def _reclaim(self, cold: PoolState, now: float, out: list[Command]) -> bool:
+        """At the cap, stop the least recently used idle instance of another route."""
+        best: Instance | None = None
+        for pool in self.pools.values():
+            if pool is cold:
+                continue
+            ready = [i for i in pool.instances.values() if i.state is State.READY]
+            if len(ready) <= pool.route.min_replicas:
+                continue
+            for inst in ready:
+                if inst.inflight == 0 and (best is None or inst.last_used < best.last_used):
+                    best = inst
+        if best is None:
+            return False
+        self._drain(self.pools[best.route], best, now, f"reclaimed for {cold.route.name}", out)
+        return True
+
+    def _over_budget(self, now: float) -> bool:
+        budget = self.limits.budget_instance_seconds_per_hour
+        if budget is None:
+            return False
+        return self.spent_last_hour(now) >= budget
+
+    def spent_last_hour(self, now: float) -> float:
+        horizon = now - 3600.0
+        while self.budget_spent and self.budget_spent[0][0] < horizon:
+            self.budget_spent.popleft()
+        closed = sum(s for _, s in self.budget_spent)
+        running = sum(now - max(i.summoned_at, horizon) for i in self.instances.values() if i.state in LIVE)
+        return closed + running
+
+    def _pick(self, pool: PoolState, key: str, region: str) -> str:
+        if len(pool.balancer.load) == 1:
+            return next(iter(pool.balancer.load))
+        instances = self.instances
+        node = pool.balancer.pick(key, lambda n: instances[n].region == region)
+        assert node is not None
+        return node
+
+    def _assign(self, pool: PoolState, inst: Instance, now: float, region: str) -> None:
+        inst.inflight += 1
+        inst.last_used = now
+        pool.balancer.acquire(inst.id)
+        pool.scaler.last_demand = now
+        demand = pool.scaler.region_demand
+        demand[region] = demand.get(region, 0.0) + 1.0
+
+    def _flush_queue(self, pool: PoolState, now: float, out: list[Command]) -> None:
+        while pool.queue and pool.balancer.load:
+            rid, w = pool.queue.popitem(last=False)
+            inst = self.instances[self._pick(pool, w.key, w.region)]
+            self._assign(pool, inst, now, w.region)
+            out.append(Forward(rid, inst.id, inst.address))  # type: ignore[arg-type]
+            if inst.first_request_at is None:
+                out.append(self._first(inst, now))
+
+    def _first(self, inst: Instance, now: float) -> Record:
+        inst.first_request_at = now
+        return Record("first_request", inst.route, inst.id, inst.host, inst.region, now - inst.summoned_at)
+
+    def _serve_waiting(self, now: float) -> list[Command]:
+        """A slot freed up: cold pools that are waiting get their boot."""
+        out: list[Command] = []
+        for pool in self.pools.values():
+            if pool.queue and not pool.count(State.BOOTING) and not pool.balancer.load and not pool.removed:
+                first = next(iter(pool.queue.values()))
+                self._boot(pool, first.region, now, "cold request (after reclaim)", out)
+        return out
+
+    def _drain(self, pool: PoolState, inst: Instance, now: float, reason: str, out: list[Command]) -> None:
+        if inst.state is not State.READY:
+            return
+        pool.balancer.remove(inst.id)
+        inst.move("drain")
+        out.append(Record("draining", inst.route, inst.id, inst.host, inst.region, detail={"reason": reason}))
+        if inst.inflight == 0:
+            self._stop(inst, reason, out)
+
+    def _stop(self, inst: Instance, reason: str, out: list[Command]) -> None:
+        out.append(Stop(inst.id, reason))
+
+    def _forget(self, inst: Instance, now: float, out: list[Command]) -> None:
+        self.instances.pop(inst.id, None)
+        pool = self.pools.get(inst.route)
+        if pool is not None:
+            pool.instances.pop(inst.id, None)
+            pool.balancer.remove(inst.id)
+        self.host_used[inst.host] = max(0, self.host_used.get(inst.host, 1) - 1)
+        lifetime = now - inst.summoned_at
+        self.instance_seconds[inst.route] = self.instance_seconds.get(inst.route, 0.0) + lifetime
+        self.budget_spent.append((now, lifetime))
+        out.append(Record("stopped", inst.route, inst.id, inst.host, inst.region, lifetime,
+                          {"served": inst.served}))
+
+    def _retry_after(self, pool: PoolState, now: float) -> int:
+        if now < pool.backoff_until:
+            return max(1, math.ceil(pool.backoff_until - now))
+        return 1
+
+    # --- views -------------------------------------------------------------------------
+
+    def live_count(self) -> int:
+        return sum(1 for i in self.instances.values() if i.state in LIVE)
+
+    def snapshot(self) -> dict[str, Any]:
+        """What GET /status shows."""
+        routes = []
+        for name, pool in sorted(self.pools.items()):
+            routes.append({
+                "name": name,
+                "image": pool.route.image,
+                "queued": len(pool.queue),
+                "backoff_until": pool.backoff_until or None,
+                "instances": [
+                    {
+                        "id": i.id,
+                        "state": i.state.value,
+                        "host": i.host,
+                        "region": i.region,
+                        "address": str(i.address) if i.address else None,
+                        "inflight": i.inflight,
+                        "summoned_at": i.summoned_at,
+                        "ready_at": i.ready_at,
+                    }
+                    for i in pool.instances.values()
+                ],
+            })
+        return {"routes": routes, "totals": {"instances": self.live_count(), "cap": self.limits.max_instances}}

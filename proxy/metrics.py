@@ -1,0 +1,97 @@
+"""Prometheus metrics, one registry per worker.
+
+Request metrics are updated from `Dispatcher.observe` (once per finished request);
+label children are cached so the hot path does a dict lookup and an add. Instance
+gauges are computed at scrape time from the engine, so they can never drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from .engine.fleet import Boot, Command, Record
+from .http.exchange import Exchange
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BOOT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60)
+
+
+class Metrics:
+    def __init__(self, status: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("summon_requests_total", "Requests answered, by route and status",
+                                ["route", "status"], registry=self.registry)
+        self.latency = Histogram("summon_request_duration_seconds", "Time from request head to response end",
+                                 ["route", "kind"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.boots = Counter("summon_boots_total", "Instances summoned", ["route"], registry=self.registry)
+        self.boot_failures = Counter("summon_boot_failures_total", "Boots that failed", ["route"],
+                                     registry=self.registry)
+        self.rejected = Counter("summon_rejected_total", "Requests refused with 503", ["route"],
+                                registry=self.registry)
+        self.boot_duration = Histogram("summon_boot_duration_seconds", "Summoned to ready", ["route"],
+                                       buckets=BOOT_BUCKETS, registry=self.registry)
+        self._req: dict[tuple[str, int], Any] = {}
+        self._lat: dict[tuple[str, str], Any] = {}
+        if status is not None:
+            self.registry.register(_FleetCollector(status))
+
+    def observe(self, ex: Exchange, now: float) -> None:
+        route = ex.route.name if ex.route is not None else ""
+        key = (route, ex.status)
+        child = self._req.get(key)
+        if child is None:
+            child = self._req[key] = self.requests.labels(route, str(ex.status))
+        child.inc()
+        kind = "cold" if ex.cold else "warm"
+        lat = self._lat.get((route, kind))
+        if lat is None:
+            lat = self._lat[(route, kind)] = self.latency.labels(route, kind)
+        lat.observe(now - ex.started_at)
+
+    def command(self, cmd: Command) -> None:
+        if isinstance(cmd, Boot):
+            self.boots.labels(cmd.route).inc()
+        elif isinstance(cmd, Record):
+            if cmd.kind == "ready" and cmd.duration_s is not None:
+                self.boot_duration.labels(cmd.route).observe(cmd.duration_s)
+            elif cmd.kind == "failed" and cmd.detail.get("phase") == "boot":
+                self.boot_failures.labels(cmd.route).inc()
+            elif cmd.kind == "rejected":
+                self.rejected.labels(cmd.route).inc(int(cmd.detail.get("requests", 1)))
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _FleetCollector(Collector):
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        self.status = status
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        snap = self.status()
+        inst = GaugeMetricFamily("summon_instances", "Instances by route, state and region",
+                                 labels=["route", "state", "region"])
+        queue = GaugeMetricFamily("summon_queue_depth", "Requests waiting for a boot", labels=["route"])
+        counts: dict[tuple[str, str, str], int] = {}
+        for r in snap.get("routes", []):
+            queue.add_metric([r["name"]], r.get("queued", 0))
+            for i in r["instances"]:
+                k = (r["name"], i["state"], i["region"])
+                counts[k] = counts.get(k, 0) + 1
+        for k, n in counts.items():
+            inst.add_metric(list(k), n)
+        totals = snap.get("totals", {})
+        cap = GaugeMetricFamily("summon_instance_cap", "Global max_instances")
+        cap.add_metric([], totals.get("cap", 0))
+        used = GaugeMetricFamily("summon_instances_live", "Live instances counted against the cap")
+        used.add_metric([], totals.get("instances", 0))
+        yield inst
+        yield queue
+        yield cap
+        yield used

@@ -1,0 +1,285 @@
+"""The asyncio shell around the engine: carries out Boot/Forward/Reject/Stop/Record.
+
+How this works: each summoned route gets a `SummonedPool` (what the dispatcher asks
+for a lease). It feeds facts to the `Fleet` and executes the commands that come back:
+Forward resolves a waiting request's future with a lease, Reject fails it with 503 +
+Retry-After, Boot starts a driver task (start -> readiness probe -> ready/failed), Stop
+destroys, Record writes the event log. A tick every 100 ms drives timeouts, idling
+and scaling. All engine calls happen on the event loop thread, so the engine needs no
+locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ipaddress
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from .backends.base import Backend, BackendError, Handle, HostUnavailable, InstanceSpec
+from .config import Address, Config, Host, Route
+from .dispatch import hash_key
+from .engine.fleet import Boot, Command, Fleet, Forward, Record, Reject, Stop
+from .errors import SummonError, Unavailable
+from .events import Event, EventLog
+from .http.exchange import Lease
+from .http.message import RequestHead
+from .images import load_image
+from .readiness import wait_ready
+
+log = logging.getLogger("summon.summoner")
+
+
+class SummonedLease:
+    __slots__ = ("address", "instance_id", "pool")
+
+    def __init__(self, pool: SummonedPool, instance_id: str, address: Address) -> None:
+        self.pool = pool
+        self.instance_id = instance_id
+        self.address = address
+
+    def release(self, ok: bool) -> None:
+        s = self.pool.summoner
+        s.execute(s.fleet.request_finished(self.pool.route.name, self.instance_id, ok, s.now()))
+
+
+class SummonedPool:
+    def __init__(self, summoner: Summoner, route: Route) -> None:
+        self.summoner = summoner
+        self.route = route
+
+    def acquire(self, head: RequestHead, client_ip: str, region: str | None) -> Lease | asyncio.Future[Lease]:
+        s = self.summoner
+        s.request_seq += 1
+        rid = s.request_seq
+        key = hash_key(self.route, head, client_ip)
+        commands = s.fleet.request_arrived(self.route.name, rid, key, s.region_of(client_ip, region), s.now())
+        if len(commands) == 1:
+            cmd = commands[0]
+            if isinstance(cmd, Forward) and cmd.request_id == rid:
+                return SummonedLease(self, cmd.instance_id, cmd.address)  # warm: no future, no task
+        fut: asyncio.Future[Lease] = s.loop.create_future()
+        s.waiting[rid] = (fut, self)
+        fut.add_done_callback(functools.partial(s.request_done_waiting, rid))
+        s.execute(commands)
+        return fut
+
+
+class Summoner:
+    def __init__(
+        self,
+        config: Config,
+        events: EventLog | None,
+        backends: dict[str, Backend],
+        tick_s: float = 0.1,
+    ) -> None:
+        self.config = config
+        self.events = events
+        self.backends = backends
+        self.loop = asyncio.get_running_loop()
+        self.fleet = Fleet(config.limits, config.hosts, config.regions, config.default_region,
+                           new_id=self._new_id)
+        self.hosts: dict[str, Host] = {h.name: h for h in config.hosts}
+        self.routes: dict[str, Route] = {r.name: r for r in config.routes if r.summoned}
+        self.pools: dict[str, SummonedPool] = {}
+        self.waiting: dict[int, tuple[asyncio.Future[Lease], SummonedPool]] = {}
+        self.handles: dict[str, Handle] = {}
+        self.boot_tasks: dict[str, asyncio.Task[None]] = {}
+        self.stop_tasks: set[asyncio.Task[None]] = set()
+        self.digests: dict[str, str] = {}
+        self.request_seq = 0
+        self.tick_s = tick_s
+        self._ticker: asyncio.TimerHandle | None = None
+        self._region_cache: dict[str, str] = {}
+        self._ids = 0
+        import os
+        import secrets
+
+        self._id_prefix = f"{os.getpid():x}{secrets.token_hex(2)}"
+        self.listeners: list[Callable[[Command], None]] = []
+        self.execute(self.fleet.set_routes(self.routes.values(), self.now()))
+
+    def _new_id(self, route: str) -> str:
+        self._ids += 1
+        return f"{self._id_prefix}-{self._ids}"
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    def start(self) -> None:
+        self._ticker = self.loop.call_later(self.tick_s, self._tick)
+
+    def _tick(self) -> None:
+        try:
+            self.execute(self.fleet.tick(self.now()))
+        except Exception:
+            log.exception("engine tick failed")
+        self._ticker = self.loop.call_later(self.tick_s, self._tick)
+
+    def set_routes(self, routes: tuple[Route, ...]) -> None:
+        """Reload: unchanged routes keep their instances, removed ones drain."""
+        self.routes = {r.name: r for r in routes if r.summoned}
+        for name in list(self.pools):
+            if self.pools[name].route != self.routes.get(name):
+                del self.pools[name]
+        self.execute(self.fleet.set_routes(self.routes.values(), self.now()))
+
+    def pool(self, route: Route) -> SummonedPool:
+        pool = self.pools.get(route.name)
+        if pool is None or pool.route != route:
+            pool = self.pools[route.name] = SummonedPool(self, route)
+        return pool
+
+    def region_of(self, client_ip: str, header_region: str | None) -> str:
+        if header_region and header_region in self.fleet.regions:
+            return header_region
+        cached = self._region_cache.get(client_ip)
+        if cached is not None:
+            return cached
+        region = self.config.default_region
+        try:
+            addr = ipaddress.ip_address(client_ip)
+        except ValueError:
+            addr = None
+        if addr is not None:
+            for r in self.config.regions:
+                if any(addr in net for net in r.cidrs):
+                    region = r.name
+                    break
+        if len(self._region_cache) > 65536:
+            self._region_cache.clear()
+        self._region_cache[client_ip] = region
+        return region
+
+    def request_done_waiting(self, rid: int, fut: asyncio.Future[Lease]) -> None:
+        entry = self.waiting.pop(rid, None)
+        if entry is not None and fut.cancelled():
+            # the client hung up while waiting: drop it from the boot queue
+            self.execute(self.fleet.request_cancelled(entry[1].route.name, rid, self.now()))
+
+    # --- carrying out commands -----------------------------------------------------------
+
+    def execute(self, commands: list[Command]) -> None:
+        for cmd in commands:
+            if isinstance(cmd, Forward):
+                entry = self.waiting.pop(cmd.request_id, None)
+                if entry is None or entry[0].done():
+                    # the request went away in the meantime: give the slot back
+                    route = self.fleet.instances[cmd.instance_id].route if cmd.instance_id in self.fleet.instances else ""
+                    self.execute(self.fleet.request_finished(route, cmd.instance_id, True, self.now()))
+                    continue
+                fut, pool = entry
+                fut.set_result(SummonedLease(pool, cmd.instance_id, cmd.address))
+            elif isinstance(cmd, Reject):
+                entry = self.waiting.pop(cmd.request_id, None)
+                if entry is not None and not entry[0].done():
+                    entry[0].set_exception(Unavailable(cmd.reason, retry_after_s=cmd.retry_after_s))
+            elif isinstance(cmd, Boot):
+                self.boot_tasks[cmd.instance_id] = self.loop.create_task(self._boot(cmd))
+            elif isinstance(cmd, Stop):
+                task = self.loop.create_task(self._stop(cmd))
+                self.stop_tasks.add(task)
+                task.add_done_callback(self.stop_tasks.discard)
+            elif isinstance(cmd, Record):
+                self._record(cmd)
+            for fn in self.listeners:
+                fn(cmd)
+
+    def _record(self, cmd: Record) -> None:
+        level = logging.WARNING if cmd.kind in ("failed", "rejected", "cap_reached", "host_down") else logging.INFO
+        if cmd.kind != "rejected" or log.isEnabledFor(logging.DEBUG):
+            log.log(level, "%s route=%s instance=%s host=%s %s", cmd.kind, cmd.route, cmd.instance, cmd.host,
+                    cmd.detail or "")
+        if self.events is None:
+            return
+        self.events.record(Event(
+            kind=cmd.kind, route=cmd.route, instance=cmd.instance,
+            image_digest=self.digests.get(cmd.instance, ""), host=cmd.host, region=cmd.region,
+            duration_s=cmd.duration_s, detail=dict(cmd.detail),
+        ))
+
+    async def _boot(self, cmd: Boot) -> None:
+        route = self.routes.get(cmd.route) or self.fleet.pools[cmd.route].route
+        host = self.hosts[cmd.host]
+        backend = self.backends[host.name]
+        loop = self.loop
+        started = loop.time()
+        deadline = started + route.boot_timeout_s
+        try:
+            assert route.image is not None
+            image = await asyncio.to_thread(load_image, self.config.images_dir, route.image)
+            self.digests[cmd.instance_id] = image.digest
+            spec = InstanceSpec(cmd.instance_id, route, host, image, route.start)
+            handle = await asyncio.wait_for(backend.start(spec), max(0.001, deadline - loop.time()))
+        except asyncio.CancelledError:
+            raise
+        except HostUnavailable as exc:
+            self.execute(self.fleet.host_failed(host.name, self.now(), 10.0))
+            self.execute(self.fleet.boot_failed(cmd.instance_id, str(exc.detail), self.now()))
+            return
+        except SummonError as exc:
+            self.execute(self.fleet.boot_failed(cmd.instance_id, str(exc.detail), self.now()))
+            return
+        except TimeoutError:
+            self.execute(self.fleet.boot_failed(cmd.instance_id, "driver did not start the instance in time",
+                                                self.now()))
+            return
+        except Exception as exc:  # a driver bug must not hang the waiting requests
+            log.exception("driver %s failed to start %s", backend.name, cmd.instance_id)
+            self.execute(self.fleet.boot_failed(cmd.instance_id, f"driver error: {exc}", self.now()))
+            return
+        self.handles[cmd.instance_id] = handle
+        handle.exited.add_done_callback(functools.partial(self._exited, cmd.instance_id))
+        reason = await wait_ready(handle.address, route.health_path, deadline, handle.exited)
+        self.boot_tasks.pop(cmd.instance_id, None)
+        if reason is None:
+            self.execute(self.fleet.instance_ready(cmd.instance_id, handle.address, self.now()))
+        else:
+            self.execute(self.fleet.boot_failed(cmd.instance_id, reason, self.now()))
+
+    def _exited(self, instance_id: str, fut: asyncio.Future[str]) -> None:
+        if fut.cancelled() or instance_id not in self.handles:
+            return
+        reason = fut.result()
+        self.execute(self.fleet.instance_died(instance_id, reason, self.now()))
+
+    async def _stop(self, cmd: Stop) -> None:
+        task = self.boot_tasks.pop(cmd.instance_id, None)
+        if task is not None and not task.done():
+            task.cancel()
+        handle = self.handles.pop(cmd.instance_id, None)
+        inst = self.fleet.instances.get(cmd.instance_id)
+        if handle is not None and inst is not None:
+            try:
+                await self.backends[inst.host].stop(handle)
+            except BackendError as exc:
+                log.warning("stopping %s failed: %s", cmd.instance_id, exc)
+        self.execute(self.fleet.instance_stopped(cmd.instance_id, self.now()))
+
+    async def close(self) -> None:
+        """Stop every instance (drain has already let requests finish)."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+        for fut, _pool in list(self.waiting.values()):
+            if not fut.done():
+                fut.set_exception(Unavailable("shutting down", retry_after_s=5))
+        for task in list(self.boot_tasks.values()):
+            task.cancel()
+        stops = [self._stop(Stop(iid, "shutdown")) for iid in list(self.fleet.instances)]
+        await asyncio.gather(*stops, return_exceptions=True)
+        if self.stop_tasks:
+            await asyncio.gather(*self.stop_tasks, return_exceptions=True)
+        for backend in set(self.backends.values()):
+            try:
+                await backend.close()
+            except Exception:
+                log.exception("closing backend %s", backend.name)
+
+    def status(self) -> dict[str, Any]:
+        snap = self.fleet.snapshot()
+        for r in snap["routes"]:
+            for i in r["instances"]:
+                i["image_digest"] = self.digests.get(i["id"], "")
+        return snap

@@ -1,0 +1,195 @@
+"""The libvirt driver against libvirt's in-process test driver (test:///default): fast, no QEMU."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from proxy.backends.base import BackendError, ImageError, InstanceSpec
+from proxy.backends.libvirt_xml import (
+    DomainParams,
+    copy_save_with_xml,
+    domain_name,
+    domain_xml,
+    parse_metadata,
+    read_save_xml,
+    retarget_xml,
+)
+from proxy.config import Host, Route
+from proxy.images import content_digest, load_image
+
+libvirt = pytest.importorskip("libvirt")
+from proxy.backends.libvirt import LibvirtBackend  # noqa: E402
+
+URI = "test:///default"
+
+
+def make_image(root: Path) -> Path:
+    """An image with fake x86_64 artefacts: the test driver never reads them, verify does."""
+    d = root / "tiny"
+    (d / "site").mkdir(parents=True)
+    (d / "site" / "index.html").write_text("<h1>tiny</h1>\n")
+    (d / "build").mkdir()
+    (d / "build" / "vmlinuz").write_bytes(b"kernel")
+    (d / "build" / "initrd.cpio.gz").write_bytes(b"initrd")
+    import hashlib
+
+    k = hashlib.sha256(b"kernel").hexdigest()
+    i = hashlib.sha256(b"initrd").hexdigest()
+    (d / "image.toml").write_text(
+        f"""name = "tiny"
+[targets.unix]
+command = ["busybox", "httpd", "-f", "-p", "127.0.0.1:{{port}}", "-h", "{{dir}}/site"]
+content = "site"
+content_sha256 = "{content_digest(d / 'site')}"
+[targets.x86_64]
+kernel = "build/vmlinuz"
+kernel_sha256 = "{k}"
+initrd = "build/initrd.cpio.gz"
+initrd_sha256 = "{i}"
+memory_mib = 64
+guest_port = 80
+"""
+    )
+    return d
+
+
+def spec(image_dir: Path, iid: str, route: str = "Decks Site/v1") -> InstanceSpec:
+    image = load_image(image_dir.parent, image_dir.name)
+    return InstanceSpec(iid, Route(name=route, path="/", image="tiny"), Host("h", "local", "libvirt", URI), image)
+
+
+def test_domain_name_is_sanitised() -> None:
+    assert domain_name("Decks Site/v1", "ab12") == "summon-decks-site-v1-ab12"
+    assert domain_name("///", "x") == "summon-route-x"
+
+
+def test_xml_metadata_round_trip() -> None:
+    p = DomainParams("summon-a-1", "qemu", Path("/k"), Path("/i"), "console=ttyS0", 128, 80, 40001,
+                     "a&b", "1", "sha256:" + "0" * 64, 123, "456", "host1", Path("/tmp/x.log"))
+    xml = domain_xml(p)
+    assert "hostfwd=tcp:127.0.0.1:40001-:80" in xml and "addr=0x10" in xml
+    assert "<memballoon model='none'/>" in xml
+    meta = parse_metadata(xml)
+    assert meta == {"route": "a&b", "id": "1", "image": "sha256:" + "0" * 64, "pid": "123",
+                    "pid_start": "456", "pid_host": "host1", "port": "40001"}
+    q = DomainParams(**{**p.__dict__, "name": "summon-a-2", "instance_id": "2", "host_port": 40002,
+                        "console_log": Path("/tmp/y.log")})
+    re_xml = retarget_xml(xml.replace("<name>", "<uuid>00000000-0000-0000-0000-000000000000</uuid><name>"), q)
+    assert "summon-a-2" in re_xml and "40002-:80" in re_xml and "/tmp/y.log" in re_xml
+    assert "00000000-0000-0000-0000-000000000000" not in re_xml
+    assert parse_metadata(re_xml)["id"] == "2"
+
+
+def test_save_header_rewrite(tmp_path: Path) -> None:
+    """A synthetic save image: the XML is replaced, the payload after the header is kept."""
+    import struct
+
+    xml = b"<domain><name>old</name></domain>\n\0"
+    cookie = b"<cookie/>\n\0"
+    data = (xml + cookie).ljust(4096, b"\0")
+    head = struct.pack("<16s19I", b"LibvirtQemudSave", 2, len(data), 1, 0, len(xml), *([0] * 14))
+    src = tmp_path / "a.save"
+    src.write_bytes(head + data + b"PAYLOAD" * 1000)
+    dst = tmp_path / "b.save"
+    copy_save_with_xml(src, dst, lambda x: x.replace("old", "a-much-longer-new-name"))
+    assert read_save_xml(dst) == "<domain><name>a-much-longer-new-name</name></domain>\n"
+    assert dst.read_bytes().endswith(b"PAYLOAD" * 1000)
+    assert dst.stat().st_size == src.stat().st_size
+    assert b"<cookie/>" in dst.read_bytes()[:5000]
+
+
+def test_start_stop_and_metadata(tmp_path: Path) -> None:
+    image_dir = make_image(tmp_path)
+
+    async def main() -> None:
+        b = LibvirtBackend(URI)
+        h1 = await b.start(spec(image_dir, "i1"))
+        h2 = await b.start(spec(image_dir, "i2"))
+        assert h1.address.host == "127.0.0.1" and h1.address.port != h2.address.port
+        assert h1.detail["domain"] == "summon-decks-site-v1-i1" and h1.detail["domain_type"] == "test"
+        conn = b._connection()
+        dom = conn.lookupByName("summon-decks-site-v1-i1")
+        meta = parse_metadata(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, "https://summon.dev/xmlns/instance"))
+        assert meta["route"] == "Decks Site/v1" and meta["pid"] == str(os.getpid())
+        assert meta["image"] == spec(image_dir, "x").image.digest
+        await b.stop(h1)
+        await b.stop(h1)  # already gone: no error
+        assert h1.exited.result() == "stopped"
+        assert "summon-decks-site-v1-i1" not in {d.name() for d in conn.listAllDomains()}
+        # a domain that dies on its own resolves `exited`
+        conn.lookupByName("summon-decks-site-v1-i2").destroy()
+        reason = await asyncio.wait_for(h2.exited, 3)
+        assert "no longer running" in reason
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_tampered_image_refuses_to_start(tmp_path: Path) -> None:
+    image_dir = make_image(tmp_path)
+    s = spec(image_dir, "i1")
+    (image_dir / "build" / "initrd.cpio.gz").write_bytes(b"evil")
+
+    async def main() -> None:
+        b = LibvirtBackend(URI)
+        with pytest.raises(ImageError, match="initrd.cpio.gz.*expected sha256:"):
+            await b.start(s)
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_reap_orphans(tmp_path: Path) -> None:
+    """Domains recorded as started by a dead pid are reaped; ours (alive) are kept unless all_summon."""
+    image_dir = make_image(tmp_path)
+
+    async def main() -> None:
+        b = LibvirtBackend(URI)
+        h = await b.start(spec(image_dir, "live"))
+        conn = b._connection()
+        p = b._params(spec(image_dir, "x").image, "summon-dead-1", "dead", "test", 40999, "dead")
+        dead = DomainParams(**{**p.__dict__, "pid": 2**22 + 7, "pid_start": "1"})
+        conn.createXML(domain_xml(dead), 0)
+        other = LibvirtBackend(URI)  # a second driver in this process: its own handles are not "ours"
+        assert await other.reap_orphans() == ["summon-dead-1"]
+        names = {d.name() for d in conn.listAllDomains()}
+        assert "summon-dead-1" not in names and h.detail["domain"] in names
+        assert await other.reap_orphans(all_summon=True) == [h.detail["domain"]]
+        await other.close()
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_unreachable_uri_is_host_unavailable(tmp_path: Path) -> None:
+    from proxy.backends.base import HostUnavailable
+    from proxy.backends.libvirt import libvirt_available
+
+    image_dir = make_image(tmp_path)
+    uri = "qemu+unix:///system?socket=/nonexistent/sock"
+    assert libvirt_available(uri) is not None
+    assert libvirt_available(URI) is None
+
+    async def main() -> None:
+        b = LibvirtBackend(uri, probe_kvm=False)
+        with pytest.raises(HostUnavailable):
+            await b.start(spec(image_dir, "i1"))
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_restore_on_test_driver_is_refused_for_snapshots(tmp_path: Path) -> None:
+    image_dir = make_image(tmp_path)
+
+    async def main() -> None:
+        b = LibvirtBackend(URI)
+        with pytest.raises(BackendError, match="need QEMU"):
+            await b.save_snapshot(spec(image_dir, "s"))
+        await b.close()
+
+    asyncio.run(main())

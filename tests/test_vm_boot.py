@@ -1,0 +1,142 @@
+"""Real microVMs: build the decks image, boot it under libvirt/QEMU, fetch /, stop; restore.
+
+Skipped only when libvirt/QEMU are not installed; where they are (CI), libvirtd is
+started if needed and these tests must pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy.backends.base import InstanceSpec
+from proxy.config import Host, Route
+from proxy.images import Image, load_image
+
+REPO = Path(__file__).resolve().parent.parent
+URI = "qemu:///system"
+
+_missing = [x for x in ("qemu-system-x86_64", "libvirtd", "virsh") if shutil.which(x) is None]
+try:
+    import libvirt  # noqa: F401
+except ImportError:
+    _missing.append("libvirt-python")
+if not list(Path("/boot").glob("vmlinuz-*-cloud-amd64")):
+    _missing.append("linux-image-cloud-amd64")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.vm,
+    pytest.mark.timeout(240),
+    pytest.mark.skipif(bool(_missing), reason=f"not installed: {', '.join(_missing)}"),
+]
+
+
+@pytest.fixture(scope="module")
+def decks() -> Iterator[Image]:
+    """The decks image, built into a directory QEMU (user libvirt-qemu) can read."""
+    from proxy.backends.libvirt import libvirt_available, start_libvirt_daemons
+    from proxy.imagebuild import build_image
+
+    if os.geteuid() == 0:
+        start_libvirt_daemons()
+    reason = libvirt_available(URI)
+    assert reason is None, reason
+    root = Path(tempfile.mkdtemp(prefix="summon-vm-test-", dir="/var/tmp"))
+    root.chmod(0o755)
+    shutil.copytree(REPO / "images" / "decks", root / "decks", ignore=shutil.ignore_patterns("build"))
+    t0 = time.monotonic()
+    build_image(root / "decks", print)
+    print(f"build: {time.monotonic() - t0:.2f}s")
+    yield load_image(root, "decks")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def spec(image: Image, iid: str, start: str = "boot") -> InstanceSpec:
+    route = Route(name="decks", path="/", image="decks", boot_timeout_s=60)
+    return InstanceSpec(iid, route, Host("local", "local", "libvirt", URI), image, start=start)
+
+
+def fetch(port: int, timeout_s: float = 60.0) -> tuple[bytes, float]:
+    t0 = time.monotonic()
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
+                return r.read(), time.monotonic() - t0
+        except OSError:
+            if time.monotonic() - t0 > timeout_s:
+                raise
+            time.sleep(0.05)
+
+
+def virsh_list() -> str:
+    return subprocess.run(["virsh", "-c", URI, "list", "--name"], capture_output=True, text=True, check=True).stdout
+
+
+def test_boot_fetch_stop(decks: Image) -> None:
+    from proxy.backends.libvirt import LibvirtBackend
+
+    index = (REPO / "images" / "decks" / "site" / "index.html").read_bytes()
+
+    async def main() -> None:
+        b = LibvirtBackend(URI, probe_kvm=True)
+        t0 = time.monotonic()
+        dtype = await b.domain_type(decks)
+        print(f"domain type: {dtype} (probe {time.monotonic() - t0:.1f}s)")
+        t0 = time.monotonic()
+        h = await b.start(spec(decks, "boot1"))
+        created = time.monotonic() - t0
+        name = str(h.detail["domain"])
+        assert name in virsh_list()
+        body, waited = await asyncio.to_thread(fetch, h.address.port)
+        print(f"create {created:.2f}s, boot-to-HTTP {created + waited:.2f}s")
+        assert body == index
+        assert not h.exited.done()
+        t0 = time.monotonic()
+        await b.stop(h)
+        print(f"stop {time.monotonic() - t0:.2f}s")
+        assert name not in virsh_list()
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_snapshot_restore_two_instances(decks: Image) -> None:
+    from proxy.backends.libvirt import LibvirtBackend
+
+    index = (REPO / "images" / "decks" / "site" / "index.html").read_bytes()
+
+    async def main() -> None:
+        b = LibvirtBackend(URI, probe_kvm=True)
+        t0 = time.monotonic()
+        snap = await b.save_snapshot(spec(decks, "snap"))
+        print(f"snapshot {snap} ({snap.stat().st_size >> 20} MiB) in {time.monotonic() - t0:.1f}s")
+        assert decks.digest.removeprefix("sha256:") in snap.name
+        assert await b.save_snapshot(spec(decks, "snap")) == snap  # reused, not rebuilt
+        handles = []
+        for iid in ("r1", "r2"):
+            t0 = time.monotonic()
+            h = await b.start(spec(decks, iid, start="restore"))
+            body, waited = await asyncio.to_thread(fetch, h.address.port, 20)
+            print(f"restore {iid}: restore-to-HTTP {time.monotonic() - t0:.2f}s (waited {waited:.2f}s for HTTP)")
+            assert body == index and h.detail["start"] == "restore"
+            handles.append(h)
+        assert handles[0].address.port != handles[1].address.port
+        for h in handles:  # both still answer while both run
+            assert (await asyncio.to_thread(fetch, h.address.port, 5))[0] == index
+        names = virsh_list()
+        assert all(str(h.detail["domain"]) in names for h in handles)
+        await b.close()
+        names = virsh_list()
+        assert not any(str(h.detail["domain"]) in names for h in handles)
+
+    asyncio.run(main())
