@@ -116,6 +116,7 @@ class PoolState:
     backoff_until: float = 0.0
     scaler: ScalerState = field(default_factory=ScalerState)
     removed: bool = False  # route gone after a reload: drain and forget
+    reclaim_pending: bool = False  # at the cap, another route's idle instance is being stopped for us
 
     def live(self) -> list[Instance]:
         return [i for i in self.instances.values() if i.state in LIVE]
@@ -215,9 +216,9 @@ class Fleet:
             return out
         pool.queue[request_id] = Waiting(key, region, now + pool.route.boot_timeout_s)
         pool.scaler.last_demand = now
-        if not pool.count(State.BOOTING):
+        if not pool.count(State.BOOTING) and not pool.reclaim_pending:
             self._boot(pool, region, now, "cold request", out)
-            if not pool.count(State.BOOTING):
+            if not pool.count(State.BOOTING) and not pool.reclaim_pending:
                 # could not boot (cap, slots, budget): tell the client now, not later
                 del pool.queue[request_id]
                 reason = self._last_refusal or "no capacity"
@@ -332,6 +333,8 @@ class Fleet:
             for inst in list(pool.instances.values()):
                 if inst.state is State.BOOTING and now - inst.summoned_at > pool.route.boot_timeout_s:
                     out.extend(self.boot_failed(inst.id, f"not ready after {pool.route.boot_timeout_s:g}s", now))
+            if pool.reclaim_pending and not pool.queue:
+                pool.reclaim_pending = False
             if pool.removed:
                 if not pool.live() and not pool.instances:
                     del self.pools[name]
@@ -401,7 +404,9 @@ class Fleet:
                 out.append(Record("cap_reached", route.name, detail={"cap": self.limits.max_instances}))
                 return False
             if self.live_count() >= self.limits.max_instances:
+                # the boot happens when the reclaimed instance has stopped (_serve_waiting)
                 self._last_refusal = "waiting for a reclaimed instance to stop"
+                pool.reclaim_pending = True
                 return False
         if self._over_budget(now):
             self._last_refusal = "instance-seconds budget spent"
@@ -411,6 +416,7 @@ class Fleet:
         if host is None:
             self._last_refusal = "no host has a free slot"
             return False
+        pool.reclaim_pending = False
         inst = Instance(self._new_id(route.name), route.name, host.name, host.region, State.BOOTING, now,
                         last_used=now)
         self.instances[inst.id] = inst
@@ -503,6 +509,7 @@ class Fleet:
         for pool in self.pools.values():
             if pool.queue and not pool.count(State.BOOTING) and not pool.balancer.load and not pool.removed:
                 first = next(iter(pool.queue.values()))
+                pool.reclaim_pending = False
                 self._boot(pool, first.region, now, "cold request (after reclaim)", out)
         return out
 

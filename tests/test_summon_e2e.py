@@ -1,0 +1,197 @@
+"""Summoning end to end: a real `summon serve`, real child processes, real sockets."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.summon_proc import BUSYBOX, Summon, http_get, make_image, pids_matching
+
+ROUTE = """
+[[route]]
+name = "site"
+path = "/"
+image = "{image}"
+idle_timeout = "{idle}"
+boot_timeout = "{boot_timeout}"
+queue_size = {queue}
+target_concurrency = {target}
+max_replicas = {max_replicas}
+"""
+
+
+def route(image: str = "site", idle: str = "60s", boot_timeout: str = "10s", queue: int = 1000,
+          target: int = 1000, max_replicas: int = 4) -> str:
+    return ROUTE.format(image=image, idle=idle, boot_timeout=boot_timeout, queue=queue, target=target,
+                        max_replicas=max_replicas)
+
+
+def events(db: Path, kind: str | None = None) -> list[tuple[str, str]]:
+    deadline = time.time() + 5
+    while True:
+        try:
+            with sqlite3.connect(db) as c:
+                rows = c.execute("select kind, instance from events order by id").fetchall()
+            break
+        except sqlite3.OperationalError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.1)
+    return [r for r in rows if kind is None or r[0] == kind]
+
+
+def wait_for(cond, timeout: float = 10.0, step: float = 0.1):  # type: ignore[no-untyped-def]
+    end = time.time() + timeout
+    while time.time() < end:
+        value = cond()
+        if value:
+            return value
+        time.sleep(step)
+    return cond()
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    d = tmp_path / "images"
+    d.mkdir()
+    return d
+
+
+def test_cold_request_is_answered_by_a_freshly_summoned_instance(tmp_path: Path, images: Path) -> None:
+    make_image(images, "site", BUSYBOX, body="<h1>summoned</h1>\n")
+    s = Summon(tmp_path, route()).start()
+    try:
+        assert s.instances() == []  # cold: nothing runs before the first request
+        status, _, body = http_get(s.port, "/")
+        assert status == 200 and body == b"<h1>summoned</h1>\n"
+        inst = s.instances()
+        assert len(inst) == 1 and inst[0]["state"] == "ready"
+        assert inst[0]["address"].startswith("127.0.0.1:")
+    finally:
+        s.stop()
+    kinds = [k for k, _ in events(s.events)]
+    assert kinds.index("summoned") < kinds.index("ready") < kinds.index("first_request") < kinds.index("stopped")
+
+
+def test_500_concurrent_requests_during_one_boot_all_succeed_with_one_instance(tmp_path: Path, images: Path) -> None:
+    # the instance takes 0.5 s to come up, so all 500 requests arrive during its boot
+    make_image(images, "site", ["sh", "-c", "sleep 0.5; exec busybox httpd -f -p 127.0.0.1:{port} -h {dir}/site"])
+    s = Summon(tmp_path, route(target=10_000)).start()
+    try:
+        with ThreadPoolExecutor(max_workers=500) as pool:
+            results = list(pool.map(lambda _: http_get(s.port, "/")[0], range(500)))
+        assert results.count(200) == 500, sorted(set(results))
+    finally:
+        s.stop()
+    assert len(events(s.events, "summoned")) == 1
+
+
+def test_queue_overflow_gets_503_with_retry_after_at_once(tmp_path: Path, images: Path) -> None:
+    make_image(images, "site", ["sh", "-c", "sleep 2; exec busybox httpd -f -p 127.0.0.1:{port} -h {dir}/site"])
+    s = Summon(tmp_path, route(queue=3)).start()
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            started = time.time()
+            futures = [pool.submit(http_get, s.port, "/") for _ in range(8)]
+            answers = [f.result() for f in futures]
+        statuses = sorted(a[0] for a in answers)
+        assert statuses.count(200) == 3 and statuses.count(503) == 5
+        for status, headers, _ in answers:
+            if status == 503:
+                assert int(headers["retry-after"]) >= 1
+        assert time.time() - started < 10
+    finally:
+        s.stop()
+
+
+def test_boot_timeout_gives_503_with_retry_after_and_a_failed_event(tmp_path: Path, images: Path) -> None:
+    make_image(images, "site", ["sleep", "30"])  # never listens
+    s = Summon(tmp_path, route(boot_timeout="1s")).start()
+    try:
+        t0 = time.time()
+        status, headers, _ = http_get(s.port, "/")
+        assert status == 503 and int(headers["retry-after"]) >= 1
+        assert 0.8 < time.time() - t0 < 5
+    finally:
+        s.stop()
+    assert events(s.events, "failed")
+
+
+def test_failed_boot_is_503_fast_and_backs_off(tmp_path: Path, images: Path) -> None:
+    make_image(images, "site", ["sh", "-c", "exit 3"])
+    s = Summon(tmp_path, route()).start()
+    try:
+        t0 = time.time()
+        status, headers, body = http_get(s.port, "/")
+        assert status == 503 and time.time() - t0 < 3
+        assert b"exited" in body or b"status 3" in body
+        status2, headers2, _ = http_get(s.port, "/")  # during back-off: refused without a boot
+        assert status2 == 503 and int(headers2["retry-after"]) >= 1
+    finally:
+        s.stop()
+    assert len(events(s.events, "summoned")) == 1 and len(events(s.events, "failed")) == 1
+
+
+def test_missing_image_is_503_and_an_event(tmp_path: Path, images: Path) -> None:
+    s = Summon(tmp_path, route(image="nope")).start()
+    try:
+        status, _, body = http_get(s.port, "/")
+        assert status == 503 and b"nope" in body
+    finally:
+        s.stop()
+    assert events(s.events, "failed")
+
+
+def test_idle_instance_stops_and_next_request_summons_a_new_one(tmp_path: Path, images: Path) -> None:
+    make_image(images, "site", BUSYBOX)
+    s = Summon(tmp_path, route(idle="1s")).start()
+    try:
+        assert http_get(s.port, "/")[0] == 200
+        first = s.instances()[0]["id"]
+        assert wait_for(lambda: s.instances() == [], timeout=6), "idle instance was not stopped"
+        assert not pids_matching(str(images / "site"))
+        assert http_get(s.port, "/")[0] == 200
+        second = s.instances()[0]["id"]
+        assert second != first
+    finally:
+        s.stop()
+    assert len(events(s.events, "summoned")) == 2
+
+
+def test_client_hanging_up_leaves_the_boot_queue(tmp_path: Path, images: Path) -> None:
+    make_image(images, "site", ["sh", "-c", "sleep 1.5; exec busybox httpd -f -p 127.0.0.1:{port} -h {dir}/site"])
+    s = Summon(tmp_path, route()).start()
+    try:
+        c = socket.create_connection(("127.0.0.1", s.port))
+        c.sendall(b"GET / HTTP/1.1\r\nHost: site\r\n\r\n")
+        assert wait_for(lambda: s.status()["routes"][0]["queued"] == 1, timeout=3)
+        c.close()
+        assert wait_for(lambda: s.status()["routes"][0]["queued"] == 0, timeout=3)
+    finally:
+        s.stop()
+
+
+def test_sigterm_stops_every_instance(tmp_path: Path, images: Path) -> None:
+    make_image(images, "site", BUSYBOX)
+    s = Summon(tmp_path, route()).start()
+    assert http_get(s.port, "/")[0] == 200
+    assert pids_matching(str(images / "site"))
+    assert s.stop(signal.SIGTERM) == 0
+    assert not pids_matching(str(images / "site"))
+
+
+def test_sigkill_of_the_proxy_leaves_no_child_process(tmp_path: Path, images: Path) -> None:
+    make_image(images, "site", BUSYBOX)
+    s = Summon(tmp_path, route()).start()
+    try:
+        assert http_get(s.port, "/")[0] == 200
+        assert pids_matching(str(images / "site"))
+    finally:
+        s.stop(signal.SIGKILL)
+    assert wait_for(lambda: not pids_matching(str(images / "site")), timeout=5), "child outlived the proxy"
