@@ -445,9 +445,12 @@ def print_proxy_table(targets: dict, goals: dict, concurrencies: list[int]) -> N
     print()
 
 
+from bench_cold import section_cold, section_cold_vm  # noqa: E402
+
 SECTIONS: dict[str, Callable[[Bench], dict]] = {
     "proxy": section_proxy,
-    # Later: "cold_start", "route_table", "mitm_addon", "overload".
+    "cold": section_cold,
+    "cold_vm": section_cold_vm,
 }
 
 

@@ -112,10 +112,10 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(canonical_manifest(manifest)).hexdigest()
 
 
-def file_digest(path: Path) -> str:
+def file_digest(path: Path, st: os.stat_result | None = None) -> str:
     """sha256 hex of a file, cached by (path, size, mtime_ns) so re-verification is cheap."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    st = st or path.stat()
+    key = (str(path.absolute()), st.st_size, st.st_mtime_ns)
     with _lock:
         hit = _file_hash_cache.get(key)
     if hit is not None:
@@ -139,13 +139,24 @@ def content_digest(dir: Path) -> str:
     """
     if not dir.is_dir():
         raise ImageError(f"content directory {dir} does not exist")
-    files = sorted((p.relative_to(dir).as_posix(), p) for p in dir.rglob("*") if p.is_file())
+    files: list[tuple[str, Path, os.stat_result]] = []
+    stack = [(dir, "")]
+    while stack:  # scandir, one stat per file: this runs before every boot
+        base, prefix = stack.pop()
+        with os.scandir(base) as entries:
+            for e in entries:
+                rel = prefix + e.name
+                if e.is_dir(follow_symlinks=True):
+                    stack.append((Path(e.path), rel + "/"))
+                elif e.is_file(follow_symlinks=True):
+                    files.append((rel, Path(e.path), e.stat(follow_symlinks=True)))
+    files.sort(key=lambda f: f[0])
     h = hashlib.sha256()
-    for rel, path in files:
+    for rel, path, st in files:
         name = rel.encode()
         h.update(len(name).to_bytes(8, "big") + name)
-        h.update(path.stat().st_size.to_bytes(8, "big"))
-        h.update(bytes.fromhex(file_digest(path)))
+        h.update(st.st_size.to_bytes(8, "big"))
+        h.update(bytes.fromhex(file_digest(path, st)))
     return h.hexdigest()
 
 

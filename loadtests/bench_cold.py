@@ -1,0 +1,261 @@
+"""Cold-start figures: what summoning adds on top of the instance's own start.
+
+`section_cold` (process backend, median of 20):
+  direct  = spawn the decks image's unix command, poll it every 0.5 ms until the first
+            HTTP 200: the image's own start-to-ready time;
+  summon  = a GET through summon to a cold route, time to its first response byte;
+  overhead = median(summon) - median(direct). Goal: under 10 ms.
+
+`section_cold_vm` (libvirt backend, median of N, only where libvirt and the built
+microVM are available): the same through summon for `start = "boot"` and
+`start = "restore"`, the raw libvirt figures (createXML / restore to first HTTP 200)
+measured directly with the driver, their ratio (goal: restore at most 0.3x boot), the
+summon overhead over raw libvirt (goal: under 20 ms) and the memory of an idle VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import benchlib as bl  # noqa: E402
+
+from proxy.images import load_image  # noqa: E402
+
+GOAL_COLD_OVERHEAD_MS = 10.0
+GOAL_RESTORE_RATIO = 0.3
+GOAL_VM_OVERHEAD_MS = 20.0
+
+
+def _http_status(port: int, timeout: float = 1.0) -> int | None:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = s.recv(64)
+        return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def direct_start_to_ready(argv_for_port: Any, deadline_s: float = 10.0) -> float:
+    """Seconds from spawn to the first HTTP 200, polling every 0.5 ms."""
+    port = bl.free_port()
+    argv = argv_for_port(port)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(ROOT))
+    try:
+        while time.perf_counter() - t0 < deadline_s:
+            if _http_status(port) == 200:
+                return time.perf_counter() - t0
+            time.sleep(0.0005)
+        raise RuntimeError("direct start never answered 200")
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+def ttfb(port: int, path: str = "/", timeout: float = 120.0) -> tuple[float, int]:
+    """Seconds from sending a GET to its first response byte, and the status."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        t0 = time.perf_counter()
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode())
+        first = s.recv(1)
+        t1 = time.perf_counter()
+        rest = first
+        while chunk := s.recv(65536):
+            rest += chunk
+    status = int(rest.split(b" ", 2)[1])
+    return t1 - t0, status
+
+
+def _admin_status(admin_port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/status", timeout=5) as r:
+        return json.load(r)  # type: ignore[no-any-return]
+
+
+def _wait_cold(admin_port: int, timeout: float = 60.0) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if _admin_status(admin_port)["totals"]["instances"] == 0:
+            return
+        time.sleep(0.02)
+    raise RuntimeError("pool did not go back to zero")
+
+
+def _start_summon(bench: Any, name: str, backend: str, start: str, idle: str, extra_host: str = "") -> tuple[Any, int, int]:
+    port, admin = bl.free_port(), bl.free_port()
+    cfg = bench.tmp / f"{name}.toml"
+    cfg.write_text(f"""
+[proxy]
+listen = "127.0.0.1:{port}"
+admin = "127.0.0.1:{admin}"
+[images]
+dir = "{ROOT / 'images'}"
+[events]
+path = "{bench.tmp / (name + '-events.db')}"
+[[host]]
+name = "h"
+backend = "{backend}"
+slots = 4
+{extra_host}
+[[route]]
+name = "cold"
+path = "/"
+image = "decks"
+idle_timeout = "{idle}"
+boot_timeout = "120s"
+start = "{start}"
+""")
+    summon = ROOT / ".venv" / "bin" / "summon"
+    proc = bench.procs.start(name, [str(summon), "serve", "-c", str(cfg)], cwd=str(ROOT))
+    if not bl.wait_port("127.0.0.1", admin, timeout=30):
+        raise RuntimeError(f"summon did not start: {proc.output_tail()}")
+    return proc, port, admin
+
+
+def section_cold(bench: Any) -> dict[str, Any]:
+    runs = 20 if not getattr(bench.args, "quick", False) else 8
+    image = load_image(ROOT / "images", "decks")
+    bench.log(f"cold start (process backend): {runs} direct starts, then {runs} cold requests through summon")
+    direct = [direct_start_to_ready(image.unix_command) for _ in range(runs)]
+    proc, port, admin = _start_summon(bench, "summon-cold", "process", "boot", "100ms")
+    through: list[float] = []
+    try:
+        for _ in range(runs):
+            _wait_cold(admin)
+            seconds, status = ttfb(port)
+            if status != 200:
+                raise RuntimeError(f"cold request answered {status}")
+            through.append(seconds)
+    finally:
+        bench.procs.stop(proc)
+    d, s = bl.median(direct), bl.median(through)
+    assert d is not None and s is not None
+    overhead_ms = (s - d) * 1000
+    status = bl.check_goal(overhead_ms, "<", GOAL_COLD_OVERHEAD_MS)
+    bench.log(f"  direct start-to-ready median {d * 1000:.2f} ms; through summon TTFB median {s * 1000:.2f} ms")
+    bench.log(f"  summon cold-start overhead {overhead_ms:.2f} ms   goal < {GOAL_COLD_OVERHEAD_MS} ms   {status}")
+    return {
+        "runs": runs,
+        "direct_start_to_ready_ms": [round(x * 1000, 3) for x in direct],
+        "summon_ttfb_ms": [round(x * 1000, 3) for x in through],
+        "direct_median_ms": round(d * 1000, 3),
+        "summon_median_ms": round(s * 1000, 3),
+        "overhead_ms": round(overhead_ms, 3),
+        "goal": {"overhead_ms_below": GOAL_COLD_OVERHEAD_MS, "status": status},
+    }
+
+
+def _raw_libvirt(kind: str, runs: int) -> tuple[list[float], int | None]:
+    """Boot or restore with the driver alone (no proxy): seconds to first HTTP 200."""
+    from proxy.backends.base import InstanceSpec
+    from proxy.backends.libvirt import LibvirtBackend
+    from proxy.config import Host, Route
+
+    async def go() -> tuple[list[float], int | None]:
+        backend = LibvirtBackend("qemu:///system")
+        image = load_image(ROOT / "images", "decks")
+        route = Route(name="rawbench", image="decks", start=kind)
+        host = Host(name="h", region="local", backend="libvirt", uri="qemu:///system")
+        times: list[float] = []
+        rss: int | None = None
+        try:
+            if kind == "restore":
+                await backend.save_snapshot(InstanceSpec("snap", route, host, image, "boot"))
+            for i in range(runs):
+                t0 = time.perf_counter()
+                handle = await backend.start(InstanceSpec(f"raw{kind}{i}", route, host, image, kind))
+                while _http_status(handle.address.port, timeout=1.0) != 200:
+                    await asyncio.sleep(0.002)
+                times.append(time.perf_counter() - t0)
+                if rss is None:
+                    await asyncio.sleep(2.0)
+                    rss = _qemu_rss_kib(str(handle.detail.get("domain", "")))
+                await backend.stop(handle)
+        finally:
+            await backend.close()
+        return times, rss
+
+    return asyncio.run(go())
+
+
+def _qemu_rss_kib(domain: str) -> int | None:
+    out = subprocess.run(["pgrep", "-f", f"guest={domain}"], capture_output=True, text=True).stdout.split()
+    for pid in out:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        except OSError:
+            continue
+    return None
+
+
+def section_cold_vm(bench: Any) -> dict[str, Any]:
+    runs = 10 if not getattr(bench.args, "quick", False) else 3
+    try:
+        import libvirt  # noqa: F401
+
+        from proxy.backends.libvirt import libvirt_available
+    except ImportError:
+        return {"skipped": "libvirt-python is not installed"}
+    subprocess.run(["bash", str(ROOT / "scripts" / "start-libvirt.sh")], check=False)
+    reason = libvirt_available("qemu:///system")
+    if reason:
+        return {"skipped": reason}
+    build = subprocess.run([str(ROOT / ".venv/bin/summon"), "images", "build", "decks"], cwd=ROOT,
+                           capture_output=True, text=True)
+    if build.returncode != 0:
+        return {"skipped": f"image build failed: {build.stderr[-500:]}"}
+    result: dict[str, Any] = {"runs": runs}
+    for kind in ("boot", "restore"):
+        bench.log(f"cold start (libvirt, start={kind}): {runs} raw driver starts")
+        raw, rss = _raw_libvirt(kind, runs)
+        bench.log(f"cold start (libvirt, start={kind}): {runs} cold requests through summon")
+        proc, port, admin = _start_summon(bench, f"summon-vm-{kind}", "libvirt", kind, "200ms",
+                                          'uri = "qemu:///system"')
+        through: list[float] = []
+        try:
+            for _ in range(runs):
+                _wait_cold(admin, timeout=120)
+                seconds, status = ttfb(port)
+                if status != 200:
+                    raise RuntimeError(f"cold VM request answered {status}: {proc.output_tail()}")
+                through.append(seconds)
+        finally:
+            bench.procs.stop(proc, grace=30)
+        r, s = bl.median(raw), bl.median(through)
+        result[kind] = {"raw_ms": [round(x * 1000, 1) for x in raw], "summon_ms": [round(x * 1000, 1) for x in through],
+                        "raw_median_ms": round((r or 0) * 1000, 1), "summon_median_ms": round((s or 0) * 1000, 1),
+                        "overhead_ms": round(((s or 0) - (r or 0)) * 1000, 1)}
+        if rss is not None:
+            result[kind]["idle_vm_rss_mib"] = round(rss / 1024, 1)
+        bench.log(f"  raw median {result[kind]['raw_median_ms']} ms, through summon {result[kind]['summon_median_ms']} ms,"
+                  f" overhead {result[kind]['overhead_ms']} ms")
+    ratio = bl.ratio(result["restore"]["summon_median_ms"], result["boot"]["summon_median_ms"])
+    result["restore_over_boot"] = ratio
+    result["goals"] = {
+        "restore_over_boot": {"value": ratio, "goal": f"<= {GOAL_RESTORE_RATIO}",
+                              "status": bl.check_goal(ratio, "<=", GOAL_RESTORE_RATIO)},
+        "overhead_ms": {kind: {"value": result[kind]["overhead_ms"], "goal": f"< {GOAL_VM_OVERHEAD_MS}",
+                               "status": bl.check_goal(result[kind]["overhead_ms"], "<", GOAL_VM_OVERHEAD_MS)}
+                        for kind in ("boot", "restore")},
+    }
+    bench.log(f"  restore/boot ratio {ratio}   goal <= {GOAL_RESTORE_RATIO}   {result['goals']['restore_over_boot']['status']}")
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover - quick manual run
+    print(shlex.join(sys.argv), os.getcwd())
