@@ -3,13 +3,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo test test-fast bench lint fuzz clean
+.PHONY: setup demo demo-per-url test test-fast bench lint fuzz clean
 
 setup:
 	bash scripts/setup.sh
 
 demo: setup
 	bash scripts/demo.sh
+
+demo-per-url: setup
+	bash scripts/demo-per-url.sh
 
 lint: setup
 	$(VENV)/bin/ruff check proxy tests loadtests

@@ -8,6 +8,7 @@ import sys
 
 from .cli_events import add_parsers as add_event_parsers
 from .cli_images import add_parsers as add_image_parsers
+from .cli_routes import add_parsers as add_route_parsers
 from .config import load
 from .errors import ConfigError
 
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
     add_event_parsers(sub)
     add_image_parsers(sub)
+    add_route_parsers(sub)
     return parser
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -13,6 +11,11 @@ from proxy.config import Address, Host, Limits, Region, Route
 from proxy.engine.fleet import Boot, Fleet, Forward, Record, Reject, Stop
 from proxy.engine.lifecycle import TRANSITIONS, LifecycleError, State, next_state
 from proxy.engine.scaler import ScalerSettings
+
+
+def replace(route: Route, **changes: object) -> Route:
+    return route._replace(**changes)  # type: ignore[arg-type]
+
 
 ROUTE = Route(name="site", image="site", idle_timeout_s=60.0, boot_timeout_s=10.0, queue_size=100,
               max_replicas=4, target_concurrency=10)
