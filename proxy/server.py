@@ -10,6 +10,7 @@ server. SIGTERM/SIGINT drain (stop accepting, let in-flight requests finish up t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -85,6 +86,22 @@ def make_backends(config: Config) -> dict[str, Backend]:
     return backends
 
 
+async def start_summoner(config: Config, events: EventLog, backends: dict[str, Backend]) -> Summoner:
+    """The summoner both fronts use: reap what an earlier run left behind, then tick."""
+    summoner = Summoner(config, events, backends)
+    for backend in set(backends.values()):
+        try:
+            reaped = await backend.reap_orphans()
+        except Exception as exc:  # a host that is down must not stop the proxy
+            log.warning("could not reap orphans on %s: %s", backend.name, exc)
+            continue
+        for name in reaped:
+            events.record(Event(kind="reaped", instance=name, detail={"backend": backend.name}))
+            log.warning("reaped orphan instance %s left by an earlier run", name)
+    summoner.start()
+    return summoner
+
+
 def make_pool_factory(rt_ref: list[Runtime]) -> Callable[[Route], Pool]:
     def pool_for(route: Route) -> Pool:
         if route.upstreams:
@@ -109,17 +126,7 @@ async def build_runtime(config: Config, sockets: list[socket.socket], admin: boo
     rt = Runtime(config=config, state=state, dispatcher=dispatcher, events=events)
     rt_ref.append(rt)
     if any(r.summoned for r in config.routes):
-        rt.summoner = Summoner(config, events, backends or make_backends(config))
-        for backend in set(rt.summoner.backends.values()):
-            try:
-                reaped = await backend.reap_orphans()
-            except Exception as exc:  # a host that is down must not stop the proxy
-                log.warning("could not reap orphans on %s: %s", backend.name, exc)
-                continue
-            for name in reaped:
-                events.record(Event(kind="reaped", instance=name, detail={"backend": backend.name}))
-                log.warning("reaped orphan instance %s left by an earlier run", name)
-        rt.summoner.start()
+        rt.summoner = await start_summoner(config, events, backends or make_backends(config))
     rt.metrics = Metrics(rt.summoner.status if rt.summoner else None)
     metrics = rt.metrics
     dispatcher.observers.append(lambda ex: metrics.observe(ex, loop.time()))
@@ -242,6 +249,26 @@ async def run_worker(config: Config, sockets: list[socket.socket], worker: int) 
     return 0
 
 
+def share_for_worker(config: Config, worker: int, workers: int) -> Config:
+    """Each worker runs its own engine, so the fleet's limits are partitioned between
+    them: together they can never exceed the global cap, a host's slots or a budget."""
+    if workers <= 1:
+        return config
+
+    def part(total: int) -> int:
+        return total // workers + (1 if worker < total % workers else 0)
+
+    limits = dataclasses.replace(
+        config.limits,
+        max_instances=part(config.limits.max_instances),
+        budget_instance_seconds_per_hour=(None if config.limits.budget_instance_seconds_per_hour is None
+                                          else config.limits.budget_instance_seconds_per_hour / workers),
+    )
+    hosts = tuple(dataclasses.replace(h, slots=part(h.slots)) for h in config.hosts)
+    events = config.events_path.with_name(f"{config.events_path.stem}.w{worker}{config.events_path.suffix}")
+    return dataclasses.replace(config, limits=limits, hosts=hosts, events_path=events if worker else config.events_path)
+
+
 def serve(config: Config) -> int:
     """Run the proxy until SIGTERM; returns the exit code."""
     import uvloop
@@ -258,7 +285,7 @@ def serve(config: Config) -> int:
             code = 1
             try:
                 sockets = [listen_socket(a, True) for a in config.proxy.listen]
-                code = uvloop.run(run_worker(config, sockets, i))
+                code = uvloop.run(run_worker(share_for_worker(config, i, workers), sockets, i))
             finally:
                 os._exit(code)
         children.append(pid)
