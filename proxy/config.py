@@ -102,6 +102,8 @@ class Route(NamedTuple):
     max_conns: int = 32  # connections in use per replica; more requests wait in the proxy (0: no cap)
     hash_key: str = "client"
     health_path: str = "/"
+    health_interval_s: float = 10.0  # probe ready instances this often (0: never)
+    health_failures: int = 3  # misses in a row before an instance is replaced
     start: str = "boot"
     source: str = ""  # "file [[route]] #n", for messages and events
 
@@ -296,6 +298,8 @@ _ROUTE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "max_conns": ("max_conns", _positive_int),
     "hash_key": ("hash_key", _hash_key),
     "health_path": ("health_path", _health_path),
+    "health_interval": ("health_interval_s", parse_duration),
+    "health_failures": ("health_failures", _positive_int),
     "start": ("start", _choice("boot", "restore")),
 }
 _TOP_KEYS = {"include", "proxy", "limits", "region", "host", "route", "images", "events"}

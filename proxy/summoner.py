@@ -22,12 +22,13 @@ from .backends.base import Backend, BackendError, Handle, HostUnavailable, Insta
 from .config import Address, Config, Host, Route
 from .dispatch import hash_key
 from .engine.fleet import Boot, Command, Fleet, Forward, Record, Reject, Stop
+from .engine.lifecycle import State
 from .errors import SummonError, Unavailable
 from .events import Event, EventLog
 from .http.exchange import Lease
 from .http.message import RequestHead
 from .images import load_image
-from .readiness import wait_ready
+from .readiness import probe_once, wait_ready
 
 log = logging.getLogger("summon.summoner")
 
@@ -93,6 +94,10 @@ class Summoner:
         self.tick_s = tick_s
         self._ticker: asyncio.TimerHandle | None = None
         self._region_cache: dict[str, str] = {}
+        self.probing: set[str] = set()
+        self.last_probe: dict[str, float] = {}
+        self.health_misses: dict[str, int] = {}
+        self.host_failures: dict[str, int] = {}
         self._ids = 0
         import os
         import secrets
@@ -114,9 +119,42 @@ class Summoner:
     def _tick(self) -> None:
         try:
             self.execute(self.fleet.tick(self.now()))
+            self._health_checks()
         except Exception:
             log.exception("engine tick failed")
         self._ticker = self.loop.call_later(self.tick_s, self._tick)
+
+    def _health_checks(self) -> None:
+        """Probe ready instances every `health_interval`; `health_failures` misses in a
+        row and the instance is treated as dead (replaced on demand)."""
+        now = self.now()
+        for inst in list(self.fleet.instances.values()):
+            if inst.state is not State.READY or inst.address is None or inst.id in self.probing:
+                continue
+            route = self.routes.get(inst.route)
+            if route is None or route.health_interval_s <= 0:
+                continue
+            if now - self.last_probe.get(inst.id, inst.ready_at or now) < route.health_interval_s:
+                continue
+            self.probing.add(inst.id)
+            self.last_probe[inst.id] = now
+            task = self.loop.create_task(self._health_check(inst.id, inst.address, route))
+            task.add_done_callback(functools.partial(self._probed, inst.id))
+
+    def _probed(self, instance_id: str, _task: asyncio.Task[None]) -> None:
+        self.probing.discard(instance_id)
+
+    async def _health_check(self, instance_id: str, address: Address, route: Route) -> None:
+        status = await probe_once(address, route.health_path, min(2.0, route.health_interval_s))
+        if status is not None and status < 500:
+            self.health_misses.pop(instance_id, None)
+            return
+        misses = self.health_misses.get(instance_id, 0) + 1
+        self.health_misses[instance_id] = misses
+        log.warning("health check of %s failed (%d/%d)", instance_id, misses, route.health_failures)
+        if misses >= route.health_failures:
+            self.health_misses.pop(instance_id, None)
+            self.execute(self.fleet.instance_died(instance_id, f"failed {misses} health checks", self.now()))
 
     def set_routes(self, routes: tuple[Route, ...]) -> None:
         """Reload: unchanged routes keep their instances, removed ones drain."""
@@ -216,7 +254,9 @@ class Summoner:
         except asyncio.CancelledError:
             raise
         except HostUnavailable as exc:
-            self.execute(self.fleet.host_failed(host.name, self.now(), 10.0))
+            # fail fast, place elsewhere, retry this host with exponential back-off
+            n = self.host_failures[host.name] = self.host_failures.get(host.name, 0) + 1
+            self.execute(self.fleet.host_failed(host.name, self.now(), min(300.0, 5.0 * 2 ** (n - 1))))
             self.execute(self.fleet.boot_failed(cmd.instance_id, str(exc.detail), self.now()))
             return
         except SummonError as exc:
@@ -231,6 +271,7 @@ class Summoner:
             self.execute(self.fleet.boot_failed(cmd.instance_id, f"driver error: {exc}", self.now()))
             return
         self.handles[cmd.instance_id] = handle
+        self.host_failures.pop(host.name, None)
         handle.exited.add_done_callback(functools.partial(self._exited, cmd.instance_id))
         reason = await wait_ready(handle.address, route.health_path, deadline, handle.exited)
         self.boot_tasks.pop(cmd.instance_id, None)
@@ -246,6 +287,7 @@ class Summoner:
         self.execute(self.fleet.instance_died(instance_id, reason, self.now()))
 
     async def _stop(self, cmd: Stop) -> None:
+        self.last_probe.pop(cmd.instance_id, None)
         task = self.boot_tasks.pop(cmd.instance_id, None)
         if task is not None and not task.done():
             task.cancel()

@@ -1,0 +1,142 @@
+"""The summoner shell in-process, on the fake driver: health checks, retries, reload."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import uvloop
+
+from proxy.backends.fake import FakeBackend, FakeBehaviour
+from proxy.config import Address, load
+from proxy.server import build_runtime, drain, listen_socket, reload
+from tests.helpers.summon_proc import make_image
+
+CONFIG = """
+[proxy]
+listen = "127.0.0.1:0"
+admin = ""
+[images]
+dir = "images"
+[events]
+path = "events.db"
+[[host]]
+name = "h"
+backend = "fake"
+{routes}
+"""
+
+ROUTE = """
+[[route]]
+name = "{name}"
+path = "{path}"
+image = "site"
+idle_timeout = "60s"
+health_interval = "{interval}"
+health_failures = 2
+"""
+
+
+def write_config(tmp: Path, routes: str) -> Path:
+    make_image(tmp / "images", "site", ["true"])
+    cfg = tmp / "summon.toml"
+    cfg.write_text(CONFIG.format(routes=routes))
+    return cfg
+
+
+async def get(port: int, path: str = "/") -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def start(cfg: Path, backend: FakeBackend):  # type: ignore[no-untyped-def]
+    sock = listen_socket(Address("127.0.0.1", 0), False)
+    port = sock.getsockname()[1]
+    rt = await build_runtime(load(cfg), [sock], admin=False, backends={"h": backend})
+    return rt, port
+
+
+def test_failing_health_checks_replace_an_instance(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, ROUTE.format(name="site", path="/", interval="200ms"))
+    behaviour = FakeBehaviour()
+    backend = FakeBackend(behaviour)
+
+    async def scenario() -> None:
+        rt, port = await start(cfg, backend)
+        try:
+            status, body = await get(port)
+            assert status == 200
+            first = backend.started[0]
+            assert first.encode() in body
+            behaviour.never_ready = True  # the instance now answers 503 to everything
+            for _ in range(50):
+                await asyncio.sleep(0.1)
+                if first in backend.stopped:
+                    break
+            assert first in backend.stopped, "an unhealthy instance was not evicted"
+            behaviour.never_ready = False
+            status, body = await get(port)
+            assert status == 200 and backend.started[-1] != first
+        finally:
+            await drain(rt, 1.0)
+
+    uvloop.run(scenario())
+
+
+def test_killed_instance_under_get_load_loses_no_request(tmp_path: Path) -> None:
+    routes = ROUTE.format(name="site", path="/", interval="0") + 'min_replicas = 2\n'
+    cfg = write_config(tmp_path, routes)
+    backend = FakeBackend()
+
+    async def scenario() -> None:
+        rt, port = await start(cfg, backend)
+        try:
+            for _ in range(50):
+                if len(backend.running) >= 2:
+                    break
+                await asyncio.sleep(0.1)
+            statuses: list[int] = []
+
+            async def client() -> None:
+                for _ in range(40):
+                    statuses.append((await get(port))[0])
+
+            load = [asyncio.create_task(client()) for _ in range(8)]
+            await asyncio.sleep(0.2)
+            backend.kill(next(iter(backend.running)))
+            await asyncio.gather(*load)
+            assert statuses.count(200) == len(statuses) == 320, sorted(set(statuses))
+        finally:
+            await drain(rt, 1.0)
+
+    uvloop.run(scenario())
+
+
+def test_invalid_reload_keeps_the_old_config_serving(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, ROUTE.format(name="site", path="/", interval="0"))
+    backend = FakeBackend()
+
+    async def scenario() -> None:
+        rt, port = await start(cfg, backend)
+        try:
+            assert (await get(port))[0] == 200
+            good = cfg.read_text()
+            cfg.write_text(good + "\n[[route]]\nname = 3\n")
+            ok, errors = await reload(rt)
+            assert not ok and errors and "summon.toml" in errors[0]
+            assert (await get(port))[0] == 200
+            # a valid reload adding a route: the running instance of the unchanged route stays
+            cfg.write_text(good + ROUTE.format(name="other", path="/other", interval="0"))
+            running = set(backend.running)
+            ok, errors = await reload(rt)
+            assert ok, errors
+            assert (await get(port, "/other"))[0] == 200
+            assert running <= set(backend.running)
+        finally:
+            await drain(rt, 1.0)
+
+    uvloop.run(scenario())
