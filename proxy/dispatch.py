@@ -41,7 +41,8 @@ def hash_key(route: Route, head: RequestHead, client_ip: str) -> str:
 class Pool(Protocol):
     route: Route
 
-    def acquire(self, head: RequestHead, client_ip: str, region: str | None) -> Lease | asyncio.Future[Lease]: ...
+    def acquire(self, head: RequestHead, client_ip: str, region: str | None,
+                avoid: Lease | None = None) -> Lease | asyncio.Future[Lease]: ...
 
 
 class StaticLease:
@@ -67,9 +68,9 @@ class StaticPool:
             self.addresses[str(addr)] = addr
             self.balancer.add(str(addr))
 
-    def acquire(self, head: RequestHead, client_ip: str, region: str | None) -> Lease:
+    def acquire(self, head: RequestHead, client_ip: str, region: str | None, avoid: Lease | None = None) -> Lease:
         key = client_ip if len(self.addresses) == 1 else hash_key(self.route, head, client_ip)
-        node = self.balancer.pick(key)
+        node = self.balancer.pick(key, exclude=getattr(avoid, "node", None))
         assert node is not None
         self.balancer.acquire(node)
         return StaticLease(self, node, self.addresses[node])
@@ -85,11 +86,12 @@ class Dispatcher:
     def lookup(self, head: RequestHead) -> Route:
         return self.table.lookup(head.host, head.path)
 
-    def acquire(self, route: Route, head: RequestHead, client_ip: str, region: str | None) -> Lease | asyncio.Future[Lease]:
+    def acquire(self, route: Route, head: RequestHead, client_ip: str, region: str | None,
+                avoid: Lease | None = None) -> Lease | asyncio.Future[Lease]:
         pool = self.pools.get(route.name)
         if pool is None:
             pool = self.pools[route.name] = self.pool_for(route)
-        return pool.acquire(head, client_ip, region)
+        return pool.acquire(head, client_ip, region, avoid)
 
     def observe(self, exchange: Exchange) -> None:
         for fn in self.observers:

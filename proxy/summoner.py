@@ -51,12 +51,14 @@ class SummonedPool:
         self.summoner = summoner
         self.route = route
 
-    def acquire(self, head: RequestHead, client_ip: str, region: str | None) -> Lease | asyncio.Future[Lease]:
+    def acquire(self, head: RequestHead, client_ip: str, region: str | None,
+                avoid: Lease | None = None) -> Lease | asyncio.Future[Lease]:
         s = self.summoner
         s.request_seq += 1
         rid = s.request_seq
         key = hash_key(self.route, head, client_ip)
-        commands = s.fleet.request_arrived(self.route.name, rid, key, s.region_of(client_ip, region), s.now())
+        commands = s.fleet.request_arrived(self.route.name, rid, key, s.region_of(client_ip, region), s.now(),
+                                           getattr(avoid, "instance_id", None))
         if len(commands) == 1:
             cmd = commands[0]
             if isinstance(cmd, Forward) and cmd.request_id == rid:

@@ -55,8 +55,9 @@ class BoundedLoadBalancer:
         n = len(self.load)
         return max(1, math.ceil(self.factor * (self.total + 1) / n)) if n else 0
 
-    def pick(self, key: str, preferred: Callable[[str], bool] | None = None) -> str | None:
-        """The replica for `key`, or None when there is no replica at all."""
+    def pick(self, key: str, preferred: Callable[[str], bool] | None = None, exclude: str | None = None) -> str | None:
+        """The replica for `key`, or None when there is no replica at all. `exclude`
+        (a replica that just failed this request) is taken only if it is the last one."""
         load = self.load
         if not load:
             return None
@@ -65,10 +66,10 @@ class BoundedLoadBalancer:
         bound = self.bound()
         if preferred is not None:
             for node in self._walk(key):
-                if preferred(node) and load[node] < bound:
+                if node != exclude and preferred(node) and load[node] < bound:
                     return node
         for node in self._walk(key):
-            if load[node] < bound:
+            if node != exclude and load[node] < bound:
                 return node
         return self.ring.get_node(key)  # unreachable: the bound admits at least one node
 

@@ -194,11 +194,13 @@ class Fleet:
 
     # --- facts ------------------------------------------------------------------------
 
-    def request_arrived(self, route: str, request_id: int, key: str, region: str | None, now: float) -> list[Command]:
+    def request_arrived(self, route: str, request_id: int, key: str, region: str | None, now: float,
+                        avoid: str | None = None) -> list[Command]:
+        """`avoid`: an instance this request just failed on (a retry goes elsewhere if it can)."""
         pool = self.pools[route]
         region = region or self.default_region
         if pool.balancer.load:
-            inst_id = self._pick(pool, key, region)
+            inst_id = self._pick(pool, key, region, avoid)
             inst = self.instances[inst_id]
             self._assign(pool, inst, now, region)
             if inst.first_request_at is None:
@@ -474,11 +476,11 @@ class Fleet:
         running = sum(now - max(i.summoned_at, horizon) for i in self.instances.values() if i.state in LIVE)
         return closed + running
 
-    def _pick(self, pool: PoolState, key: str, region: str) -> str:
+    def _pick(self, pool: PoolState, key: str, region: str, avoid: str | None = None) -> str:
         if len(pool.balancer.load) == 1:
             return next(iter(pool.balancer.load))
         instances = self.instances
-        node = pool.balancer.pick(key, lambda n: instances[n].region == region)
+        node = pool.balancer.pick(key, lambda n: instances[n].region == region, exclude=avoid)
         assert node is not None
         return node
 

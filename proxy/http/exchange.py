@@ -8,7 +8,8 @@ callbacks from the upstream connection stream back the same way. Flow control is
 symmetric: a full upstream pauses client reads, a full client pauses upstream reads.
 
 Retry rule (DESIGN edge rules): a failure before any response byte is retried once,
-on a fresh connection, when nothing of the body has been sent or there is no body.
+on a fresh connection, when the method is idempotent and nothing of the body has been
+sent (or there is no body). Connect failures never reach the replica and are not retried.
 """
 
 from __future__ import annotations
@@ -77,13 +78,14 @@ class Exchange:
 
     # --- getting a replica ---------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, avoid: Lease | None = None) -> None:
         state = self.client.state
         if self.error is not None or self.route is None:
             self.fail(self.error or Unavailable("no route"))
             return
         try:
-            got = state.dispatcher.acquire(self.route, self.head, self.client.peer_ip, self.client.region(self.head))
+            got = state.dispatcher.acquire(self.route, self.head, self.client.peer_ip, self.client.region(self.head),
+                                           avoid)
         except SummonError as exc:
             self.fail(exc)
             return
@@ -116,6 +118,11 @@ class Exchange:
 
     def _connected(self, got: UpstreamConnection | Exception) -> None:
         if isinstance(got, Exception):
+            if not self.finished and self.retries < 1 and self.lease is not None:
+                # nothing of the request reached that replica: try another one
+                self.retries += 1
+                self._retry_elsewhere()
+                return
             self._release_lease(False)
             if not self.finished:
                 self.fail(got if isinstance(got, SummonError) else BadGateway(str(got)))
@@ -194,16 +201,18 @@ class Exchange:
         self.response_deadline = None
         if self.finished:
             return
+        if framing == "tunnel" and self.head.upgrade is None:
+            # checked before anything is sent, so the client still gets a clean 502
+            raise BadGateway("upstream switched protocols without being asked")
         self.response_started = True
         self.status = status
         client_http11 = self.head.version == "1.1"
         keep = self.keep_alive and not self.client.state.draining
         line = b""
         if framing == "tunnel":
-            if self.head.upgrade is None:
-                raise BadGateway("upstream switched protocols without being asked")
             self.tunnel = True
             self.client_framing = "tunnel"
+            keep = False  # the client connection ends with the tunnel
         elif framing == "none":
             self.client_framing = "none"
             if self.method == "HEAD" or status == 304:
@@ -227,7 +236,8 @@ class Exchange:
             keep = False  # the client may already be speaking the new protocol
         self.keep_alive = keep
         self.client.write(
-            response_head(status, reason, headers, self.client.state.via, line, keep, tunnel=self.tunnel)
+            response_head(status, reason, headers, self.client.state.via, line, keep, tunnel=self.tunnel,
+                          http10=not client_http11)
         )
         if self.tunnel:
             self.client.start_tunnel(self)
@@ -262,20 +272,17 @@ class Exchange:
         if self.finished:
             return
         conn, self.upstream = self.upstream, None
-        reused = conn is not None and conn.reused
         if conn is not None:
             conn.close()
         self.attached = False
-        if not got_bytes and not self.response_started and self.retries < 1 and not self.body_sent:
-            # Nothing of the response reached us and no body byte left: safe to retry,
-            # on a fresh connection (a reused one may just have hit the keep-alive race).
+        if (not got_bytes and not self.response_started and self.retries < 1 and not self.body_sent
+                and self.head.idempotent):
+            # Nothing of the response reached us, no body byte left and the method is
+            # idempotent (the head did reach the replica, which may have acted on it):
+            # safe to retry, on a fresh connection (a reused one may just have hit the
+            # keep-alive race).
             self.retries += 1
-            if reused and self.lease is not None and self.route is not None:
-                upstreams = self.client.state.upstreams
-                upstreams.request(self.lease.address, self.route.max_conns, self._connected)
-                return
-            self._release_lease(False)
-            self.start()
+            self._retry_elsewhere()
             return
         self._release_lease(False)
         if self.response_started:
@@ -283,6 +290,14 @@ class Exchange:
             self.client.abort()  # the client must see a truncated response, not a clean one
             return
         self.fail(exc if isinstance(exc, SummonError) else BadGateway(str(exc)))
+
+    def _retry_elsewhere(self) -> None:
+        """Ask for a replica again, avoiding the one that failed (unless it is the only
+        one: then a fresh connection to it, which also covers the keep-alive race)."""
+        failed, self.lease = self.lease, None
+        if failed is not None:
+            failed.release(False)
+        self.start(avoid=failed)
 
     def upstream_write_paused(self, paused: bool) -> None:
         self.client.set_reading_for_body(not paused)

@@ -24,7 +24,16 @@ from typing import TYPE_CHECKING, Protocol, cast
 import httptools
 
 from ..config import ProxySettings, Route
-from ..errors import BadRequest, ClientError, HeadersTooLarge, NotFound, RequestTimeout, SummonError, Unavailable
+from ..errors import (
+    BadRequest,
+    ClientError,
+    HeadersTooLarge,
+    NotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+    SummonError,
+    Unavailable,
+)
 from .exchange import Exchange, Lease
 from .message import RequestHead, client_trusted, parse_head
 from .responses import error_response
@@ -41,7 +50,8 @@ class Dispatcher(Protocol):
 
     def lookup(self, head: RequestHead) -> Route: ...
 
-    def acquire(self, route: Route, head: RequestHead, client_ip: str, region: str | None) -> Lease | asyncio.Future[Lease]: ...
+    def acquire(self, route: Route, head: RequestHead, client_ip: str, region: str | None,
+                avoid: Lease | None = None) -> Lease | asyncio.Future[Lease]: ...
 
     def observe(self, exchange: Exchange) -> None:
         """Called once per finished request (metrics)."""
@@ -94,6 +104,7 @@ class ClientConnection(asyncio.Protocol):
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_bytes = 0
+        self.head_size = 0  # parsed bytes of the current head (a whole head can come in one read)
         self.in_head = True  # between requests or inside a head
         self.head_started = False
         self.incoming: Exchange | None = None  # the exchange whose body is being read
@@ -198,6 +209,8 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         # Half-close from the client: keep answering what it sent (RFC 9112 9.6 allows
         # closing, but pipelining clients such as wrk expect their answers).
+        if self.tunnel is not None:
+            return False  # a tunnel ends with the client: close, and connection_lost closes the upstream
         if self.active is None and not self.pending and self.incoming is None:
             return False
         return True
@@ -207,11 +220,13 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.url = b""
         self.headers = []
+        self.head_size = 0
         self.in_head = True
         self.head_started = True
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+        self.head_size += len(url)
         if len(self.url) > self.cfg.max_header_bytes:
             raise HeadersTooLarge("request target too long")
 
@@ -221,6 +236,10 @@ class ClientConnection(asyncio.Protocol):
         self.headers.append((name, value))
         if len(self.headers) > self.cfg.max_header_count:
             raise HeadersTooLarge(f"more than {self.cfg.max_header_count} header fields")
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > self.cfg.max_header_bytes:
+            # data_received only sees heads that span reads; one read can hold a whole head
+            raise HeadersTooLarge(f"request head over {self.cfg.max_header_bytes} bytes")
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -232,6 +251,10 @@ class ClientConnection(asyncio.Protocol):
         if version not in ("1.1", "1.0"):
             raise BadRequest(f"unsupported HTTP version {version}")
         head = parse_head(method, self.url, version, self.headers, p.should_keep_alive(), self.cfg.max_header_count)
+        if head.content_length is not None and head.content_length > self.cfg.max_body_bytes:
+            # known from the head: refuse before anything is forwarded (chunked bodies
+            # are counted as they stream, in Exchange.client_body)
+            raise PayloadTooLarge(f"body over {self.cfg.max_body_bytes} bytes")
         if self.state.draining:
             head = replace(head, keep_alive=False)
         route: Route | None
@@ -252,7 +275,7 @@ class ClientConnection(asyncio.Protocol):
             ex.keep_alive = False
         if self.active is None:
             self.active = ex
-            ex.start()
+            self._start_soon(ex)
         else:
             self.pending.append(ex)
             self._set_reading("pipeline", False)
@@ -292,15 +315,16 @@ class ClientConnection(asyncio.Protocol):
     def _advance(self) -> None:
         self.active = None
         self.requests_served += 1
-        if self.deferred_error is not None:
-            self._client_error(self.deferred_error)
-            return
         if self.pending:
+            # Well-formed requests parsed before a bad one are answered first, in order.
             nxt = self.pending.popleft()
             self.active = nxt
             if not self.pending:
                 self._set_reading("pipeline", True)
-            nxt.start()
+            self._start_soon(nxt)
+            return
+        if self.deferred_error is not None:
+            self._client_error(self.deferred_error)
             return
         if self.closing:
             return
@@ -309,6 +333,16 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.incoming is None:
             self._arm(self.cfg.keepalive_timeout_s, self._on_idle)
+
+    def _start_soon(self, ex: Exchange) -> None:
+        """Start forwarding once the parser has consumed everything already read: a
+        framing error later in the same read (a bad chunk after a valid head) then
+        kills the request before a single byte of it reaches the upstream."""
+        self.state.loop.call_soon(self._start_now, ex)
+
+    def _start_now(self, ex: Exchange) -> None:
+        if not ex.finished and not self.closing and ex is self.active:
+            ex.start()
 
     def _done_counting(self, ex: Exchange) -> None:
         if ex.counted:
@@ -368,6 +402,12 @@ class ClientConnection(asyncio.Protocol):
             return
         self.closing = True
         self._disarm()
+        # Drop the request now, not at connection_lost: a connect to the upstream that
+        # completes in between must find the exchange finished and send nothing.
+        for ex in (self.active, self.incoming, *self.pending):
+            if ex is not None:
+                ex.client_closed()
+                self._done_counting(ex)
         self.write(error_response(exc))
         if self.transport is not None:
             self.transport.close()

@@ -228,6 +228,7 @@ def response_head(
     framing: bytes,
     keep_alive: bool,
     tunnel: bool = False,
+    http10: bool = False,
 ) -> bytes:
     """The response head sent to the client. `framing` is the header line (with CRLF)
     that declares the body as we will send it, or b"" for bodiless responses."""
@@ -244,5 +245,7 @@ def response_head(
         lines.append(b"Connection: upgrade\r\n")
     elif not keep_alive:
         lines.append(b"Connection: close\r\n")
+    elif http10:
+        lines.append(b"Connection: keep-alive\r\n")  # HTTP/1.0 persists only when told (RFC 9112 9.3)
     lines.append(b"\r\n")
     return b"".join(lines)

@@ -175,6 +175,8 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if not self.head_done:
             return  # end of an informational response
+        if self.tunnel:
+            return  # a 101 "ends" at its head; the tunnel lasts until one side closes
         if not self.done:
             self._complete()
 

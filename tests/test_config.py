@@ -1,0 +1,323 @@
+"""The `summon check` contract: exit 0 for a valid config; exit 2 and one
+`file:line: message` line per problem, naming the key, for a bad one."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.config import Address, load, parse_duration, parse_size
+from proxy.errors import ConfigError
+
+SUMMON = Path(sys.executable).with_name("summon")
+
+VALID = """\
+include = ["routes/*.toml"]
+
+[proxy]
+listen = ["127.0.0.1:18080", "127.0.0.1:18090"]
+admin = "127.0.0.1:18081"
+trusted_proxies = ["10.0.0.0/8"]
+header_timeout = "500ms"
+keepalive_timeout = 30
+max_body_bytes = "1MiB"
+
+[limits]
+max_instances = 4
+
+[[region]]
+name = "local"
+cidrs = ["127.0.0.0/8"]
+
+[[host]]
+name = "box"
+region = "local"
+backend = "fake"
+
+[[route]]
+name = "api"
+host = "api.example.com"
+path = "/api"
+upstreams = ["127.0.0.1:9001", "127.0.0.1:9002"]
+
+[[route]]
+url = "/health"
+upstreams = "127.0.0.1:9003"
+"""
+
+ROUTES = """\
+# extra routes
+[[route]]
+name = "blog"
+host = "*.example.com"
+path = "/blog"
+upstreams = ["127.0.0.1:9004"]
+"""
+
+
+def write(tmp_path: Path, main: str, routes: str | None = ROUTES) -> Path:
+    (tmp_path / "routes").mkdir(exist_ok=True)
+    if routes is not None:
+        (tmp_path / "routes" / "extra.toml").write_text(routes)
+    path = tmp_path / "summon.toml"
+    path.write_text(main)
+    return path
+
+
+def problems(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    return [str(p) for p in info.value.problems]
+
+
+def line_of(path: Path, needle: str) -> int:
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if needle in line:
+            return n
+    raise AssertionError(f"{needle!r} not in {path}")
+
+
+def check(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(SUMMON), "check", "-c", str(path)], capture_output=True, text=True, timeout=30)
+
+
+# --- valid --------------------------------------------------------------------------
+
+
+def test_valid_config_loads(tmp_path):
+    cfg = load(write(tmp_path, VALID))
+    assert cfg.proxy.listen == (Address("127.0.0.1", 18080), Address("127.0.0.1", 18090))
+    assert cfg.proxy.header_timeout_s == 0.5 and cfg.proxy.keepalive_timeout_s == 30.0
+    assert cfg.proxy.max_body_bytes == 1024 * 1024
+    names = [r.name for r in cfg.routes]
+    assert names == ["api", "*/health", "blog"]
+    blog = cfg.routes[2]
+    assert blog.source.startswith(str(tmp_path / "routes" / "extra.toml"))
+    assert cfg.routes[1].upstreams == (Address("127.0.0.1", 9003),)
+
+
+def test_cli_check_valid_exits_0(tmp_path):
+    path = write(tmp_path, VALID)
+    res = check(path)
+    assert res.returncode == 0, res.stderr
+    assert "ok" in res.stdout and "3 routes" in res.stdout
+    assert res.stderr == ""
+
+
+def test_repo_example_config_is_valid():
+    root = Path(__file__).resolve().parent.parent
+    res = check(root / "summon.toml")
+    assert res.returncode == 0, res.stderr
+
+
+# --- each problem names file, line and key ---------------------------------------------
+
+
+def test_unknown_key(tmp_path):
+    path = write(tmp_path, VALID.replace('header_timeout = "500ms"', 'header_timeout = "500ms"\nheader_timout = "1s"'))
+    assert problems(path) == [
+        f"{path}:{line_of(path, 'header_timout')}: [proxy]: unknown key 'header_timout' (known: "
+        + ", ".join(sorted(["listen", "admin", "admin_token", "workers", "trusted_proxies", "max_header_bytes",
+                            "max_header_count", "header_timeout", "keepalive_timeout", "body_timeout",
+                            "max_body_bytes", "max_connections", "max_inflight", "connect_timeout",
+                            "upstream_timeout", "upstream_idle_timeout", "upstream_pool_size", "drain_timeout",
+                            "server_name"])) + ")"
+    ]
+
+
+def test_unknown_route_key_in_included_file(tmp_path):
+    path = write(tmp_path, VALID, ROUTES.replace('path = "/blog"', 'path = "/blog"\nreplicas = 3'))
+    inc = tmp_path / "routes" / "extra.toml"
+    (msg,) = problems(path)
+    assert msg.startswith(f"{inc}:{line_of(inc, 'replicas')}: [[route]]: unknown key 'replicas'")
+
+
+def test_unknown_top_level_key(tmp_path):
+    path = write(tmp_path, VALID + "\n[proxyy]\nlisten = \"127.0.0.1:1\"\n")
+    (msg,) = problems(path)
+    assert msg.startswith(f"{path}:{line_of(path, '[proxyy]')}: unknown top-level key 'proxyy'")
+
+
+@pytest.mark.parametrize("line,key,fragment", [
+    ('max_connections = "lots"', "max_connections", "expected a whole number"),
+    ("max_connections = -1", "max_connections", "expected a whole number"),
+    ("max_connections = true", "max_connections", "expected a whole number"),
+    ("listen = 8080", "listen", "expected a list of strings"),
+    ('listen = "localhost"', "listen", "not HOST:PORT"),
+    ('listen = "127.0.0.1:99999"', "listen", "not HOST:PORT"),
+    ("trusted_proxies = \"10.0.0.0/8\"", "trusted_proxies", "expected a list of strings"),
+    ('server_name = 5', "server_name", "expected a string"),
+    ('max_body_bytes = "lots"', "max_body_bytes", "not a size"),
+])
+def test_wrong_type(tmp_path, line, key, fragment):
+    lines = VALID.splitlines()
+    at = next((i for i, text in enumerate(lines) if text.startswith(f"{key} =")), None)
+    if at is None:
+        at = lines.index('max_body_bytes = "1MiB"')
+    lines[at] = line
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    (msg,) = problems(path)
+    m = re.match(r"^(.+):(\d+): (.*)$", msg)
+    assert m, msg
+    assert m.group(1) == str(path) and int(m.group(2)) == line_of(path, line)
+    assert f"[proxy].{key}:" in m.group(3) and fragment in m.group(3)
+
+
+@pytest.mark.parametrize("value", ['"10 parsecs"', '"5 m s"', '"-1s"', "-3", '"s"', '""', "true", '"1.5.2s"'])
+def test_bad_duration(tmp_path, value):
+    path = write(tmp_path, VALID.replace('header_timeout = "500ms"', f"header_timeout = {value}"))
+    (msg,) = problems(path)
+    assert msg.startswith(f"{path}:{line_of(path, 'header_timeout')}: [proxy].header_timeout: ")
+
+
+def test_duplicate_route_across_included_file(tmp_path):
+    dup = ROUTES + '\n[[route]]\nname = "api-again"\nhost = "api.example.com"\npath = "/api"\nupstreams = ["127.0.0.1:1"]\n'
+    path = write(tmp_path, VALID, dup)
+    inc = tmp_path / "routes" / "extra.toml"
+    (msg,) = problems(path)
+    assert msg.startswith(f"{inc}:{line_of(inc, 'api-again') - 1}: duplicate route api.example.com path /api (first at ")
+    assert f"first at {path}" in msg  # the earlier route's place in the main file
+
+
+def test_duplicate_route_name(tmp_path):
+    dup = ROUTES.replace('name = "blog"', 'name = "api"')
+    path = write(tmp_path, VALID, dup)
+    inc = tmp_path / "routes" / "extra.toml"
+    (msg,) = problems(path)
+    assert msg.startswith(f"{inc}:{line_of(inc, 'name = ')}: duplicate route name 'api'")
+
+
+@pytest.mark.parametrize("listen,admin", [
+    ('["127.0.0.1:18080", "127.0.0.1:18080"]', '"127.0.0.1:18081"'),
+    ('["0.0.0.0:18080", "127.0.0.1:18080"]', '"127.0.0.1:18081"'),
+    ('["127.0.0.1:18080"]', '"127.0.0.1:18080"'),
+    ('["[::]:18080"]', '"127.0.0.1:18080"'),
+])
+def test_overlapping_listen_addresses(tmp_path, listen, admin):
+    main = VALID.replace('listen = ["127.0.0.1:18080", "127.0.0.1:18090"]', f"listen = {listen}")
+    main = main.replace('admin = "127.0.0.1:18081"', f"admin = {admin}")
+    path = write(tmp_path, main)
+    (msg,) = problems(path)
+    assert msg.startswith(f"{path}:{line_of(path, 'listen =')}: [proxy]: listen addresses overlap at ")
+    assert "18080" in msg
+
+
+def test_unreadable_include(tmp_path):
+    main = VALID.replace('include = ["routes/*.toml"]', 'include = ["routes/missing.toml", "routes/adir"]')
+    path = write(tmp_path, main)
+    (tmp_path / "routes" / "adir").mkdir()
+    msgs = problems(path)
+    assert len(msgs) == 2
+    for msg, name in zip(msgs, ("missing.toml", "adir"), strict=True):
+        assert msg.startswith(f"{path}:1: cannot read {tmp_path / 'routes' / name}")
+
+
+def test_include_glob_matching_nothing(tmp_path):
+    path = write(tmp_path, VALID.replace('"routes/*.toml"', '"nowhere/*.toml"'))
+    (msg,) = problems(path)
+    assert msg.startswith(f"{path}:1: include: no file matches 'nowhere/*.toml'")
+
+
+def test_included_file_with_syntax_error(tmp_path):
+    path = write(tmp_path, VALID, ROUTES + "\n[[route]\n")
+    inc = tmp_path / "routes" / "extra.toml"
+    (msg,) = problems(path)
+    assert msg.startswith(f"{inc}:{len(inc.read_text().splitlines())}: TOML syntax")
+
+
+def test_included_file_with_other_tables(tmp_path):
+    path = write(tmp_path, VALID, ROUTES + "\n[proxy]\nlisten = \"127.0.0.1:1\"\n")
+    inc = tmp_path / "routes" / "extra.toml"
+    (msg,) = problems(path)
+    assert msg.startswith(f"{inc}:{line_of(inc, '[proxy]')}: a route table may only hold [[route]] entries")
+
+
+def test_route_with_both_path_and_url(tmp_path):
+    path = write(tmp_path, VALID.replace('url = "/health"', 'url = "/health"\npath = "/h"'))
+    (msg,) = problems(path)
+    assert msg == f"{path}:{line_of(path, 'url = ') - 1}: [[route]]: give exactly one of 'path' (prefix) or 'url' (exact)"
+
+
+def test_route_with_neither_path_nor_url(tmp_path):
+    path = write(tmp_path, VALID.replace('url = "/health"\n', ""))
+    (msg,) = problems(path)
+    assert "give exactly one of 'path' (prefix) or 'url' (exact)" in msg
+
+
+def test_route_with_both_image_and_upstreams(tmp_path):
+    path = write(tmp_path, VALID.replace('url = "/health"', 'url = "/health"\nimage = "decks"'))
+    (msg,) = problems(path)
+    assert "give exactly one of 'image' (summoned) or 'upstreams' (static)" in msg
+
+
+def test_min_greater_than_max(tmp_path):
+    path = write(tmp_path, VALID, ROUTES + "min_replicas = 5\nmax_replicas = 2\n")
+    inc = tmp_path / "routes" / "extra.toml"
+    (msg,) = problems(path)
+    assert msg == f"{inc}:{line_of(inc, 'min_replicas')}: [[route]] blog: min_replicas 5 > max_replicas 2"
+
+
+@pytest.mark.parametrize("value", ['"/a/../b"', '"/a/./b"', '"blog"', '"/a%2fb"', '"/a?x=1"'])
+def test_route_path_must_be_normalised(tmp_path, value):
+    path = write(tmp_path, VALID, ROUTES.replace('path = "/blog"', f"path = {value}"))
+    inc = tmp_path / "routes" / "extra.toml"
+    (msg,) = problems(path)
+    assert msg.startswith(f"{inc}:{line_of(inc, 'path = ')}: [[route]].path: ")
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    main = VALID.replace('header_timeout = "500ms"', 'header_timeout = "soon"\nbogus = 1')
+    path = write(tmp_path, main, ROUTES + "min_replicas = 5\nmax_replicas = 2\n")
+    msgs = problems(path)
+    assert len(msgs) == 3
+    assert any("header_timeout" in m for m in msgs) and any("bogus" in m for m in msgs)
+    assert any("min_replicas" in m for m in msgs)
+
+
+# --- the real CLI ---------------------------------------------------------------------
+
+
+def test_cli_check_bad_config_exits_2_with_file_line_messages(tmp_path):
+    main = VALID.replace('header_timeout = "500ms"', 'header_timeout = "10 parsecs"\nheader_timout = "1s"')
+    dup = ROUTES + '\n[[route]]\nhost = "api.example.com"\npath = "/api"\nupstreams = ["127.0.0.1:1"]\n'
+    path = write(tmp_path, main, dup)
+    res = check(path)
+    assert res.returncode == 2
+    assert res.stdout == ""
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 3, res.stderr
+    for line in lines:
+        assert re.match(r"^.+\.toml:\d+: \S", line), line
+    inc = tmp_path / "routes" / "extra.toml"
+    assert lines[0].startswith(f"{path}:{line_of(path, 'header_timeout')}: [proxy].header_timeout:")
+    assert lines[1].startswith(f"{path}:{line_of(path, 'header_timout')}: [proxy]: unknown key 'header_timout'")
+    assert lines[2].startswith(f"{inc}:") and "duplicate route api.example.com path /api" in lines[2]
+
+
+def test_cli_check_min_max_and_missing_file(tmp_path):
+    path = write(tmp_path, VALID, ROUTES + "min_replicas = 3\nmax_replicas = 1\n")
+    res = check(path)
+    assert res.returncode == 2
+    assert "min_replicas 3 > max_replicas 1" in res.stderr and "extra.toml:" in res.stderr
+    res = check(tmp_path / "nope.toml")
+    assert res.returncode == 2
+    assert res.stderr.startswith(f"{tmp_path / 'nope.toml'}:1: cannot read")
+
+
+# --- value parsers ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value,seconds", [("500ms", 0.5), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0),
+                                           ("2d", 172800.0), (7, 7.0), (1.5, 1.5), ("10", 10.0), (" 3 s ", 3.0)])
+def test_parse_duration(value, seconds):
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value,size", [(16384, 16384), ("16k", 16384), ("64MiB", 64 << 20), ("1g", 1 << 30),
+                                        ("10b", 10), ("7", 7)])
+def test_parse_size(value, size):
+    assert parse_size(value) == size
