@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo demo-per-url test test-fast bench lint fuzz clean
+.PHONY: setup demo demo-per-url test test-fast bench loadtest lint fuzz clean
 
 setup:
 	bash scripts/setup.sh
@@ -29,6 +29,13 @@ bench: setup
 
 fuzz: setup
 	$(PY) -m pytest -q tests -k fuzz --hypothesis-profile=deep
+
+# Locust spike: BACKEND=process|libvirt, PROFILE=spike|quick|tiny|libvirt,
+# PROXY=http://127.0.0.1:8080 ADMIN=http://127.0.0.1:8081 to load a running proxy (make demo)
+BACKEND ?= process
+loadtest: setup
+	$(if $(filter libvirt,$(BACKEND)),$(VENV)/bin/summon images build decks)
+	$(PY) loadtests/spike.py --backend $(BACKEND) $(if $(PROFILE),--profile $(PROFILE)) $(if $(PROXY),--proxy $(PROXY)) $(if $(ADMIN),--admin $(ADMIN)) $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

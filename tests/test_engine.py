@@ -179,15 +179,17 @@ def test_scale_out_under_sustained_load_and_back_in() -> None:
         for _ in range(inst.inflight):
             f.request_finished("site", inst.id, True, t)
     stops = []
+    late_boots = []
     for _ in range(400):
         t += 0.1
-        stops += of(Stop, f.tick(t))
-        for s in of(Stop, f.tick(t)):
-            stops.append(s)
+        out = f.tick(t)
+        late_boots += of(Boot, out)
+        stops += of(Stop, out)
         for s in stops:
             if s.instance_id in f.instances:
                 f.instance_stopped(s.instance_id, t)
     assert f.live_count() == 0  # all the way to zero once idle
+    assert late_boots == []  # the averages still remember the load, but nothing boots without demand
 
 
 def test_panic_mode_reacts_to_a_spike_before_the_stable_window() -> None:

@@ -315,6 +315,7 @@ class Fleet:
         if inst.state is not State.STOPPED:
             inst.move("stop")
         self._forget(inst, now, out)
+        self._at_cap = False
         out.extend(self._serve_waiting(now))
         return out
 
@@ -365,7 +366,10 @@ class Fleet:
                                     route.target_concurrency)
         want = max(route.min_replicas, min(route.max_replicas, decision.replicas))
         live = len(ready) + booting
-        if want > live and (booting == 0 or booting < len(ready)):
+        demand_now = pool.concurrency() > 0
+        if want > live and (demand_now or live < route.min_replicas) and (booting == 0 or booting < len(ready)):
+            # (no demand right now: the averages still remember the spike, but a new
+            # replica would only idle out; pools shrink through idle_timeout instead)
             # never faster than the backend boots: at most as many boots in flight as ready replicas
             n = min(want - live, max(1, len(ready)) - booting) if ready else max(0, min(want - live, 1 - booting))
             if live == 0 and route.min_replicas == 0 and not pool.queue:
@@ -393,6 +397,7 @@ class Fleet:
         return max(counts.items(), key=lambda kv: kv[1])[0]
 
     _last_refusal: str | None = None
+    _at_cap: bool = False
 
     def _boot(self, pool: PoolState, region: str, now: float, reason: str, out: list[Command]) -> bool:
         route = pool.route
@@ -403,7 +408,9 @@ class Fleet:
         if self.live_count() >= self.limits.max_instances:
             if not self._reclaim(pool, now, out):
                 self._last_refusal = f"instance cap reached ({self.limits.max_instances})"
-                out.append(Record("cap_reached", route.name, detail={"cap": self.limits.max_instances}))
+                if not self._at_cap:  # recorded once per episode, not every tick
+                    self._at_cap = True
+                    out.append(Record("cap_reached", route.name, detail={"cap": self.limits.max_instances}))
                 return False
             if self.live_count() >= self.limits.max_instances:
                 # the boot happens when the reclaimed instance has stopped (_serve_waiting)
@@ -419,6 +426,8 @@ class Fleet:
             self._last_refusal = "no host has a free slot"
             return False
         pool.reclaim_pending = False
+        if self.live_count() + 1 < self.limits.max_instances:
+            self._at_cap = False
         inst = Instance(self._new_id(route.name), route.name, host.name, host.region, State.BOOTING, now,
                         last_used=now)
         self.instances[inst.id] = inst

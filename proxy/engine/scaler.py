@@ -84,8 +84,12 @@ def desired_replicas(
         reason = f"panic: {panic_avg:.1f} concurrent over {settings.panic_window_s:g}s, target {target}/replica"
     else:
         # the instantaneous figure as well, so a burst is met before the average catches up
-        want = max(want_stable, math.ceil(concurrency / target) if concurrency else 0)
-        reason = f"stable: {stable_avg:.1f} concurrent over {settings.stable_window_s:g}s, target {target}/replica"
+        want_now = math.ceil(concurrency / target) if concurrency else 0
+        want = max(want_stable, want_now)
+        if want_now > want_stable:
+            reason = f"burst: {concurrency} concurrent now, target {target}/replica"
+        else:
+            reason = f"stable: {stable_avg:.1f} concurrent over {settings.stable_window_s:g}s, target {target}/replica"
     if want < ready:
         if state.below_since is None:
             state.below_since = now
