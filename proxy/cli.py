@@ -11,6 +11,7 @@ from .cli_images import add_parsers as add_image_parsers
 from .cli_routes import add_parsers as add_route_parsers
 from .config import load
 from .errors import ConfigError
+from .events import setup_json_logging
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -32,8 +33,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 2
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.log_format == "json":
+        setup_json_logging(args.log_level)  # one JSON object per line on stderr
+    else:
+        logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
     from .server import serve
 
     return serve(config)
@@ -81,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the proxy")
     p.add_argument("-c", "--config", default="summon.toml")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="json", choices=["json", "text"],
+                   help="stderr logs: JSON lines (default, for collectors) or plain text")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("check", help="validate a config: exit 0, or 2 with file:line: message lines")
     p.add_argument("-c", "--config", default="summon.toml")

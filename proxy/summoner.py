@@ -231,7 +231,9 @@ class Summoner:
         level = logging.WARNING if cmd.kind in ("failed", "rejected", "cap_reached", "host_down") else logging.INFO
         if cmd.kind != "rejected" or log.isEnabledFor(logging.DEBUG):
             log.log(level, "%s route=%s instance=%s host=%s %s", cmd.kind, cmd.route, cmd.instance, cmd.host,
-                    cmd.detail or "")
+                    cmd.detail or "", extra={"event": cmd.kind, "route": cmd.route, "instance": cmd.instance,
+                                             "host": cmd.host, "region": cmd.region, "duration_s": cmd.duration_s,
+                                             "detail": cmd.detail})
         if self.events is None:
             return
         self.events.record(Event(

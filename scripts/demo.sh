@@ -44,4 +44,4 @@ cat <<MSG
   Ctrl-C drains and stops every instance.
 
 MSG
-exec $SUMMON serve -c "$config"
+exec $SUMMON serve -c "$config" --log-format text
