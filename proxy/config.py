@@ -81,6 +81,7 @@ class Host:
     uri: str = ""
     slots: int = 8
     arch: str = "x86_64"
+    kvm_probe: bool = True  # libvirt: boot a test guest once to see if KVM really works; false = TCG
 
 
 class Route(NamedTuple):
@@ -174,6 +175,12 @@ def parse_address(value: Any) -> Address:
 def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"expected a whole number >= 0, got {value!r}")
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
     return value
 
 
@@ -281,6 +288,7 @@ _HOST_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "uri": ("uri", _string),
     "slots": ("slots", _positive_int),
     "arch": ("arch", _choice("x86_64", "aarch64")),
+    "kvm_probe": ("kvm_probe", _boolean),
 }
 _ROUTE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "name": ("name", _string),

@@ -67,18 +67,19 @@ class Runtime:
 def make_backends(config: Config) -> dict[str, Backend]:
     """One driver per host; hosts sharing a libvirt URI share its connection."""
     backends: dict[str, Backend] = {}
-    by_uri: dict[str, Backend] = {}
+    by_uri: dict[tuple[str, bool], Backend] = {}
     process: Backend | None = None
     for host in config.hosts:
         if host.backend == "process":
             process = process or ProcessBackend()
             backends[host.name] = process
         elif host.backend == "libvirt":
-            if host.uri not in by_uri:
+            key = (host.uri, host.kvm_probe)
+            if key not in by_uri:
                 from .backends.libvirt import LibvirtBackend
 
-                by_uri[host.uri] = LibvirtBackend(host.uri)
-            backends[host.name] = by_uri[host.uri]
+                by_uri[key] = LibvirtBackend(host.uri, probe_kvm=host.kvm_probe)
+            backends[host.name] = by_uri[key]
         else:
             from .backends.fake import FakeBackend
 

@@ -1,0 +1,138 @@
+"""Real microVMs through `summon serve`: cold request answered by a VM, orphans reaped
+after a SIGKILL, a tampered initrd refused. Slow (TCG boots take seconds); runs in CI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.summon_proc import Summon, http_get
+from tests.test_vm_boot import _missing
+
+REPO = Path(__file__).resolve().parent.parent
+URI = "qemu:///system"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.vm,
+    pytest.mark.timeout(400),
+    pytest.mark.skipif(bool(_missing), reason=f"not installed: {', '.join(_missing)}"),
+]
+
+HOST = f"""
+[[host]]
+name = "vm"
+backend = "libvirt"
+uri = "{URI}"
+slots = 2
+kvm_probe = false
+"""
+
+ROUTE = """
+[[route]]
+name = "decks"
+path = "/"
+image = "decks"
+boot_timeout = "120s"
+idle_timeout = "10m"
+"""
+
+
+@pytest.fixture(scope="module")
+def vm_images() -> Iterator[Path]:
+    """The decks image with a marker only the VM's copy of the site carries."""
+    from proxy.backends.libvirt import libvirt_available, start_libvirt_daemons
+    from proxy.imagebuild import build_image
+
+    if os.geteuid() == 0:
+        start_libvirt_daemons()
+    reason = libvirt_available(URI)
+    assert reason is None, reason
+    root = Path(tempfile.mkdtemp(prefix="summon-vm-e2e-", dir="/var/tmp"))
+    root.chmod(0o755)
+    shutil.copytree(REPO / "images" / "decks", root / "decks", ignore=shutil.ignore_patterns("build"))
+    index = root / "decks" / "site" / "index.html"
+    index.write_text(index.read_text().replace("</body>", "<!-- served-by-microvm --></body>"))
+    from proxy.images import content_digest, read_manifest, write_manifest
+
+    manifest = read_manifest(root / "decks")
+    manifest["targets"]["unix"]["content_sha256"] = content_digest(root / "decks" / "site")
+    write_manifest(root / "decks", manifest)
+    build_image(root / "decks", print)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def summon_domains() -> list[str]:
+    out = subprocess.run(["virsh", "-c", URI, "list", "--name"], capture_output=True, text=True, check=True).stdout
+    return [n for n in out.split() if n.startswith("summon-")]
+
+
+def kinds(db: Path) -> list[str]:
+    with sqlite3.connect(db) as c:
+        return [r[0] for r in c.execute("select kind from events order by id")]
+
+
+def make_summon(tmp: Path, images: Path) -> Summon:
+    s = Summon(tmp, ROUTE)
+    text = s.config.read_text()
+    text = text.replace('dir = "images"', f'dir = "{images}"')
+    text = text.replace('[[host]]\nname = "local"\nbackend = "process"\nslots = 16\n', HOST)
+    s.config.write_text(text)
+    return s
+
+
+def test_cold_request_is_answered_by_a_vm_and_orphans_are_reaped(tmp_path: Path, vm_images: Path) -> None:
+    before = set(summon_domains())
+    s = make_summon(tmp_path, vm_images).start()
+    try:
+        t0 = time.time()
+        status, _, body = http_get(s.port, "/", timeout=150)
+        assert status == 200, body[:300]
+        assert b"served-by-microvm" in body  # only the VM's initramfs has this page
+        print(f"cold request through a booted VM: {time.time() - t0:.1f}s")
+        mine = set(summon_domains()) - before
+        assert len(mine) == 1, "virsh list should show the summoned VM"
+    finally:
+        s.stop(signal.SIGKILL)  # no drain: the VM outlives summon
+    assert mine <= set(summon_domains()), "the domain should still be running after SIGKILL"
+    (tmp_path / "again").mkdir()
+    s2 = make_summon(tmp_path / "again", vm_images).start()
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and mine & set(summon_domains()):
+            time.sleep(0.5)
+        assert not mine & set(summon_domains()), "a restarted summon must reap the orphan domain"
+    finally:
+        s2.stop()
+    assert "reaped" in kinds(s2.events)
+
+
+def test_tampered_initrd_is_refused_with_a_clear_message(tmp_path: Path, vm_images: Path) -> None:
+    tampered = Path(tempfile.mkdtemp(prefix="summon-vm-tamper-", dir="/var/tmp"))
+    try:
+        tampered.chmod(0o755)
+        shutil.copytree(vm_images / "decks", tampered / "decks")
+        initrd = tampered / "decks" / "build" / "initrd.cpio.gz"
+        with initrd.open("ab") as f:
+            f.write(b"\0")
+        s = make_summon(tmp_path, tampered).start()
+        try:
+            status, headers, body = http_get(s.port, "/", timeout=60)
+            assert status == 503 and int(headers["retry-after"]) >= 1
+            assert b"does not match its digest" in body and b"initrd" in body
+        finally:
+            s.stop()
+        assert "failed" in kinds(s.events)
+        assert not summon_domains() or all("tamper" not in d for d in summon_domains())
+    finally:
+        shutil.rmtree(tampered, ignore_errors=True)
