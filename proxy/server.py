@@ -5,6 +5,21 @@ dispatcher with a pool per route, the upstream connection pool, the listening so
 (SO_REUSEPORT, so `workers = N` processes each accept on the same port), and the admin
 server. SIGTERM/SIGINT drain (stop accepting, let in-flight requests finish up to
 `drain_timeout`, stop instances); a second signal forces the exit. SIGHUP reloads.
+
+Drain, step by step (`drain()`):
+1. `state.draining`: every request still read is answered with `Connection: close`.
+2. The listeners stop accepting. Connections the kernel had already completed (the
+   listen backlog) are accepted one last time and answered `503 + Retry-After` before
+   a byte of them is read, with a lingering close, so none of them is reset.
+3. Idle keep-alive connections get a short grace (a request already on its way is
+   answered, with `Connection: close`), then are closed.
+4. In-flight requests, also those waiting for a boot, finish up to `drain_timeout`; a
+   second SIGTERM/SIGINT cuts this short (a third exits at once).
+5. Whatever is left is aborted; every instance summon started is stopped.
+
+Reload (`reload()`): the file is read and validated off the event loop; if invalid, the
+old config keeps serving and the problems are logged, recorded and returned; if valid,
+the swap happens in one step on the loop: a request sees the old table or the new one.
 """
 
 from __future__ import annotations
@@ -25,9 +40,10 @@ from .backends.base import Backend
 from .backends.process import ProcessBackend
 from .config import Address, Config, Route, load
 from .dispatch import Dispatcher, Pool, StaticPool
-from .errors import ConfigError
+from .errors import ConfigError, Unavailable
 from .events import Event, EventLog, json_line
 from .http.front import ClientConnection, ServerState
+from .http.responses import error_response
 from .http.upstream import UpstreamPool
 from .metrics import Metrics
 from .routes import RouteTable
@@ -61,7 +77,13 @@ class Runtime:
     metrics: Metrics | None = None
     admin: AdminServer | None = None
     servers: list[asyncio.AbstractServer] = field(default_factory=list)
+    # A duplicate of each listening socket: after the servers stop accepting it keeps the
+    # kernel's backlog alive, so drain can answer those connections instead of resetting them.
+    listeners: list[socket.socket] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    forced: asyncio.Event = field(default_factory=asyncio.Event)  # second signal: stop waiting
+    reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    draining: bool = False
 
 
 def make_backends(config: Config) -> dict[str, Backend]:
@@ -135,6 +157,7 @@ async def build_runtime(config: Config, sockets: list[socket.socket], admin: boo
         rt.summoner.listeners.append(metrics.command)
     state.start_sweeping()
     for sock in sockets:
+        rt.listeners.append(sock.dup())
         server = await loop.create_server(lambda: ClientConnection(state), sock=sock, backlog=4096)
         rt.servers.append(server)
     if admin and p.admin is not None:
@@ -156,6 +179,8 @@ def status_of(rt: Runtime) -> dict[str, Any]:
     snap["totals"]["connections"] = len(rt.state.connections)
     snap["totals"]["inflight"] = rt.state.inflight
     snap["totals"]["routes"] = len(rt.config.routes)
+    snap["totals"]["draining"] = rt.draining
+    snap["totals"]["refused_connections"] = rt.state.refused_connections
     return snap
 
 
@@ -167,59 +192,154 @@ def events_of(rt: Runtime, n: int, route: str | None) -> list[str]:
     return [json_line(e) for e in events]
 
 
+# Settings read once at start: a reload that changes them says so instead of ignoring it.
+_RESTART_ONLY_PROXY = ("listen", "admin", "admin_token", "workers", "upstream_pool_size", "upstream_idle_s",
+                       "connect_timeout_s")
+
+
 async def reload(rt: Runtime) -> tuple[bool, list[str]]:
-    """Validate the config file again and swap atomically; on error keep the old one."""
-    try:
-        new = load(rt.config.path)
-    except ConfigError as exc:
-        messages = [str(p) for p in exc.problems]
-        for m in messages:
-            log.error("reload refused: %s", m)
-        if rt.events is not None:
-            rt.events.record(Event(kind="reload", detail={"ok": False, "errors": messages[:20]}))
-        return False, messages
-    if rt.summoner is None and any(r.summoned for r in new.routes):
-        return False, ["reload cannot add the first summoned route: restart summon"]
-    old_routes = {r.name: r for r in rt.config.routes}
+    """Validate the config file again and swap atomically; on error keep the old one.
+
+    Returns (ok, messages): the problems when refused; when applied, notes about
+    settings that only take effect after a restart (empty when there are none)."""
+    async with rt.reload_lock:  # two SIGHUPs in a row: one reload after the other
+        if rt.draining:
+            return False, ["summon is draining: reload refused"]
+        try:
+            # Off the loop: a large route table takes a while to parse, and requests keep flowing.
+            new = await asyncio.to_thread(load, rt.config.path)
+        except ConfigError as exc:
+            return _refused(rt, [str(p) for p in exc.problems])
+        except Exception as exc:  # noqa: BLE001 - a loader bug must not take the proxy down
+            log.exception("reload: the config loader failed")
+            return _refused(rt, [f"{rt.config.path}: the config could not be loaded: {type(exc).__name__}: {exc}"])
+        if rt.summoner is None and any(r.summoned for r in new.routes):
+            return _refused(rt, [f"{new.path}: reload cannot add the first summoned route: restart summon"])
+        return True, _swap(rt, new)
+
+
+def _refused(rt: Runtime, messages: list[str]) -> tuple[bool, list[str]]:
+    for m in messages:
+        log.error("reload refused: %s", m)
+    if rt.events is not None:
+        rt.events.record(Event(kind="reload", detail={"ok": False, "errors": messages[:20]}))
+    return False, messages
+
+
+def _swap(rt: Runtime, new: Config) -> list[str]:
+    """Install a validated config. Synchronous, so no request runs halfway through it."""
+    old = rt.config
+    notes = [f"{new.path}: [proxy] {name} changed: takes effect after a restart"
+             for name in _RESTART_ONLY_PROXY if getattr(old.proxy, name) != getattr(new.proxy, name)]
+    if rt.summoner is not None and (old.hosts != new.hosts or old.regions != new.regions
+                                    or old.limits != new.limits or old.images_dir != new.images_dir):
+        notes.append(f"{new.path}: [[host]], [[region]], [limits] or [images] changed: take effect after a restart")
+    old_routes = {r.name: r for r in old.routes}
     table = RouteTable(new.routes)
     if rt.summoner is not None:
-        rt.summoner.set_routes(new.routes)
+        rt.summoner.set_routes(new.routes)  # removed routes drain; unchanged ones keep their instances
     # pools of unchanged routes keep their state; changed or removed ones are rebuilt lazily
     for name in list(rt.dispatcher.pools):
         if old_routes.get(name) != table.by_name.get(name):
             del rt.dispatcher.pools[name]
     rt.dispatcher.table = table  # one reference swap: a request sees the old or the new table
+    # Limits and timeouts apply to connections accepted from now on.
+    live = {name: getattr(old.proxy, name) for name in _RESTART_ONLY_PROXY}
+    rt.state.config = dataclasses.replace(new.proxy, **live)
     rt.config = new
     changed = sum(1 for r in new.routes if old_routes.get(r.name) != r)
-    log.info("reloaded %s: %d routes, %d new or changed", new.path, len(new.routes), changed)
+    removed = sum(1 for name in old_routes if name not in table.by_name)
+    log.info("reloaded %s: %d routes, %d new or changed, %d removed", new.path, len(new.routes), changed, removed)
+    for note in notes:
+        log.warning("reload: %s", note)
     if rt.events is not None:
-        rt.events.record(Event(kind="reload", detail={"ok": True, "routes": len(new.routes), "changed": changed}))
-    return True, []
+        rt.events.record(Event(kind="reload", detail={"ok": True, "routes": len(new.routes), "changed": changed,
+                                                      "removed": removed, "notes": notes}))
+    return notes
+
+
+_DRAINING_503 = error_response(Unavailable("shutting down", retry_after_s=1), close=True)
+
+
+async def _refuse(loop: asyncio.AbstractEventLoop, conn: socket.socket, linger_s: float = 1.0) -> None:
+    """Answer a connection accepted during drain with 503, before reading any of it,
+    then close without a reset: stop sending, read (and drop) until the client closes."""
+    try:
+        conn.setblocking(False)
+        await asyncio.wait_for(loop.sock_sendall(conn, _DRAINING_503), linger_s)
+        conn.shutdown(socket.SHUT_WR)
+        end = loop.time() + linger_s
+        while loop.time() < end:
+            if not await asyncio.wait_for(loop.sock_recv(conn, 65536), end - loop.time()):
+                break
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        conn.close()
+
+
+def _refuse_backlog(rt: Runtime) -> list[asyncio.Task[None]]:
+    """The servers stopped accepting: take what the kernel already queued, answer it
+    503, and close the listening sockets (new connections are refused from here)."""
+    loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Task[None]] = []
+    for ls in rt.listeners:
+        ls.setblocking(False)
+        while True:
+            try:
+                conn, _ = ls.accept()
+            except OSError:  # BlockingIOError: the backlog is empty
+                break
+            rt.state.refused_connections += 1
+            tasks.append(loop.create_task(_refuse(loop, conn)))
+        ls.close()
+    rt.listeners.clear()
+    return tasks
+
+
+async def _until(loop: asyncio.AbstractEventLoop, done: Callable[[], bool], end: float, forced: asyncio.Event) -> None:
+    while not done() and not forced.is_set() and loop.time() < end:
+        await asyncio.sleep(0.02)
 
 
 async def drain(rt: Runtime, deadline_s: float) -> None:
     """Stop accepting, finish in-flight requests (bounded), close idle connections,
-    then stop every instance summon started."""
+    then stop every instance summon started. See the module docstring for the steps."""
+    loop = asyncio.get_running_loop()
     state = rt.state
+    rt.draining = True
     state.draining = True
+    end = loop.time() + deadline_s
     for server in rt.servers:
         server.close()
+    refusals = _refuse_backlog(rt)
+
+    def idle(conn: ClientConnection) -> bool:
+        return conn.active is None and conn.incoming is None and not conn.pending
+
+    # A keep-alive client may be sending its next request right now: give idle connections
+    # a moment, so that request is answered (with Connection: close) rather than cut off.
+    grace_end = min(end, loop.time() + min(1.0, deadline_s / 4))
+    await _until(loop, lambda: not any(idle(c) for c in state.connections), grace_end, rt.forced)
     for conn in list(state.connections):
-        conn.shutdown_idle()
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline_s
-    while state.inflight > 0 and loop.time() < end:
-        await asyncio.sleep(0.02)
+        if idle(conn):
+            conn.close()
+    await _until(loop, lambda: state.inflight <= 0 and not state.connections, end, rt.forced)
+    left = state.inflight
+    if left > 0:
+        log.warning("drain: %d request(s) still in flight at the deadline: cutting them off", left)
     for conn in list(state.connections):
         conn.abort() if conn.active is not None else conn.close()
     state.upstreams.close_all()
     state.stop_sweeping()
-    if rt.admin is not None:
-        rt.admin.close()
     if rt.summoner is not None:
         await rt.summoner.close()
+    if refusals:
+        await asyncio.gather(*refusals, return_exceptions=True)
+    if rt.admin is not None:
+        rt.admin.close()
     if rt.events is not None:
-        rt.events.record(Event(kind="shutdown", detail={"requests_left": state.inflight}))
+        rt.events.record(Event(kind="shutdown", detail={"requests_left": left, "forced": rt.forced.is_set()}))
         rt.events.close()
 
 
@@ -230,14 +350,26 @@ async def run_worker(config: Config, sockets: list[socket.socket], worker: int) 
 
     def on_stop() -> None:
         signals["count"] += 1
-        if signals["count"] > 1:
-            log.warning("second signal: exiting now")
+        if signals["count"] == 1:
+            log.info("draining (up to %.0fs); signal again to force", rt.config.proxy.drain_timeout_s)
+            rt.stopping.set()
+        elif signals["count"] == 2:
+            # Stop waiting for requests, but still stop the instances (bounded); a third exits now.
+            log.warning("second signal: cutting off in-flight requests and stopping instances; again to exit now")
+            rt.stopping.set()
+            rt.forced.set()
+            loop.call_later(10.0, os._exit, 1)
+        else:
+            log.warning("third signal: exiting now")
             os._exit(1)
-        log.info("draining (up to %.0fs); signal again to force", config.proxy.drain_timeout_s)
-        rt.stopping.set()
 
     def on_hup() -> None:
-        loop.create_task(reload(rt))
+        async def go() -> None:
+            ok, messages = await reload(rt)
+            if ok:
+                log.info("SIGHUP: reloaded %s", rt.config.path)
+
+        loop.create_task(go())
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop)
@@ -247,7 +379,8 @@ async def run_worker(config: Config, sockets: list[socket.socket], worker: int) 
     log.info("worker %d listening on %s%s", worker, addrs, admin)
     await rt.stopping.wait()
     await drain(rt, rt.config.proxy.drain_timeout_s)
-    return 0
+    log.info("worker %d stopped%s", worker, " (forced)" if rt.forced.is_set() else "")
+    return 1 if rt.forced.is_set() else 0
 
 
 def share_for_worker(config: Config, worker: int, workers: int) -> Config:
@@ -266,8 +399,7 @@ def share_for_worker(config: Config, worker: int, workers: int) -> Config:
                                           else config.limits.budget_instance_seconds_per_hour / workers),
     )
     hosts = tuple(dataclasses.replace(h, slots=part(h.slots)) for h in config.hosts)
-    events = config.events_path.with_name(f"{config.events_path.stem}.w{worker}{config.events_path.suffix}")
-    return dataclasses.replace(config, limits=limits, hosts=hosts, events_path=events if worker else config.events_path)
+    return dataclasses.replace(config, limits=limits, hosts=hosts)  # one event log: SQLite WAL takes them all
 
 
 def serve(config: Config) -> int:

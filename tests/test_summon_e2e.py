@@ -195,3 +195,22 @@ def test_sigkill_of_the_proxy_leaves_no_child_process(tmp_path: Path, images: Pa
     finally:
         s.stop(signal.SIGKILL)
     assert wait_for(lambda: not pids_matching(str(images / "site")), timeout=5), "child outlived the proxy"
+
+
+def test_workers_share_the_port_and_partition_the_cap(tmp_path: Path, images: Path) -> None:
+    make_image(images, "site", BUSYBOX)
+    s = Summon(tmp_path, route(), extra="workers = 2\n")
+    s.config.write_text(s.config.read_text() + "\n[limits]\nmax_instances = 2\n")
+    s.start()
+    try:
+        assert s.proc is not None
+        assert wait_for(lambda: len(pids_matching(str(s.config))) >= 3, timeout=5)  # parent + 2 workers
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            statuses = list(pool.map(lambda _: http_get(s.port, "/")[0], range(64)))
+        assert statuses.count(200) == 64
+        # each worker may summon at most its share of the cap: never more than 2 in all
+        assert len(pids_matching(str(images / "site"))) <= 2
+    finally:
+        assert s.stop() == 0
+    assert not pids_matching(str(images / "site"))
+    assert not pids_matching(str(s.config))
