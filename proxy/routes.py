@@ -68,6 +68,11 @@ def normalise_path(raw: bytes) -> str:
 class _HostTable:
     exact: dict[str, Route] = field(default_factory=dict)
     prefix: dict[str, Route] = field(default_factory=dict)
+    max_depth: int = 0  # segments in the deepest prefix: deeper candidates cannot match
+
+    def add_prefix(self, path: str, route: Route) -> None:
+        self.prefix[path] = route
+        self.max_depth = max(self.max_depth, path.rstrip("/").count("/"))
 
     def match(self, path: str) -> Route | None:
         route = self.exact.get(path)
@@ -76,19 +81,30 @@ class _HostTable:
         prefix = self.prefix
         if not prefix:
             return None
-        route = prefix.get(path)
-        if route is not None:
-            return route
-        end = len(path)
-        while end > 0:
-            end = path.rfind("/", 0, end)
+        # Candidates are the path cut at a "/" boundary, at most max_depth segments
+        # deep (so a long request path against short prefixes costs a few lookups).
+        if self.max_depth == 1:  # the common shape ("/app", "/blog/"): two lookups
+            end = path.find("/", 1)
             if end < 0:
+                return prefix.get(path) or prefix.get("/")
+            return prefix.get(path[: end + 1]) or prefix.get(path[:end]) or prefix.get("/")
+        ends: list[int] = []
+        pos = 0
+        depth = self.max_depth
+        while len(ends) < depth:
+            pos = path.find("/", pos + 1)
+            if pos < 0:
                 break
-            # try "/a/b/" then "/a/b"
-            route = prefix.get(path[: end + 1]) or (prefix.get(path[:end]) if end else None)
+            ends.append(pos)
+        if len(ends) < depth or path.endswith("/"):
+            route = prefix.get(path)  # the whole path is shallow enough to be a prefix itself
             if route is not None:
                 return route
-        return None
+        for end in reversed(ends):
+            route = prefix.get(path[: end + 1]) or prefix.get(path[:end])  # "/a/b/" then "/a/b"
+            if route is not None:
+                return route
+        return prefix.get("/")
 
 
 class RouteTable:
@@ -112,7 +128,7 @@ class RouteTable:
                 table.exact[r.url] = r
             else:
                 assert r.path is not None
-                table.prefix[r.path] = r
+                table.add_prefix(r.path, r)
 
     def __len__(self) -> int:
         return len(self.routes)
