@@ -6,20 +6,16 @@ import argparse
 import logging
 import sys
 
+from .cli_common import load_or_report
 from .cli_events import add_parsers as add_event_parsers
 from .cli_images import add_parsers as add_image_parsers
 from .cli_routes import add_parsers as add_route_parsers
-from .config import load
-from .errors import ConfigError
 from .events import setup_json_logging
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    try:
-        config = load(args.config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    config = load_or_report(args.config)
+    if config is None:
         return 2
     summoned = sum(1 for r in config.routes if r.summoned)
     print(f"{args.config}: ok: {len(config.routes)} routes ({summoned} summoned), {len(config.hosts)} hosts")
@@ -27,11 +23,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        config = load(args.config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    config = load_or_report(args.config)
+    if config is None:
         return 2
     if args.log_format == "json":
         setup_json_logging(args.log_level)  # one JSON object per line on stderr
@@ -49,11 +42,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    try:
-        config = load(args.config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    config = load_or_report(args.config)
+    if config is None:
         return 2
     if config.proxy.admin is None:
         print("summon: [proxy] admin is disabled in this config", file=sys.stderr)

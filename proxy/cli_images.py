@@ -88,15 +88,3 @@ def cmd_list(args: argparse.Namespace) -> int:
             continue
         print(f"{image.name}\t{image.digest}\t{','.join(image.targets())}\t{image.manifest.get('description', '')}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m proxy.cli_images images list``) until cli.py wires it."""
-    parser = argparse.ArgumentParser(prog="summon")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 from .backends.base import ImageError
-from .config import load
-from .errors import ConfigError
+from .cli_common import load_or_report
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
@@ -91,26 +90,11 @@ def cmd_split_site(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    try:
-        config = load(args.config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    config = load_or_report(args.config)
+    if config is None:
         return 2
     for r in config.routes:
         match = f"url {r.url}" if r.url is not None else f"path {r.path}"
         target = f"image {r.image}" if r.image is not None else "upstreams " + ",".join(str(u) for u in r.upstreams)
         print(f"{r.name}\t{r.host}\t{match}\t{target}\t{r.source}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m proxy.cli_routes routes split-site ...``) until cli.py wires it."""
-    parser = argparse.ArgumentParser(prog="summon")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -17,10 +17,7 @@ ADMIN=${SUMMON_ADMIN:-127.0.0.1:8081}
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
 
-# `summon routes ...` once cli.py registers it; the same code as a module until then.
-if $PY -m proxy.cli routes -h >/dev/null 2>&1; then ROUTES=($PY -m proxy.cli routes)
-else ROUTES=($PY -m proxy.cli_routes routes)
-fi
+ROUTES=($PY -m proxy.cli routes)
 echo "demo-per-url: splitting $SITE into one image per URL under $DIR"
 "${ROUTES[@]}" split-site "$SITE" --name "$NAME" --images-dir "$DIR/images" --routes-dir "$DIR/routes"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import cli, cli_routes
+from proxy import cli
 from proxy.backends.base import ImageError
 from proxy.config import load
 from proxy.images import load_image
@@ -59,7 +59,7 @@ def split(root: Path, *extra: str) -> int:
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        return cli_routes.main(["routes", "split-site", "site", "--name", "blog", *extra])
+        return cli.main(["routes", "split-site", "site", "--name", "blog", *extra])
     finally:
         os.chdir(cwd)
 
@@ -146,7 +146,7 @@ def test_summon_check_accepts_the_generated_config(tmp_path: Path, capsys: pytes
         assert route.idle_timeout_s == 120 and route.max_replicas == 3 and route.health_path == route.url
         assert route.image is not None
         load_image(loaded.images_dir, route.image).verify("unix")
-    assert cli_routes.main(["routes", "list", "-c", str(config)]) == 0
+    assert cli.main(["routes", "list", "-c", str(config)]) == 0
     assert "blog:/posts/\tblog.example\turl /posts/\timage blog-posts_index.html" in capsys.readouterr().out
 
 
