@@ -27,8 +27,13 @@ test-fast: setup
 bench: setup
 	$(PY) loadtests/bench.py
 
+# a few minutes of hypothesis (deep profile) and, where atheris installs, coverage-guided fuzzing;
+# `make test` runs the same properties with small example counts
 fuzz: setup
-	$(PY) -m pytest -q tests -k fuzz --hypothesis-profile=deep
+	SUMMON_FUZZ=deep $(PY) -m pytest -q tests/test_fuzz.py
+	@if $(PY) -c "import atheris" 2>/dev/null; then \
+	  for t in head parser config; do $(PY) tests/fuzz_targets.py $$t -max_total_time=60 -artifact_prefix=fuzz-crash- || exit 1; done; \
+	else echo "atheris not installed: coverage-guided run skipped"; fi
 
 # Locust spike: BACKEND=process|libvirt, PROFILE=spike|quick|tiny|libvirt,
 # PROXY=http://127.0.0.1:8080 ADMIN=http://127.0.0.1:8081 to load a running proxy (make demo)

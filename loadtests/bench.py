@@ -447,6 +447,7 @@ def print_proxy_table(targets: dict, goals: dict, concurrencies: list[int]) -> N
 
 from bench_cold import section_cold, section_cold_vm  # noqa: E402
 from bench_mitm import section_mitm  # noqa: E402
+from bench_overload import section_overload  # noqa: E402
 from bench_routes import section_routes  # noqa: E402
 
 SECTIONS: dict[str, Callable[[Bench], dict]] = {
@@ -455,6 +456,7 @@ SECTIONS: dict[str, Callable[[Bench], dict]] = {
     "cold_vm": section_cold_vm,
     "routes": section_routes,
     "mitm": section_mitm,
+    "overload": section_overload,
 }
 
 

@@ -48,7 +48,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if config.proxy.admin is None:
         print("summon: [proxy] admin is disabled in this config", file=sys.stderr)
         return 1
-    url = f"http://{config.proxy.admin}/status"
+    url = f"http://{_admin_url(config.proxy.admin)}/status"
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
             data = json.load(resp)
@@ -69,6 +69,48 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_url(config_admin: object) -> str:
+    text = str(config_admin)
+    return text.replace("0.0.0.0:", "127.0.0.1:").replace("[::]:", "[::1]:")  # a wildcard listens on loopback too
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask a running proxy to validate and swap its config (POST /reload on the admin API)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    config = load_or_report(args.config)
+    if config is None:
+        return 2
+    if config.proxy.admin is None:
+        print("summon: [proxy] admin is disabled in this config", file=sys.stderr)
+        return 1
+    url = f"http://{_admin_url(config.proxy.admin)}/reload"
+    req = urllib.request.Request(url, data=b"", method="POST")
+    if config.proxy.admin_token:
+        req.add_header("Authorization", f"Bearer {config.proxy.admin_token}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            body = json.load(resp)
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            print(f"summon: reload refused ({exc.code}): {raw.decode(errors='replace').strip()}", file=sys.stderr)
+            return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"summon: cannot reach the admin API at {url}: {exc} (is `summon serve` running?)", file=sys.stderr)
+        return 1
+    for message in body.get("errors", []):
+        print(message, file=sys.stderr)
+    if body.get("ok"):
+        print(f"{args.config}: reloaded")
+        return 0
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="summon", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", default="summon.toml")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("reload", help="validate and swap the config of a running proxy (admin API: token or loopback)")
+    p.add_argument("-c", "--config", default="summon.toml")
+    p.set_defaults(func=cmd_reload)
     add_event_parsers(sub)
     add_image_parsers(sub)
     add_route_parsers(sub)

@@ -9,7 +9,10 @@ so `summon check` prints them in one go.  Nothing below `load()` reads the envir
 
 from __future__ import annotations
 
+import glob
 import ipaddress
+import math
+import os
 import re
 import tomllib
 from collections.abc import Callable
@@ -135,18 +138,26 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.I)
 
 
+_MAX_DURATION_S = 365 * 86400.0
+
+
 def parse_duration(value: Any) -> float:
     """``"500ms"``, ``"30s"``, ``"5m"``, ``"1h"`` or a plain number of seconds."""
     if isinstance(value, bool):
         raise ValueError("expected a duration such as \"30s\"")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m:
-            return float(m.group(1)) * _UNITS[m.group(2)]
+    seconds: float | None = None
+    try:
+        if isinstance(value, (int, float)):
+            seconds = float(value)
+        elif isinstance(value, str) and (m := _DURATION.match(value)):
+            seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    except OverflowError:
+        seconds = math.inf
+    if seconds is not None:
+        # nan would make every deadline comparison false: a timeout that never fires
+        if not 0 <= seconds <= _MAX_DURATION_S:
+            raise ValueError(f"{value!r} is not a duration between 0 and {_MAX_DURATION_S:g} seconds")
+        return seconds
     raise ValueError(f"{value!r} is not a duration (use e.g. \"500ms\", \"30s\", \"5m\")")
 
 
@@ -222,9 +233,16 @@ def _optional_address(value: Any) -> Address | None:
 
 
 def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"expected a number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= float(value) < math.inf:
+        raise ValueError(f"expected a finite number >= 0, got {value!r}")
     return float(value)
+
+
+def _at_least_one(value: Any) -> int:
+    n = _positive_int(value)
+    if n < 1:
+        raise ValueError("must be at least 1")
+    return n
 
 
 def _choice(*options: str) -> Callable[[Any], str]:
@@ -258,13 +276,13 @@ _PROXY_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "workers": ("workers", _positive_int),
     "trusted_proxies": ("trusted_proxies", _networks),
     "max_header_bytes": ("max_header_bytes", parse_size),
-    "max_header_count": ("max_header_count", _positive_int),
+    "max_header_count": ("max_header_count", _at_least_one),
     "header_timeout": ("header_timeout_s", parse_duration),
     "keepalive_timeout": ("keepalive_timeout_s", parse_duration),
     "body_timeout": ("body_timeout_s", parse_duration),
     "max_body_bytes": ("max_body_bytes", parse_size),
-    "max_connections": ("max_connections", _positive_int),
-    "max_inflight": ("max_inflight", _positive_int),
+    "max_connections": ("max_connections", _at_least_one),
+    "max_inflight": ("max_inflight", _at_least_one),
     "connect_timeout": ("connect_timeout_s", parse_duration),
     "upstream_timeout": ("upstream_timeout_s", parse_duration),
     "upstream_idle_timeout": ("upstream_idle_s", parse_duration),
@@ -553,7 +571,13 @@ def load(path: str | Path) -> Config:
         if not isinstance(pattern, str):
             out.add(file, index.line("", 0, "include"), "include: expected file names (strings)")
             continue
-        paths = sorted(base.glob(pattern)) if any(c in pattern for c in "*?[") else [base / pattern]
+        if "\x00" in pattern or not pattern.strip():
+            out.add(file, index.line("", 0, "include"), f"include: {pattern!r} is not a file name")
+            continue
+        if any(c in pattern for c in "*?["):
+            paths = sorted(Path(p) for p in glob.glob(os.path.join(base, pattern)))  # absolute patterns too
+        else:
+            paths = [base / pattern]
         if not paths:
             out.add(file, index.line("", 0, "include"), f"include: no file matches {pattern!r}")
         for inc in paths:

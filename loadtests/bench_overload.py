@@ -1,0 +1,212 @@
+"""Overload figure for `make bench`: goodput and p99 at 2x the proxy's saturation rate,
+next to the same figures at saturation.
+
+Method (wrk cannot hold a fixed arrival rate and wrk2 is not packaged here):
+1. Saturation: wrk, closed loop, one thread, over 1..128 connections; the saturation
+   rate is the peak req/s of that sweep.
+2. An open-loop generator (below, one uvloop process) sends GETs at a fixed arrival rate,
+   whatever the answers do: each arrival takes an idle keep-alive connection or opens a
+   new one (up to 2,048), so when summon slows down the generator opens connections, as
+   independent clients would. Latency is measured from the scheduled arrival time (no
+   coordinated omission). Goodput is 2xx answers per second; shed is 503s per second.
+3. It runs at 1x and 2x the saturation rate against summon with overload limits
+   (max_inflight 256, max_connections 1,024). The goal: goodput at 2x is at least 80% of
+   goodput at 1x (it must not collapse), and the 2xx p99 at 2x stays within 10x of 1x.
+
+The generator shares the 2 cores with summon and the upstream; `offered_per_s` is what
+it managed to send (when it cannot reach the rate, the figure says so).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"
+GOAL_GOODPUT_RATIO = 0.8  # goodput at 2x / goodput at 1x, at least
+GOAL_P99_RATIO = 10.0  # 2xx p99 at 2x / at 1x, at most
+
+GENERATOR = r'''
+import asyncio, json, sys, time
+import uvloop
+
+host, port, rate, duration, max_conns = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+REQ = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+stats = {"sent": 0, "ok": 0, "shed": 0, "other": 0, "errors": 0, "dropped": 0, "opened": 0}
+lat_ok = []
+idle = []
+conns = set()
+
+class Client(asyncio.Protocol):
+    def __init__(self, scheduled):
+        self.scheduled = [scheduled]
+        self.buf = b""
+        self.transport = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.write(REQ)
+
+    def send(self, scheduled):
+        self.scheduled.append(scheduled)
+        self.transport.write(REQ)
+
+    def data_received(self, data):
+        self.buf += data
+        while self.scheduled:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = self.buf[:end].lower()
+            i = head.find(b"content-length:")
+            length = int(head[i + 15:head.find(b"\r\n", i) if head.find(b"\r\n", i) > 0 else None]) if i >= 0 else 0
+            if len(self.buf) < end + 4 + length:
+                return
+            self.buf = self.buf[end + 4 + length:]
+            status = int(head[9:12])
+            t = self.scheduled.pop(0)
+            if 200 <= status < 300:
+                stats["ok"] += 1
+                lat_ok.append(time.perf_counter() - t)
+            elif status == 503:
+                stats["shed"] += 1
+            else:
+                stats["other"] += 1
+            if b"connection: close" in head:
+                self.transport.close()
+                return
+            idle.append(self)
+
+    def connection_lost(self, exc):
+        conns.discard(self)
+        if self in idle:
+            idle.remove(self)
+        stats["errors"] += len(self.scheduled)
+        self.scheduled = []
+
+async def main():
+    loop = asyncio.get_running_loop()
+    t0 = time.perf_counter()
+    sent = 0
+    while True:
+        now = time.perf_counter()
+        if now - t0 >= duration:
+            break
+        due = int((now - t0) * rate)
+        while sent < due:
+            scheduled = t0 + sent / rate
+            sent += 1
+            if idle:
+                idle.pop().send(scheduled)
+            elif len(conns) < max_conns:
+                c = Client(scheduled)
+                conns.add(c)
+                stats["opened"] += 1
+                loop.create_task(loop.create_connection(lambda c=c: c, host, port)).add_done_callback(
+                    lambda f, c=c: (f.exception() and (conns.discard(c), stats.__setitem__("errors", stats["errors"] + 1))))
+            else:
+                stats["dropped"] += 1
+                continue
+            stats["sent"] += 1
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(1.0)  # let answers in flight arrive
+    lat_ok.sort()
+    def q(p):
+        return round(lat_ok[min(len(lat_ok) - 1, int(len(lat_ok) * p))] * 1000, 3) if lat_ok else None
+    print(json.dumps({**stats, "rate": rate, "duration_s": duration, "offered_per_s": round(stats["sent"] / duration, 1),
+                      "goodput_per_s": round(stats["ok"] / duration, 1), "shed_per_s": round(stats["shed"] / duration, 1),
+                      "p50_ms": q(0.5), "p99_ms": q(0.99)}))
+    for c in list(conns):
+        if c.transport is not None:
+            c.transport.close()
+
+uvloop.run(main())
+'''
+
+
+def _bench() -> Any:
+    main = sys.modules.get("__main__")
+    return main if hasattr(main, "start_upstream") else importlib.import_module("bench")
+
+
+def start_summon_limited(bench: Any, upstream_port: int) -> tuple[Any, int]:
+    bl = sys.modules["benchlib"]
+    port, admin = bl.free_port(HOST), bl.free_port(HOST)
+    d = bench.tmp / "summon-overload"
+    d.mkdir(parents=True, exist_ok=True)
+    conf = d / "summon.toml"
+    conf.write_text(f"""[proxy]
+listen = "{HOST}:{port}"
+admin = "{HOST}:{admin}"
+workers = 1
+max_inflight = 256
+max_connections = 1024
+
+[events]
+path = "{d / "events.db"}"
+
+[[route]]
+name = "bench"
+host = "*"
+path = "/"
+upstreams = ["{HOST}:{upstream_port}"]
+""")
+    exe = ROOT / ".venv" / "bin" / "summon"
+    proc = bench.procs.start("summon-overload", [str(exe), "serve", "-c", str(conf)], cwd=d)
+    if not bl.wait_port(HOST, port, timeout=20, alive=proc.alive):
+        raise RuntimeError(f"summon did not start:\n{proc.output_tail()}")
+    return proc, port
+
+
+def open_loop(bench: Any, port: int, rate: float, duration_s: float) -> dict[str, Any]:
+    script = bench.tmp / "openloop.py"
+    script.write_text(GENERATOR)
+    cp = subprocess.run([sys.executable, str(script), HOST, str(port), str(rate), str(duration_s), "2048"],
+                        capture_output=True, text=True, timeout=duration_s + 60, check=False)
+    if cp.returncode != 0 or not cp.stdout.strip():
+        raise RuntimeError(f"open-loop generator failed: {cp.stderr[-2000:]}")
+    return dict(json.loads(cp.stdout.strip().splitlines()[-1]))
+
+
+def section_overload(bench: Any) -> dict[str, Any]:
+    B = _bench()
+    bl = sys.modules["benchlib"]
+    quick = bool(getattr(bench.args, "quick", False))
+    duration = 3.0 if quick else 8.0
+    _, upstream_port = B.start_upstream(bench)
+    _, port = start_summon_limited(bench, upstream_port)
+    url = f"http://{HOST}:{port}/"
+    sweep = []
+    for c in ([1, 8, 32, 128] if quick else [1, 2, 4, 8, 16, 32, 64, 128]):
+        r = bl.run_wrk(url, duration_s=min(duration, 4.0), connections=c, threads=1)
+        sweep.append({"connections": c, "requests_per_s": r["requests_per_s"], "p99_ms": r.get("latency_ms", {}).get("p99") or r.get("latency_ms", {}).get("99"),
+                      "non2xx": r.get("non2xx", 0)})
+        bench.log(f"  saturation sweep c{c}: {r['requests_per_s']:.0f} req/s, p99 {sweep[-1]['p99_ms']} ms")
+    saturation = max(s["requests_per_s"] for s in sweep)
+    at_1x = open_loop(bench, port, saturation, duration)
+    at_2x = open_loop(bench, port, 2 * saturation, duration)
+    for name, r in (("1x", at_1x), ("2x", at_2x)):
+        bench.log(f"  open loop {name} ({r['rate']:.0f}/s offered, {r['offered_per_s']}/s sent): goodput "
+                  f"{r['goodput_per_s']}/s, shed {r['shed_per_s']}/s, errors {r['errors']}, p99 {sweep[-1]['p99_ms']} ms")
+    limited = [name for name, r in (("1x", at_1x), ("2x", at_2x)) if r["offered_per_s"] < 0.9 * r["rate"]]
+    if limited:
+        bench.log(f"  NOTE: the generator could not offer the {'/'.join(limited)} rate (it shares the cores with "
+                  "summon): those figures are at the rate it reached, see offered_per_s")
+    good_ratio = bl.ratio(at_2x["goodput_per_s"], at_1x["goodput_per_s"])
+    p99_ratio = bl.ratio(at_2x["p99_ms"], at_1x["p99_ms"])
+    goals = {
+        "goodput_2x_over_1x": {"value": good_ratio, "goal": f">= {GOAL_GOODPUT_RATIO}",
+                               "status": bl.check_goal(good_ratio, ">=", GOAL_GOODPUT_RATIO)},
+        "p99_2x_over_1x": {"value": p99_ratio, "goal": f"<= {GOAL_P99_RATIO}",
+                           "status": bl.check_goal(p99_ratio, "<=", GOAL_P99_RATIO)},
+    }
+    for name, g in goals.items():
+        print(f"  {name:<22} {g['value']!s:>10}   goal {g['goal']:<8} {g['status']}")
+    return {"method": "wrk closed-loop sweep for saturation; open-loop fixed-rate generator at 1x and 2x",
+            "limits": {"max_inflight": 256, "max_connections": 1024},
+            "saturation_per_s": saturation, "generator_limited": limited, "sweep": sweep, "at_1x": at_1x, "at_2x": at_2x, "goals": goals}
