@@ -162,7 +162,7 @@ async def build_runtime(config: Config, sockets: list[socket.socket], admin: boo
         rt.servers.append(server)
     if admin and p.admin is not None:
         rt.admin = AdminServer(p.admin, status=lambda: status_of(rt), events=lambda n, r: events_of(rt, n, r),
-                               metrics=metrics.render, reload=lambda: reload(rt), token=p.admin_token)
+                               metrics=metrics.render, reload=lambda: reload_all(rt), token=p.admin_token)
         await rt.admin.start()
     return rt
 
@@ -216,6 +216,16 @@ async def reload(rt: Runtime) -> tuple[bool, list[str]]:
         if rt.summoner is None and any(r.summoned for r in new.routes):
             return _refused(rt, [f"{new.path}: reload cannot add the first summoned route: restart summon"])
         return True, _swap(rt, new)
+
+
+async def reload_all(rt: Runtime) -> tuple[bool, list[str]]:
+    """The admin API's reload: this worker validates and swaps; with several workers the
+    parent is then sent SIGHUP, which it passes to every worker (this one included: a
+    second reload of the same file changes nothing)."""
+    ok, messages = await reload(rt)
+    if ok and rt.config.proxy.workers > 1:
+        os.kill(os.getppid(), signal.SIGHUP)
+    return ok, messages
 
 
 def _refused(rt: Runtime, messages: list[str]) -> tuple[bool, list[str]]:
