@@ -67,11 +67,16 @@ class StaticPool:
         for addr in route.upstreams:
             self.addresses[str(addr)] = addr
             self.balancer.add(str(addr))
+        self.only = next(iter(self.addresses)) if len(self.addresses) == 1 else None
 
     def acquire(self, head: RequestHead, client_ip: str, region: str | None, avoid: Lease | None = None) -> Lease:
-        key = client_ip if len(self.addresses) == 1 else hash_key(self.route, head, client_ip)
-        node = self.balancer.pick(key, exclude=getattr(avoid, "node", None))
-        assert node is not None
+        if self.only is not None:
+            # One replica: nothing to choose (pick would return it, even when excluded).
+            node = self.only
+        else:
+            picked = self.balancer.pick(hash_key(self.route, head, client_ip), exclude=getattr(avoid, "node", None))
+            assert picked is not None
+            node = picked
         self.balancer.acquire(node)
         return StaticLease(self, node, self.addresses[node])
 

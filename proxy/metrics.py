@@ -1,19 +1,22 @@
 """Prometheus metrics, one registry per worker.
 
-Request metrics are updated from `Dispatcher.observe` (once per finished request);
-label children are cached so the hot path does a dict lookup and an add. Instance
+Request metrics are updated from `Dispatcher.observe` (once per finished request) as
+plain ints in dicts, turned into Prometheus families only at scrape time (a child's
+inc/observe takes a lock and several calls: too much for once per request). Instance
 gauges are computed at scrape time from the engine, so they can never drift.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from .engine.fleet import Boot, Command, Record
 from .http.exchange import Exchange
@@ -25,10 +28,8 @@ BOOT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60)
 class Metrics:
     def __init__(self, status: Callable[[], dict[str, Any]] | None = None) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("summon_requests_total", "Requests answered, by route and status",
-                                ["route", "status"], registry=self.registry)
-        self.latency = Histogram("summon_request_duration_seconds", "Time from request head to response end",
-                                 ["route", "kind"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.requests = _RequestCollector()
+        self.registry.register(self.requests)
         self.boots = Counter("summon_boots_total", "Instances summoned", ["route"], registry=self.registry)
         self.boot_failures = Counter("summon_boot_failures_total", "Boots that failed", ["route"],
                                      registry=self.registry)
@@ -36,23 +37,22 @@ class Metrics:
                                 registry=self.registry)
         self.boot_duration = Histogram("summon_boot_duration_seconds", "Summoned to ready", ["route"],
                                        buckets=BOOT_BUCKETS, registry=self.registry)
-        self._req: dict[tuple[str, int], Any] = {}
-        self._lat: dict[tuple[str, str], Any] = {}
         if status is not None:
             self.registry.register(_FleetCollector(status))
 
     def observe(self, ex: Exchange, now: float) -> None:
         route = ex.route.name if ex.route is not None else ""
+        req = self.requests
         key = (route, ex.status)
-        child = self._req.get(key)
-        if child is None:
-            child = self._req[key] = self.requests.labels(route, str(ex.status))
-        child.inc()
-        kind = "cold" if ex.cold else "warm"
-        lat = self._lat.get((route, kind))
-        if lat is None:
-            lat = self._lat[(route, kind)] = self.latency.labels(route, kind)
-        lat.observe(now - ex.started_at)
+        counts = req.counts
+        counts[key] = counts.get(key, 0) + 1
+        lkey = (route, "cold" if ex.cold else "warm")
+        hist = req.latency.get(lkey)
+        if hist is None:
+            hist = req.latency[lkey] = _Hist()
+        seconds = now - ex.started_at
+        hist.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # first bucket with bound >= value
+        hist.sum += seconds
 
     def command(self, cmd: Command) -> None:
         if isinstance(cmd, Boot):
@@ -67,6 +67,39 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _Hist:
+    __slots__ = ("buckets", "sum")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+
+class _RequestCollector(Collector):
+    """summon_requests_total and summon_request_duration_seconds, from plain counts."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, int], int] = {}
+        self.latency: dict[tuple[str, str], _Hist] = {}
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        requests = CounterMetricFamily("summon_requests", "Requests answered, by route and status",
+                                       labels=["route", "status"])
+        for (route, status), n in list(self.counts.items()):
+            requests.add_metric([route, str(status)], n)
+        latency = HistogramMetricFamily("summon_request_duration_seconds", "Time from request head to response end",
+                                        labels=["route", "kind"])
+        bounds = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+        for (route, kind), hist in list(self.latency.items()):
+            cumulative, total = [], 0
+            for bound, n in zip(bounds, hist.buckets, strict=True):
+                total += n
+                cumulative.append((bound, total))
+            latency.add_metric([route, kind], cumulative, hist.sum)
+        yield requests
+        yield latency
 
 
 class _FleetCollector(Collector):

@@ -84,8 +84,9 @@ class Exchange:
             self.fail(self.error or Unavailable("no route"))
             return
         try:
-            got = state.dispatcher.acquire(self.route, self.head, self.client.peer_ip, self.client.region(self.head),
-                                           avoid)
+            client = self.client
+            region = client.region(self.head) if client.trusted else None  # only trusted proxies may say
+            got = state.dispatcher.acquire(self.route, self.head, client.peer_ip, region, avoid)
         except SummonError as exc:
             self.fail(exc)
             return
@@ -209,23 +210,17 @@ class Exchange:
         client_http11 = self.head.version == "1.1"
         keep = self.keep_alive and not self.client.state.draining
         line = b""
+        copy_length = False  # declare the upstream's own Content-Length (response_head finds it)
         if framing == "tunnel":
             self.tunnel = True
             self.client_framing = "tunnel"
             keep = False  # the client connection ends with the tunnel
         elif framing == "none":
             self.client_framing = "none"
-            if self.method == "HEAD" or status == 304:
-                for k, v in headers:
-                    if k.lower() == b"content-length":
-                        line = b"Content-Length: " + v.strip() + b"\r\n"
-                        break
+            copy_length = self.method == "HEAD" or status == 304
         elif framing == "length":
             self.client_framing = "length"
-            for k, v in headers:
-                if k.lower() == b"content-length":
-                    line = b"Content-Length: " + v.strip() + b"\r\n"
-                    break
+            copy_length = True
         elif client_http11:
             self.client_framing = "chunked"
             line = b"Transfer-Encoding: chunked\r\n"
@@ -237,10 +232,16 @@ class Exchange:
         self.keep_alive = keep
         self.client.write(
             response_head(status, reason, headers, self.client.state.via, line, keep, tunnel=self.tunnel,
-                          http10=not client_http11)
+                          http10=not client_http11, copy_length=copy_length)
         )
         if self.tunnel:
             self.client.start_tunnel(self)
+
+    def hold_writes(self) -> None:
+        self.client.hold_writes()
+
+    def flush_writes(self) -> None:
+        self.client.flush_writes()
 
     def response_body(self, data: bytes) -> None:
         if self.finished:

@@ -18,7 +18,7 @@ import collections
 import ipaddress
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
@@ -121,6 +121,13 @@ class ClientConnection(asyncio.Protocol):
         self.waiting: set[asyncio.Future[Lease]] = set()
         self.requests_served = 0
         self.deferred_error: ClientError | None = None
+        # Exchanges made active while the parser was being fed; started once the whole
+        # read has been parsed (see `_start_soon`).
+        self.feeding = False
+        self.to_start: list[Exchange] = []
+        # While an upstream read is being handled, writes to the client are collected
+        # here and sent as one write (head and body of a small response: one syscall).
+        self.held: list[bytes] | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------
 
@@ -166,6 +173,17 @@ class ClientConnection(asyncio.Protocol):
             self.head_bytes += len(data)
         elif self.incoming is not None:
             self._arm(self.cfg.body_timeout_s, self._on_body_timeout)
+        self.feeding = True
+        try:
+            self._feed(data)
+        finally:
+            self.feeding = False
+        if self.to_start:
+            starts, self.to_start = self.to_start, []
+            for ex in starts:
+                self._start_now(ex)
+
+    def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -246,7 +264,8 @@ class ClientConnection(asyncio.Protocol):
         self.head_started = False
         self.head_bytes = 0
         p = self.parser
-        method = p.get_method().decode("ascii", "replace")
+        raw_method = p.get_method()
+        method = _METHODS.get(raw_method) or raw_method.decode("ascii", "replace")
         version = p.get_http_version()
         if version not in ("1.1", "1.0"):
             raise BadRequest(f"unsupported HTTP version {version}")
@@ -256,7 +275,7 @@ class ClientConnection(asyncio.Protocol):
             # are counted as they stream, in Exchange.client_body)
             raise PayloadTooLarge(f"body over {self.cfg.max_body_bytes} bytes")
         if self.state.draining:
-            head = replace(head, keep_alive=False)
+            head = head._replace(keep_alive=False)
         route: Route | None
         error: SummonError | None = None
         try:
@@ -337,8 +356,14 @@ class ClientConnection(asyncio.Protocol):
     def _start_soon(self, ex: Exchange) -> None:
         """Start forwarding once the parser has consumed everything already read: a
         framing error later in the same read (a bad chunk after a valid head) then
-        kills the request before a single byte of it reaches the upstream."""
-        self.state.loop.call_soon(self._start_now, ex)
+        kills the request before a single byte of it reaches the upstream. Inside
+        data_received that is right after the feed (no loop turn needed); elsewhere
+        (an upstream callback finishing the previous exchange) on the next loop turn,
+        since we may be inside that upstream connection's parser."""
+        if self.feeding:
+            self.to_start.append(ex)
+        else:
+            self.state.loop.call_soon(self._start_now, ex)
 
     def _start_now(self, ex: Exchange) -> None:
         if not ex.finished and not self.closing and ex is self.active:
@@ -371,8 +396,20 @@ class ClientConnection(asyncio.Protocol):
     # --- output ------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if self.held is not None:
+            self.held.append(data)
+        elif self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+
+    def hold_writes(self) -> None:
+        """Collect writes until `flush_writes` (called around one upstream read)."""
+        if self.held is None:
+            self.held = []
+
+    def flush_writes(self) -> None:
+        held, self.held = self.held, None
+        if held and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(held[0] if len(held) == 1 else b"".join(held))
 
     def send_error(self, ex: Exchange, exc: SummonError) -> None:
         """Answer `ex` with an error. Keeps the connection only when that is safe: the
@@ -409,18 +446,21 @@ class ClientConnection(asyncio.Protocol):
                 ex.client_closed()
                 self._done_counting(ex)
         self.write(error_response(exc))
+        self.flush_writes()
         if self.transport is not None:
             self.transport.close()
 
     def close(self) -> None:
         self.closing = True
         self._disarm()
+        self.flush_writes()  # what was answered goes out before the FIN
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
     def abort(self) -> None:
         self.closing = True
         self._disarm()
+        self.flush_writes()  # like an unheld write, what was written goes out before the reset
         if self.transport is not None:
             self.transport.abort()
 
@@ -488,6 +528,9 @@ class ClientConnection(asyncio.Protocol):
         """Draining: close now if nothing is in progress; else close after the answer."""
         if self.active is None and self.incoming is None and not self.pending:
             self.close()
+
+
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE")}
 
 
 def _parser_message(exc: Exception) -> str:

@@ -13,7 +13,7 @@ The inbound `RequestHead` is never mutated; `outbound_head()` builds new bytes.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import BadRequest, HeadersTooLarge, MethodNotAllowed, NotImplementedEncoding
 from ..routes import host_without_port, normalise_path
@@ -30,8 +30,10 @@ _TOKEN = frozenset(b"!#$%&'*+-.^`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghi
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
-@dataclass(frozen=True)
-class RequestHead:
+class RequestHead(NamedTuple):
+    """An immutable, validated request head (a NamedTuple: built once per request, so
+    cheaper to create than a frozen dataclass; `_replace` makes a changed copy)."""
+
     method: str
     target: bytes  # raw request-target as received
     path: str  # normalised path, routed on and forwarded
@@ -45,6 +47,9 @@ class RequestHead:
     keep_alive: bool
     expect_continue: bool
     upgrade: bytes | None  # the Upgrade value when the client asks to switch protocols
+    # Derived by parse_head so the outbound rewrite need not lower-case names again:
+    names: tuple[bytes, ...] = ()  # lower-cased header names, parallel to `headers`
+    connection: frozenset[bytes] = frozenset()  # lower-cased tokens of Connection headers
 
     @property
     def has_body(self) -> bool:
@@ -55,10 +60,47 @@ class RequestHead:
         return self.method in IDEMPOTENT
 
     def header(self, name: bytes) -> bytes | None:
+        names = self.names
+        if names:
+            for i, lk in enumerate(names):
+                if lk == name:
+                    return self.headers[i][1]
+            return None
         for k, v in self.headers:
             if k.lower() == name:
                 return v
         return None
+
+
+# Names parse_head must look at; every other header is only lower-cased and kept.
+_SPECIAL = frozenset({b"host", b"transfer-encoding", b"content-length", b"connection", b"expect", b"upgrade"})
+# Memos of pure functions of a few request bytes that repeat a lot (the Host values of
+# a site, its hot paths). Only successful results are stored; a full memo starts over.
+_HOSTS: dict[bytes, str] = {}  # Host header value -> host_without_port()
+_PATHS: dict[bytes, str] = {}  # raw path -> normalise_path()
+_MEMO_MAX = 4096
+_NO_TOKENS: frozenset[bytes] = frozenset()
+_VALID_NAMES: set[bytes] = set()  # header names already checked against _TOKEN
+
+
+def _host_of(host_header: bytes) -> str:
+    host = _HOSTS.get(host_header)
+    if host is None:
+        host = host_without_port(host_header)  # raises on a malformed value (never stored)
+        if len(_HOSTS) >= _MEMO_MAX:
+            _HOSTS.clear()
+        _HOSTS[host_header] = host
+    return host
+
+
+def _path_of(raw_path: bytes) -> str:
+    path = _PATHS.get(raw_path)
+    if path is None:
+        path = normalise_path(raw_path)  # raises on a bad path (never stored)
+        if len(_PATHS) >= _MEMO_MAX:
+            _PATHS.clear()
+        _PATHS[raw_path] = path
+    return path
 
 
 def parse_head(
@@ -80,12 +122,20 @@ def parse_head(
     connection_tokens: set[bytes] = set()
     expect = False
     upgrade_value: bytes | None = None
+    names: list[bytes] = []
     for name, value in headers:
-        if not name or not _TOKEN.issuperset(name):
-            # llhttp allows "_" in names; nginx and Envoy refuse them because backends
-            # (CGI, WSGI) fold "_" and "-" together: X_Forwarded_For would pass for X-Forwarded-For.
-            raise BadRequest("invalid character in header name")
+        if name not in _VALID_NAMES:  # a set lookup instead of a per-character check
+            if not name or not _TOKEN.issuperset(name):
+                # llhttp allows "_" in names; nginx and Envoy refuse them because backends
+                # (CGI, WSGI) fold "_" and "-" together: X_Forwarded_For would pass for X-Forwarded-For.
+                raise BadRequest("invalid character in header name")
+            if len(_VALID_NAMES) >= _MEMO_MAX:
+                _VALID_NAMES.clear()
+            _VALID_NAMES.add(name)
         lname = name.lower()
+        names.append(lname)
+        if lname not in _SPECIAL:
+            continue
         if lname == b"host":
             host_values.append(value)
         elif lname == b"transfer-encoding":
@@ -123,7 +173,7 @@ def parse_head(
         content_length = int(raw)
 
     host_header = host_values[0].strip()
-    host = host_without_port(host_header)
+    host = _host_of(host_header)
     raw_path, sep, query = target.partition(b"?")
     if not raw_path.startswith(b"/"):
         if raw_path.startswith((b"http://", b"https://")):
@@ -140,22 +190,24 @@ def parse_head(
             raise BadRequest("invalid request target")
     if b"#" in target:
         raise BadRequest("fragment in request target")
-    path = normalise_path(raw_path)
+    path = _path_of(raw_path)
     upgrade = upgrade_value if (upgrade_value and b"upgrade" in connection_tokens and version == "1.1") else None
     return RequestHead(
-        method=method,
-        target=target,
-        path=path,
-        query=(b"?" + query) if sep else b"",
-        version=version,
-        headers=tuple(headers),
-        host=host,
-        host_header=host_header,
-        chunked=chunked,
-        content_length=content_length,
-        keep_alive=keep_alive,
-        expect_continue=expect,
-        upgrade=upgrade,
+        method,
+        target,
+        path,
+        (b"?" + query) if sep else b"",
+        version,
+        tuple(headers),
+        host,
+        host_header,
+        chunked,
+        content_length,
+        keep_alive,
+        expect,
+        upgrade,
+        tuple(names),
+        frozenset(connection_tokens) if connection_tokens else _NO_TOKENS,
     )
 
 
@@ -164,6 +216,10 @@ def _connection_named(headers: tuple[tuple[bytes, bytes], ...]) -> frozenset[byt
     for k, v in headers:
         if k.lower() == b"connection":
             named.update(t.strip().lower() for t in v.split(b","))
+    return _droppable(named)
+
+
+def _droppable(named: set[bytes] | frozenset[bytes]) -> frozenset[bytes]:
     # "Connection: host" or "Connection: content-length" must not strip what routing
     # and framing depend on (a known way to desync proxies and backends).
     return frozenset(named - {b"host", b"content-length"})
@@ -179,20 +235,47 @@ def client_trusted(client_ip: str, trusted: tuple[ipaddress.IPv4Network | ipaddr
     return any(addr in net for net in trusted)
 
 
+# What outbound_head never copies from the client: hop-by-hop fields, the client's own
+# framing and Expect (re-declared by us), and for untrusted clients the forwarding fields.
+_SKIP_TRUSTED = HOP_BY_HOP | {b"content-length", b"expect"}
+_SKIP_UNTRUSTED = _SKIP_TRUSTED | FORWARDING
+
+
+_BLOCKS: dict[tuple[str, bytes, str, bytes], bytes] = {}  # see _forwarding_block
+
+
+def _forwarding_block(client_ip: str, host_header: bytes, version: str, via: bytes) -> bytes:
+    """The X-Forwarded-*, Forwarded and Via lines for an untrusted client: they depend on
+    nothing else, and a keep-alive connection asks for the same ones every request."""
+    key = (client_ip, host_header, version, via)
+    block = _BLOCKS.get(key)
+    if block is None:
+        ip = client_ip.encode()
+        node = b'"[' + ip + b']"' if b":" in ip else ip
+        block = (b"X-Forwarded-For: " + ip + b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: " + host_header
+                 + b"\r\nForwarded: for=" + node + b";proto=http;host=\"" + host_header.replace(b'"', b"")
+                 + b"\"\r\nVia: " + version.encode() + b" " + via + b"\r\n")
+        if len(_BLOCKS) >= _MEMO_MAX:
+            _BLOCKS.clear()
+        _BLOCKS[key] = block
+    return block
+
+
 def outbound_head(req: RequestHead, client_ip: str, trusted: bool, via: bytes) -> bytes:
     """The request head sent upstream: hop-by-hop removed, forwarding headers set,
     framing re-declared (Content-Length or chunked, never the client's raw framing)."""
-    drop = HOP_BY_HOP | _connection_named(req.headers) if any(k.lower() == b"connection" for k, _ in req.headers) else HOP_BY_HOP
+    names = req.names if req.names or not req.headers else tuple(k.lower() for k, _ in req.headers)
+    connection = req.connection if req.names or not req.headers else _connection_named(req.headers)
+    skip = _SKIP_UNTRUSTED if not trusted else _SKIP_TRUSTED
+    if connection:
+        skip = skip | _droppable(connection)
     lines = [f"{req.method} {req.path}".encode() + req.query + b" HTTP/1.1\r\n"]
     xff: bytes | None = None
     fwd: bytes | None = None
-    for k, v in req.headers:
-        lk = k.lower()
-        if lk in drop or lk == b"content-length" or lk == b"expect":
+    for (k, v), lk in zip(req.headers, names, strict=True):
+        if lk in skip:
             continue
-        if lk in FORWARDING:
-            if not trusted:
-                continue  # spoofed by an untrusted client: drop (RFC 7239 8.1)
+        if trusted and lk in FORWARDING:
             if lk == b"x-forwarded-for":
                 xff = v if xff is None else xff + b", " + v
                 continue
@@ -200,24 +283,33 @@ def outbound_head(req: RequestHead, client_ip: str, trusted: bool, via: bytes) -
                 fwd = v if fwd is None else fwd + b", " + v
                 continue
         lines.append(k + b": " + v + b"\r\n")
-    ip = client_ip.encode()
-    lines.append(b"X-Forwarded-For: " + (xff + b", " + ip if xff else ip) + b"\r\n")
-    if not trusted or not req.header(b"x-forwarded-proto"):
-        lines.append(b"X-Forwarded-Proto: http\r\n")
-    if not trusted or not req.header(b"x-forwarded-host"):
-        lines.append(b"X-Forwarded-Host: " + req.host_header + b"\r\n")
-    node = b'"[' + ip + b']"' if b":" in ip else ip
-    this_hop = b"for=" + node + b";proto=http;host=\"" + req.host_header.replace(b'"', b"") + b"\""
-    lines.append(b"Forwarded: " + (fwd + b", " + this_hop if fwd else this_hop) + b"\r\n")
-    lines.append(b"Via: " + (req.version.encode()) + b" " + via + b"\r\n")
+    if not trusted:
+        lines.append(_forwarding_block(client_ip, req.host_header, req.version, via))
+    else:
+        _trusted_forwarding(lines, req, client_ip, xff, fwd, via)
     if req.upgrade is not None:
         lines.append(b"Connection: upgrade\r\nUpgrade: " + req.upgrade + b"\r\n")
     elif req.chunked:
         lines.append(b"Transfer-Encoding: chunked\r\n")
     elif req.content_length is not None:
-        lines.append(b"Content-Length: " + str(req.content_length).encode() + b"\r\n")
+        lines.append(b"Content-Length: %d\r\n" % req.content_length)
     lines.append(b"\r\n")
     return b"".join(lines)
+
+
+def _trusted_forwarding(lines: list[bytes], req: RequestHead, client_ip: str, xff: bytes | None, fwd: bytes | None,
+                        via: bytes) -> None:
+    """Forwarding lines for a trusted proxy: its X-Forwarded-* and Forwarded extended."""
+    ip = client_ip.encode()
+    lines.append(b"X-Forwarded-For: " + (xff + b", " + ip if xff else ip) + b"\r\n")
+    if not req.header(b"x-forwarded-proto"):
+        lines.append(b"X-Forwarded-Proto: http\r\n")
+    if not req.header(b"x-forwarded-host"):
+        lines.append(b"X-Forwarded-Host: " + req.host_header + b"\r\n")
+    node = b'"[' + ip + b']"' if b":" in ip else ip
+    this_hop = b"for=" + node + b";proto=http;host=\"" + req.host_header.replace(b'"', b"") + b"\""
+    lines.append(b"Forwarded: " + (fwd + b", " + this_hop if fwd else this_hop) + b"\r\n")
+    lines.append(b"Via: " + (req.version.encode()) + b" " + via + b"\r\n")
 
 
 def response_head(
@@ -229,18 +321,48 @@ def response_head(
     keep_alive: bool,
     tunnel: bool = False,
     http10: bool = False,
+    copy_length: bool = False,
 ) -> bytes:
     """The response head sent to the client. `framing` is the header line (with CRLF)
-    that declares the body as we will send it, or b"" for bodiless responses."""
-    drop = HOP_BY_HOP | _connection_named(tuple(headers))
-    lines = [b"HTTP/1.1 " + str(status).encode() + b" " + reason + b"\r\n"]
+    that declares the body as we will send it, or b"" for bodiless responses.
+    `copy_length`: when `framing` is b"", declare the upstream's first Content-Length
+    (stripped) instead (length-framed bodies, and HEAD/304 answers)."""
+    lines = [b"HTTP/1.1 %d " % status + reason + b"\r\n"]
+    length: bytes | None = None
+    named: set[bytes] | None = None
     for k, v in headers:
         lk = k.lower()
-        if lk == b"content-length" or (lk in drop and not (tunnel and lk == b"upgrade")):
+        if lk == b"content-length":
+            if length is None:
+                length = v
             continue
+        if lk in HOP_BY_HOP:
+            if lk == b"connection":
+                for t in v.split(b","):
+                    t = t.strip().lower()
+                    if t not in HOP_BY_HOP:  # "keep-alive", "close": already dropped
+                        if named is None:
+                            named = set()
+                        named.add(t)
+            if not (tunnel and lk == b"upgrade"):
+                continue
         lines.append(k + b": " + v + b"\r\n")
+    if named:
+        # Other fields named by Connection are hop-by-hop too: drop them (a rare second pass).
+        drop = _droppable(named)
+        if drop:
+            kept = [lines[0]]
+            for k, v in headers:
+                lk = k.lower()
+                if lk == b"content-length" or (lk in HOP_BY_HOP and not (tunnel and lk == b"upgrade")) or lk in drop:
+                    continue
+                kept.append(k + b": " + v + b"\r\n")
+            lines = kept
     lines.append(b"Via: 1.1 " + via + b"\r\n")
-    lines.append(framing)
+    if framing:
+        lines.append(framing)
+    elif copy_length and length is not None:
+        lines.append(b"Content-Length: " + length.strip() + b"\r\n")
     if tunnel:
         lines.append(b"Connection: upgrade\r\n")
     elif not keep_alive:

@@ -37,13 +37,15 @@ class Sink(Protocol):
     def upstream_failed(self, exc: Exception, got_bytes: bool) -> None: ...
     def tunnel_data(self, data: bytes) -> None: ...
     def upstream_write_paused(self, paused: bool) -> None: ...
+    def hold_writes(self) -> None: ...
+    def flush_writes(self) -> None: ...
 
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "address", "pool", "transport", "sink", "parser", "status", "reason", "headers",
-        "head_done", "until_close", "got_bytes", "done", "tunnel", "idle_timer", "reused",
-        "write_paused", "lost", "checked_out",
+        "head_done", "until_close", "got_bytes", "done", "tunnel", "idle_since", "reused",
+        "write_paused", "lost", "checked_out", "slot",
     )
 
     def __init__(self, address: Address, pool: UpstreamPool) -> None:
@@ -60,11 +62,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = False
         self.done = False
         self.tunnel = False
-        self.idle_timer: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0  # loop time it was parked; UpstreamPool._sweep closes it after idle_timeout_s
         self.reused = False
         self.write_paused = False
         self.lost = False
         self.checked_out = False
+        self.slot: _Slot | None = None  # the pool's state for `address`, once looked up
 
     # --- asyncio.Protocol ---------------------------------------------------------
 
@@ -73,7 +76,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        self._cancel_idle()
         self.pool.forget(self)
         sink, self.sink = self.sink, None
         if sink is None:
@@ -110,6 +112,9 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.got_bytes = True
         assert self.parser is not None
+        # Everything this read makes us send the client (head, body, end) goes out as
+        # one write: one syscall instead of two or three for a small response.
+        sink.hold_writes()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -120,6 +125,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(BadGateway(f"bad response framing from upstream: {exc}"))
         except BadGateway as exc:
             self._fail(exc)
+        finally:
+            sink.flush_writes()
 
     # --- parser callbacks ---------------------------------------------------------
 
@@ -184,7 +191,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     def start(self, sink: Sink, head: bytes) -> None:
         """Attach an exchange and send its request head."""
-        self._cancel_idle()
         self.sink = sink
         self.parser = httptools.HttpResponseParser(self)
         self.status = 0
@@ -221,23 +227,16 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool.park(self)
 
     def close(self) -> None:
-        self._cancel_idle()
         self.sink = None
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         self.pool.forget(self)
 
     def abort(self) -> None:
-        self._cancel_idle()
         self.sink = None
         if self.transport is not None:
             self.transport.abort()
         self.pool.forget(self)
-
-    def _cancel_idle(self) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
 
     def set_reading(self, on: bool) -> None:
         if self.transport is None or self.lost:
@@ -251,6 +250,20 @@ class UpstreamConnection(asyncio.Protocol):
             pass
 
 
+class _Slot:
+    """Per-address pool state, reached through one dict lookup per request (and none
+    when a connection comes back: it keeps a reference to its slot)."""
+
+    __slots__ = ("address", "idle", "busy", "limit", "waiters")
+
+    def __init__(self, address: Address) -> None:
+        self.address = address
+        self.idle: collections.deque[UpstreamConnection] = collections.deque()  # oldest on the left
+        self.busy = 0
+        self.limit = 0
+        self.waiters: collections.deque[Callable[[UpstreamConnection | Exception], None]] = collections.deque()
+
+
 class UpstreamPool:
     """Keep-alive connections per upstream address, with a cap on how many are in use.
 
@@ -260,7 +273,7 @@ class UpstreamPool:
     retransmission back-off for tens of seconds. Like HAProxy's per-server `maxconn`,
     requests beyond the cap wait here, in order, for a connection to come free.
 
-    Accounting: `busy[address]` counts connections being opened or carrying an
+    Accounting: a slot's `busy` counts connections being opened or carrying an
     exchange. A connection is counted from checkout until it is parked, closed or lost
     (`_checkin` is idempotent, and `connection_lost` always calls it, so a forgotten
     close can never leak a slot).
@@ -272,82 +285,92 @@ class UpstreamPool:
         self.max_idle = max_idle_per_address
         self.idle_timeout_s = idle_timeout_s
         self.connect_timeout_s = connect_timeout_s
-        self.idle: dict[Address, collections.deque[UpstreamConnection]] = {}
-        self.busy: dict[Address, int] = {}
-        self.limits: dict[Address, int] = {}
-        self.waiters: dict[Address, collections.deque[Callable[[UpstreamConnection | Exception], None]]] = {}
+        self.slots: dict[Address, _Slot] = {}
+        # One timer for all idle connections (not a call_later per parked connection,
+        # which would cost a timer per request): armed for the oldest idle deadline.
+        self.sweeper: asyncio.TimerHandle | None = None
+
+    def _slot(self, address: Address) -> _Slot:
+        slot = self.slots.get(address)
+        if slot is None:
+            slot = self.slots[address] = _Slot(address)
+        return slot
+
+    def busy(self, address: Address) -> int:
+        """Connections to `address` being opened or in use."""
+        slot = self.slots.get(address)
+        return slot.busy if slot is not None else 0
 
     def request(self, address: Address, limit: int, deliver: Callable[[UpstreamConnection | Exception], None]) -> None:
         """Get a connection to `address` for one exchange: `deliver` is called with it
         (maybe at once), or with an exception if connecting failed. `limit` 0 = no cap."""
-        self.limits[address] = limit
-        if limit and self.busy.get(address, 0) >= limit:
-            self.waiters.setdefault(address, collections.deque()).append(deliver)
+        slot = self._slot(address)
+        slot.limit = limit
+        if limit and slot.busy >= limit:
+            slot.waiters.append(deliver)
             return
-        self._serve(address, deliver)
+        self._serve(slot, deliver)
 
-    def _serve(self, address: Address, deliver: Callable[[UpstreamConnection | Exception], None]) -> None:
-        conn = self._take_idle(address)
+    def _serve(self, slot: _Slot, deliver: Callable[[UpstreamConnection | Exception], None]) -> None:
+        conn = self._take_idle(slot)
         if conn is not None:
             deliver(conn)
             return
-        self.busy[address] = self.busy.get(address, 0) + 1
-        task = self.loop.create_task(self.connect(address))
-        task.add_done_callback(functools.partial(self._connected, address, deliver))
+        slot.busy += 1
+        task = self.loop.create_task(self.connect(slot.address))
+        task.add_done_callback(functools.partial(self._connected, slot, deliver))
 
-    def _connected(self, address: Address, deliver: Callable[[UpstreamConnection | Exception], None],
+    def _connected(self, slot: _Slot, deliver: Callable[[UpstreamConnection | Exception], None],
                    task: asyncio.Task[UpstreamConnection]) -> None:
         if task.cancelled():
-            self._uncount(address)
+            self._uncount(slot)
             deliver(BadGateway("connect cancelled"))
             return
         exc = task.exception()
         if exc is not None:
-            self._uncount(address)
+            self._uncount(slot)
             deliver(exc if isinstance(exc, Exception) else BadGateway(str(exc)))
             return
         conn = task.result()
         conn.checked_out = True  # counted in busy since the connect began
         if conn.lost:
             self._checkin(conn)
-            deliver(BadGateway(f"{address} closed the connection at once"))
+            deliver(BadGateway(f"{slot.address} closed the connection at once"))
             return
         deliver(conn)
 
-    def _take_idle(self, address: Address) -> UpstreamConnection | None:
-        idle = self.idle.get(address)
+    def _take_idle(self, slot: _Slot) -> UpstreamConnection | None:
+        idle = slot.idle
         while idle:
             conn = idle.pop()  # most recently used: warmest, least likely to be timed out
-            conn._cancel_idle()
             if not conn.lost and conn.transport is not None and not conn.transport.is_closing():
                 conn.reused = True
                 conn.checked_out = True
-                self.busy[address] = self.busy.get(address, 0) + 1
+                slot.busy += 1
                 return conn
         return None
 
-    def _uncount(self, address: Address) -> None:
-        n = self.busy.get(address, 0) - 1
-        if n > 0:
-            self.busy[address] = n
-        else:
-            self.busy.pop(address, None)
-        self._wake(address)
+    def _uncount(self, slot: _Slot) -> None:
+        if slot.busy > 0:
+            slot.busy -= 1
+        if slot.waiters:
+            self._wake(slot)
+
+    def _slot_of(self, conn: UpstreamConnection) -> _Slot:
+        slot = conn.slot
+        if slot is None:
+            slot = conn.slot = self._slot(conn.address)
+        return slot
 
     def _checkin(self, conn: UpstreamConnection) -> None:
         if conn.checked_out:
             conn.checked_out = False
-            self._uncount(conn.address)
+            self._uncount(self._slot_of(conn))
 
-    def _wake(self, address: Address) -> None:
-        waiters = self.waiters.get(address)
-        if not waiters:
-            return
-        limit = self.limits.get(address, 0)
-        while waiters and (not limit or self.busy.get(address, 0) < limit):
-            self._serve(address, waiters.popleft())
-        if not waiters:
-            self.waiters.pop(address, None)
+    def _wake(self, slot: _Slot) -> None:
+        waiters = slot.waiters
+        while waiters and (not slot.limit or slot.busy < slot.limit):
+            self._serve(slot, waiters.popleft())
 
     async def connect(self, address: Address) -> UpstreamConnection:
         """Open a new connection; raise BadGateway when refused or too slow."""
@@ -364,45 +387,71 @@ class UpstreamPool:
         return proto
 
     def park(self, conn: UpstreamConnection) -> None:
-        waiters = self.waiters.get(conn.address)
-        if waiters:
+        slot = self._slot_of(conn)
+        if slot.waiters:
             # Hand it to the next request in line (it stays checked out), on the next
             # loop turn: we may still be inside the previous response's parser callback.
-            deliver = waiters.popleft()
+            deliver = slot.waiters.popleft()
             conn.reused = True
             self.loop.call_soon(self._hand_over, conn, deliver)
             return
         self._checkin(conn)
-        idle = self.idle.setdefault(conn.address, collections.deque())
+        idle = slot.idle
         if len(idle) >= self.max_idle:
             conn.close()
             return
-        idle.append(conn)
-        conn.idle_timer = self.loop.call_later(self.idle_timeout_s, conn.close)
+        conn.idle_since = self.loop.time()
+        idle.append(conn)  # oldest on the left, as _sweep expects
+        if self.sweeper is None:
+            self.sweeper = self.loop.call_at(conn.idle_since + self.idle_timeout_s, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections idle for idle_timeout_s; re-arm for the next deadline."""
+        self.sweeper = None
+        now = self.loop.time()
+        timeout = self.idle_timeout_s
+        next_due: float | None = None
+        for slot in list(self.slots.values()):
+            idle = slot.idle
+            while idle and idle[0].idle_since + timeout <= now:
+                idle.popleft().close()
+            if idle:
+                due = idle[0].idle_since + timeout
+                next_due = due if next_due is None else min(next_due, due)
+        if next_due is not None:
+            self.sweeper = self.loop.call_at(next_due, self._sweep)
 
     def _hand_over(self, conn: UpstreamConnection, deliver: Callable[[UpstreamConnection | Exception], None]) -> None:
         if conn.lost or conn.transport is None or conn.transport.is_closing():
             self._checkin(conn)  # it died in between: this waiter gets a fresh connection
-            self._serve(conn.address, deliver)
+            self._serve(self._slot_of(conn), deliver)
             return
         deliver(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
-        idle = self.idle.get(conn.address)
-        if idle:
+        slot = self.slots.get(conn.address)
+        if slot is not None and slot.idle:
             try:
-                idle.remove(conn)
+                slot.idle.remove(conn)
             except ValueError:
                 pass
         self._checkin(conn)
 
     def close_address(self, address: Address) -> None:
         """An instance went away: drop its idle connections and fail its waiters."""
-        for conn in list(self.idle.pop(address, ())):
+        slot = self.slots.get(address)
+        if slot is None:
+            return
+        idle, slot.idle = list(slot.idle), collections.deque()
+        for conn in idle:
             conn.close()
-        for deliver in self.waiters.pop(address, ()):
+        waiters, slot.waiters = list(slot.waiters), collections.deque()
+        for deliver in waiters:
             deliver(BadGateway(f"{address} went away"))
 
     def close_all(self) -> None:
-        for address in list(self.idle):
+        for address in list(self.slots):
             self.close_address(address)
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            self.sweeper = None
