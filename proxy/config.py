@@ -52,6 +52,8 @@ class ProxySettings:
     header_timeout_s: float = 10.0  # slowloris bound, nginx client_header_timeout is 60s
     keepalive_timeout_s: float = 60.0  # idle client keep-alive (nginx 75s)
     body_timeout_s: float = 60.0  # gap between two reads of a request body
+    send_timeout_s: float = 60.0  # a client that reads none of its response for this long is cut off
+    request_buffer_bytes: int = 128 * 1024  # bodies up to this size are read whole before a replica is taken
     max_body_bytes: int = 64 * 1024 * 1024
     max_connections: int = 10_000
     max_inflight: int = 5_000
@@ -280,6 +282,8 @@ _PROXY_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "header_timeout": ("header_timeout_s", parse_duration),
     "keepalive_timeout": ("keepalive_timeout_s", parse_duration),
     "body_timeout": ("body_timeout_s", parse_duration),
+    "send_timeout": ("send_timeout_s", parse_duration),
+    "request_buffer_bytes": ("request_buffer_bytes", parse_size),
     "max_body_bytes": ("max_body_bytes", parse_size),
     "max_connections": ("max_connections", _at_least_one),
     "max_inflight": ("max_inflight", _at_least_one),

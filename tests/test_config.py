@@ -125,7 +125,7 @@ def test_unknown_key(tmp_path):
                             "max_header_count", "header_timeout", "keepalive_timeout", "body_timeout",
                             "max_body_bytes", "max_connections", "max_inflight", "connect_timeout",
                             "upstream_timeout", "upstream_idle_timeout", "upstream_pool_size", "drain_timeout",
-                            "server_name"])) + ")"
+                            "server_name", "send_timeout", "request_buffer_bytes"])) + ")"
     ]
 
 

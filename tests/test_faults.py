@@ -725,9 +725,6 @@ def test_a_slow_reader_of_a_large_response_is_bounded(tmp_path: Path, upstream_p
             c.close()
 
 
-@pytest.mark.xfail(strict=True, reason="no send timeout: a client that stops reading a response holds its "
-                                       "connection and upstream forever (proxy/http/front.py has no write deadline, "
-                                       "proxy/config.py no send_timeout key)")
 @pytest.mark.timeout(30)
 def test_a_reader_that_never_reads_is_cut_off(tmp_path: Path, upstream_port: int, summons: list[Summon]) -> None:
     s = Summon(tmp_path, static_route(upstream_port), 'send_timeout = "2s"').start()
@@ -741,10 +738,6 @@ def test_a_reader_that_never_reads_is_cut_off(tmp_path: Path, upstream_port: int
     c.close()
 
 
-@pytest.mark.xfail(strict=True, reason="body_timeout is only the gap between two reads: a body trickled a byte "
-                                       "per second is never cut off, and holds a replica slot (max_conns) while it "
-                                       "is streamed, so a few such clients starve a summoned route "
-                                       "(proxy/http/front.py ClientConnection._on_body_timeout / data_received)")
 @pytest.mark.timeout(40)
 def test_slow_bodies_cannot_starve_a_route(tmp_path: Path, summons: list[Summon]) -> None:
     script = tmp_path / "upstream.py"

@@ -39,6 +39,7 @@ class Lease(Protocol):
 
 class Exchange:
     __slots__ = (
+        "waiting_for_body",
         "client", "head", "route", "method", "lease", "upstream", "out_head", "body_buf", "body_buf_bytes",
         "body_done", "body_bytes", "body_sent", "attached", "response_started", "client_framing",
         "keep_alive", "finished", "response_deadline", "retries", "continue_sent", "tunnel",
@@ -75,6 +76,7 @@ class Exchange:
         self.tunnel_buf: list[bytes] = []
         self.error = error  # answered with this instead of being forwarded (404, shed)
         self.counted = False
+        self.waiting_for_body = False
 
     # --- getting a replica ---------------------------------------------------------
 
@@ -82,6 +84,13 @@ class Exchange:
         state = self.client.state
         if self.error is not None or self.route is None:
             self.fail(self.error or Unavailable("no route"))
+            return
+        head = self.head
+        if (not self.body_done and not head.expect_continue and head.content_length is not None
+                and head.content_length <= min(state.config.request_buffer_bytes, _BUFFER_HIGH - 1)):
+            # Like nginx's request buffering: read a small body whole before taking a
+            # replica, so a client trickling its upload cannot hold a slot (max_conns).
+            self.waiting_for_body = True
             return
         try:
             client = self.client
@@ -178,6 +187,11 @@ class Exchange:
         if self.body_done:
             return
         self.body_done = True
+        if self.waiting_for_body:
+            self.waiting_for_body = False
+            if not self.finished:
+                self.start()
+            return
         if self.attached:
             self._request_sent()
 

@@ -118,6 +118,7 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel: Exchange | None = None
         self.read_paused_by: set[str] = set()
         self.write_paused = False
+        self.write_paused_at = 0.0
         self.waiting: set[asyncio.Future[Lease]] = set()
         self.requests_served = 0
         self.deferred_error: ClientError | None = None
@@ -214,6 +215,7 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.write_paused_at = self.state.loop.time()
         ex = self.active
         if ex is not None and ex.upstream is not None:
             ex.upstream.set_reading(False)
@@ -499,6 +501,10 @@ class ClientConnection(asyncio.Protocol):
         if ex is not None and ex.response_deadline is not None and now >= ex.response_deadline:
             ex.response_deadline = None
             ex.response_timeout()
+        if self.write_paused and now - self.write_paused_at >= self.cfg.send_timeout_s:
+            # a client that stopped reading: it would hold this connection and an
+            # upstream connection (a replica slot) for ever
+            self.abort()
 
     def _on_header_timeout(self) -> None:
         if self.active is None and not self.head_started:
