@@ -177,7 +177,7 @@ def _raw_libvirt(kind: str, runs: int) -> tuple[list[float], int | None]:
             for i in range(runs):
                 t0 = time.perf_counter()
                 handle = await backend.start(InstanceSpec(f"raw{kind}{i}", route, host, image, kind))
-                while _http_status(handle.address.port, timeout=1.0) != 200:
+                while _http_status(handle.address.port, timeout=0.1) != 200:  # short: a guest not up yet can hang a connection
                     await asyncio.sleep(0.002)
                 times.append(time.perf_counter() - t0)
                 if rss is None:

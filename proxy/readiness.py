@@ -52,12 +52,18 @@ async def wait_ready(
     path: str,
     deadline: float,
     exited: asyncio.Future[str] | None = None,
-    attempt_timeout_s: float = 1.0,
+    attempt_timeout_s: float = 2.0,
 ) -> str | None:
-    """Return None once the instance answers below 500, else the reason it never did."""
+    """Return None once the instance answers below 500, else the reason it never did.
+
+    Each attempt's own timeout starts short (100 ms) and doubles whenever an attempt
+    times out, up to `attempt_timeout_s`: a connection QEMU accepted for a guest that is
+    not up yet can hang, and a long first wait would be charged to the cold request;
+    a health endpoint that is merely slow still gets its time after a few attempts."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     delay = 0.0005
+    attempt_s = min(0.1, attempt_timeout_s)
     last = "no answer"
     while True:
         if exited is not None and exited.done():
@@ -65,9 +71,12 @@ async def wait_ready(
         remaining = deadline - loop.time()
         if remaining <= 0:
             return f"not ready in time ({last})"
-        status = await probe_once(address, path, min(attempt_timeout_s, remaining))
+        t0 = loop.time()
+        status = await probe_once(address, path, min(attempt_s, remaining))
         if status is not None and status < 500:
             return None
+        if status is None and loop.time() - t0 >= attempt_s * 0.9:
+            attempt_s = min(attempt_s * 2, attempt_timeout_s)  # it timed out rather than being refused
         last = f"health check answered {status}" if status is not None else "no answer"
         await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
         if loop.time() - started > 0.05:

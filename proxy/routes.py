@@ -134,8 +134,17 @@ class RouteTable:
         return len(self.routes)
 
     def lookup(self, host: str, path: str) -> Route:
+        """`find`, raising NotFound (-> 404) when nothing matches."""
+        route = self.find(host, path)
+        if route is None:
+            raise NotFound(f"no route for {host}{path}")
+        return route
+
+    def find(self, host: str, path: str) -> Route | None:
         """Most specific host first (exact, longest wildcard, any), then exact URL,
-        then longest prefix. `host` is the lower-cased Host header without port."""
+        then longest prefix. `host` is the lower-cased Host header without port.
+        A miss is None: raising is left to the caller (an exception costs more than
+        the whole lookup)."""
         table = self._exact_hosts.get(host)
         if table is not None:
             route = table.match(path)
@@ -150,10 +159,7 @@ class RouteTable:
                     if route is not None:
                         return route
                 dot = host.find(".", dot + 1)
-        route = self._any.match(path)
-        if route is not None:
-            return route
-        raise NotFound(f"no route for {host}{path}")
+        return self._any.match(path)
 
 
 def host_without_port(host: bytes) -> str:
