@@ -56,10 +56,10 @@ async def wait_ready(
 ) -> str | None:
     """Return None once the instance answers below 500, else the reason it never did.
 
-    Each attempt's own timeout starts short (100 ms) and doubles whenever an attempt
-    times out, up to `attempt_timeout_s`: a connection QEMU accepted for a guest that is
-    not up yet can hang, and a long first wait would be charged to the cold request;
-    a health endpoint that is merely slow still gets its time after a few attempts."""
+    Each attempt's own timeout stays short (100 ms) for the first 10 s: a connection QEMU
+    accepted for a guest that is not up yet can hang, and a long wait on it would be
+    charged to the cold request. After that it doubles on every timed-out attempt, up to
+    `attempt_timeout_s`, so a health endpoint that is merely slow still gets its time."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     delay = 0.0005
@@ -75,9 +75,9 @@ async def wait_ready(
         status = await probe_once(address, path, min(attempt_s, remaining))
         if status is not None and status < 500:
             return None
-        if status is None and loop.time() - t0 >= attempt_s * 0.9:
+        if status is None and loop.time() - t0 >= attempt_s * 0.9 and loop.time() - started > 10.0:
             attempt_s = min(attempt_s * 2, attempt_timeout_s)  # it timed out rather than being refused
         last = f"health check answered {status}" if status is not None else "no answer"
         await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
         if loop.time() - started > 0.05:
-            delay = min(delay * 1.5, 0.1)  # slow boots (VMs): back off, no busy loop
+            delay = min(delay * 1.5, 0.02)  # slow boots (VMs): back off a little, no busy loop
