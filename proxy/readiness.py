@@ -1,11 +1,12 @@
 """Is a freshly started instance ready? Ask it over HTTP, the same way for every driver.
 
-How this works: connect (a plain non-blocking socket: cheaper than streams), send ``GET <health_path>``, and parse the status line with
-h11 (clarity over speed: this runs once per boot). Any status below 500 means the
-application answers. Until then retry with a short back-off that polls every 0.5 ms (so
-the proxy adds little to a fast boot) for the first 50 ms, then grows to 100 ms (so a slow VM boot does not
-cost a busy loop). A port forwarded by QEMU accepts connections before the guest is
-up, so each attempt also has its own timeout.
+How this works: connect (a plain non-blocking socket: cheaper than streams), send
+``GET <health_path>`` and parse the status line with h11 (clarity over speed: this runs
+once per boot). Any status below 500 means the application answers. Until then retry:
+every 0.5 ms for the first 50 ms (so the proxy adds little to a fast process boot), then
+backing off to at most 5 ms (a VM boot takes seconds; a probe costs microseconds). A port
+forwarded by QEMU accepts connections before the guest is up, so each attempt also has
+its own short timeout (see `wait_ready`).
 """
 
 from __future__ import annotations
@@ -80,4 +81,4 @@ async def wait_ready(
         last = f"health check answered {status}" if status is not None else "no answer"
         await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
         if loop.time() - started > 0.05:
-            delay = min(delay * 1.5, 0.02)  # slow boots (VMs): back off a little, no busy loop
+            delay = min(delay * 1.5, 0.005)  # slow boots (VMs): back off a little, no busy loop
