@@ -10,6 +10,7 @@ from .cli_common import load_or_report
 from .cli_events import add_parsers as add_event_parsers
 from .cli_images import add_parsers as add_image_parsers
 from .cli_routes import add_parsers as add_route_parsers
+from .config import Config
 from .events import setup_json_logging
 
 
@@ -42,13 +43,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    config = load_or_report(args.config)
-    if config is None:
-        return 2
-    if config.proxy.admin is None:
-        print("summon: [proxy] admin is disabled in this config", file=sys.stderr)
-        return 1
-    url = f"http://{_admin_url(config.proxy.admin)}/status"
+    target = _admin_target(args.config, "/status")
+    if isinstance(target, int):
+        return target
+    _config, url = target
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
             data = json.load(resp)
@@ -69,9 +67,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admin_url(config_admin: object) -> str:
-    text = str(config_admin)
-    return text.replace("0.0.0.0:", "127.0.0.1:").replace("[::]:", "[::1]:")  # a wildcard listens on loopback too
+def _admin_target(config_path: str, path: str) -> tuple[Config, str] | int:
+    """The config and the admin API URL for `path`, or the exit code after a message."""
+    config = load_or_report(config_path)
+    if config is None:
+        return 2
+    if config.proxy.admin is None:
+        print("summon: [proxy] admin is disabled in this config", file=sys.stderr)
+        return 1
+    address = str(config.proxy.admin).replace("0.0.0.0:", "127.0.0.1:").replace("[::]:", "[::1]:")  # wildcards
+    return config, f"http://{address}{path}"
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -80,13 +85,10 @@ def cmd_reload(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    config = load_or_report(args.config)
-    if config is None:
-        return 2
-    if config.proxy.admin is None:
-        print("summon: [proxy] admin is disabled in this config", file=sys.stderr)
-        return 1
-    url = f"http://{_admin_url(config.proxy.admin)}/reload"
+    target = _admin_target(args.config, "/reload")
+    if isinstance(target, int):
+        return target
+    config, url = target
     req = urllib.request.Request(url, data=b"", method="POST")
     if config.proxy.admin_token:
         req.add_header("Authorization", f"Bearer {config.proxy.admin_token}")

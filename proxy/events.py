@@ -64,6 +64,9 @@ _COLUMNS = "ts, kind, route, instance, image_digest, host, region, duration_s, d
 #: `proxy.stats` replay these.
 START_KINDS = frozenset({"summoned"})
 END_KINDS = frozenset({"stopped", "failed"})
+# `summon serve` starting: whatever an earlier run left "running" in the log is gone by
+# then (children die with their parent, orphan domains are reaped), so it ends here.
+RESET_KINDS = frozenset({"startup"})
 
 
 @dataclass(frozen=True)
@@ -206,14 +209,18 @@ class EventReader:
         streams the lifecycle rows and keeps only the open instances in memory.
         """
         kinds = sorted(START_KINDS | END_KINDS)
-        sql = (f"SELECT {_COLUMNS} FROM events WHERE ts < ? AND instance != '' "
-               f"AND kind IN ({', '.join('?' * len(kinds))}) ORDER BY ts, id")
+        resets = sorted(RESET_KINDS)
+        sql = (f"SELECT {_COLUMNS} FROM events WHERE ts < ? AND ((instance != '' "
+               f"AND kind IN ({', '.join('?' * len(kinds))})) OR kind IN ({', '.join('?' * len(resets))})) "
+               "ORDER BY ts, id")
         running: dict[tuple[str, str], Event] = {}
         with self._connect() as conn:
-            for row in conn.execute(sql, [t, *kinds]):
+            for row in conn.execute(sql, [t, *kinds, *resets]):
                 ev = _event(row)
                 key = (ev.route, ev.instance)
-                if ev.kind in START_KINDS:
+                if ev.kind in RESET_KINDS:
+                    running.clear()
+                elif ev.kind in START_KINDS:
                     running[key] = ev
                 else:
                     running.pop(key, None)

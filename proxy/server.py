@@ -423,6 +423,10 @@ def serve(config: Config) -> int:
     """Run the proxy until SIGTERM; returns the exit code."""
     import uvloop
 
+    # Mark the start in the event log before any worker summons anything: instances an
+    # earlier run left "running" there (it was killed) end here, for `summon stats`.
+    with EventLog(config.events_path, config.events_retention_s, config.events_max_rows) as events:
+        events.record(Event(kind="startup", detail={"pid": os.getpid(), "workers": config.proxy.workers}))
     workers = config.proxy.workers
     reuse = workers > 1
     if workers == 1:

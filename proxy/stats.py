@@ -34,7 +34,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
-from .events import END_KINDS, START_KINDS, Event
+from .events import END_KINDS, RESET_KINDS, START_KINDS, Event
 
 TOTAL = "(all)"
 
@@ -122,6 +122,12 @@ def compute(events: Iterable[Event], *, now: float, since: float | None = None) 
             window_open = True
             for acc in (*routes.values(), total):
                 acc.peak = max(acc.peak, len(acc.running))
+        if ev.kind in RESET_KINDS:  # a new `summon serve`: the previous run's instances are gone
+            for a in (*routes.values(), total):
+                for since_ts in a.running.values():
+                    charge(a, since_ts, ev.ts)
+                a.running.clear()
+            continue
         acc = routes.setdefault(ev.route, _Acc())
         inside = ev.ts >= start
         if inside:

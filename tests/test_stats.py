@@ -239,3 +239,19 @@ def test_parse_since() -> None:
 
 def test_format_events_empty() -> None:
     assert format_events([]) == ""
+
+
+def test_a_restart_ends_the_instances_a_killed_run_left_open() -> None:
+    from proxy.events import Event
+    from proxy.stats import compute
+
+    events = [
+        Event(kind="summoned", route="r", instance="a", ts=100.0),
+        Event(kind="startup", ts=130.0),  # the proxy was SIGKILLed; a new one starts
+        Event(kind="summoned", route="r", instance="b", ts=140.0),
+        Event(kind="stopped", route="r", instance="b", ts=150.0),
+    ]
+    (row, _total) = compute(events, now=1000.0)
+    assert row.route == "r"
+    assert row.instance_seconds == 30.0 + 10.0  # not 900 s for "a" still running
+    assert row.peak_instances == 1
