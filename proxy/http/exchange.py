@@ -47,7 +47,7 @@ class Exchange:
     )
 
     def __init__(self, client: ClientConnection, head: RequestHead, route: Route | None,
-                 error: SummonError | None = None) -> None:
+                 error: SummonError | None = None, out_head: bytes | None = None) -> None:
         self.client = client
         self.head = head
         self.route = route
@@ -55,7 +55,7 @@ class Exchange:
         self.lease: Lease | None = None
         self.upstream: UpstreamConnection | None = None
         state = client.state
-        self.out_head = outbound_head(head, client.peer_ip, client.trusted, state.via)
+        self.out_head = out_head or outbound_head(head, client.peer_ip, client.trusted, state.via)
         self.body_buf: list[bytes] = []
         self.body_buf_bytes = 0
         self.body_done = not head.has_body and head.upgrade is None
@@ -244,10 +244,18 @@ class Exchange:
         if self.head.upgrade is not None and not self.tunnel:
             keep = False  # the client may already be speaking the new protocol
         self.keep_alive = keep
-        self.client.write(
-            response_head(status, reason, headers, self.client.state.via, line, keep, tunnel=self.tunnel,
-                          http10=not client_http11, copy_length=copy_length)
-        )
+        # Responses on a connection tend to repeat their head (only Date changes, once a
+        # second): keep the last one built and reuse it when everything that goes in matches.
+        client = self.client
+        key = (status, reason, line, keep, self.tunnel, client_http11, copy_length)
+        last = client.last_response
+        if last is not None and last[0] == key and last[1] == headers:
+            out = last[2]
+        else:
+            out = response_head(status, reason, headers, client.state.via, line, keep, tunnel=self.tunnel,
+                                http10=not client_http11, copy_length=copy_length)
+            client.last_response = (key, headers, out)
+        client.write(out)
         if self.tunnel:
             self.client.start_tunnel(self)
 

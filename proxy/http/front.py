@@ -19,7 +19,7 @@ import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import httptools
 
@@ -47,6 +47,11 @@ log = logging.getLogger("summon.front")
 
 class Dispatcher(Protocol):
     """What the front needs from the engine's shell: routing and replicas."""
+
+    @property
+    def table(self) -> object:
+        """The route table in force; a reload replaces it."""
+        ...
 
     def lookup(self, head: RequestHead) -> Route: ...
 
@@ -122,6 +127,8 @@ class ClientConnection(asyncio.Protocol):
         self.waiting: set[asyncio.Future[Lease]] = set()
         self.requests_served = 0
         self.deferred_error: ClientError | None = None
+        self.last_head: tuple[Any, ...] | None = None  # see on_headers_complete
+        self.last_response: tuple[Any, ...] | None = None  # see Exchange.response_head
         # Exchanges made active while the parser was being fed; started once the whole
         # read has been parsed (see `_start_soon`).
         self.feeding = False
@@ -269,9 +276,19 @@ class ClientConnection(asyncio.Protocol):
         raw_method = p.get_method()
         method = _METHODS.get(raw_method) or raw_method.decode("ascii", "replace")
         version = p.get_http_version()
+        keep_alive = p.should_keep_alive()
+        last = self.last_head
+        dispatcher = self.state.dispatcher
+        if (last is not None and last[0] == self.url and last[1] == self.headers and last[2] is method
+                and last[3] == version and last[4] == keep_alive and last[7] is dispatcher.table
+                and not self.state.draining):
+            # The same head as the previous request on this connection (keep-alive clients
+            # repeat themselves): same validation result, route and outbound bytes.
+            self._open_exchange(last[5], last[6], None, last[8])
+            return
         if version not in ("1.1", "1.0"):
             raise BadRequest(f"unsupported HTTP version {version}")
-        head = parse_head(method, self.url, version, self.headers, p.should_keep_alive(), self.cfg.max_header_count)
+        head = parse_head(method, self.url, version, self.headers, keep_alive, self.cfg.max_header_count)
         if head.content_length is not None and head.content_length > self.cfg.max_body_bytes:
             # known from the head: refuse before anything is forwarded (chunked bodies
             # are counted as they stream, in Exchange.client_body)
@@ -281,10 +298,17 @@ class ClientConnection(asyncio.Protocol):
         route: Route | None
         error: SummonError | None = None
         try:
-            route = self.state.dispatcher.lookup(head)
+            route = dispatcher.lookup(head)
         except NotFound as exc:
             route, error = None, exc  # answered in order, like any other request
-        ex = Exchange(self, head, route, error)
+        ex = self._open_exchange(head, route, error, None)
+        if error is None and not self.state.draining:
+            self.last_head = (self.url, self.headers, method, version, keep_alive, head, route,
+                              dispatcher.table, ex.out_head)
+
+    def _open_exchange(self, head: RequestHead, route: Route | None, error: SummonError | None,
+                       out_head: bytes | None) -> Exchange:
+        ex = Exchange(self, head, route, error, out_head)
         self.incoming = ex
         self.state.inflight += 1
         if head.has_body:
@@ -300,6 +324,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.pending.append(ex)
             self._set_reading("pipeline", False)
+        return ex
 
     def on_body(self, body: bytes) -> None:
         ex = self.incoming
