@@ -137,7 +137,8 @@ def summon_bin() -> Path:
     return ROOT / ".venv" / "bin" / "summon"
 
 
-def start_summon(bench: Bench, upstream_port: int) -> tuple[bl.Proc, int]:
+def start_summon(bench: Bench, upstream_port: int, name: str = "summon", extra_proxy: str = "") -> tuple[bl.Proc, int]:
+    """summon with one static route to the upstream; `extra_proxy` adds [proxy] lines."""
     exe = summon_bin()
     if not exe.exists():
         raise TargetUnavailable(f"{exe} not found (run `make setup`)")
@@ -148,7 +149,7 @@ def start_summon(bench: Bench, upstream_port: int) -> tuple[bl.Proc, int]:
         )
     port = bl.free_port(HOST)
     admin = bl.free_port(HOST)
-    d = bench.tmp / "summon"
+    d = bench.tmp / name
     d.mkdir(parents=True, exist_ok=True)
     conf = d / "summon.toml"
     conf.write_text(
@@ -156,7 +157,7 @@ def start_summon(bench: Bench, upstream_port: int) -> tuple[bl.Proc, int]:
 listen = "{HOST}:{port}"
 admin = "{HOST}:{admin}"
 workers = 1
-
+{extra_proxy}
 [events]
 path = "{d / "events.db"}"
 
@@ -167,7 +168,7 @@ path = "/"
 upstreams = ["{HOST}:{upstream_port}"]
 """
     )
-    proc = bench.procs.start("summon", [str(exe), "serve", "-c", str(conf)], cwd=d)
+    proc = bench.procs.start(name, [str(exe), "serve", "-c", str(conf)], cwd=d)
     if not bl.wait_port(HOST, port, timeout=20, alive=proc.alive):
         alive = proc.alive()
         code = bench.procs.stop(proc)
@@ -417,24 +418,29 @@ def section_proxy(bench: Bench) -> dict:
     }
 
 
-def print_proxy_table(targets: dict, goals: dict, concurrencies: list[int]) -> None:
+def print_targets_table(targets: dict, concurrencies: list[int], width: int = 10) -> None:
+    """target x concurrency: req/s, p50, p99, errors (shared by the proxy and mitm sections)."""
     print()
-    print(f"{'target':<10} {'conc':>4} {'req/s':>11} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")
-    print("-" * 55)
+    print(f"{'target':<{width}} {'conc':>4} {'req/s':>11} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")
+    print("-" * (width + 45))
     for name, t in targets.items():
         if not t.get("available"):
-            print(f"{name:<10} {'':>4} {'unavailable':>11}")
+            print(f"{name:<{width}} {'':>4} {'unavailable':>11}")
             continue
         for c in concurrencies:
             r = t["runs"].get(f"c{c}", {})
             if "error" in r:
-                print(f"{name:<10} {c:>4} {'wrk failed':>11}")
+                print(f"{name:<{width}} {c:>4} {'wrk failed':>11}")
                 continue
             print(
-                f"{name:<10} {c:>4} {fmt(r.get('requests_per_s'), 1):>11} {fmt(r.get('p50_ms'), 3):>9}"
+                f"{name:<{width}} {c:>4} {fmt(r.get('requests_per_s'), 1):>11} {fmt(r.get('p50_ms'), 3):>9}"
                 f" {fmt(r.get('p99_ms'), 3):>9} {r.get('errors', 0):>7}"
             )
     print()
+
+
+def print_proxy_table(targets: dict, goals: dict, concurrencies: list[int]) -> None:
+    print_targets_table(targets, concurrencies)
     labels = {
         "summon_over_nginx_rps_c32": "summon / nginx req/s at c32",
         "summon_over_mitmproxy_rps_c32": "summon / mitmproxy req/s at c32",

@@ -143,21 +143,7 @@ def section_mitm(bench: Any) -> dict:
 
 
 def print_table(b: Any, targets: dict, figures: dict) -> None:
-    print()
-    print(f"{'target':<12} {'conc':>4} {'req/s':>11} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")
-    print("-" * 57)
-    for name, t in targets.items():
-        if not t.get("available"):
-            print(f"{name:<12} {'':>4} {'unavailable':>11}")
-            continue
-        for c in CONCURRENCIES:
-            r = t["runs"].get(f"c{c}", {})
-            if "error" in r:
-                print(f"{name:<12} {c:>4} {'wrk failed':>11}")
-                continue
-            print(f"{name:<12} {c:>4} {b.fmt(r.get('requests_per_s'), 1):>11} {b.fmt(r.get('p50_ms'), 3):>9}"
-                  f" {b.fmt(r.get('p99_ms'), 3):>9} {r.get('errors', 0):>7}")
-    print()
+    b.print_targets_table(targets, CONCURRENCIES, width=12)
     labels = {
         "summon_over_summon_mitm_rps_c32": "summon native / summon-in-mitmproxy req/s, c32",
         "summon_over_summon_mitm_rps_c1": "summon native / summon-in-mitmproxy req/s, c1",

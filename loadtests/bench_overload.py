@@ -167,35 +167,6 @@ def _bench() -> Any:
     return main if hasattr(main, "start_upstream") else importlib.import_module("bench")
 
 
-def start_summon_limited(bench: Any, upstream_port: int) -> tuple[Any, int]:
-    bl = sys.modules["benchlib"]
-    port, admin = bl.free_port(HOST), bl.free_port(HOST)
-    d = bench.tmp / "summon-overload"
-    d.mkdir(parents=True, exist_ok=True)
-    conf = d / "summon.toml"
-    conf.write_text(f"""[proxy]
-listen = "{HOST}:{port}"
-admin = "{HOST}:{admin}"
-workers = 1
-max_inflight = 256
-max_connections = 1024
-
-[events]
-path = "{d / "events.db"}"
-
-[[route]]
-name = "bench"
-host = "*"
-path = "/"
-upstreams = ["{HOST}:{upstream_port}"]
-""")
-    exe = ROOT / ".venv" / "bin" / "summon"
-    proc = bench.procs.start("summon-overload", [str(exe), "serve", "-c", str(conf)], cwd=d)
-    if not bl.wait_port(HOST, port, timeout=20, alive=proc.alive):
-        raise RuntimeError(f"summon did not start:\n{proc.output_tail()}")
-    return proc, port
-
-
 def open_loop(bench: Any, port: int, rate: float, duration_s: float) -> dict[str, Any]:
     script = bench.tmp / "openloop.py"
     script.write_text(GENERATOR)
@@ -219,7 +190,7 @@ def section_overload(bench: Any) -> dict[str, Any]:
     quick = bool(getattr(bench.args, "quick", False))
     duration = 3.0 if quick else 8.0
     _, upstream_port = B.start_upstream(bench)
-    proc, port = start_summon_limited(bench, upstream_port)
+    proc, port = B.start_summon(bench, upstream_port, "summon-overload", "max_inflight = 256\nmax_connections = 1024\n")
     if (os.cpu_count() or 1) > 1:
         with contextlib.suppress(OSError):
             os.sched_setaffinity(proc.pid, {0})

@@ -37,10 +37,6 @@ class BoundedLoadBalancer:
     def __contains__(self, node: str) -> bool:
         return node in self.load
 
-    @property
-    def nodes(self) -> list[str]:
-        return list(self.load)
-
     def add(self, node: str) -> None:
         if node not in self.load:
             self.ring.add_node(node)

@@ -217,7 +217,6 @@ class Fleet:
             out.append(Record("rejected", route, detail={"reason": "backoff"}))
             return out
         pool.queue[request_id] = Waiting(key, region, now + pool.route.boot_timeout_s)
-        pool.scaler.last_demand = now
         if not pool.count(State.BOOTING) and not pool.reclaim_pending:
             self._boot(pool, region, now, "cold request", out)
             if not pool.count(State.BOOTING) and not pool.reclaim_pending:
@@ -497,7 +496,6 @@ class Fleet:
         inst.inflight += 1
         inst.last_used = now
         pool.balancer.acquire(inst.id)
-        pool.scaler.last_demand = now
         demand = pool.scaler.region_demand
         demand[region] = demand.get(region, 0.0) + 1.0
 

@@ -51,7 +51,6 @@ class ScalerState:
     panic: _Window | None = None
     panic_until: float = 0.0
     below_since: float | None = None
-    last_demand: float = 0.0
     region_demand: dict[str, float] = field(default_factory=dict)
 
 

@@ -302,8 +302,8 @@ class Exchange:
                 and self.head.idempotent):
             # Nothing of the response reached us, no body byte left and the method is
             # idempotent (the head did reach the replica, which may have acted on it):
-            # safe to retry, on a fresh connection (a reused one may just have hit the
-            # keep-alive race).
+            # safe to retry, on another replica when there is one, else on a fresh
+            # connection (a reused one may just have hit the keep-alive race).
             self.retries += 1
             self._retry_elsewhere()
             return
@@ -345,14 +345,7 @@ class Exchange:
 
     def client_closed(self) -> None:
         """The client went away: give back the replica, drop the upstream connection."""
-        self.response_deadline = None
-        if self.finished:
-            return
-        self.finished = True
-        conn, self.upstream = self.upstream, None
-        if conn is not None:
-            conn.close()
-        self._release_lease(self.response_started)
+        self._finish(ok=self.response_started)
 
     # --- ending ------------------------------------------------------------------------
 
@@ -361,15 +354,22 @@ class Exchange:
         if lease is not None:
             lease.release(ok)
 
-    def fail(self, exc: SummonError | BaseException) -> None:
+    def _finish(self, ok: bool) -> bool:
+        """End the exchange once: close its upstream connection, give back its lease.
+        False when it had already ended."""
         self.response_deadline = None
         if self.finished:
-            return
+            return False
         self.finished = True
         conn, self.upstream = self.upstream, None
         if conn is not None:
             conn.close()
-        self._release_lease(False)
+        self._release_lease(ok)
+        return True
+
+    def fail(self, exc: SummonError | BaseException) -> None:
+        if not self._finish(ok=False):
+            return
         err = exc if isinstance(exc, SummonError) else BadGateway(str(exc))
         self.status = err.status
         if self.response_started:

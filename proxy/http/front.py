@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import Any, Protocol, cast
 
 import httptools
 
@@ -38,9 +37,6 @@ from .exchange import Exchange, Lease
 from .message import RequestHead, client_trusted, parse_head
 from .responses import error_response
 from .upstream import UpstreamPool
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("summon.front")
 
@@ -125,7 +121,6 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self.write_paused_at = 0.0
         self.waiting: set[asyncio.Future[Lease]] = set()
-        self.requests_served = 0
         self.deferred_error: ClientError | None = None
         self.last_head: tuple[Any, ...] | None = None  # see on_headers_complete
         self.last_response: tuple[Any, ...] | None = None  # see Exchange.response_head
@@ -360,7 +355,6 @@ class ClientConnection(asyncio.Protocol):
 
     def _advance(self) -> None:
         self.active = None
-        self.requests_served += 1
         if self.pending:
             # Well-formed requests parsed before a bad one are answered first, in order.
             nxt = self.pending.popleft()
@@ -555,10 +549,6 @@ class ClientConnection(asyncio.Protocol):
                 return value.decode("ascii", "replace").strip()
         return None
 
-    def shutdown_idle(self) -> None:
-        """Draining: close now if nothing is in progress; else close after the answer."""
-        if self.active is None and self.incoming is None and not self.pending:
-            self.close()
 
 
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE")}
@@ -567,12 +557,3 @@ _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPT
 def _parser_message(exc: Exception) -> str:
     text = str(exc) or type(exc).__name__
     return f"malformed request: {text}"
-
-
-def ip_of(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(value)
-    except ValueError:
-        return None
-
-

@@ -13,6 +13,7 @@ The inbound `RequestHead` is never mutated; `outbound_head()` builds new bytes.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from typing import NamedTuple
 
 from ..errors import BadRequest, HeadersTooLarge, MethodNotAllowed, NotImplementedEncoding
@@ -83,24 +84,23 @@ _NO_TOKENS: frozenset[bytes] = frozenset()
 _VALID_NAMES: set[bytes] = set()  # header names already checked against _TOKEN
 
 
+def _memo(table: dict[bytes, str], key: bytes, compute: Callable[[bytes], str]) -> str:
+    """`compute(key)`, remembered in a bounded table; what raises is never stored."""
+    value = table.get(key)
+    if value is None:
+        value = compute(key)
+        if len(table) >= _MEMO_MAX:
+            table.clear()
+        table[key] = value
+    return value
+
+
 def _host_of(host_header: bytes) -> str:
-    host = _HOSTS.get(host_header)
-    if host is None:
-        host = host_without_port(host_header)  # raises on a malformed value (never stored)
-        if len(_HOSTS) >= _MEMO_MAX:
-            _HOSTS.clear()
-        _HOSTS[host_header] = host
-    return host
+    return _memo(_HOSTS, host_header, host_without_port)
 
 
 def _path_of(raw_path: bytes) -> str:
-    path = _PATHS.get(raw_path)
-    if path is None:
-        path = normalise_path(raw_path)  # raises on a bad path (never stored)
-        if len(_PATHS) >= _MEMO_MAX:
-            _PATHS.clear()
-        _PATHS[raw_path] = path
-    return path
+    return _memo(_PATHS, raw_path, normalise_path)
 
 
 def parse_head(

@@ -17,15 +17,12 @@ import asyncio
 import collections
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import Protocol, cast
 
 import httptools
 
 from ..config import Address
 from ..errors import BadGateway
-
-if TYPE_CHECKING:
-    pass
 
 
 class Sink(Protocol):
@@ -44,7 +41,7 @@ class Sink(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "address", "pool", "transport", "sink", "parser", "status", "reason", "headers",
-        "head_done", "until_close", "got_bytes", "done", "tunnel", "idle_since", "reused",
+        "head_done", "until_close", "got_bytes", "done", "tunnel", "idle_since",
         "write_paused", "lost", "checked_out", "slot",
     )
 
@@ -63,7 +60,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.done = False
         self.tunnel = False
         self.idle_since = 0.0  # loop time it was parked; UpstreamPool._sweep closes it after idle_timeout_s
-        self.reused = False
         self.write_paused = False
         self.lost = False
         self.checked_out = False
@@ -344,7 +340,6 @@ class UpstreamPool:
         while idle:
             conn = idle.pop()  # most recently used: warmest, least likely to be timed out
             if not conn.lost and conn.transport is not None and not conn.transport.is_closing():
-                conn.reused = True
                 conn.checked_out = True
                 slot.busy += 1
                 return conn
@@ -392,7 +387,6 @@ class UpstreamPool:
             # Hand it to the next request in line (it stays checked out), on the next
             # loop turn: we may still be inside the previous response's parser callback.
             deliver = slot.waiters.popleft()
-            conn.reused = True
             self.loop.call_soon(self._hand_over, conn, deliver)
             return
         self._checkin(conn)
