@@ -173,7 +173,7 @@ def test_scale_out_under_sustained_load_and_back_in() -> None:
         boots += of(Boot, out)
         boot_ready(f, out, t + 0.05)
     assert len(f.pools["site"].live()) == 4  # max_replicas, never more
-    assert any(r.kind == "scale" for r in of(Record, f.tick(t)) + []) or boots
+    assert len(boots) == 3  # the scaler added three replicas to the first one
     # load goes away: in-flight requests finish
     for inst in list(f.pools["site"].instances.values()):
         for _ in range(inst.inflight):
@@ -229,7 +229,7 @@ def test_placement_prefers_client_region_then_nearest() -> None:
     f2.pools["other"].instances.clear()
     f2.instances.clear()
     b3 = of(Boot, f2.request_arrived("other", 2, "k", "ap", 1.0))
-    assert not b3 or b3[0].region == "eu"
+    assert len(b3) == 1 and b3[0].region == "eu"
 
 
 def test_requests_prefer_replicas_in_their_own_region() -> None:
