@@ -15,6 +15,7 @@ from typing import Protocol
 
 from .config import Address, Route
 from .engine.balancer import BoundedLoadBalancer
+from .errors import SummonError
 from .http.exchange import Exchange, Lease
 from .http.message import RequestHead
 from .routes import RouteTable
@@ -47,6 +48,9 @@ class Pool(Protocol):
 
 class StaticLease:
     __slots__ = ("address", "node", "pool")
+    trial = False  # static upstreams are always-on: never a trial
+    trial_deadline = 0.0
+    on_abandon: Callable[[SummonError], None] | None = None
 
     def __init__(self, pool: StaticPool, node: str, address: Address) -> None:
         self.pool = pool
@@ -55,6 +59,9 @@ class StaticLease:
 
     def release(self, ok: bool) -> None:
         self.pool.balancer.release(self.node)
+
+    def confirm(self) -> None:
+        pass
 
 
 class StaticPool:

@@ -4,7 +4,11 @@ How this works: each summoned route gets a `SummonedPool` (what the dispatcher a
 for a lease). It feeds facts to the `Fleet` and executes the commands that come back:
 Forward resolves a waiting request's future with a lease, Reject fails it with 503 +
 Retry-After, Boot starts a driver task (start -> readiness probe -> ready/failed), Stop
-destroys, Record writes the event log. A tick every 100 ms drives timeouts, idling
+destroys, Record writes the event log. Once the driver has started an instance, a cold
+pool's first safe bodiless request goes to it as a trial (see `Fleet.instance_started`):
+the exchange retries it until the instance answers and then `confirm`s the lease, which
+makes the instance ready without waiting for the probe's own round trip; the probe
+keeps running alongside for pools whose first requests cannot be retried. A tick every 100 ms drives timeouts, idling
 and scaling. All engine calls happen on the event loop thread, so the engine needs no
 locks.
 """
@@ -34,16 +38,36 @@ log = logging.getLogger("summon.summoner")
 
 
 class SummonedLease:
-    __slots__ = ("address", "instance_id", "pool")
+    __slots__ = ("address", "instance_id", "pool", "trial", "trial_deadline", "on_abandon", "request_id")
 
-    def __init__(self, pool: SummonedPool, instance_id: str, address: Address) -> None:
+    def __init__(self, pool: SummonedPool, instance_id: str, address: Address, trial: bool = False,
+                 trial_deadline: float = 0.0, request_id: int = 0) -> None:
         self.pool = pool
+        self.request_id = request_id
         self.instance_id = instance_id
         self.address = address
+        self.trial = trial  # the instance is not known to be ready: retry until it answers
+        self.trial_deadline = trial_deadline  # loop time: the instance's boot deadline
+        self.on_abandon: Callable[[SummonError], None] | None = None  # set by the exchange
 
     def release(self, ok: bool) -> None:
         s = self.pool.summoner
+        if self.trial:
+            self.trial = False
+            s.trials.pop(self.request_id, None)
         s.execute(s.fleet.request_finished(self.pool.route.name, self.instance_id, ok, s.now()))
+
+    def confirm(self) -> None:
+        """The instance answered this trial request: it is ready."""
+        if self.trial:
+            self.trial = False
+            self.pool.summoner.trial_answered(self)
+
+    def abandon(self, error: SummonError) -> None:
+        """The instance will never answer (boot failed, route removed)."""
+        self.trial = False
+        if self.on_abandon is not None:
+            self.on_abandon(error)
 
 
 class SummonedPool:
@@ -58,7 +82,8 @@ class SummonedPool:
         rid = s.request_seq
         key = hash_key(self.route, head, client_ip)
         commands = s.fleet.request_arrived(self.route.name, rid, key, s.region_of(client_ip, region), s.now(),
-                                           getattr(avoid, "instance_id", None))
+                                           getattr(avoid, "instance_id", None),
+                                           trial_ok=head.safe and not head.has_body and head.upgrade is None)
         if len(commands) == 1:
             cmd = commands[0]
             if isinstance(cmd, Forward) and cmd.request_id == rid:
@@ -90,6 +115,9 @@ class Summoner:
         self.waiting: dict[int, tuple[asyncio.Future[Lease], SummonedPool]] = {}
         self.handles: dict[str, Handle] = {}
         self.boot_tasks: dict[str, asyncio.Task[None]] = {}
+        self.boot_deadlines: dict[str, float] = {}
+        self.trials: dict[int, SummonedLease] = {}  # request id -> lease, for trial requests
+        self.answered: dict[str, asyncio.Future[None]] = {}  # instance id -> set when a trial got an answer
         self.stop_tasks: set[asyncio.Task[None]] = set()
         self.digests: dict[str, str] = {}
         self.request_seq = 0
@@ -211,11 +239,19 @@ class Summoner:
                     self.execute(self.fleet.request_finished(route, cmd.instance_id, True, self.now()))
                     continue
                 fut, pool = entry
-                fut.set_result(SummonedLease(pool, cmd.instance_id, cmd.address))
+                if cmd.trial:
+                    lease = SummonedLease(pool, cmd.instance_id, cmd.address, True,
+                                          self.boot_deadlines.get(cmd.instance_id, self.now()), cmd.request_id)
+                    self.trials[cmd.request_id] = lease
+                    fut.set_result(lease)
+                else:
+                    fut.set_result(SummonedLease(pool, cmd.instance_id, cmd.address))
             elif isinstance(cmd, Reject):
                 entry = self.waiting.pop(cmd.request_id, None)
                 if entry is not None and not entry[0].done():
                     entry[0].set_exception(Unavailable(cmd.reason, retry_after_s=cmd.retry_after_s))
+                else:
+                    self._reject_trial(cmd)
             elif isinstance(cmd, Boot):
                 self.boot_tasks[cmd.instance_id] = self.loop.create_task(self._boot(cmd))
             elif isinstance(cmd, Stop):
@@ -226,6 +262,20 @@ class Summoner:
                 self._record(cmd)
             for fn in self.listeners:
                 fn(cmd)
+
+    def _reject_trial(self, cmd: Reject) -> None:
+        lease = self.trials.pop(cmd.request_id, None)
+        if lease is not None:
+            lease.abandon(Unavailable(cmd.reason, retry_after_s=cmd.retry_after_s))
+
+    def trial_answered(self, lease: SummonedLease) -> None:
+        """Ready now, not when the boot task next runs: the trial's client may ask again
+        before that, and must find a warm pool."""
+        self.trials.pop(lease.request_id, None)
+        self.execute(self.fleet.instance_ready(lease.instance_id, lease.address, self.now(), by="request"))
+        fut = self.answered.get(lease.instance_id)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     def _record(self, cmd: Record) -> None:
         level = logging.WARNING if cmd.kind in ("failed", "rejected", "cap_reached", "host_down") else logging.INFO
@@ -249,6 +299,15 @@ class Summoner:
         loop = self.loop
         started = loop.time()
         deadline = started + route.boot_timeout_s
+        self.boot_deadlines[cmd.instance_id] = deadline
+        try:
+            await self._start_and_probe(cmd, route, host, backend, deadline)
+        finally:
+            self.boot_deadlines.pop(cmd.instance_id, None)
+            self.answered.pop(cmd.instance_id, None)
+
+    async def _start_and_probe(self, cmd: Boot, route: Route, host: Host, backend: Backend, deadline: float) -> None:
+        loop = self.loop
         try:
             assert route.image is not None
             image = load_image(self.config.images_dir, route.image)  # cached by mtime: a few stat calls
@@ -277,9 +336,24 @@ class Summoner:
         self.handles[cmd.instance_id] = handle
         self.host_failures.pop(host.name, None)
         handle.exited.add_done_callback(functools.partial(self._exited, cmd.instance_id))
-        reason = await wait_ready(handle.address, route.health_path, deadline, handle.exited)
+        answered = self.answered[cmd.instance_id] = loop.create_future()
+        self.execute(self.fleet.instance_started(cmd.instance_id, handle.address, self.now()))
+        probe = loop.create_task(wait_ready(handle.address, route.health_path, deadline, handle.exited))
+        try:
+            await asyncio.wait((probe, answered), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not probe.done():
+                probe.cancel()  # a trial request got its answer first: that was the probe
+        if answered.done():
+            self.boot_tasks.pop(cmd.instance_id, None)
+            return  # made ready by `trial_answered`
+        reason = probe.result()
         self.boot_tasks.pop(cmd.instance_id, None)
         if reason is None:
+            for rid, lease in list(self.trials.items()):
+                if lease.instance_id == cmd.instance_id:  # the probe won: an ordinary request now
+                    del self.trials[rid]
+                    lease.trial = False
             self.execute(self.fleet.instance_ready(cmd.instance_id, handle.address, self.now()))
         else:
             self.execute(self.fleet.boot_failed(cmd.instance_id, reason, self.now()))

@@ -332,7 +332,7 @@ class FleetMachine(RuleBasedStateMachine):
         self.fleet.set_routes(routes, 0.0)
         self.now = 0.0
         self.rid = 0
-        self.inflight: list[tuple[str, str]] = []
+        self.inflight: list[tuple[str, str, int]] = []  # (route, instance, request id)
         self.booting: list[str] = []
         self.stopping: list[str] = []
 
@@ -341,20 +341,29 @@ class FleetMachine(RuleBasedStateMachine):
             if isinstance(c, Boot):
                 self.booting.append(c.instance_id)
             elif isinstance(c, Forward):
-                self.inflight.append((self.fleet.instances[c.instance_id].route, c.instance_id))
+                self.inflight.append((self.fleet.instances[c.instance_id].route, c.instance_id, c.request_id))
+            elif isinstance(c, Reject):  # a trial given up with its instance
+                self.inflight = [x for x in self.inflight if x[2] != c.request_id]
             elif isinstance(c, Stop):
                 self.stopping.append(c.instance_id)
 
-    @rule(route=st.integers(0, 3), region=st.sampled_from(["a", "b"]))
-    def request(self, route: int, region: str) -> None:
+    @rule(route=st.integers(0, 3), region=st.sampled_from(["a", "b"]), trial_ok=st.booleans())
+    def request(self, route: int, region: str, trial_ok: bool) -> None:
         self.rid += 1
-        self._apply(self.fleet.request_arrived(f"r{route}", self.rid, str(self.rid), region, self.now))
+        self._apply(self.fleet.request_arrived(f"r{route}", self.rid, str(self.rid), region, self.now,
+                                               trial_ok=trial_ok))
 
     @precondition(lambda self: self.inflight)
     @rule(i=st.integers(0, 1000))
     def finish(self, i: int) -> None:
-        route, iid = self.inflight.pop(i % len(self.inflight))
+        route, iid, _ = self.inflight.pop(i % len(self.inflight))
         self._apply(self.fleet.request_finished(route, iid, True, self.now))
+
+    @precondition(lambda self: self.booting)
+    @rule(i=st.integers(0, 1000))
+    def started(self, i: int) -> None:
+        iid = self.booting[i % len(self.booting)]
+        self._apply(self.fleet.instance_started(iid, addr(i), self.now))
 
     @precondition(lambda self: self.booting)
     @rule(i=st.integers(0, 1000), ok=st.booleans())
@@ -387,6 +396,65 @@ class FleetMachine(RuleBasedStateMachine):
             assert live_on_host <= host.slots
             assert f.host_used[host.name] == live_on_host
 
+    @invariant()
+    def inflight_adds_up(self) -> None:
+        # every forwarded request (trials included) is counted once, on its instance and
+        # (once the instance is in rotation) in the balancer
+        for inst in self.fleet.instances.values():
+            mine = sum(1 for _, iid, _ in self.inflight if iid == inst.id)
+            assert inst.inflight == mine
+            load = self.fleet.pools[inst.route].balancer.load
+            if inst.id in load:
+                assert load[inst.id] == mine
+
 
 TestFleetCaps = FleetMachine.TestCase
 TestFleetCaps.settings = settings(max_examples=60, stateful_step_count=60, deadline=None)
+
+
+# --- trials: a cold pool's first idempotent request probes the booting instance ---------
+
+
+def test_instance_started_sends_the_first_retryable_request_as_its_trial() -> None:
+    f = fleet()
+    boot = of(Boot, f.request_arrived("site", 1, "k", None, 0.0))[0]  # a POST: not safe, not trial_ok
+    f.request_arrived("site", 2, "k", None, 0.1, trial_ok=True)
+    f.request_arrived("site", 3, "k", None, 0.1, trial_ok=True)
+    out = f.instance_started(boot.instance_id, addr(1), 0.5)
+    assert out == [Forward(2, boot.instance_id, addr(1), trial=True)]
+    assert list(f.pools["site"].queue) == [1, 3]
+    assert f.instances[boot.instance_id].inflight == 1
+    assert f.instance_started(boot.instance_id, addr(1), 0.6) == []  # one trial per instance
+    # ready: the others are forwarded and the trial counts in the balancer's load
+    ready = f.instance_ready(boot.instance_id, addr(1), 1.0)
+    assert [c.request_id for c in of(Forward, ready)] == [1, 3]
+    assert not any(c.trial for c in of(Forward, ready))
+    assert f.pools["site"].balancer.load[boot.instance_id] == 3
+    for _ in range(3):
+        f.request_finished("site", boot.instance_id, True, 2.0)
+    assert f.pools["site"].balancer.load[boot.instance_id] == 0
+    assert f.instances[boot.instance_id].inflight == 0
+
+
+def test_a_failed_boot_rejects_its_trial_with_the_queue() -> None:
+    f = fleet()
+    boot = of(Boot, f.request_arrived("site", 1, "k", None, 0.0, trial_ok=True))[0]
+    f.request_arrived("site", 2, "k", None, 0.0, trial_ok=True)
+    assert of(Forward, f.instance_started(boot.instance_id, addr(1), 0.5))[0].request_id == 1
+    out = f.boot_failed(boot.instance_id, "guest crashed", 1.0)
+    rejected = of(Reject, out)
+    assert sorted(r.request_id for r in rejected) == [1, 2]
+    assert all(r.retry_after_s >= 1 for r in rejected)
+    assert f.instances[boot.instance_id].inflight == 0
+
+
+def test_a_trial_whose_client_left_does_not_count_once_ready() -> None:
+    f = fleet()
+    boot = of(Boot, f.request_arrived("site", 1, "k", None, 0.0, trial_ok=True))[0]
+    f.instance_started(boot.instance_id, addr(1), 0.5)
+    assert f.request_finished("site", boot.instance_id, False, 0.6) == []
+    inst = f.instances[boot.instance_id]
+    assert inst.inflight == 0 and inst.trial is None and inst.state is State.BOOTING
+    f.instance_ready(boot.instance_id, addr(1), 1.0)
+    assert f.pools["site"].balancer.load[boot.instance_id] == 0
+

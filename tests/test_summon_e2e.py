@@ -96,15 +96,24 @@ def test_queue_overflow_gets_503_with_retry_after_at_once(tmp_path: Path, images
     make_image(images, "site", ["sh", "-c", "sleep 2; exec busybox httpd -f -p 127.0.0.1:{port} -h {dir}/site"])
     s = Summon(tmp_path, route(queue=3)).start()
     try:
+        def timed_get() -> tuple[int, dict[str, str], float]:
+            status, headers, _ = http_get(s.port, "/")
+            return status, headers, time.time() - started
+
         with ThreadPoolExecutor(max_workers=8) as pool:
             started = time.time()
-            futures = [pool.submit(http_get, s.port, "/") for _ in range(8)]
+            futures = [pool.submit(timed_get) for _ in range(8)]
             answers = [f.result() for f in futures]
         statuses = sorted(a[0] for a in answers)
-        assert statuses.count(200) == 3 and statuses.count(503) == 5
-        for status, headers, _ in answers:
+        # three wait in the queue; the instance's trial request (taken from the queue once
+        # the process is spawned, see Fleet.instance_started) may free a fourth place
+        assert statuses.count(200) in (3, 4) and statuses.count(503) == 8 - statuses.count(200), statuses
+        for status, headers, after_s in answers:
             if status == 503:
                 assert int(headers["retry-after"]) >= 1
+                assert after_s < 1.5  # at once: the instance needs 2 s to come up
+            else:
+                assert after_s >= 1.5
         assert time.time() - started < 10
     finally:
         s.stop()
@@ -169,7 +178,8 @@ def test_client_hanging_up_leaves_the_boot_queue(tmp_path: Path, images: Path) -
     s = Summon(tmp_path, route()).start()
     try:
         c = socket.create_connection(("127.0.0.1", s.port))
-        c.sendall(b"GET / HTTP/1.1\r\nHost: site\r\n\r\n")
+        # a POST: it cannot be the instance's trial request, so it waits in the queue
+        c.sendall(b"POST / HTTP/1.1\r\nHost: site\r\nContent-Length: 0\r\n\r\n")
         assert wait_for(lambda: s.status()["routes"][0]["queued"] == 1, timeout=3)
         c.close()
         assert wait_for(lambda: s.status()["routes"][0]["queued"] == 0, timeout=3)

@@ -20,6 +20,8 @@ class FakeBehaviour:
     boot_delay_s: float = 0.0
     fail_boots: int = 0  # the next N starts raise BackendError
     never_ready: bool = False  # answers 503 to everything
+    warming_answers: int = 0  # each instance answers its first N requests with 503 (still warming up)
+    failing_paths: tuple[bytes, ...] = ()  # always answered with 503 (e.g. a health path)
     body: bytes = b"fake instance\n"
 
 
@@ -28,6 +30,7 @@ class _Running:
     server: asyncio.AbstractServer
     exited: asyncio.Future[str]
     requests: int = 0
+    paths: list[bytes] = field(default_factory=list)  # request targets, in order of arrival
     writers: set[asyncio.StreamWriter] = field(default_factory=set)
 
 
@@ -58,15 +61,19 @@ class FakeBackend:
             try:
                 while True:
                     head = await reader.readuntil(b"\r\n\r\n")
+                    target = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b""
                     if run is not None:
                         run.requests += 1
+                        run.paths.append(target)
+                    warming = run is not None and run.requests <= b.warming_answers
                     length = 0
                     for line in head.split(b"\r\n"):
                         if line.lower().startswith(b"content-length:"):
                             length = int(line.split(b":", 1)[1])
                     if length:
                         await reader.readexactly(length)
-                    status = b"503 Service Unavailable" if b.never_ready else b"200 OK"
+                    failing = b.never_ready or warming or target in b.failing_paths
+                    status = b"503 Service Unavailable" if failing else b"200 OK"
                     body = b.body + iid.encode() + b"\n"
                     writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: " + str(len(body)).encode()
                                  + b"\r\nContent-Type: text/plain\r\n\r\n" + body)

@@ -14,7 +14,11 @@ Rules kept here, and only here:
 - the fleet never has more live instances than `max_instances`, nor a pool more
   than `max_replicas`, nor a host more than its `slots`;
 - a pool whose boots keep failing backs off exponentially;
-- an instance idle for `idle_timeout` is drained and stopped (down to `min_replicas`).
+- an instance idle for `idle_timeout` is drained and stopped (down to `min_replicas`);
+- a cold pool's first safe bodiless request is its trial: forwarded as soon as the driver
+  has the instance running (`instance_started`), before readiness is known, so the
+  request itself is the readiness probe and a cold start costs no extra round trip
+  into the guest (the shell retries it until the instance answers).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class Forward:
     request_id: int
     instance_id: str
     address: Address
+    trial: bool = False  # the instance is not known to be ready: this request probes it
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ class Instance:
     inflight: int = 0
     served: int = 0
     first_request_at: float | None = None
+    trial: int | None = None  # the request id sent to it while booting (see `instance_started`)
 
     def move(self, event: str) -> None:
         self.state = next_state(self.state, event)
@@ -104,6 +110,7 @@ class Waiting:
     key: str
     region: str
     deadline: float
+    trial_ok: bool = False  # a safe method, no body: may be sent to an instance before it is ready
 
 
 @dataclass
@@ -173,6 +180,7 @@ class Fleet:
                     if inst.state is State.READY:
                         self._drain(pool, inst, now, "route removed", out)
                     elif inst.state is State.BOOTING:
+                        self._end_trial(inst, 1, "route removed", out)
                         self._stop(inst, "route removed", out)
                 for rid in list(pool.queue):
                     out.append(Reject(rid, 1, "route removed"))
@@ -195,8 +203,10 @@ class Fleet:
     # --- facts ------------------------------------------------------------------------
 
     def request_arrived(self, route: str, request_id: int, key: str, region: str | None, now: float,
-                        avoid: str | None = None) -> list[Command]:
-        """`avoid`: an instance this request just failed on (a retry goes elsewhere if it can)."""
+                        avoid: str | None = None, trial_ok: bool = False) -> list[Command]:
+        """`avoid`: an instance this request just failed on (a retry goes elsewhere if it can).
+        `trial_ok`: the request may be retried freely (a safe method, no body), so it can be
+        a booting instance's readiness probe."""
         pool = self.pools[route]
         region = region or self.default_region
         if pool.balancer.load:
@@ -216,7 +226,7 @@ class Fleet:
             out.append(Reject(request_id, max(1, math.ceil(wait)), "boots failing: backing off"))
             out.append(Record("rejected", route, detail={"reason": "backoff"}))
             return out
-        pool.queue[request_id] = Waiting(key, region, now + pool.route.boot_timeout_s)
+        pool.queue[request_id] = Waiting(key, region, now + pool.route.boot_timeout_s, trial_ok)
         if not pool.count(State.BOOTING) and not pool.reclaim_pending:
             self._boot(pool, region, now, "cold request", out)
             if not pool.count(State.BOOTING) and not pool.reclaim_pending:
@@ -234,6 +244,9 @@ class Fleet:
         inst.inflight -= 1
         inst.served += 1
         inst.last_used = now
+        if inst.state is State.BOOTING:
+            inst.trial = None  # the trial's client went away before the instance answered
+            return []
         pool = self.pools.get(inst.route)
         if pool is not None:
             pool.balancer.release(inst.id)
@@ -249,7 +262,31 @@ class Fleet:
             pool.queue.pop(request_id, None)
         return []
 
-    def instance_ready(self, instance_id: str, address: Address, now: float) -> list[Command]:
+    def instance_started(self, instance_id: str, address: Address, now: float) -> list[Command]:
+        """The driver has the instance running at `address`; whether the application
+        answers yet is unknown. A cold pool sends it its first queued `trial_ok` request
+        now: that request is the readiness probe (the shell retries it until the
+        instance answers, and reports `instance_ready` on its first answer)."""
+        inst = self.instances.get(instance_id)
+        out: list[Command] = []
+        if inst is None or inst.state is not State.BOOTING or inst.trial is not None:
+            return out
+        pool = self.pools[inst.route]
+        inst.address = address
+        if pool.balancer.load or pool.removed:
+            return out  # a warm pool scaling up: its queue is served by the ready replicas
+        for rid, w in pool.queue.items():
+            if w.trial_ok:
+                del pool.queue[rid]
+                inst.trial = rid
+                inst.inflight += 1
+                inst.last_used = now
+                out.append(Forward(rid, inst.id, address, trial=True))
+                break
+        return out
+
+    def instance_ready(self, instance_id: str, address: Address, now: float, by: str = "probe") -> list[Command]:
+        """`by`: what showed it ready, the readiness probe or a trial "request" (for the log)."""
         inst = self.instances.get(instance_id)
         out: list[Command] = []
         if inst is None or inst.state is not State.BOOTING:
@@ -259,15 +296,20 @@ class Fleet:
         inst.address = address
         inst.ready_at = now
         inst.last_used = now
+        inst.trial = None  # from now on an ordinary request
         pool.failures = 0
         pool.backoff_until = 0.0
         if pool.removed:
             self._drain(pool, inst, now, "route removed", out)
             return out
         pool.balancer.add(inst.id)
-        waited = len(pool.queue)
+        for _ in range(inst.inflight):
+            pool.balancer.acquire(inst.id)  # the trial, already on its way
+        waited = len(pool.queue) + inst.inflight
         out.append(Record("ready", inst.route, inst.id, inst.host, inst.region, now - inst.summoned_at,
-                          {"cold_requests": waited}))
+                          {"cold_requests": waited, "ready_by": by}))
+        if inst.inflight and inst.first_request_at is None:
+            out.append(self._first(inst, now))
         self._flush_queue(pool, now, out)
         return out
 
@@ -283,6 +325,7 @@ class Fleet:
         pool.backoff_until = now + backoff
         out.append(Record("failed", inst.route, inst.id, inst.host, inst.region, now - inst.summoned_at,
                           {"reason": reason, "phase": "boot", "backoff_s": backoff}))
+        self._end_trial(inst, max(1, math.ceil(backoff)), f"instance failed to boot: {reason}", out)
         out.append(Stop(inst.id, f"boot failed: {reason}"))
         if not pool.count(State.BOOTING) and not pool.balancer.load:
             for rid in list(pool.queue):
@@ -530,6 +573,13 @@ class Fleet:
         out.append(Record("draining", inst.route, inst.id, inst.host, inst.region, detail={"reason": reason}))
         if inst.inflight == 0:
             self._stop(inst, reason, out)
+
+    def _end_trial(self, inst: Instance, retry_after_s: int, reason: str, out: list[Command]) -> None:
+        """A booting instance is given up: its trial request gets the same answer as the queue."""
+        if inst.trial is not None:
+            out.append(Reject(inst.trial, retry_after_s, reason))
+            inst.trial = None
+            inst.inflight -= 1
 
     def _stop(self, inst: Instance, reason: str, out: list[Command]) -> None:
         out.append(Stop(inst.id, reason))

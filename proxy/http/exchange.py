@@ -10,11 +10,19 @@ symmetric: a full upstream pauses client reads, a full client pauses upstream re
 Retry rule (DESIGN edge rules): a failure before any response byte is retried once,
 on a fresh connection, when the method is idempotent and nothing of the body has been
 sent (or there is no body). Connect failures never reach the replica and are not retried.
+
+Trials: a lease marked `trial` is on an instance that has started but is not known to be
+ready; this (safe method, no body) request is its readiness probe. Until the instance
+answers below 500, every failure (refused, reset, closed, no answer within
+`TRIAL_ATTEMPT_S`, a 5xx) is retried on a fresh connection a few milliseconds later; the
+first real answer `confirm`s the lease, which makes the instance ready. That saves the
+cold request one extra round trip into a guest that has only just woken up.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from ..config import Address, Route
@@ -27,14 +35,25 @@ if TYPE_CHECKING:
     from .front import ClientConnection
 
 _BUFFER_HIGH = 256 * 1024  # body bytes held while no upstream is attached
+TRIAL_ATTEMPT_S = 0.1  # a connection QEMU accepted for a guest not yet up can hang: give up on it
+TRIAL_FIRST_DELAY_S = 0.0005  # between trial attempts, doubling up to the next
+TRIAL_MAX_DELAY_S = 0.005
 
 
 class Lease(Protocol):
-    """A claim on one replica for one request; `release` is called exactly once."""
+    """A claim on one replica for one request; `release` is called exactly once (unless
+    the lease is abandoned: then the pool has already taken it back)."""
 
     address: Address
+    trial: bool  # see the module docstring
+    trial_deadline: float  # loop time after which a trial is given up
+    on_abandon: Callable[[SummonError], None] | None
 
     def release(self, ok: bool) -> None: ...
+
+    def confirm(self) -> None:
+        """The instance answered a trial request."""
+        ...
 
 
 class Exchange:
@@ -43,7 +62,7 @@ class Exchange:
         "client", "head", "route", "method", "lease", "upstream", "out_head", "body_buf", "body_buf_bytes",
         "body_done", "body_bytes", "body_sent", "attached", "response_started", "client_framing",
         "keep_alive", "finished", "response_deadline", "retries", "continue_sent", "tunnel",
-        "started_at", "cold", "status", "tunnel_buf", "error", "counted",
+        "started_at", "cold", "status", "tunnel_buf", "error", "counted", "trial_timer", "trial_attempts",
     )
 
     def __init__(self, client: ClientConnection, head: RequestHead, route: Route | None,
@@ -77,6 +96,8 @@ class Exchange:
         self.error = error  # answered with this instead of being forwarded (404, shed)
         self.counted = False
         self.waiting_for_body = False
+        self.trial_timer: asyncio.TimerHandle | None = None
+        self.trial_attempts = 0
 
     # --- getting a replica ---------------------------------------------------------
 
@@ -123,11 +144,19 @@ class Exchange:
 
     def _use(self, lease: Lease) -> None:
         self.lease = lease
-        assert self.route is not None
-        self.client.state.upstreams.request(lease.address, self.route.max_conns, self._connected)
+        if lease.trial:
+            lease.on_abandon = self._trial_abandoned
+        self._connect()
+
+    def _connect(self) -> None:
+        if self.finished or self.lease is None or self.route is None:
+            return
+        self.client.state.upstreams.request(self.lease.address, self.route.max_conns, self._connected)
 
     def _connected(self, got: UpstreamConnection | Exception) -> None:
         if isinstance(got, Exception):
+            if self._trial_again():
+                return
             if not self.finished and self.retries < 1 and self.lease is not None:
                 # nothing of the request reached that replica: try another one
                 self.retries += 1
@@ -147,6 +176,8 @@ class Exchange:
         self.upstream = conn
         self.attached = True
         conn.start(self, self.out_head)
+        if self.lease is not None and self.lease.trial:
+            self.trial_timer = self.client.state.loop.call_later(TRIAL_ATTEMPT_S, self._trial_timeout)
         if self.head.expect_continue and not self.body_done and self.body_bytes == 0 and not self.continue_sent:
             # The replica is up: now invite the body (we stripped Expect upstream).
             self.continue_sent = True
@@ -216,6 +247,12 @@ class Exchange:
         self.response_deadline = None
         if self.finished:
             return
+        lease = self.lease
+        if lease is not None and lease.trial:
+            self._cancel_trial_timer()
+            if status >= 500:
+                raise BadGateway(f"instance answered {status} while starting")  # not ready: tried again
+            lease.confirm()
         if framing == "tunnel" and self.head.upgrade is None:
             # checked before anything is sent, so the client still gets a clean 502
             raise BadGateway("upstream switched protocols without being asked")
@@ -298,6 +335,8 @@ class Exchange:
         if conn is not None:
             conn.close()
         self.attached = False
+        if not self.response_started and self._trial_again():
+            return
         if (not got_bytes and not self.response_started and self.retries < 1 and not self.body_sent
                 and self.head.idempotent):
             # Nothing of the response reached us, no body byte left and the method is
@@ -321,6 +360,54 @@ class Exchange:
         if failed is not None:
             failed.release(False)
         self.start(avoid=failed)
+
+    # --- trial requests (see the module docstring) -------------------------------------
+
+    def _trial_again(self) -> bool:
+        """A trial attempt got no answer: True when it has been taken care of (another
+        attempt scheduled, or the request failed past the boot deadline)."""
+        lease = self.lease
+        if lease is None or not lease.trial or self.finished:
+            return False
+        self._cancel_trial_timer()
+        loop = self.client.state.loop
+        if loop.time() >= lease.trial_deadline:
+            self._release_lease(False)
+            self.fail(Unavailable("instance not ready in time", retry_after_s=1))
+            return True
+        delay = min(TRIAL_MAX_DELAY_S, TRIAL_FIRST_DELAY_S * 2 ** min(self.trial_attempts, 8))
+        self.trial_attempts += 1
+        self.trial_timer = loop.call_later(delay, self._trial_reconnect)
+        return True
+
+    def _trial_reconnect(self) -> None:
+        self.trial_timer = None
+        self._connect()
+
+    def _trial_timeout(self) -> None:
+        """No answer on this attempt in time: a hung forwarded connection, most likely.
+        Start over on a fresh one (a safe method: a duplicate is harmless)."""
+        self.trial_timer = None
+        conn = self.upstream
+        if self.finished or self.response_started or conn is None:
+            return
+        self.upstream = None
+        self.attached = False
+        conn.abort()
+        if not self._trial_again():
+            self._connect()  # the probe found the instance ready meanwhile: one more plain attempt
+
+    def _trial_abandoned(self, error: SummonError) -> None:
+        """The pool gave up on the instance (boot failed, route removed) and took the
+        lease back: answer with its error."""
+        self._cancel_trial_timer()
+        self.lease = None
+        self.fail(error)
+
+    def _cancel_trial_timer(self) -> None:
+        if self.trial_timer is not None:
+            self.trial_timer.cancel()
+            self.trial_timer = None
 
     def upstream_write_paused(self, paused: bool) -> None:
         self.client.set_reading_for_body(not paused)
@@ -361,6 +448,7 @@ class Exchange:
         if self.finished:
             return False
         self.finished = True
+        self._cancel_trial_timer()
         conn, self.upstream = self.upstream, None
         if conn is not None:
             conn.close()

@@ -29,6 +29,7 @@ HOP_BY_HOP = frozenset(
 FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-client-region"})
 _TOKEN = frozenset(b"!#$%&'*+-.^`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+SAFE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # RFC 9110 9.2.1: may be sent twice without harm
 
 
 class RequestHead(NamedTuple):
@@ -59,6 +60,10 @@ class RequestHead(NamedTuple):
     @property
     def idempotent(self) -> bool:
         return self.method in IDEMPOTENT
+
+    @property
+    def safe(self) -> bool:
+        return self.method in SAFE
 
     def header(self, name: bytes) -> bytes | None:
         names = self.names

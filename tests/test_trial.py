@@ -1,0 +1,124 @@
+"""A cold pool's first safe request (GET, HEAD, OPTIONS without a body) is the new
+instance's readiness probe, its "trial": in-process, fake driver. See
+`Fleet.instance_started` and the trial section of `proxy/http/exchange.py`."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import uvloop
+
+from proxy.backends.fake import FakeBackend, FakeBehaviour
+from proxy.events import EventLog
+from proxy.server import drain
+from tests.helpers.summon_proc import make_image
+from tests.test_summoner import CONFIG, get, start
+
+ROUTE = """
+[[route]]
+name = "site"
+path = "/"
+image = "site"
+health_path = "/health"
+boot_timeout = "{boot_timeout}"
+"""
+
+
+def config(tmp: Path, boot_timeout: str = "3s") -> Path:
+    make_image(tmp / "images", "site", ["true"])
+    cfg = tmp / "summon.toml"
+    cfg.write_text(CONFIG.format(routes=ROUTE.format(boot_timeout=boot_timeout)))
+    return cfg
+
+
+async def post(port: int, path: str) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), head
+
+
+def test_the_cold_get_itself_makes_the_instance_ready(tmp_path: Path) -> None:
+    # the health path never answers below 500, so only the client's own GET can show
+    # that the instance is up: without trials this boot would time out
+    backend = FakeBackend(FakeBehaviour(failing_paths=(b"/health",)))
+
+    async def scenario() -> tuple[int, int, list[bytes], dict]:
+        rt, port = await start(config(tmp_path), backend)
+        try:
+            status, _ = await get(port, "/page")
+            second, _ = await get(port, "/page")  # warm: the pool is ready already
+            run = next(iter(backend.running.values()))
+            return status, second, list(run.paths), rt.summoner.status()
+        finally:
+            await drain(rt, 1.0)
+
+    status, second, paths, snap = uvloop.run(scenario())
+    assert (status, second) == (200, 200)
+    assert paths.count(b"/page") == 2  # no retry was needed: the first attempt was answered
+    inst = snap["routes"][0]["instances"][0]
+    assert inst["state"] == "ready" and inst["inflight"] == 0
+    assert len(backend.started) == 1
+    ready = [e for e in EventLog(tmp_path / "events.db").query() if e.kind == "ready"]
+    assert [e.detail["ready_by"] for e in ready] == ["request"]
+
+
+def test_a_post_is_never_a_trial(tmp_path: Path) -> None:
+    # same instance, but a POST cannot be retried: it waits for the probe, which never
+    # succeeds, and the client gets a 503 with Retry-After when the boot times out
+    backend = FakeBackend(FakeBehaviour(failing_paths=(b"/health",)))
+
+    async def scenario() -> tuple[int, bytes, list[bytes]]:
+        rt, port = await start(config(tmp_path, boot_timeout="1s"), backend)
+        try:
+            status, head = await post(port, "/form")
+            paths = [p for run in backend.running.values() for p in run.paths]
+            return status, head, paths
+        finally:
+            await drain(rt, 1.0)
+
+    status, head, paths = uvloop.run(scenario())
+    assert status == 503 and b"retry-after:" in head.lower()
+    assert b"/form" not in paths
+
+
+def test_a_warming_instance_5xx_is_retried_not_forwarded(tmp_path: Path) -> None:
+    # the application answers 503 while it warms up: the client must see its real answer
+    backend = FakeBackend(FakeBehaviour(warming_answers=3, failing_paths=(b"/health",)))
+
+    async def scenario() -> tuple[int, bytes, list[bytes]]:
+        rt, port = await start(config(tmp_path), backend)
+        try:
+            status, body = await get(port, "/page")
+            run = next(iter(backend.running.values()))
+            return status, body, list(run.paths)
+        finally:
+            await drain(rt, 1.0)
+
+    status, body, paths = uvloop.run(scenario())
+    assert status == 200 and body.startswith(b"fake instance")
+    assert paths.count(b"/page") >= 2  # tried again after the warming 503s
+
+
+def test_a_trial_on_an_instance_that_never_answers_gets_503_at_the_boot_timeout(tmp_path: Path) -> None:
+    backend = FakeBackend(FakeBehaviour(never_ready=True))
+
+    async def scenario() -> tuple[int, float, dict]:
+        rt, port = await start(config(tmp_path, boot_timeout="1s"), backend)
+        loop = asyncio.get_running_loop()
+        try:
+            t0 = loop.time()
+            status, _ = await get(port, "/page")
+            took = loop.time() - t0
+            await asyncio.sleep(0.3)  # the tick that stops the failed instance
+            return status, took, rt.summoner.status()
+        finally:
+            await drain(rt, 1.0)
+
+    status, took, snap = uvloop.run(scenario())
+    assert status == 503
+    assert 0.9 <= took < 3.0
+    assert all(i["state"] != "ready" for r in snap["routes"] for i in r["instances"])
