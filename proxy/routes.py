@@ -17,7 +17,8 @@ forwards, so the upstream sees exactly the resource we routed on: `/a/../secret`
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections import defaultdict
+from operator import attrgetter
 
 from .config import Route
 from .errors import BadRequest, NotFound
@@ -64,47 +65,59 @@ def normalise_path(raw: bytes) -> str:
     return "/" + "/".join(out)
 
 
-@dataclass
 class _HostTable:
-    exact: dict[str, Route] = field(default_factory=dict)
-    prefix: dict[str, Route] = field(default_factory=dict)
-    max_depth: int = 0  # segments in the deepest prefix: deeper candidates cannot match
+    """The routes under one host pattern: exact URLs in one dict, path prefixes in another.
 
-    def add_prefix(self, path: str, route: Route) -> None:
-        self.prefix[path] = route
-        self.max_depth = max(self.max_depth, path.rstrip("/").count("/"))
+    `fallback` is the table to try next when this one has no match: for an exact host
+    the longest `*.suffix` pattern covering it, for a wildcard the next shorter one, and
+    finally the catch-all `*`. The chain is fixed when the table is built, so a lookup
+    follows links instead of re-deriving host suffixes.
+    """
+
+    __slots__ = ("exact", "prefix", "root", "depth", "slash", "bare", "fallback")
+
+    def __init__(self, routes: list[Route]) -> None:
+        self.exact = {r.url: r for r in routes if r.url is not None}
+        prefix = {r.path: r for r in routes if r.url is None and r.path is not None}
+        self.root = prefix.pop("/", None)  # the last resort
+        self.prefix = prefix
+        # "/"s a request path is cut at to reach the deepest prefix: "/a/b/" is found by
+        # cutting "/a/b/c" after its 2nd "/", "/a/b" at it
+        self.depth = max((p.count("/", 1) + (not p.endswith("/")) for p in prefix), default=0)
+        self.slash = any(p.endswith("/") for p in prefix)  # try the "/a/b/" cut
+        self.bare = not all(p.endswith("/") for p in prefix)  # try the "/a/b" cut
+        self.fallback: _HostTable | None = None
 
     def match(self, path: str) -> Route | None:
+        """The exact URL, else the longest prefix. Prefix candidates are the path cut
+        at a "/", at most `depth` of them deep, longest first: a long request path
+        against short prefixes costs a few lookups, and only the spellings (with or
+        without the trailing "/") that some prefix uses are tried."""
         route = self.exact.get(path)
-        if route is not None:
-            return route
+        if route is not None or not self.depth:
+            return route or self.root
         prefix = self.prefix
-        if not prefix:
-            return None
-        # Candidates are the path cut at a "/" boundary, at most max_depth segments
-        # deep (so a long request path against short prefixes costs a few lookups).
-        if self.max_depth == 1:  # the common shape ("/app", "/blog/"): two lookups
-            end = path.find("/", 1)
+        cut, cuts = 0, 0
+        while cuts < self.depth:
+            end = path.find("/", cut + 1)
             if end < 0:
-                return prefix.get(path) or prefix.get("/")
-            return prefix.get(path[: end + 1]) or prefix.get(path[:end]) or prefix.get("/")
-        ends: list[int] = []
-        pos = 0
-        depth = self.max_depth
-        while len(ends) < depth:
-            pos = path.find("/", pos + 1)
-            if pos < 0:
                 break
-            ends.append(pos)
-        if len(ends) < depth or path.endswith("/"):
-            route = prefix.get(path)  # the whole path is shallow enough to be a prefix itself
+            cut, cuts = end, cuts + 1
+        if cuts < self.depth and self.bare:  # shallow enough to be a prefix itself
+            route = prefix.get(path)
             if route is not None:
                 return route
-        for end in reversed(ends):
-            route = prefix.get(path[: end + 1]) or prefix.get(path[:end])  # "/a/b/" then "/a/b"
-            if route is not None:
-                return route
-        return prefix.get("/")
+        while cut > 0:
+            if self.slash:
+                route = prefix.get(path[: cut + 1])
+                if route is not None:
+                    return route
+            if self.bare:
+                route = prefix.get(path[:cut])
+                if route is not None:
+                    return route
+            cut = path.rfind("/", 1, cut)
+        return self.root
 
 
 class RouteTable:
@@ -112,23 +125,18 @@ class RouteTable:
 
     def __init__(self, routes: tuple[Route, ...] | list[Route]) -> None:
         self.routes = tuple(routes)
-        self._exact_hosts: dict[str, _HostTable] = {}
-        self._wild_hosts: dict[str, _HostTable] = {}  # ".example.com" -> table
-        self._any = _HostTable()
-        self.by_name: dict[str, Route] = {}
+        self.by_name: dict[str, Route] = dict(zip(map(attrgetter("name"), self.routes), self.routes, strict=True))
+        by_host: defaultdict[str, list[Route]] = defaultdict(list)
         for r in self.routes:
-            self.by_name[r.name] = r
-            if r.host == "*":
-                table = self._any
-            elif r.host.startswith("*."):
-                table = self._wild_hosts.setdefault(r.host[1:], _HostTable())
-            else:
-                table = self._exact_hosts.setdefault(r.host, _HostTable())
-            if r.url is not None:
-                table.exact[r.url] = r
-            else:
-                assert r.path is not None
-                table.add_prefix(r.path, r)
+            by_host[r.host].append(r)
+        catch_all = by_host.pop("*", None)
+        self._any = _HostTable(catch_all) if catch_all else None
+        self._wild_hosts = {h[1:]: _HostTable(rs) for h, rs in by_host.items() if h.startswith("*.")}  # ".example.com"
+        self._exact_hosts = {h: _HostTable(rs) for h, rs in by_host.items() if not h.startswith("*.")}
+        for suffix, table in self._wild_hosts.items():
+            table.fallback = self._covering(suffix, 1)
+        for name, table in self._exact_hosts.items():
+            table.fallback = self._covering(name, 0)
 
     def __len__(self) -> int:
         return len(self.routes)
@@ -145,21 +153,26 @@ class RouteTable:
         then longest prefix. `host` is the lower-cased Host header without port.
         A miss is None: raising is left to the caller (an exception costs more than
         the whole lookup)."""
-        table = self._exact_hosts.get(host)
-        if table is not None:
+        table: _HostTable | None = self._exact_hosts.get(host)
+        if table is None:
+            table = self._covering(host, 0) if self._wild_hosts else self._any
+        while table is not None:
             route = table.match(path)
             if route is not None:
                 return route
-        if self._wild_hosts:
-            dot = host.find(".")
-            while dot >= 0:
-                table = self._wild_hosts.get(host[dot:])
-                if table is not None:
-                    route = table.match(path)
-                    if route is not None:
-                        return route
-                dot = host.find(".", dot + 1)
-        return self._any.match(path)
+            table = table.fallback
+        return None
+
+    def _covering(self, host: str, start: int) -> _HostTable | None:
+        """The table of the longest `*.suffix` pattern whose suffix begins at a "." at or
+        after `start` in `host`, else the catch-all table (None when there is none)."""
+        dot = host.find(".", start)
+        while dot >= 0:
+            table = self._wild_hosts.get(host[dot:])
+            if table is not None:
+                return table
+            dot = host.find(".", dot + 1)
+        return self._any
 
 
 def host_without_port(host: bytes) -> str:

@@ -3,14 +3,28 @@
 
 from __future__ import annotations
 
+import gc
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from proxy.config import Address, load, parse_duration, parse_size
+from proxy.config import (
+    _ROUTE_KEYS,
+    Address,
+    LineIndex,
+    _checked_route,
+    _clean_route,
+    _Collector,
+    _HostNames,
+    load,
+    parse_duration,
+    parse_size,
+)
 from proxy.errors import ConfigError
 
 SUMMON = Path(sys.executable).with_name("summon")
@@ -276,6 +290,92 @@ def test_all_problems_reported_at_once(tmp_path):
     assert len(msgs) == 3
     assert any("header_timeout" in m for m in msgs) and any("bogus" in m for m in msgs)
     assert any("min_replicas" in m for m in msgs)
+
+
+# --- big tables: the fast path, and problems deep inside --------------------------------
+
+
+def big_table(n: int) -> str:
+    return "".join(f'[[route]]\nname = "r{i}"\nhost = "site{i % 7}.example.com"\npath = "/app{i}"\n'
+                   f'upstreams = ["127.0.0.1:9000"]\n\n' for i in range(n))
+
+
+def lines_of(path: Path, needle: str) -> list[int]:
+    return [n for n, line in enumerate(path.read_text().splitlines(), start=1) if needle in line]
+
+
+def test_problems_deep_in_a_big_table_name_their_lines(tmp_path):
+    routes = big_table(5000).replace('name = "r3210"\n', 'name = "r3210"\nreplicas = 2\n')
+    routes = routes.replace('path = "/app4321"', 'path = "/app/../4321"').replace('name = "r4999"', 'name = "r17"')
+    path = write(tmp_path, VALID, routes)
+    inc = tmp_path / "routes" / "extra.toml"
+    msgs = problems(path)
+    assert len(msgs) == 3
+    assert msgs[0].startswith(f"{inc}:{line_of(inc, 'replicas = 2')}: [[route]]: unknown key 'replicas' (known: ")
+    assert msgs[1] == (f"{inc}:{line_of(inc, '/app/../4321')}: [[route]].path: must be a normalised path "
+                       "(no . or .. segments, no %, ? or #)")
+    again = lines_of(inc, 'name = "r17"')[1]
+    assert msgs[2] == f"{inc}:{again}: duplicate route name 'r17' (first at {inc} [[route]] #18)"
+
+
+def test_duplicates_are_reported_in_file_order_among_other_problems(tmp_path):
+    again = '\n[[route]]\nname = "blog2"\nhost = "*.example.com"\npath = "/blog"\nupstreams = ["127.0.0.1:1"]\n'
+    bad = '\n[[route]]\nname = "bad"\npath = "blog"\nupstreams = ["127.0.0.1:1"]\n'
+    path = write(tmp_path, VALID, ROUTES + again + bad + again.replace("blog2", "blog3"))
+    inc = tmp_path / "routes" / "extra.toml"
+    first, second = [n - 1 for n in lines_of(inc, 'name = "blog')][1:]  # the [[route]] lines of blog2 and blog3
+    relative = line_of(inc, 'path = "blog"')
+    assert problems(path) == [
+        f"{inc}:{first}: duplicate route *.example.com path /blog (first at {inc} [[route]] #1)",
+        f"{inc}:{relative}: [[route]].path: must start with /",
+        f"{inc}:{second}: duplicate route *.example.com path /blog (first at {inc} [[route]] #1)",
+    ]
+
+
+def test_load_leaves_the_garbage_collector_as_it_found_it(tmp_path):
+    good, bad = write(tmp_path, VALID), tmp_path / "bad.toml"
+    bad.write_text("bogus = 1\n")
+    assert gc.isenabled()
+    load(good)
+    with pytest.raises(ConfigError):
+        load(bad)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        load(good)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+_ROUTE_VALUES = {
+    "name": st.sampled_from(["a", "", 5]),
+    "host": st.sampled_from(["*", "*.Example.com", "API.example.com", "bad host", "", 3]),
+    "path": st.sampled_from(["/", "/a", "/a/", "/.well-known", "/a/../b", "a", "/a%2f", "/a?b", "", 1]),
+    "url": st.sampled_from(["/", "/x/y.html", "/x/./y", "/#", "x", 2]),
+    "image": st.sampled_from(["decks", 1]),
+    "upstreams": st.sampled_from([[], ["127.0.0.1:1"], "127.0.0.1:2", ["x"], [1], [[1]], [{}], {}]),
+    "min_replicas": st.sampled_from([0, 2, 9, -1, True]),
+    "max_replicas": st.sampled_from([0, 4, "4"]),
+    "target_concurrency": st.sampled_from([0, 1, 32]),
+    "idle_timeout": st.sampled_from(["5m", "soon", 3]),
+    "hash_key": st.sampled_from(["client", "header:X-User", "nope"]),
+    "start": st.sampled_from(["boot", "restore", "later"]),
+    "replicas": st.just(2),
+}
+assert set(_ROUTE_VALUES) - {"replicas"} <= set(_ROUTE_KEYS)
+
+
+@settings(max_examples=500, deadline=None)
+@given(raw=st.fixed_dictionaries({}, optional=_ROUTE_VALUES) | st.sampled_from([[], "x", 1]))
+def test_fast_path_agrees_with_the_careful_one(raw):
+    out = _Collector()
+    careful = _checked_route(raw, "f.toml [[route]] #1", "f.toml", LineIndex(""), 0, _HostNames(), out)
+    fast = _clean_route(raw, "f.toml [[route]] #1", _HostNames())
+    if fast is not None:
+        assert fast == careful and not out.problems
+    elif careful is not None and not out.problems:  # valid, yet the careful way: only for a "/." in the path
+        assert "/." in (careful.url or careful.path or "")
 
 
 # --- the real CLI ---------------------------------------------------------------------

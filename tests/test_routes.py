@@ -99,6 +99,62 @@ def test_by_name_and_len():
     assert len(t) == 2 and t.by_name["two"] is rs[1]
 
 
+def test_prefix_spellings_and_depths_mixed():
+    t = RouteTable([route("a", path="/a"), route("a-dir", path="/a/"), route("deep", path="/a/b/c/"),
+                    route("double", path="/x//"), route("root", path="/")])
+    assert names(t, "h", "/a", "/a/", "/a/z", "/a/b/c", "/a/b/c/", "/a/b/c/d/e", "/x/", "/x//", "/x//y", "/") == [
+        "a", "a-dir", "a-dir", "a-dir", "deep", "deep", "root", "double", "double", "root"]
+
+
+def test_host_chain_skips_patterns_without_a_match():
+    t = RouteTable([
+        route("exact", host="a.b.example.com", url="/only"),
+        route("deep", host="*.b.example.com", path="/deep"),
+        route("wild", host="*.example.com", path="/wild"),
+        route("any", host="*", url="/any"),
+    ])
+    assert names(t, "a.b.example.com", "/only", "/deep/x", "/wild", "/any", "/none") == [
+        "exact", "deep", "wild", "any", "404"]
+    assert names(t, "z.b.example.com", "/only", "/deep", "/wild/x", "/any") == ["404", "deep", "wild", "any"]
+
+
+# Precedence spelled out the slow way, to hold the table's shortcuts against.
+def _covers(prefix: str, path: str) -> bool:
+    return path == prefix or (path.startswith(prefix) and (prefix.endswith("/") or path[len(prefix)] == "/"))
+
+
+def _reference(routes: list[Route], host: str, path: str) -> str:
+    patterns = [host] + ["*" + host[i:] for i, c in enumerate(host) if c == "."] + ["*"]
+    for pattern in patterns:
+        mine = [r for r in routes if r.host == pattern]
+        exact = [r for r in mine if r.url == path]
+        if exact:
+            return exact[0].name
+        covering = [r for r in mine if r.path is not None and _covers(r.path, path)]
+        if covering:
+            return max(covering, key=lambda r: len(r.path or "")).name
+    return "404"
+
+
+_HOSTS = ["*", "*.example.com", "*.b.example.com", "a.example.com", "a.b.example.com", "example.com"]
+_ASKED = ["a.example.com", "a.b.example.com", "x.b.example.com", "x.a.b.example.com", "example.com",
+          "b.example.com", "other.org"]
+_PATHS = st.lists(st.sampled_from(["a", "b", "ab", ""]), max_size=4).map(lambda segs: "/" + "/".join(segs))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    specs=st.lists(st.tuples(st.sampled_from(_HOSTS), st.booleans(), _PATHS), max_size=12, unique=True),
+    asked=st.lists(st.tuples(st.sampled_from(_ASKED), _PATHS), min_size=1, max_size=8),
+)
+def test_lookup_matches_the_reference(specs, asked):
+    routes = [route(f"r{i}", host=h, url=p if exact else None, path=None if exact else p)
+              for i, (h, exact, p) in enumerate(specs)]
+    t = RouteTable(routes)
+    for host, path in asked:
+        assert names(t, host, path) == [_reference(routes, host, path)], (host, path)
+
+
 @pytest.mark.parametrize("raw,host", [
     (b"Example.COM", "example.com"),
     (b"example.com:8080", "example.com"),
