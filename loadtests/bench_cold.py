@@ -9,7 +9,8 @@
 `section_cold_vm` (libvirt backend, median of N, only where libvirt and the built
 microVM are available): the same through summon for `start = "boot"` and
 `start = "restore"`, the raw libvirt figures (createXML / restore to first HTTP 200)
-measured directly with the driver, their ratio (goal: restore at most 0.3x boot), the
+measured directly with the driver, alternating with the cold requests through summon so
+both see the same machine, their ratio (goal: restore at most 0.3x boot), the
 summon overhead over raw libvirt (goal: under 20 ms) and the memory of an idle VM.
 """
 
@@ -158,37 +159,52 @@ def section_cold(bench: Any) -> dict[str, Any]:
     }
 
 
-def _raw_libvirt(kind: str, runs: int) -> tuple[list[float], int | None]:
-    """Boot or restore with the driver alone (no proxy): seconds to first HTTP 200."""
-    from proxy.backends.base import InstanceSpec
-    from proxy.backends.libvirt import LibvirtBackend
-    from proxy.config import Host, Route
+class RawLibvirt:
+    """Boot or restore with the driver alone (no proxy), timed to the first HTTP 200.
 
-    async def go() -> tuple[list[float], int | None]:
-        backend = LibvirtBackend("qemu:///system")
-        image = load_image(ROOT / "images", "decks")
-        route = Route(name="rawbench", image="decks", start=kind)
-        host = Host(name="h", region="local", backend="libvirt", uri="qemu:///system")
-        times: list[float] = []
-        rss: int | None = None
-        try:
-            if kind == "restore":
-                await backend.save_snapshot(InstanceSpec("snap", route, host, image, "boot"))
-            for i in range(runs):
-                t0 = time.perf_counter()
-                handle = await backend.start(InstanceSpec(f"raw{kind}{i}", route, host, image, kind))
-                while _http_status(handle.address.port, timeout=0.1) != 200:  # short: a guest not up yet can hang a connection
-                    await asyncio.sleep(0.002)
-                times.append(time.perf_counter() - t0)
-                if rss is None:
-                    await asyncio.sleep(2.0)
-                    rss = _qemu_rss_kib(str(handle.detail.get("domain", "")))
-                await backend.stop(handle)
-        finally:
-            await backend.close()
-        return times, rss
+    It keeps its own event loop and driver between starts, so its starts can alternate
+    with cold requests through summon: on a shared machine both then see the same noise."""
 
-    return asyncio.run(go())
+    def __init__(self, kind: str) -> None:
+        from proxy.backends.libvirt import LibvirtBackend
+        from proxy.config import Host, Route
+
+        self.kind = kind
+        self.loop = asyncio.new_event_loop()
+        self.backend = LibvirtBackend("qemu:///system")
+        self.image = load_image(ROOT / "images", "decks")
+        self.route = Route(name="rawbench", image="decks", start=kind)
+        self.host = Host(name="h", region="local", backend="libvirt", uri="qemu:///system")
+        self.rss_kib: int | None = None
+        self.runs = 0
+        if kind == "restore":
+            from proxy.backends.base import InstanceSpec
+
+            self.loop.run_until_complete(self.backend.save_snapshot(
+                InstanceSpec("snap", self.route, self.host, self.image, "boot")))
+
+    def start_to_ready(self) -> float:
+        return self.loop.run_until_complete(self._one())
+
+    async def _one(self) -> float:
+        from proxy.backends.base import InstanceSpec
+
+        self.runs += 1
+        t0 = time.perf_counter()
+        handle = await self.backend.start(InstanceSpec(f"raw{self.kind}{self.runs}", self.route, self.host,
+                                                       self.image, self.kind))
+        while _http_status(handle.address.port, timeout=0.1) != 200:  # short: a guest not up yet can hang a connection
+            await asyncio.sleep(0.002)
+        seconds = time.perf_counter() - t0
+        if self.rss_kib is None:
+            await asyncio.sleep(2.0)
+            self.rss_kib = _qemu_rss_kib(str(handle.detail.get("domain", "")))
+        await self.backend.stop(handle)
+        return seconds
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.backend.close())
+        self.loop.close()
 
 
 def _qemu_rss_kib(domain: str) -> int | None:
@@ -221,21 +237,25 @@ def section_cold_vm(bench: Any) -> dict[str, Any]:
         return {"skipped": f"image build failed: {build.stderr[-500:]}"}
     result: dict[str, Any] = {"runs": runs}
     for kind in ("boot", "restore"):
-        bench.log(f"cold start (libvirt, start={kind}): {runs} raw driver starts")
-        raw, rss = _raw_libvirt(kind, runs)
-        bench.log(f"cold start (libvirt, start={kind}): {runs} cold requests through summon")
+        bench.log(f"cold start (libvirt, start={kind}): {runs} raw driver starts alternating with"
+                  f" {runs} cold requests through summon")
         proc, port, admin = _start_summon(bench, f"summon-vm-{kind}", "libvirt", kind, "200ms",
                                           'uri = "qemu:///system"')
+        raw_driver = RawLibvirt(kind)
+        raw: list[float] = []
         through: list[float] = []
         try:
             for _ in range(runs):
+                raw.append(raw_driver.start_to_ready())
                 _wait_cold(admin, timeout=120)
                 seconds, status = ttfb(port)
                 if status != 200:
                     raise RuntimeError(f"cold VM request answered {status}: {proc.output_tail()}")
                 through.append(seconds)
         finally:
+            raw_driver.close()
             bench.procs.stop(proc, grace=30)
+        rss = raw_driver.rss_kib
         r, s = bl.median(raw), bl.median(through)
         result[kind] = {"raw_ms": [round(x * 1000, 1) for x in raw], "summon_ms": [round(x * 1000, 1) for x in through],
                         "raw_median_ms": round((r or 0) * 1000, 1), "summon_median_ms": round((s or 0) * 1000, 1),

@@ -171,6 +171,7 @@ class Summon:
         summoner: Summoner | None = None
         if any(r.summoned for r in config.routes):
             summoner = await start_summoner(config, events, make_backends(config))
+            summoner.trials_enabled = False  # mitmproxy forwards the flow once: it cannot be a booting instance's trial
 
         def pool_for(route: Route) -> Pool:
             if route.upstreams:

@@ -7,8 +7,8 @@ Retry-After, Boot starts a driver task (start -> readiness probe -> ready/failed
 destroys, Record writes the event log. Once the driver has started an instance, a cold
 pool's first safe bodiless request goes to it as a trial (see `Fleet.instance_started`):
 the exchange retries it until the instance answers and then `confirm`s the lease, which
-makes the instance ready without waiting for the probe's own round trip; the probe
-keeps running alongside for pools whose first requests cannot be retried. A tick every 100 ms drives timeouts, idling
+makes the instance ready without a probe's own round trip. The health probe runs only
+when there is no trial (the first requests cannot be retried) or the trial's client left. A tick every 100 ms drives timeouts, idling
 and scaling. All engine calls happen on the event loop thread, so the engine needs no
 locks.
 """
@@ -54,7 +54,7 @@ class SummonedLease:
         s = self.pool.summoner
         if self.trial:
             self.trial = False
-            s.trials.pop(self.request_id, None)
+            s.trial_ended(self, answered=False)
         s.execute(s.fleet.request_finished(self.pool.route.name, self.instance_id, ok, s.now()))
 
     def confirm(self) -> None:
@@ -83,7 +83,8 @@ class SummonedPool:
         key = hash_key(self.route, head, client_ip)
         commands = s.fleet.request_arrived(self.route.name, rid, key, s.region_of(client_ip, region), s.now(),
                                            getattr(avoid, "instance_id", None),
-                                           trial_ok=head.safe and not head.has_body and head.upgrade is None)
+                                           trial_ok=s.trials_enabled and head.safe and not head.has_body
+                                           and head.upgrade is None)
         if len(commands) == 1:
             cmd = commands[0]
             if isinstance(cmd, Forward) and cmd.request_id == rid:
@@ -117,7 +118,8 @@ class Summoner:
         self.boot_tasks: dict[str, asyncio.Task[None]] = {}
         self.boot_deadlines: dict[str, float] = {}
         self.trials: dict[int, SummonedLease] = {}  # request id -> lease, for trial requests
-        self.answered: dict[str, asyncio.Future[None]] = {}  # instance id -> set when a trial got an answer
+        self.trial_outcome: dict[str, asyncio.Future[bool]] = {}  # instance id -> did its trial get an answer
+        self.trials_enabled = True  # only for fronts that retry a trial (the native one)
         self.stop_tasks: set[asyncio.Task[None]] = set()
         self.digests: dict[str, str] = {}
         self.request_seq = 0
@@ -264,18 +266,22 @@ class Summoner:
                 fn(cmd)
 
     def _reject_trial(self, cmd: Reject) -> None:
-        lease = self.trials.pop(cmd.request_id, None)
+        lease = self.trials.get(cmd.request_id)
         if lease is not None:
             lease.abandon(Unavailable(cmd.reason, retry_after_s=cmd.retry_after_s))
+            self.trial_ended(lease, answered=False)
 
     def trial_answered(self, lease: SummonedLease) -> None:
         """Ready now, not when the boot task next runs: the trial's client may ask again
         before that, and must find a warm pool."""
-        self.trials.pop(lease.request_id, None)
         self.execute(self.fleet.instance_ready(lease.instance_id, lease.address, self.now(), by="request"))
-        fut = self.answered.get(lease.instance_id)
+        self.trial_ended(lease, answered=True)
+
+    def trial_ended(self, lease: SummonedLease, answered: bool) -> None:
+        self.trials.pop(lease.request_id, None)
+        fut = self.trial_outcome.get(lease.instance_id)
         if fut is not None and not fut.done():
-            fut.set_result(None)
+            fut.set_result(answered)
 
     def _record(self, cmd: Record) -> None:
         level = logging.WARNING if cmd.kind in ("failed", "rejected", "cap_reached", "host_down") else logging.INFO
@@ -304,7 +310,7 @@ class Summoner:
             await self._start_and_probe(cmd, route, host, backend, deadline)
         finally:
             self.boot_deadlines.pop(cmd.instance_id, None)
-            self.answered.pop(cmd.instance_id, None)
+            self.trial_outcome.pop(cmd.instance_id, None)
 
     async def _start_and_probe(self, cmd: Boot, route: Route, host: Host, backend: Backend, deadline: float) -> None:
         loop = self.loop
@@ -336,24 +342,20 @@ class Summoner:
         self.handles[cmd.instance_id] = handle
         self.host_failures.pop(host.name, None)
         handle.exited.add_done_callback(functools.partial(self._exited, cmd.instance_id))
-        answered = self.answered[cmd.instance_id] = loop.create_future()
-        self.execute(self.fleet.instance_started(cmd.instance_id, handle.address, self.now()))
-        probe = loop.create_task(wait_ready(handle.address, route.health_path, deadline, handle.exited))
-        try:
-            await asyncio.wait((probe, answered), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not probe.done():
-                probe.cancel()  # a trial request got its answer first: that was the probe
-        if answered.done():
-            self.boot_tasks.pop(cmd.instance_id, None)
-            return  # made ready by `trial_answered`
-        reason = probe.result()
+        outcome = self.trial_outcome[cmd.instance_id] = loop.create_future()
+        started = self.fleet.instance_started(cmd.instance_id, handle.address, self.now())
+        self.execute(started)
+        if any(isinstance(c, Forward) and c.trial for c in started):
+            # The trial is the probe: a second prober would only compete with it for a
+            # guest that has just woken up. The health probe takes over if the trial's
+            # client leaves.
+            await asyncio.wait((outcome, handle.exited), return_when=asyncio.FIRST_COMPLETED)
+            if outcome.done() and outcome.result():
+                self.boot_tasks.pop(cmd.instance_id, None)
+                return  # made ready by `trial_answered`
+        reason = await wait_ready(handle.address, route.health_path, deadline, handle.exited)
         self.boot_tasks.pop(cmd.instance_id, None)
         if reason is None:
-            for rid, lease in list(self.trials.items()):
-                if lease.instance_id == cmd.instance_id:  # the probe won: an ordinary request now
-                    del self.trials[rid]
-                    lease.trial = False
             self.execute(self.fleet.instance_ready(cmd.instance_id, handle.address, self.now()))
         else:
             self.execute(self.fleet.boot_failed(cmd.instance_id, reason, self.now()))
