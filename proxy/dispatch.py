@@ -63,6 +63,9 @@ class StaticLease:
     def confirm(self) -> None:
         pass
 
+    def hand_over(self, on_ready: Callable[[], None]) -> None:
+        pass
+
 
 class StaticPool:
     """Always-on replicas at fixed addresses: no summoning."""

@@ -8,7 +8,9 @@ destroys, Record writes the event log. Once the driver has started an instance, 
 pool's first safe bodiless request goes to it as a trial (see `Fleet.instance_started`):
 the exchange retries it until the instance answers and then `confirm`s the lease, which
 makes the instance ready without a probe's own round trip. The health probe runs only
-when there is no trial (the first requests cannot be retried) or the trial's client left. A tick every 100 ms drives timeouts, idling
+when there is no trial (the first requests cannot be retried), or once the trial's
+client left or its answer was a 5xx (`hand_over`: the probe decides, and the request
+is sent again when the instance is ready). A tick every 100 ms drives timeouts, idling
 and scaling. All engine calls happen on the event loop thread, so the engine needs no
 locks.
 """
@@ -38,7 +40,8 @@ log = logging.getLogger("summon.summoner")
 
 
 class SummonedLease:
-    __slots__ = ("address", "instance_id", "pool", "trial", "trial_deadline", "on_abandon", "request_id")
+    __slots__ = ("address", "instance_id", "pool", "trial", "trial_deadline", "on_abandon", "on_ready",
+                 "request_id")
 
     def __init__(self, pool: SummonedPool, instance_id: str, address: Address, trial: bool = False,
                  trial_deadline: float = 0.0, request_id: int = 0) -> None:
@@ -49,11 +52,12 @@ class SummonedLease:
         self.trial = trial  # the instance is not known to be ready: retry until it answers
         self.trial_deadline = trial_deadline  # loop time: the instance's boot deadline
         self.on_abandon: Callable[[SummonError], None] | None = None  # set by the exchange
+        self.on_ready: Callable[[], None] | None = None  # see `hand_over`
 
     def release(self, ok: bool) -> None:
         s = self.pool.summoner
-        if self.trial:
-            self.trial = False
+        self.trial = False
+        if s.trials.pop(self.request_id, None) is self:
             s.trial_ended(self, answered=False)
         s.execute(s.fleet.request_finished(self.pool.route.name, self.instance_id, ok, s.now()))
 
@@ -63,9 +67,18 @@ class SummonedLease:
             self.trial = False
             self.pool.summoner.trial_answered(self)
 
+    def hand_over(self, on_ready: Callable[[], None]) -> None:
+        """The trial got a 5xx: maybe still warming up, maybe that URL fails anyway. The
+        health probe decides; `on_ready` is called once it finds the instance ready."""
+        if self.trial:
+            self.trial = False
+            self.on_ready = on_ready
+            self.pool.summoner.trial_ended(self, answered=False)
+
     def abandon(self, error: SummonError) -> None:
         """The instance will never answer (boot failed, route removed)."""
         self.trial = False
+        self.on_ready = None
         if self.on_abandon is not None:
             self.on_abandon(error)
 
@@ -117,7 +130,7 @@ class Summoner:
         self.handles: dict[str, Handle] = {}
         self.boot_tasks: dict[str, asyncio.Task[None]] = {}
         self.boot_deadlines: dict[str, float] = {}
-        self.trials: dict[int, SummonedLease] = {}  # request id -> lease, for trial requests
+        self.trials: dict[int, SummonedLease] = {}  # request id -> lease of a trial, until ready or released
         self.trial_outcome: dict[str, asyncio.Future[bool]] = {}  # instance id -> did its trial get an answer
         self.trials_enabled = True  # only for fronts that retry a trial (the native one)
         self.stop_tasks: set[asyncio.Task[None]] = set()
@@ -266,22 +279,32 @@ class Summoner:
                 fn(cmd)
 
     def _reject_trial(self, cmd: Reject) -> None:
-        lease = self.trials.get(cmd.request_id)
+        lease = self.trials.pop(cmd.request_id, None)
         if lease is not None:
-            lease.abandon(Unavailable(cmd.reason, retry_after_s=cmd.retry_after_s))
             self.trial_ended(lease, answered=False)
+            lease.abandon(Unavailable(cmd.reason, retry_after_s=cmd.retry_after_s))
 
     def trial_answered(self, lease: SummonedLease) -> None:
         """Ready now, not when the boot task next runs: the trial's client may ask again
         before that, and must find a warm pool."""
+        self.trials.pop(lease.request_id, None)
         self.execute(self.fleet.instance_ready(lease.instance_id, lease.address, self.now(), by="request"))
         self.trial_ended(lease, answered=True)
 
     def trial_ended(self, lease: SummonedLease, answered: bool) -> None:
-        self.trials.pop(lease.request_id, None)
+        """The boot task waits on this before it runs its own health probe."""
         fut = self.trial_outcome.get(lease.instance_id)
         if fut is not None and not fut.done():
             fut.set_result(answered)
+
+    def _trials_ready(self, instance_id: str) -> None:
+        """The health probe found the instance ready: requests handed over go again."""
+        for rid, lease in list(self.trials.items()):
+            if lease.instance_id == instance_id:
+                del self.trials[rid]
+                on_ready, lease.on_ready = lease.on_ready, None
+                if on_ready is not None:
+                    on_ready()
 
     def _record(self, cmd: Record) -> None:
         level = logging.WARNING if cmd.kind in ("failed", "rejected", "cap_reached", "host_down") else logging.INFO
@@ -348,7 +371,7 @@ class Summoner:
         if any(isinstance(c, Forward) and c.trial for c in started):
             # The trial is the probe: a second prober would only compete with it for a
             # guest that has just woken up. The health probe takes over if the trial's
-            # client leaves.
+            # client leaves or its answer is a 5xx.
             await asyncio.wait((outcome, handle.exited), return_when=asyncio.FIRST_COMPLETED)
             if outcome.done() and outcome.result():
                 self.boot_tasks.pop(cmd.instance_id, None)
@@ -357,6 +380,7 @@ class Summoner:
         self.boot_tasks.pop(cmd.instance_id, None)
         if reason is None:
             self.execute(self.fleet.instance_ready(cmd.instance_id, handle.address, self.now()))
+            self._trials_ready(cmd.instance_id)
         else:
             self.execute(self.fleet.boot_failed(cmd.instance_id, reason, self.now()))
 

@@ -85,9 +85,10 @@ def test_a_post_is_never_a_trial(tmp_path: Path) -> None:
     assert b"/form" not in paths
 
 
-def test_a_warming_instance_5xx_is_retried_not_forwarded(tmp_path: Path) -> None:
-    # the application answers 503 while it warms up: the client must see its real answer
-    backend = FakeBackend(FakeBehaviour(warming_answers=3, failing_paths=(b"/health",)))
+def test_a_warming_instance_5xx_is_not_forwarded(tmp_path: Path) -> None:
+    # the application answers 503 while it warms up (to the trial, then to the health
+    # probe that takes over): the client must see its real answer
+    backend = FakeBackend(FakeBehaviour(warming_answers=3))
 
     async def scenario() -> tuple[int, bytes, list[bytes]]:
         rt, port = await start(config(tmp_path), backend)
@@ -100,7 +101,29 @@ def test_a_warming_instance_5xx_is_retried_not_forwarded(tmp_path: Path) -> None
 
     status, body, paths = uvloop.run(scenario())
     assert status == 200 and body.startswith(b"fake instance")
-    assert paths.count(b"/page") >= 2  # tried again after the warming 503s
+    assert paths.count(b"/page") == 2  # the warming 503, then again once the probe said ready
+    assert paths == [b"/page", b"/health", b"/health", b"/health", b"/page"]  # 503 x3 (warming), then 200s
+
+
+def test_a_url_that_always_fails_gets_its_answer_once_the_probe_says_ready(tmp_path: Path) -> None:
+    # a 5xx to the trial is not retried until the boot deadline: the health probe decides
+    backend = FakeBackend(FakeBehaviour(failing_paths=(b"/broken",)))
+
+    async def scenario() -> tuple[int, bytes, float]:
+        rt, port = await start(config(tmp_path, boot_timeout="10s"), backend)
+        loop = asyncio.get_running_loop()
+        try:
+            t0 = loop.time()
+            status, body = await get(port, "/broken")
+            return status, body, loop.time() - t0
+        finally:
+            await drain(rt, 1.0)
+
+    status, body, took = uvloop.run(scenario())
+    assert status == 503 and body.startswith(b"fake instance")  # the application's own answer
+    assert took < 5.0
+    ready = [e for e in EventLog(tmp_path / "events.db").query() if e.kind == "ready"]
+    assert [e.detail["ready_by"] for e in ready] == ["probe"]
 
 
 def test_a_trial_on_an_instance_that_never_answers_gets_503_at_the_boot_timeout(tmp_path: Path) -> None:

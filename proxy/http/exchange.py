@@ -13,10 +13,12 @@ sent (or there is no body). Connect failures never reach the replica and are not
 
 Trials: a lease marked `trial` is on an instance that has started but is not known to be
 ready; this (safe method, no body) request is its readiness probe. Until the instance
-answers below 500, every failure (refused, reset, closed, no answer within
-`TRIAL_ATTEMPT_S`, a 5xx) is retried on a fresh connection a few milliseconds later; the
-first real answer `confirm`s the lease, which makes the instance ready. That saves the
-cold request one extra round trip into a guest that has only just woken up.
+answers, every failure (refused, reset, closed, no answer within `TRIAL_ATTEMPT_S`) is
+retried on a fresh connection a few milliseconds later; an answer below 500 `confirm`s
+the lease, which makes the instance ready. That saves the cold request one extra round
+trip into a guest that has only just woken up. A 5xx may mean "still warming up" or "this
+URL fails anyway": the lease is handed over to the health probe, and the request is sent
+again once the probe finds the instance ready.
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ class Lease(Protocol):
         """The instance answered a trial request."""
         ...
 
+    def hand_over(self, on_ready: Callable[[], None]) -> None:
+        """A trial request got a 5xx: let the health probe decide; `on_ready` once ready."""
+        ...
+
 
 class Exchange:
     __slots__ = (
@@ -63,6 +69,7 @@ class Exchange:
         "body_done", "body_bytes", "body_sent", "attached", "response_started", "client_framing",
         "keep_alive", "finished", "response_deadline", "retries", "continue_sent", "tunnel",
         "started_at", "cold", "status", "tunnel_buf", "error", "counted", "trial_timer", "trial_attempts",
+        "handed_over",
     )
 
     def __init__(self, client: ClientConnection, head: RequestHead, route: Route | None,
@@ -98,6 +105,7 @@ class Exchange:
         self.waiting_for_body = False
         self.trial_timer: asyncio.TimerHandle | None = None
         self.trial_attempts = 0
+        self.handed_over = False  # a trial got a 5xx: waiting for the health probe (see response_head)
 
     # --- getting a replica ---------------------------------------------------------
 
@@ -251,7 +259,11 @@ class Exchange:
         if lease is not None and lease.trial:
             self._cancel_trial_timer()
             if status >= 500:
-                raise BadGateway(f"instance answered {status} while starting")  # not ready: tried again
+                # warming up, or this URL fails anyway? the health probe decides, and the
+                # request goes again once the instance is ready (`_ready_after_hand_over`)
+                self.handed_over = True
+                lease.hand_over(self._ready_after_hand_over)
+                raise BadGateway(f"instance answered {status} while starting")
             lease.confirm()
         if framing == "tunnel" and self.head.upgrade is None:
             # checked before anything is sent, so the client still gets a clean 502
@@ -366,6 +378,8 @@ class Exchange:
     def _trial_again(self) -> bool:
         """A trial attempt got no answer: True when it has been taken care of (another
         attempt scheduled, or the request failed past the boot deadline)."""
+        if self.handed_over:
+            return not self.finished  # `_ready_after_hand_over` sends it again
         lease = self.lease
         if lease is None or not lease.trial or self.finished:
             return False
@@ -379,6 +393,10 @@ class Exchange:
         self.trial_attempts += 1
         self.trial_timer = loop.call_later(delay, self._trial_reconnect)
         return True
+
+    def _ready_after_hand_over(self) -> None:
+        self.handed_over = False
+        self._connect()
 
     def _trial_reconnect(self) -> None:
         self.trial_timer = None
@@ -400,6 +418,7 @@ class Exchange:
     def _trial_abandoned(self, error: SummonError) -> None:
         """The pool gave up on the instance (boot failed, route removed) and took the
         lease back: answer with its error."""
+        self.handed_over = False
         self._cancel_trial_timer()
         self.lease = None
         self.fail(error)
