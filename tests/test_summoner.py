@@ -44,13 +44,19 @@ def write_config(tmp: Path, routes: str) -> Path:
     return cfg
 
 
-async def get(port: int, path: str = "/") -> tuple[int, bytes]:
+async def exchange(port: int, method: str, path: str, fields: str = "") -> tuple[int, bytes, bytes]:
+    """One request on its own connection: status, head and body of the answer."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\n{fields}Connection: close\r\n\r\n".encode())
     data = await asyncio.wait_for(reader.read(), 10)
     writer.close()
     head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
+    return int(head.split()[1]), head, body
+
+
+async def get(port: int, path: str = "/") -> tuple[int, bytes]:
+    status, _, body = await exchange(port, "GET", path)
+    return status, body
 
 
 async def start(cfg: Path, backend: FakeBackend):  # type: ignore[no-untyped-def]

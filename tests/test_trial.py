@@ -13,7 +13,7 @@ from proxy.backends.fake import FakeBackend, FakeBehaviour
 from proxy.events import EventLog
 from proxy.server import drain
 from tests.helpers.summon_proc import make_image
-from tests.test_summoner import CONFIG, get, start
+from tests.test_summoner import CONFIG, exchange, get, start
 
 ROUTE = """
 [[route]]
@@ -30,15 +30,6 @@ def config(tmp: Path, boot_timeout: str = "3s") -> Path:
     cfg = tmp / "summon.toml"
     cfg.write_text(CONFIG.format(routes=ROUTE.format(boot_timeout=boot_timeout)))
     return cfg
-
-
-async def post(port: int, path: str) -> tuple[int, bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
-    data = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), head
 
 
 def test_the_cold_get_itself_makes_the_instance_ready(tmp_path: Path) -> None:
@@ -74,7 +65,7 @@ def test_a_post_is_never_a_trial(tmp_path: Path) -> None:
     async def scenario() -> tuple[int, bytes, list[bytes]]:
         rt, port = await start(config(tmp_path, boot_timeout="1s"), backend)
         try:
-            status, head = await post(port, "/form")
+            status, head, _ = await exchange(port, "POST", "/form", "Content-Length: 0\r\n")
             paths = [p for run in backend.running.values() for p in run.paths]
             return status, head, paths
         finally:
