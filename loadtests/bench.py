@@ -137,8 +137,10 @@ def summon_bin() -> Path:
     return ROOT / ".venv" / "bin" / "summon"
 
 
-def start_summon(bench: Bench, upstream_port: int, name: str = "summon", extra_proxy: str = "") -> tuple[bl.Proc, int]:
-    """summon with one static route to the upstream; `extra_proxy` adds [proxy] lines."""
+def start_summon(bench: Bench, upstream_port: int, name: str = "summon", extra_proxy: str = "",
+                 extra_route: str = "") -> tuple[bl.Proc, int]:
+    """summon with one static route to the upstream; `extra_proxy` adds [proxy] lines,
+    `extra_route` lines to the route."""
     exe = summon_bin()
     if not exe.exists():
         raise TargetUnavailable(f"{exe} not found (run `make setup`)")
@@ -166,7 +168,7 @@ name = "bench"
 host = "*"
 path = "/"
 upstreams = ["{HOST}:{upstream_port}"]
-"""
+{extra_route}"""
     )
     proc = bench.procs.start(name, [str(exe), "serve", "-c", str(conf)], cwd=d)
     if not bl.wait_port(HOST, port, timeout=20, alive=proc.alive):

@@ -3,7 +3,8 @@
 Request metrics are updated from `Dispatcher.observe` (once per finished request) as
 plain ints in dicts, turned into Prometheus families only at scrape time (a child's
 inc/observe takes a lock and several calls: too much for once per request). Instance
-gauges are computed at scrape time from the engine, so they can never drift.
+gauges are computed at scrape time from the engine, so they can never drift; so are the
+front's overload counters (refused connections, shed requests, overload episodes).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ BOOT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60)
 
 
 class Metrics:
-    def __init__(self, status: Callable[[], dict[str, Any]] | None = None) -> None:
+    def __init__(self, status: Callable[[], dict[str, Any]] | None = None,
+                 overload: Callable[[], dict[str, Any]] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = _RequestCollector()
         self.registry.register(self.requests)
@@ -39,6 +41,8 @@ class Metrics:
                                        buckets=BOOT_BUCKETS, registry=self.registry)
         if status is not None:
             self.registry.register(_FleetCollector(status))
+        if overload is not None:
+            self.registry.register(_OverloadCollector(overload))
 
     def observe(self, ex: Exchange, now: float) -> None:
         route = ex.route.name if ex.route is not None else ""
@@ -128,3 +132,26 @@ class _FleetCollector(Collector):
         yield queue
         yield cap
         yield used
+
+
+class _OverloadCollector(Collector):
+    """From `proxy.server.overload_of`: what the front refused or shed, and why."""
+
+    def __init__(self, overload: Callable[[], dict[str, Any]]) -> None:
+        self.overload = overload
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        o = self.overload()
+        for name, doc, key in (
+            ("summon_refused_connections", "Connections refused at accept (max_connections, drain, overload)",
+             "refused_connections"),
+            ("summon_shed_requests", "Requests answered 503 by max_inflight or overload", "shed_requests"),
+            ("summon_overload_episodes", "Times summon found its own CPU saturated (proxy.overload)", "episodes"),
+            ("summon_overload_seconds", "Time spent shedding because summon's own CPU was saturated", "seconds"),
+        ):
+            family = CounterMetricFamily(name, doc)
+            family.add_metric([], o.get(key, 0))
+            yield family
+        shedding = GaugeMetricFamily("summon_overloaded", "1 while summon sheds load because its CPU is saturated")
+        shedding.add_metric([], 1 if o.get("shedding") else 0)
+        yield shedding

@@ -17,6 +17,13 @@ Drain, step by step (`drain()`):
    second SIGTERM/SIGINT cuts this short (a third exits at once).
 5. Whatever is left is aborted; every instance summon started is stopped.
 
+Overload (`OverloadWatch`): a timer every few milliseconds feeds `proxy.overload.Shedder`
+with its own lateness, how long the last accepted connection sat in the backlog, and
+whether the loop slept. While it says summon's CPU is saturated, the listening sockets
+stop listening (the kernel refuses new connections, at no cost to summon) and the front
+sheds requests on open connections at the pace it asks for; when it says the overload is
+over, they listen again.
+
 Reload (`reload()`): the file is read and validated off the event loop; if invalid, the
 old config keeps serving and the problems are logged, recorded and returned; if valid,
 the swap happens in one step on the loop: a request sees the old table or the new one.
@@ -26,11 +33,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import gc
 import logging
+import math
 import os
+import resource
 import signal
 import socket
+import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,10 +58,12 @@ from .http.front import ClientConnection, ServerState
 from .http.responses import error_response
 from .http.upstream import UpstreamPool
 from .metrics import Metrics
+from .overload import TICK_S, Shedder
 from .routes import RouteTable
 from .summoner import Summoner
 
 log = logging.getLogger("summon.server")
+BACKLOG = 4096
 
 
 def listen_socket(addr: Address, reuse_port: bool) -> socket.socket:
@@ -61,7 +74,7 @@ def listen_socket(addr: Address, reuse_port: bool) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((addr.host, addr.port))
-    sock.listen(4096)
+    sock.listen(BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -85,6 +98,7 @@ class Runtime:
     forced: asyncio.Event = field(default_factory=asyncio.Event)  # second signal: stop waiting
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     draining: bool = False
+    shedder: Shedder | None = None  # set by OverloadWatch (real workers only)
 
 
 def make_backends(config: Config) -> dict[str, Backend]:
@@ -151,7 +165,7 @@ async def build_runtime(config: Config, sockets: list[socket.socket], admin: boo
     rt_ref.append(rt)
     if any(r.summoned for r in config.routes):
         rt.summoner = await start_summoner(config, events, backends or make_backends(config))
-    rt.metrics = Metrics(rt.summoner.status if rt.summoner else None)
+    rt.metrics = Metrics(rt.summoner.status if rt.summoner else None, overload=lambda: overload_of(rt))
     metrics = rt.metrics
     dispatcher.observers.append(lambda ex: metrics.observe(ex, loop.time()))
     if rt.summoner is not None:
@@ -159,13 +173,121 @@ async def build_runtime(config: Config, sockets: list[socket.socket], admin: boo
     state.start_sweeping()
     for sock in sockets:
         rt.listeners.append(sock.dup())
-        server = await loop.create_server(lambda: ClientConnection(state), sock=sock, backlog=4096)
-        rt.servers.append(server)
+        rt.servers.append(await serve_on(rt, sock))
     if admin and p.admin is not None:
         rt.admin = AdminServer(p.admin, status=lambda: status_of(rt), events=lambda n, r: events_of(rt, n, r),
                                metrics=metrics.render, reload=lambda: reload_all(rt), token=p.admin_token)
         await rt.admin.start()
     return rt
+
+
+async def serve_on(rt: Runtime, sock: socket.socket) -> asyncio.AbstractServer:
+    """Accept on a listening socket (which the server closes when it is closed)."""
+    state = rt.state
+    return await asyncio.get_running_loop().create_server(lambda: ClientConnection(state), sock=sock,
+                                                          backlog=BACKLOG)
+
+
+class OverloadWatch:
+    """The asyncio side of `proxy.overload`: samples the loop every TICK_S and carries
+    out the verdicts. Started by real workers only: in-process tests share their loop
+    with their own clients, whose work would count as summon's."""
+
+    def __init__(self, rt: Runtime, refuse_connections: bool) -> None:
+        self.rt = rt
+        self.loop = asyncio.get_running_loop()
+        # With a port chosen by the kernel (`:0`), listening again would pick another one.
+        self.refuse_connections = refuse_connections
+        self.shedder = rt.shedder = Shedder()
+        self.refusing = False
+        self.due = 0.0
+        self.handle: asyncio.TimerHandle | None = None
+        self.logged_at = -math.inf
+        self.switches = _voluntary_switches()
+
+    def start(self) -> None:
+        self.due = self.loop.time() + TICK_S
+        self.handle = self.loop.call_at(self.due, self._tick)
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+        self.rt.state.shed_budget = 0
+
+    def _tick(self) -> None:
+        now = self.loop.time()
+        try:
+            self._sample(now)
+        except Exception:  # the watch must outlive a bad tick: it may be refusing connections
+            log.exception("overload watch failed")
+        self.due = now + TICK_S
+        self.handle = self.loop.call_at(self.due, self._tick)
+
+    def _sample(self, now: float) -> None:
+        shedder, state = self.shedder, self.rt.state
+        was = shedder.shedding
+        waited, state.accept_waited_s = state.accept_waited_s, 0.0
+        state.probe_accept = True
+        switches = _voluntary_switches()
+        slept, self.switches = switches != self.switches, switches
+        state.shed_budget = shedder.tick(self.due, now, waited, slept)  # drops nobody takes lapse, as in CoDel
+        if shedder.shedding and not was and now - self.logged_at >= 10.0:  # episodes come in bursts
+            self.logged_at = now
+            log.warning("overloaded: requests wait %.0f ms before they are read; shedding (episode %d, "
+                        "%.1f s so far)", shedder.wait_s * 1000, shedder.episodes, shedder.seconds_shedding(now))
+        refuse = shedder.shedding and self.refuse_connections
+        if refuse != self.refusing and not self.rt.draining:
+            self.refusing = refuse
+            if refuse:
+                _stop_accepting(self.rt)
+            else:
+                self.loop.create_task(_resume_accepting(self.rt, self))
+
+
+def _voluntary_switches() -> int:
+    """How often this thread (the loop's) gave up the CPU by itself: blocked in epoll
+    with nothing to do, above all. Unchanged between two ticks = the loop never slept."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+
+
+def _stop_accepting(rt: Runtime) -> None:
+    """Close the servers and stop the listening sockets listening: the kernel refuses
+    new connections, and resets those already in the backlog (counted as refused)."""
+    for server in rt.servers:
+        server.close()
+    rt.servers.clear()
+    for ls in rt.listeners:
+        rt.state.refused_connections += _backlog_length(ls)
+        try:
+            ls.shutdown(socket.SHUT_RD)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:  # not listening already: a resume had not run yet
+                log.warning("could not stop listening: %s", exc)
+
+
+async def _resume_accepting(rt: Runtime, watch: OverloadWatch) -> None:
+    if rt.draining or watch.refusing:
+        return  # drain took over, or the overload came back before this ran
+    try:
+        for ls in rt.listeners:
+            ls.listen(BACKLOG)
+    except OSError as exc:
+        log.error("could not listen again (next tick retries): %s", exc)
+        watch.refusing = True
+        return
+    for ls in rt.listeners:
+        rt.servers.append(await serve_on(rt, ls.dup()))
+    if rt.draining or watch.refusing:  # changed while the servers were being made
+        _stop_accepting(rt)
+
+
+def _backlog_length(ls: socket.socket) -> int:
+    """Connections waiting in a listening socket's accept queue (tcpi_unacked)."""
+    try:
+        return int(struct.unpack_from("I", ls.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32), 24)[0])
+    except (OSError, struct.error):
+        return 0
 
 
 def status_of(rt: Runtime) -> dict[str, Any]:
@@ -182,7 +304,22 @@ def status_of(rt: Runtime) -> dict[str, Any]:
     snap["totals"]["routes"] = len(rt.config.routes)
     snap["totals"]["draining"] = rt.draining
     snap["totals"]["refused_connections"] = rt.state.refused_connections
+    snap["totals"]["shed_requests"] = rt.state.shed_requests
+    snap["overload"] = {k: v for k, v in overload_of(rt).items() if k not in snap["totals"]}
     return snap
+
+
+def overload_of(rt: Runtime) -> dict[str, Any]:
+    """What the front refused or shed, and the overload watch's state (`watched` is false in
+    an in-process runtime, which has no overload watch)."""
+    out: dict[str, Any] = {"refused_connections": rt.state.refused_connections,
+                           "shed_requests": rt.state.shed_requests, "watched": rt.shedder is not None}
+    shedder = rt.shedder
+    if shedder is not None:
+        out |= {"shedding": shedder.shedding, "episodes": shedder.episodes,
+                "seconds": round(shedder.seconds_shedding(rt.state.loop.time()), 3),
+                "wait_ms": round(shedder.wait_s * 1000, 1)}
+    return out
 
 
 def events_of(rt: Runtime, n: int, route: str | None) -> list[str]:
@@ -357,6 +494,8 @@ async def drain(rt: Runtime, deadline_s: float) -> None:
 async def run_worker(config: Config, sockets: list[socket.socket], worker: int) -> int:
     loop = asyncio.get_running_loop()
     rt = await build_runtime(config, sockets, admin=(worker == 0))
+    watch = OverloadWatch(rt, refuse_connections=all(a.port != 0 for a in config.proxy.listen))
+    watch.start()
     # Start-up objects (config, route table, modules) live for ever: keep the collector
     # from rescanning them, and collect young objects less often (requests allocate many
     # short-lived ones; reference counting frees nearly all of them anyway).
@@ -395,6 +534,7 @@ async def run_worker(config: Config, sockets: list[socket.socket], worker: int) 
     admin = f", admin on {config.proxy.admin}" if rt.admin else ""
     log.info("worker %d listening on %s%s", worker, addrs, admin)
     await rt.stopping.wait()
+    watch.stop()
     await drain(rt, rt.config.proxy.drain_timeout_s)
     log.info("worker %d stopped%s", worker, " (forced)" if rt.forced.is_set() else "")
     return 1 if rt.forced.is_set() else 0

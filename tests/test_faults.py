@@ -4,7 +4,8 @@ Every scenario runs a real `summon serve` subprocess (tests/helpers/summon_proc.
 front of real upstreams (a tiny asyncio server in a subprocess, busybox httpd instances
 started by the process backend), drives it with blocking clients in threads and injects
 the fault from outside: SIGTERM, SIGHUP, SIGKILL of an instance, 2,000 slowloris
-connections, an invalid config, too many connections or requests, stalled readers.
+connections, an invalid config, too many connections or requests, stalled readers, a
+summon whose own CPU is saturated (a CPU cgroup, root only).
 
 What counts as lost: a request whose connection was accepted and that got neither a
 complete response nor a clean refusal. A connection refused at connect, a 503 with
@@ -778,3 +779,69 @@ def test_slow_bodies_cannot_starve_a_route(tmp_path: Path, summons: list[Summon]
     finally:
         for c in slow:
             c.close()
+
+
+def _bench_overload():  # type: ignore[no-untyped-def]
+    """loadtests/bench_overload.py: its open-loop generator and CPU cgroup cap."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "loadtests" / "bench_overload.py"
+    spec = importlib.util.spec_from_file_location("bench_overload_for_tests", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_a_cpu_saturated_summon_sheds_early_and_only_then(tmp_path: Path, upstream_port: int,
+                                                          summons: list[Summon]) -> None:
+    """Requests waiting for a slow upstream are not overload. Capped at 5% of a core and
+    offered about 3x what it can serve, summon refuses connections early (the kernel
+    answers them) instead of queueing them: nothing hangs, the p99 of what it serves stays
+    under a second (without shedding it grows to several: the backlog is the queue), and
+    it accepts again once the load has passed."""
+    bo = _bench_overload()
+    route = f'[[route]]\nhost = "*"\npath = "/"\nupstreams = ["127.0.0.1:{upstream_port}"]\nmax_conns = 1024\n'
+    s = Summon(tmp_path, route, "max_inflight = 5000").start()
+    summons.append(s)
+    assert s.proc is not None
+
+    slow: list[int] = []
+    threads = [threading.Thread(target=lambda: slow.append(http_get(s.port, "/?delay=1500", timeout=10)[0]))
+               for _ in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert slow == [200] * 100
+    assert s.status()["overload"]["episodes"] == 0, "waiting for an upstream is not overload"
+
+    cgroup = bo.cap_cpu(s.proc.pid, 0.05)
+    if cgroup is None:
+        pytest.skip("no writable CPU cgroup (needs root): summon cannot be made the bottleneck")
+    try:
+        script = tmp_path / "openloop.py"
+        script.write_text(bo.GENERATOR)
+        cp = subprocess.run([sys.executable, str(script), "127.0.0.1", str(s.port), "1500", "3", "2048"],
+                            capture_output=True, text=True, timeout=30, check=True)
+        r = json.loads(cp.stdout.strip().splitlines()[-1])
+        print({k: r[k] for k in ("offered_per_s", "goodput_per_s", "shed_503", "refused", "reset", "unanswered",
+                                 "errors", "p50_ms", "p99_ms")})
+        overload = s.status()["overload"]
+        assert overload["episodes"] >= 1 and overload["seconds"] > 0, overload
+        assert r["refused"] + r["reset"] > 0, "no connection was refused early"
+        assert r["ok"] > 0 and r["other"] == 0 and r["errors"] == 0
+        assert r["unanswered"] <= 0.01 * r["sent"], f"{r['unanswered']} requests still queued after the run"
+        assert r["p99_ms"] < 1000, f"2xx p99 {r['p99_ms']} ms: requests queued instead of being shed"
+        wait_for(lambda: http_get(s.port, "/")[0] == 200, 5, "summon to accept again")
+        assert not s.status()["overload"]["shedding"]
+    finally:
+        s.stop(signal.SIGKILL)
+        for _ in range(50):  # the cgroup empties once the process is gone
+            try:
+                cgroup.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)

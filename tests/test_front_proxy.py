@@ -27,6 +27,8 @@ from helpers.net import (
     wait_until,
 )
 
+from proxy.server import status_of
+
 
 def post(path: str, headers: bytes, body: bytes = b"") -> bytes:
     return f"POST {path} HTTP/1.1\r\nHost: example.com\r\n".encode() + headers + b"\r\n" + body
@@ -638,6 +640,24 @@ def test_max_connections_sheds_extra_with_503(make_proxy, upstream):
     wait_until(lambda: p.state(lambda rt: len(rt.state.connections)) == 0, 3, "connections to be released")
     with p.client() as c:
         assert c.request(get("/after")).status == 200
+
+
+def test_overload_drops_are_503_close_and_counted(proxy, upstream):
+    """The overload watch hands the front a budget of requests to drop (proxy.overload):
+    each is answered 503 + Retry-After + Connection: close without reaching an upstream,
+    and counted in /status and /metrics."""
+    with proxy.client() as a, proxy.client() as b:
+        assert a.request(get("/a")).status == 200
+        proxy.state(lambda rt: setattr(rt.state, "shed_budget", 1))
+        r = a.request(get("/dropped"))
+        assert r.status == 503 and r.header("retry-after") == b"1" and r.header("connection") == b"close"
+        assert a.is_closed()
+        assert b.request(get("/b")).status == 200  # a budget of one
+    assert [r.target for r in upstream.requests] == [b"/a", b"/b"]
+    assert proxy.state(lambda rt: (rt.state.shed_budget, status_of(rt)["totals"]["shed_requests"])) == (0, 1)
+    metrics = proxy.state(lambda rt: rt.metrics.render()[0].decode())
+    assert "summon_shed_requests_total 1.0" in metrics
+    assert "summon_overloaded 0.0" in metrics
 
 
 def test_many_concurrent_clients(proxy, upstream):

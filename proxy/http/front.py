@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
@@ -72,6 +74,14 @@ class ServerState:
     inflight: int = 0
     draining: bool = False
     refused_connections: int = 0
+    # For the overload watch (proxy.server, proxy.overload): when `probe_accept` is set, the
+    # next connection accepted reports how long it sat in the backlog; `shed_budget`
+    # requests on open connections are to be shed now. `shed_requests` counts every
+    # request shed with a 503 (this and max_inflight).
+    probe_accept: bool = False
+    accept_waited_s: float = 0.0
+    shed_budget: int = 0
+    shed_requests: int = 0
     sweeper: asyncio.TimerHandle | None = None
 
     def start_sweeping(self, interval_s: float = 0.25) -> None:
@@ -136,6 +146,9 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        if self.state.probe_accept:
+            self.state.probe_accept = False
+            self.state.accept_waited_s = backlog_wait(transport)
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
         self.trusted = client_trusted(self.peer_ip, self.cfg.trusted_proxies)
@@ -305,12 +318,16 @@ class ClientConnection(asyncio.Protocol):
                        out_head: bytes | None) -> Exchange:
         ex = Exchange(self, head, route, error, out_head)
         self.incoming = ex
-        self.state.inflight += 1
+        state = self.state
+        state.inflight += 1
         if head.has_body:
             self._arm(self.cfg.body_timeout_s, self._on_body_timeout)
         else:
             self._disarm()
-        if self.state.inflight > self.cfg.max_inflight:
+        if state.inflight > self.cfg.max_inflight or state.shed_budget:
+            if state.inflight <= self.cfg.max_inflight:
+                state.shed_budget -= 1  # one of the drops the overload watch asked for
+            state.shed_requests += 1
             ex.error = Unavailable("proxy overloaded", retry_after_s=1)
             ex.keep_alive = False
         if self.active is None:
@@ -549,6 +566,17 @@ class ClientConnection(asyncio.Protocol):
                 return value.decode("ascii", "replace").strip()
         return None
 
+
+
+def backlog_wait(transport: asyncio.BaseTransport) -> float:
+    """Seconds since a just-accepted connection last received data (tcpi_last_data_recv;
+    its handshake when it sent nothing yet): how long it waited to be accepted."""
+    sock = transport.get_extra_info("socket")
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 56)
+        return float(struct.unpack_from("I", info, 52)[0]) / 1000
+    except (AttributeError, OSError, struct.error):
+        return 0.0
 
 
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE")}

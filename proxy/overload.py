@@ -1,0 +1,120 @@
+"""Is summon itself overloaded? A CoDel-style verdict on its event loop. No I/O.
+
+The overload meant here is summon's own CPU running out, and with it the event loop. Then
+requests do not wait in summon's queues (`max_inflight` never trips: each one is handled
+quickly once read) but in the kernel's, where nothing in the proxy can count them:
+- the accept backlog: libuv accepts one connection per listening socket per turn of the
+  loop, so when turns are busy, new connections queue there. The overload watch asks the
+  front to look at the next connection it accepts (one per tick): TCP_INFO's
+  tcpi_last_data_recv says how long ago its request (or, with none yet, its handshake)
+  arrived, which is how long it sat in the backlog;
+- the socket buffers of open connections: every turn reads them all, so a turn's length
+  is how long a request that just arrived waits to be read. A timer every `TICK_S` sees
+  it as its own lateness.
+Together with "did the loop sleep since the last tick?" (one getrusage), that is one
+callback and at most two syscalls per tick, nothing per request.
+
+Overloaded means: for a whole `interval_s`, the loop never slept and every sample (the
+tick's lateness, the backlog wait) was above `target_s`. Never sleeping is what tells
+summon's CPU apart from everything else that makes requests wait: a request waiting for
+a boot or a slow upstream leaves the loop idle, and an idle loop sleeps. The samples
+above target are what tell a standing queue from a saturated loop serving its clients
+promptly (a closed-loop benchmark); CoDel (Nichols and Jacobson, "Controlling Queue
+Delay", 2012) asks for the whole interval so that one late sample, a GC pause, a reload
+of a large route table, a short burst, is not taken for overload.
+
+The overload is over when the loop sleeps (it only does when epoll finds nothing to read
+and nothing to accept: no queue stands anywhere), or after a whole interval of samples
+under target (still saturated, but answering promptly: new clients may come in again).
+Not at the first sample under target, as CoDel would: while new connections are refused
+the backlog wait cannot be sampled, and ending at once lets a wave of them in every few
+ticks (measured: twice the p99 at 2x saturation).
+
+What shedding does (carried out by the asyncio shell, `proxy.server`) meanwhile:
+- New connections are refused by the kernel (the listening sockets stop listening; those
+  in the backlog are reset), which costs summon nothing: when summon's CPU is the
+  bottleneck, every microsecond spent answering a refused client, even with a canned 503,
+  is taken from the requests it serves.
+- Requests on connections already open are dropped at CoDel's pace, the n-th drop of an
+  episode `interval_s / sqrt(n)` after the one before: each drop is a 503 + Retry-After +
+  Connection: close, so the set of busy connections shrinks (their clients come back and
+  are refused) until summon has CPU to spare. An episode that starts soon after the
+  previous one ended resumes at that one's pace (RFC 8289).
+"""
+
+from __future__ import annotations
+
+import math
+
+TICK_S = 0.01  # how often the loop is sampled while it keeps up
+TARGET_S = 0.05  # a request that waits longer than this before it is read waited too long
+INTERVAL_S = 0.1  # the wait must stay above target this long to be a standing queue
+
+
+class Shedder:
+    """Feed it `tick(...)` for every timer callback; it answers how many requests on open
+    connections to shed now, and `shedding` says whether to refuse new connections."""
+
+    def __init__(self, target_s: float = TARGET_S, interval_s: float = INTERVAL_S) -> None:
+        self.target_s = target_s
+        self.interval_s = interval_s
+        self.shedding = False
+        self.wait_s = 0.0  # the last sample
+        self.episodes = 0
+        self.shed_s = 0.0  # time spent shedding in finished episodes
+        self.late_since: float | None = None  # when the current run of samples above target began
+        self.prompt_since: float | None = None  # when the current run under target began
+        self.began = 0.0  # start of the current episode
+        self.ended = -math.inf  # end of the previous episode
+        self.count = 0  # drops in this episode, and CoDel's pace
+        self.last_count = 0  # what `count` started at, to learn the pace reached
+        self.next_drop = 0.0
+
+    def tick(self, due: float, now: float, waited: float, slept: bool) -> int:
+        """A timer due at `due` ran at `now` (same clock, seconds). `waited`: how long
+        the connection accepted since the last tick sat in the backlog (0 if none was);
+        `slept`: whether the loop slept since the last tick. Returns how many requests on
+        open connections to shed now."""
+        self.wait_s = wait = max(now - due, waited)
+        # Runs of samples above and under target, timed from when they were seen (so one
+        # stall counts once); a sleep breaks a run above target.
+        if wait < self.target_s:
+            self.late_since = None
+            self.prompt_since = now if self.prompt_since is None else self.prompt_since
+        else:
+            self.prompt_since = None
+            self.late_since = now if self.late_since is None or slept else self.late_since
+        if self.shedding:
+            if slept or (self.prompt_since is not None and now - self.prompt_since >= self.interval_s):
+                self.shedding = False
+                self.ended = now
+                self.shed_s += now - self.began
+                return 0
+            return self._drops(now)
+        if self.late_since is not None and now - self.late_since >= self.interval_s:
+            return self._begin(now)
+        return 0
+
+    def _drops(self, now: float) -> int:
+        if now - self.next_drop > self.interval_s:
+            self.next_drop = now  # the loop stalled: no burst of drops to catch up
+        drops = 0
+        while self.next_drop <= now:
+            drops += 1
+            self.count += 1
+            self.next_drop += self.interval_s / math.sqrt(self.count)
+        return drops
+
+    def _begin(self, now: float) -> int:
+        self.shedding = True
+        self.episodes += 1
+        self.began = now
+        reached = self.count - self.last_count
+        self.count = reached if reached > 1 and now - self.ended < 16 * self.interval_s else 1
+        self.last_count = self.count
+        self.next_drop = now + self.interval_s / math.sqrt(self.count)
+        return 1
+
+    def seconds_shedding(self, now: float) -> float:
+        """Total time spent shedding, the current episode included."""
+        return self.shed_s + (now - self.began if self.shedding else 0.0)

@@ -1,0 +1,170 @@
+"""The overload verdict (proxy.overload.Shedder), fed with a fake clock: what is and is
+not overload, when shedding starts and stops, and CoDel's pace of drops."""
+
+from __future__ import annotations
+
+import math
+
+from proxy.overload import Shedder
+
+TARGET, INTERVAL, TICK = 0.05, 0.1, 0.01
+
+
+class Loop:
+    """Ticks as a loop would deliver them: due every TICK after the previous one ran."""
+
+    def __init__(self) -> None:
+        self.shedder = Shedder(target_s=TARGET, interval_s=INTERVAL)
+        self.now = 0.0
+        self.drops: list[float] = []  # when each drop was asked for
+
+    def tick(self, late: float = 0.0, waited: float = 0.0, slept: bool = True) -> int:
+        due = self.now + TICK
+        self.now = due + late
+        n = self.shedder.tick(due, self.now, waited, slept)
+        self.drops += [self.now] * n
+        return n
+
+    def run(self, seconds: float, **kw: float | bool) -> None:
+        end = self.now + seconds
+        while self.now < end:
+            self.tick(**kw)  # type: ignore[arg-type]
+
+
+def test_an_idle_or_lightly_loaded_loop_never_sheds() -> None:
+    loop = Loop()
+    loop.run(5.0, late=0.001, slept=True)
+    assert not loop.shedder.shedding and loop.shedder.episodes == 0 and not loop.drops
+
+
+def test_a_saturated_loop_that_answers_promptly_is_not_overloaded() -> None:
+    """A closed-loop benchmark keeps the loop busy (it never sleeps) but every request is
+    read within a few ms: that is full use, not a standing queue."""
+    loop = Loop()
+    loop.run(5.0, late=0.004, waited=0.002, slept=False)
+    assert loop.shedder.episodes == 0
+
+
+def test_one_long_stall_is_not_overload() -> None:
+    """A GC pause or a large reload: one tick very late, the next ones on time."""
+    loop = Loop()
+    loop.run(1.0)
+    loop.tick(late=2.0, slept=False)
+    loop.run(1.0)
+    assert loop.shedder.episodes == 0
+
+
+def test_a_burst_shorter_than_the_interval_is_absorbed() -> None:
+    loop = Loop()
+    loop.run(INTERVAL * 0.8, late=0.06, slept=False)
+    loop.run(1.0)
+    assert loop.shedder.episodes == 0
+
+
+def test_long_waits_with_a_sleeping_loop_are_not_summons_overload() -> None:
+    """Requests waiting for a boot or a slow upstream leave the loop idle: it sleeps, so
+    whatever waits, it is not summon's CPU."""
+    loop = Loop()
+    loop.run(3.0, late=0.06, waited=0.5, slept=True)
+    assert loop.shedder.episodes == 0
+
+
+def test_a_standing_queue_in_the_loop_sheds_after_one_interval() -> None:
+    loop = Loop()
+    loop.run(0.5)
+    start = loop.now
+    while not loop.shedder.shedding:
+        loop.tick(late=0.06, slept=False)
+        assert loop.now - start < 1.0
+    # every tick from the first late one on was late, for a whole interval, and no sooner
+    assert INTERVAL <= loop.now - start < INTERVAL + 2 * (TICK + 0.06)
+    assert loop.drops == [loop.now]  # CoDel drops at once on entry
+    assert loop.shedder.episodes == 1
+
+
+def test_a_standing_backlog_sheds_even_when_each_turn_is_short() -> None:
+    """libuv accepts one connection per turn: a queue in the backlog shows as the wait
+    of the accepted connections, not as lateness of the timer."""
+    loop = Loop()
+    loop.run(INTERVAL * 2, late=0.002, waited=0.2, slept=False)
+    assert loop.shedder.shedding
+
+
+def test_shedding_stops_when_the_loop_sleeps_and_counts_the_time() -> None:
+    loop = Loop()
+    loop.run(INTERVAL * 1.5, late=0.06, slept=False)
+    assert loop.shedder.shedding
+    began = loop.shedder.began
+    loop.run(0.5, late=0.06, slept=False)
+    assert loop.shedder.shedding
+    loop.tick(late=0.06, slept=True)  # even late: the loop found nothing to do at some point
+    assert not loop.shedder.shedding
+    assert math.isclose(loop.shedder.seconds_shedding(loop.now), loop.now - began)
+    loop.run(1.0)
+    assert loop.shedder.episodes == 1
+    assert math.isclose(loop.shedder.seconds_shedding(loop.now), loop.shedder.shed_s)
+
+
+def test_shedding_stops_after_an_interval_of_prompt_samples() -> None:
+    """A loop still saturated, but by clients it answers promptly: new ones may come in."""
+    loop = Loop()
+    loop.run(INTERVAL * 1.5, late=0.06, slept=False)
+    loop.run(INTERVAL * 0.8, late=0.002, slept=False)
+    assert loop.shedder.shedding
+    loop.tick(late=0.06, slept=False)  # one late sample starts the count again
+    loop.run(INTERVAL * 0.8, late=0.002, slept=False)
+    assert loop.shedder.shedding
+    loop.run(INTERVAL * 0.4, late=0.002, slept=False)
+    assert not loop.shedder.shedding and loop.shedder.episodes == 1
+
+
+def test_drops_follow_codels_pace() -> None:
+    """The n-th drop of an episode comes interval/sqrt(n) after the one before."""
+    loop = Loop()
+    # a standing backlog rather than a late timer: ticks stay TICK apart, drops are finer
+    loop.run(INTERVAL * 1.5, waited=0.06, slept=False)
+    loop.run(3.0, waited=0.06, slept=False)
+    gaps = [b - a for a, b in zip(loop.drops, loop.drops[1:], strict=False)]
+    assert len(gaps) > 20
+    for n, gap in enumerate(gaps[:20], start=1):
+        # ticks quantise the drops: each gap is the law's, give or take one tick
+        assert abs(gap - INTERVAL / math.sqrt(n)) <= TICK + 1e-9, (n, gap)
+    # in total: n drops take about 2 * interval * sqrt(n)
+    n = len(loop.drops)
+    assert abs((loop.drops[-1] - loop.drops[0]) - 2 * INTERVAL * math.sqrt(n)) < 0.2
+
+
+def test_a_stall_while_shedding_asks_for_no_burst_of_drops() -> None:
+    loop = Loop()
+    loop.run(INTERVAL * 1.5, late=0.06, slept=False)
+    loop.run(0.3, late=0.06, slept=False)
+    assert loop.tick(late=5.0, slept=False) <= 1
+
+
+def test_an_episode_soon_after_another_resumes_its_pace() -> None:
+    loop = Loop()
+    loop.run(INTERVAL * 1.5, late=0.06, slept=False)
+    loop.run(2.0, late=0.06, slept=False)
+    first = len(loop.drops)
+    loop.tick(slept=True)  # over
+    loop.run(INTERVAL * 1.5, late=0.06, slept=False)  # back soon
+    assert loop.shedder.episodes == 2
+    mark = len(loop.drops)
+    loop.run(0.5, late=0.06, slept=False)
+    soon = len(loop.drops) - mark
+    # the same half second at the start of a fresh episode drops far fewer
+    fresh = Loop()
+    fresh.run(INTERVAL * 1.5, late=0.06, slept=False)
+    mark = len(fresh.drops)
+    fresh.run(0.5, late=0.06, slept=False)
+    assert soon > 2 * (len(fresh.drops) - mark), (first, soon, len(fresh.drops) - mark)
+
+
+def test_an_episode_long_after_the_last_starts_afresh() -> None:
+    loop = Loop()
+    loop.run(INTERVAL * 1.5, late=0.06, slept=False)
+    loop.run(2.0, late=0.06, slept=False)
+    loop.tick(slept=True)
+    loop.run(16 * INTERVAL + 0.1)
+    loop.run(INTERVAL * 1.5, late=0.06, slept=False)
+    assert loop.shedder.count == 1
