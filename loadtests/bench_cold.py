@@ -38,6 +38,7 @@ from proxy.images import load_image  # noqa: E402
 GOAL_COLD_OVERHEAD_MS = 10.0
 GOAL_RESTORE_RATIO = 0.3
 GOAL_VM_OVERHEAD_MS = 20.0
+VM_SETTLE_S = 1.0  # between one VM's destruction and the next start
 
 
 def _http_status(port: int, timeout: float = 1.0) -> int | None:
@@ -246,8 +247,13 @@ def section_cold_vm(bench: Any) -> dict[str, Any]:
         through: list[float] = []
         try:
             for _ in range(runs):
-                raw.append(raw_driver.start_to_ready())
+                # Each start, raw or through summon, begins with no other VM alive and a
+                # pause after the last one was destroyed: a QEMU being torn down (its
+                # memory freed) slows the restore next to it by some 100 ms.
                 _wait_cold(admin, timeout=120)
+                time.sleep(VM_SETTLE_S)
+                raw.append(raw_driver.start_to_ready())
+                time.sleep(VM_SETTLE_S)
                 seconds, status = ttfb(port)
                 if status != 200:
                     raise RuntimeError(f"cold VM request answered {status}: {proc.output_tail()}")

@@ -55,6 +55,7 @@ def test_the_cold_get_itself_makes_the_instance_ready(tmp_path: Path) -> None:
     assert len(backend.started) == 1
     ready = [e for e in EventLog(tmp_path / "events.db").query() if e.kind == "ready"]
     assert [e.detail["ready_by"] for e in ready] == ["request"]
+    assert 0 <= ready[0].detail["driver_s"] <= ready[0].duration_s  # the driver's share of the boot
 
 
 def test_a_post_is_never_a_trial(tmp_path: Path) -> None:

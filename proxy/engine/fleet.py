@@ -100,6 +100,7 @@ class Instance:
     served: int = 0
     first_request_at: float | None = None
     trial: int | None = None  # the request id sent to it while booting (see `instance_started`)
+    started_at: float | None = None  # when the driver had it running (`instance_started`)
 
     def move(self, event: str) -> None:
         self.state = next_state(self.state, event)
@@ -273,6 +274,7 @@ class Fleet:
             return out
         pool = self.pools[inst.route]
         inst.address = address
+        inst.started_at = now
         if pool.balancer.load or pool.removed:
             return out  # a warm pool scaling up: its queue is served by the ready replicas
         for rid, w in pool.queue.items():
@@ -306,8 +308,10 @@ class Fleet:
         for _ in range(inst.inflight):
             pool.balancer.acquire(inst.id)  # the trial, already on its way
         waited = len(pool.queue) + inst.inflight
-        out.append(Record("ready", inst.route, inst.id, inst.host, inst.region, now - inst.summoned_at,
-                          {"cold_requests": waited, "ready_by": by}))
+        detail: dict[str, Any] = {"cold_requests": waited, "ready_by": by}
+        if inst.started_at is not None:  # how the boot divides: the driver, then the application
+            detail["driver_s"] = round(inst.started_at - inst.summoned_at, 4)
+        out.append(Record("ready", inst.route, inst.id, inst.host, inst.region, now - inst.summoned_at, detail))
         if inst.inflight and inst.first_request_at is None:
             out.append(self._first(inst, now))
         self._flush_queue(pool, now, out)
