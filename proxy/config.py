@@ -65,7 +65,7 @@ class ProxySettings:
     max_connections: int = 10_000
     max_inflight: int = 5_000
     connect_timeout_s: float = 5.0
-    upstream_timeout_s: float = 60.0  # until the response head arrives
+    upstream_timeout_s: float = 60.0  # until the response head arrives; also the longest a body may stall
     upstream_idle_s: float = 30.0  # idle pooled upstream connections are closed after
     upstream_pool_size: int = 64  # idle keep-alive connections kept per upstream
     drain_timeout_s: float = 30.0

@@ -717,6 +717,35 @@ def test_http10_upstream_read_until_close(proxy, upstream):
         assert c.request(get("/")).body == b"old body"
 
 
+def test_upstream_stalling_mid_body_is_cut_off_and_the_client_sees_it(make_proxy, upstream):
+    # head and half the body, then nothing: the client must not wait for ever, and must
+    # not mistake the half for the whole (the connection is cut, not closed cleanly)
+    upstream.handler = fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello", then="hold")
+    p = make_proxy(upstream_timeout="300ms")
+    with p.client() as c:
+        t0 = time.monotonic()
+        with pytest.raises(Truncated, match="EOF after 5 of 10 body bytes"):
+            c.request(get("/stall"))
+        elapsed = time.monotonic() - t0
+    assert 0.25 < elapsed < 2.5, elapsed
+
+
+def test_a_slow_but_moving_body_is_not_a_stall(make_proxy, upstream):
+    async def trickle(req: UpRequest, conn: UpConn) -> str | None:
+        assert conn.writer is not None
+        conn.writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n")
+        for _ in range(8):  # 1.2 s in all, four times upstream_timeout, never 300 ms silent
+            await asyncio.sleep(0.15)
+            conn.writer.write(b"x")
+        return None
+
+    upstream.handler = trickle
+    p = make_proxy(upstream_timeout="300ms")
+    with p.client() as c:
+        r = c.request(get("/trickle"))
+    assert r.status == 200 and r.body == b"x" * 8
+
+
 def test_504_drops_upstream_connection_keeps_client(make_proxy, upstream):
     async def first_slow(req: UpRequest, conn: UpConn) -> str | None:
         if req.target == b"/slow":

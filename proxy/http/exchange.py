@@ -69,7 +69,7 @@ class Exchange:
         "body_done", "body_bytes", "body_sent", "attached", "response_started", "client_framing",
         "keep_alive", "finished", "response_deadline", "retries", "continue_sent", "tunnel",
         "started_at", "cold", "status", "tunnel_buf", "error", "counted", "trial_timer", "trial_attempts",
-        "handed_over",
+        "handed_over", "body_chunks", "stall_mark",
     )
 
     def __init__(self, client: ClientConnection, head: RequestHead, route: Route | None,
@@ -106,6 +106,8 @@ class Exchange:
         self.trial_timer: asyncio.TimerHandle | None = None
         self.trial_attempts = 0
         self.handed_over = False  # a trial got a 5xx: waiting for the health probe (see response_head)
+        self.body_chunks = 0  # response body reads, so the deadline can tell a stall from a long body
+        self.stall_mark = -1
 
     # --- getting a replica ---------------------------------------------------------
 
@@ -241,7 +243,14 @@ class Exchange:
             self.response_deadline = self.client.state.loop.time() + self.client.state.config.upstream_timeout_s
 
     def response_timeout(self) -> None:
-        if self.response_started or self.finished:
+        """The deadline armed when the request was sent has passed. Before the response
+        head: 504. After it (the deadline is left running, so the hot path arms nothing),
+        a stall check: the body must have moved since the last check, else the upstream
+        is hung mid-response and the client is cut off (it must see a truncated answer)."""
+        if self.finished:
+            return
+        if self.response_started:
+            self._check_body_stall()
             return
         if self.upstream is not None:
             self.upstream.abort()
@@ -252,7 +261,7 @@ class Exchange:
     # --- response, called by UpstreamConnection ------------------------------------------
 
     def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: str) -> None:
-        self.response_deadline = None
+        # the deadline stays armed: after the head it watches for a stalled body
         if self.finished:
             return
         lease = self.lease
@@ -276,6 +285,7 @@ class Exchange:
         copy_length = False  # declare the upstream's own Content-Length (response_head finds it)
         if framing == "tunnel":
             self.tunnel = True
+            self.response_deadline = None  # an idle tunnel is not a stalled response
             self.client_framing = "tunnel"
             keep = False  # the client connection ends with the tunnel
         elif framing == "none":
@@ -317,12 +327,14 @@ class Exchange:
     def response_body(self, data: bytes) -> None:
         if self.finished:
             return
+        self.body_chunks += 1
         if self.client_framing == "chunked":
             self.client.write(b"%x\r\n%b\r\n" % (len(data), data))
         else:
             self.client.write(data)
 
     def response_complete(self, reusable: bool) -> None:
+        self.response_deadline = None
         if self.finished:
             return
         if self.client_framing == "chunked":
@@ -338,6 +350,21 @@ class Exchange:
         if not self.body_done:
             self.keep_alive = False  # an unread request body is still on the wire
         self.client.exchange_finished(self)
+
+    def _check_body_stall(self) -> None:
+        client = self.client
+        if self.body_chunks != self.stall_mark or client.write_paused:
+            # progress since the last check (or the first check since the head), or the
+            # client is the slow side (send_timeout is its deadline): look again later
+            self.stall_mark = self.body_chunks
+            self.response_deadline = client.state.loop.time() + client.state.config.upstream_timeout_s
+            return
+        conn, self.upstream = self.upstream, None
+        if conn is not None:
+            conn.abort()
+        self._release_lease(False)
+        self.finished = True
+        client.abort()
 
     def upstream_failed(self, exc: Exception, got_bytes: bool) -> None:
         self.response_deadline = None
