@@ -47,6 +47,7 @@ from __future__ import annotations
 import math
 
 TICK_S = 0.01  # how often the loop is sampled while it keeps up
+IDLE_TICK_S = 0.1  # ... and while nothing is in flight and the loop sleeps: an idle proxy stays idle
 TARGET_S = 0.05  # a request that waits longer than this before it is read waited too long
 INTERVAL_S = 0.1  # the wait must stay above target this long to be a standing queue
 
@@ -114,6 +115,11 @@ class Shedder:
         self.last_count = self.count
         self.next_drop = now + self.interval_s / math.sqrt(self.count)
         return 1
+
+    def next_tick_s(self, slept: bool, inflight: int) -> float:
+        """When to sample next: every TICK_S, but every IDLE_TICK_S while the loop sleeps
+        with nothing in flight (overload then shows up at most IDLE_TICK_S later)."""
+        return IDLE_TICK_S if slept and not inflight and not self.shedding else TICK_S
 
     def seconds_shedding(self, now: float) -> float:
         """Total time spent shedding, the current episode included."""

@@ -189,8 +189,8 @@ async def serve_on(rt: Runtime, sock: socket.socket) -> asyncio.AbstractServer:
 
 
 class OverloadWatch:
-    """The asyncio side of `proxy.overload`: samples the loop every TICK_S and carries
-    out the verdicts. Started by real workers only: in-process tests share their loop
+    """The asyncio side of `proxy.overload`: samples the loop every TICK_S (IDLE_TICK_S
+    while idle) and carries out the verdicts. Started by real workers only: in-process tests share their loop
     with their own clients, whose work would count as summon's."""
 
     def __init__(self, rt: Runtime, refuse_connections: bool) -> None:
@@ -204,6 +204,7 @@ class OverloadWatch:
         self.handle: asyncio.TimerHandle | None = None
         self.logged_at = -math.inf
         self.switches = _voluntary_switches()
+        self.slept = False
 
     def start(self) -> None:
         self.due = self.loop.time() + TICK_S
@@ -221,7 +222,7 @@ class OverloadWatch:
             self._sample(now)
         except Exception:  # the watch must outlive a bad tick: it may be refusing connections
             log.exception("overload watch failed")
-        self.due = now + TICK_S
+        self.due = now + self.shedder.next_tick_s(self.slept, self.rt.state.inflight)
         self.handle = self.loop.call_at(self.due, self._tick)
 
     def _sample(self, now: float) -> None:
@@ -230,7 +231,8 @@ class OverloadWatch:
         waited, state.accept_waited_s = state.accept_waited_s, 0.0
         state.probe_accept = True
         switches = _voluntary_switches()
-        slept, self.switches = switches != self.switches, switches
+        self.slept = slept = switches != self.switches
+        self.switches = switches
         state.shed_budget = shedder.tick(self.due, now, waited, slept)  # drops nobody takes lapse, as in CoDel
         if shedder.shedding and not was and now - self.logged_at >= 10.0:  # episodes come in bursts
             self.logged_at = now

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from proxy.overload import Shedder
+from proxy.overload import IDLE_TICK_S, TICK_S, Shedder
 
 TARGET, INTERVAL, TICK = 0.05, 0.1, 0.01
 
@@ -168,3 +168,16 @@ def test_an_episode_long_after_the_last_starts_afresh() -> None:
     loop.run(16 * INTERVAL + 0.1)
     loop.run(INTERVAL * 1.5, late=0.06, slept=False)
     assert loop.shedder.count == 1
+
+
+def test_an_idle_proxy_is_sampled_ten_times_less_often() -> None:
+    """Nothing in flight and the loop sleeping: no reason to wake it 100 times a second.
+    Anything in flight, a busy loop or an episode under way: back to every tick."""
+    shedder = Shedder(target_s=TARGET, interval_s=INTERVAL)
+    assert shedder.next_tick_s(slept=True, inflight=0) == IDLE_TICK_S >= 10 * TICK_S
+    assert shedder.next_tick_s(slept=True, inflight=3) == TICK_S
+    assert shedder.next_tick_s(slept=False, inflight=0) == TICK_S
+    loop = Loop()
+    loop.shedder = shedder
+    loop.run(INTERVAL * 2, late=0.06, slept=False)
+    assert shedder.shedding and shedder.next_tick_s(slept=True, inflight=0) == TICK_S
