@@ -49,7 +49,6 @@ class Pool(Protocol):
 class StaticLease:
     __slots__ = ("address", "node", "pool")
     trial = False  # static upstreams are always-on: never a trial
-    trial_deadline = 0.0
     on_abandon: Callable[[SummonError], None] | None = None
 
     def __init__(self, pool: StaticPool, node: str, address: Address) -> None:

@@ -40,17 +40,15 @@ log = logging.getLogger("summon.summoner")
 
 
 class SummonedLease:
-    __slots__ = ("address", "instance_id", "pool", "trial", "trial_deadline", "on_abandon", "on_ready",
-                 "request_id")
+    __slots__ = ("address", "instance_id", "pool", "trial", "on_abandon", "on_ready", "request_id")
 
     def __init__(self, pool: SummonedPool, instance_id: str, address: Address, trial: bool = False,
-                 trial_deadline: float = 0.0, request_id: int = 0) -> None:
+                 request_id: int = 0) -> None:
         self.pool = pool
         self.request_id = request_id
         self.instance_id = instance_id
         self.address = address
         self.trial = trial  # the instance is not known to be ready: retry until it answers
-        self.trial_deadline = trial_deadline  # loop time: the instance's boot deadline
         self.on_abandon: Callable[[SummonError], None] | None = None  # set by the exchange
         self.on_ready: Callable[[], None] | None = None  # see `hand_over`
 
@@ -129,7 +127,6 @@ class Summoner:
         self.waiting: dict[int, tuple[asyncio.Future[Lease], SummonedPool]] = {}
         self.handles: dict[str, Handle] = {}
         self.boot_tasks: dict[str, asyncio.Task[None]] = {}
-        self.boot_deadlines: dict[str, float] = {}
         self.trials: dict[int, SummonedLease] = {}  # request id -> lease of a trial, until ready or released
         self.trial_outcome: dict[str, asyncio.Future[bool]] = {}  # instance id -> did its trial get an answer
         self.trials_enabled = True  # only for fronts that retry a trial (the native one)
@@ -255,8 +252,7 @@ class Summoner:
                     continue
                 fut, pool = entry
                 if cmd.trial:
-                    lease = SummonedLease(pool, cmd.instance_id, cmd.address, True,
-                                          self.boot_deadlines.get(cmd.instance_id, self.now()), cmd.request_id)
+                    lease = SummonedLease(pool, cmd.instance_id, cmd.address, True, cmd.request_id)
                     self.trials[cmd.request_id] = lease
                     fut.set_result(lease)
                 else:
@@ -325,14 +321,10 @@ class Summoner:
         route = self.routes.get(cmd.route) or self.fleet.pools[cmd.route].route
         host = self.hosts[cmd.host]
         backend = self.backends[host.name]
-        loop = self.loop
-        started = loop.time()
-        deadline = started + route.boot_timeout_s
-        self.boot_deadlines[cmd.instance_id] = deadline
+        deadline = self.loop.time() + route.boot_timeout_s
         try:
             await self._start_and_probe(cmd, route, host, backend, deadline)
         finally:
-            self.boot_deadlines.pop(cmd.instance_id, None)
             self.trial_outcome.pop(cmd.instance_id, None)
 
     async def _start_and_probe(self, cmd: Boot, route: Route, host: Host, backend: Backend, deadline: float) -> None:

@@ -48,7 +48,6 @@ class Lease(Protocol):
 
     address: Address
     trial: bool  # see the module docstring
-    trial_deadline: float  # loop time after which a trial is given up
     on_abandon: Callable[[SummonError], None] | None
 
     def release(self, ok: bool) -> None: ...
@@ -359,12 +358,11 @@ class Exchange:
             self.stall_mark = self.body_chunks
             self.response_deadline = client.state.loop.time() + client.state.config.upstream_timeout_s
             return
-        conn, self.upstream = self.upstream, None
-        if conn is not None:
-            conn.abort()
-        self._release_lease(False)
-        self.finished = True
-        client.abort()
+        if self.upstream is not None:
+            self.upstream.abort()  # hung: no FIN exchange to wait for
+            self.upstream = None
+        self._finish(ok=False)
+        client.abort()  # the client must see a truncated answer, not a short one
 
     def upstream_failed(self, exc: Exception, got_bytes: bool) -> None:
         self.response_deadline = None
@@ -403,22 +401,18 @@ class Exchange:
     # --- trial requests (see the module docstring) -------------------------------------
 
     def _trial_again(self) -> bool:
-        """A trial attempt got no answer: True when it has been taken care of (another
-        attempt scheduled, or the request failed past the boot deadline)."""
+        """A trial attempt got no answer: True when another attempt has been scheduled.
+        Attempts go on until the pool gives up on the instance (its boot timeout, in the
+        engine's tick) and abandons the lease."""
         if self.handed_over:
             return not self.finished  # `_ready_after_hand_over` sends it again
         lease = self.lease
         if lease is None or not lease.trial or self.finished:
             return False
         self._cancel_trial_timer()
-        loop = self.client.state.loop
-        if loop.time() >= lease.trial_deadline:
-            self._release_lease(False)
-            self.fail(Unavailable("instance not ready in time", retry_after_s=1))
-            return True
         delay = min(TRIAL_MAX_DELAY_S, TRIAL_FIRST_DELAY_S * 2 ** min(self.trial_attempts, 8))
         self.trial_attempts += 1
-        self.trial_timer = loop.call_later(delay, self._trial_reconnect)
+        self.trial_timer = self.client.state.loop.call_later(delay, self._trial_reconnect)
         return True
 
     def _ready_after_hand_over(self) -> None:
@@ -439,8 +433,7 @@ class Exchange:
         self.upstream = None
         self.attached = False
         conn.abort()
-        if not self._trial_again():
-            self._connect()  # the probe found the instance ready meanwhile: one more plain attempt
+        self._trial_again()  # still a trial: confirm and hand_over cancel this timer
 
     def _trial_abandoned(self, error: SummonError) -> None:
         """The pool gave up on the instance (boot failed, route removed) and took the
