@@ -11,10 +11,15 @@ from proxy.engine.balancer import BoundedLoadBalancer
 KEYS = [f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}" for i in range(20_000)]
 
 
-def test_adding_a_replica_moves_about_one_nth_of_the_keys() -> None:
-    b = BoundedLoadBalancer()
-    for n in ("a", "b", "c", "d"):
+def balancer(*nodes: str, balance_factor: float = 1.25) -> BoundedLoadBalancer:
+    b = BoundedLoadBalancer(balance_factor)
+    for n in nodes:
         b.add(n)
+    return b
+
+
+def test_adding_a_replica_moves_about_one_nth_of_the_keys() -> None:
+    b = balancer("a", "b", "c", "d")
     before = {k: b.owner(k) for k in KEYS}
     b.add("e")
     after = {k: b.owner(k) for k in KEYS}
@@ -24,9 +29,7 @@ def test_adding_a_replica_moves_about_one_nth_of_the_keys() -> None:
 
 
 def test_removing_a_replica_moves_only_its_keys() -> None:
-    b = BoundedLoadBalancer()
-    for n in ("a", "b", "c", "d"):
-        b.add(n)
+    b = balancer("a", "b", "c", "d")
     before = {k: b.owner(k) for k in KEYS}
     b.remove("c")
     after = {k: b.owner(k) for k in KEYS}
@@ -34,9 +37,7 @@ def test_removing_a_replica_moves_only_its_keys() -> None:
 
 
 def test_a_hot_key_spills_over_instead_of_overloading_one_replica() -> None:
-    b = BoundedLoadBalancer(balance_factor=1.25)
-    for n in ("a", "b", "c", "d"):
-        b.add(n)
+    b = balancer("a", "b", "c", "d", balance_factor=1.25)
     picks = []
     for _ in range(100):  # 100 concurrent requests, all with the same key
         node = b.pick("the-same-client")
@@ -52,9 +53,7 @@ def test_a_hot_key_spills_over_instead_of_overloading_one_replica() -> None:
 
 
 def test_preferred_replicas_first_then_spill_over_and_exclude() -> None:
-    b = BoundedLoadBalancer(balance_factor=1.0)
-    for n in ("eu1", "us1", "us2"):
-        b.add(n)
+    b = balancer("eu1", "us1", "us2", balance_factor=1.0)
     assert b.pick("k", preferred=lambda n: n == "eu1") == "eu1"
     b.acquire("eu1")  # eu1 is now at the bound: the next eu request spills over
     assert b.pick("k2", preferred=lambda n: n == "eu1") in ("us1", "us2")
