@@ -38,8 +38,10 @@ except ImportError:  # pragma: no cover
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-@dataclass(frozen=True)
-class Address:
+class Address(NamedTuple):
+    """A host and port. A NamedTuple, not a dataclass: the upstream pool looks one up per
+    request, and a tuple hashes in C (a frozen dataclass's __hash__ is Python code)."""
+
     host: str
     port: int
 

@@ -16,7 +16,7 @@ from typing import Protocol
 from .config import Address, Route
 from .engine.balancer import BoundedLoadBalancer
 from .errors import SummonError
-from .http.exchange import Exchange, Lease
+from .http.exchange import Lease
 from .http.message import RequestHead
 from .routes import RouteTable
 
@@ -95,7 +95,6 @@ class Dispatcher:
         self.table = table
         self.pool_for = pool_for
         self.pools: dict[str, Pool] = {}
-        self.observers: list[Callable[[Exchange], None]] = []
 
     def lookup(self, head: RequestHead) -> Route:
         return self.table.lookup(head.host, head.path)
@@ -106,7 +105,3 @@ class Dispatcher:
         if pool is None:
             pool = self.pools[route.name] = self.pool_for(route)
         return pool.acquire(head, client_ip, region, avoid)
-
-    def observe(self, exchange: Exchange) -> None:
-        for fn in self.observers:
-            fn(exchange)

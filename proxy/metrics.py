@@ -1,6 +1,6 @@
 """Prometheus metrics, one registry per worker.
 
-Request metrics are updated from `Dispatcher.observe` (once per finished request) as
+Request metrics are updated from `ServerState.observe` (once per finished request) as
 plain ints in dicts, turned into Prometheus families only at scrape time (a child's
 inc/observe takes a lock and several calls: too much for once per request). Instance
 gauges are computed at scrape time from the engine, so they can never drift; so are the
@@ -9,6 +9,7 @@ front's overload counters (refused connections, shed requests, overload episodes
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +29,9 @@ BOOT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60)
 
 class Metrics:
     def __init__(self, status: Callable[[], dict[str, Any]] | None = None,
-                 overload: Callable[[], dict[str, Any]] | None = None) -> None:
+                 overload: Callable[[], dict[str, Any]] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock  # the clock Exchange.started_at was read from (the event loop's)
         self.registry = CollectorRegistry()
         self.requests = _RequestCollector()
         self.registry.register(self.requests)
@@ -44,7 +47,8 @@ class Metrics:
         if overload is not None:
             self.registry.register(_OverloadCollector(overload))
 
-    def observe(self, ex: Exchange, now: float) -> None:
+    def observe(self, ex: Exchange) -> None:
+        now = self.clock()
         route = ex.route.name if ex.route is not None else ""
         req = self.requests
         key = (route, ex.status)

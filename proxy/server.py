@@ -165,9 +165,10 @@ async def build_runtime(config: Config, sockets: list[socket.socket], admin: boo
     rt_ref.append(rt)
     if any(r.summoned for r in config.routes):
         rt.summoner = await start_summoner(config, events, backends or make_backends(config))
-    rt.metrics = Metrics(rt.summoner.status if rt.summoner else None, overload=lambda: overload_of(rt))
+    rt.metrics = Metrics(rt.summoner.status if rt.summoner else None, overload=lambda: overload_of(rt),
+                         clock=loop.time)
     metrics = rt.metrics
-    dispatcher.observers.append(lambda ex: metrics.observe(ex, loop.time()))
+    state.observe = metrics.observe
     if rt.summoner is not None:
         rt.summoner.listeners.append(metrics.command)
     state.start_sweeping()

@@ -219,6 +219,31 @@ def test_upstream_sending_body_to_head_does_not_desync_client(proxy, upstream):
         assert r.status == 200 and r.body == b"real"
 
 
+def test_repeated_response_head_framed_per_request(proxy, upstream):
+    """An upstream connection remembers the framing of the last response head; the same
+    header lines must still be framed anew for a HEAD, or a 304, on that connection."""
+
+    async def handler(req: UpRequest, conn: UpConn) -> None:
+        assert conn.writer is not None
+        status = b"304 Not Modified" if req.target == b"/cached" else b"200 OK"
+        body = b"" if req.method == b"HEAD" or req.target == b"/cached" else b"body"
+        conn.writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 4\r\nX-Same: 1\r\n\r\n" + body)
+
+    upstream.handler = handler
+    with proxy.client() as c:
+        for method, target in [("GET", "/a"), ("HEAD", "/a"), ("GET", "/b"), ("GET", "/cached"), ("GET", "/c")]:
+            c.send(f"{method} {target} HTTP/1.1\r\nHost: example.com\r\n\r\n".encode())
+            r = c.response(head_request=method == "HEAD")
+            if target == "/cached":
+                assert r.status == 304 and r.body == b""
+            elif method == "HEAD":
+                assert r.status == 200 and r.body == b"" and r.header("content-length") == b"4"
+            else:
+                assert r.status == 200 and r.body == b"body"
+            assert not r.closes
+    assert upstream.accepts == 1, "every response came over the one kept-alive connection"
+
+
 # --- Expect: 100-continue -----------------------------------------------------------
 
 

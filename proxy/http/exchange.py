@@ -160,7 +160,9 @@ class Exchange:
     def _connect(self) -> None:
         if self.finished or self.lease is None or self.route is None:
             return
-        self.client.state.upstreams.request(self.lease.address, self.route.max_conns, self._connected)
+        conn = self.client.state.upstreams.request(self.lease.address, self.route.max_conns, self._connected)
+        if conn is not None:
+            self._attach(conn)
 
     def _connected(self, got: UpstreamConnection | Exception) -> None:
         if isinstance(got, Exception):
@@ -317,12 +319,6 @@ class Exchange:
         if self.tunnel:
             self.client.start_tunnel(self)
 
-    def hold_writes(self) -> None:
-        self.client.hold_writes()
-
-    def flush_writes(self) -> None:
-        self.client.flush_writes()
-
     def response_body(self, data: bytes) -> None:
         if self.finished:
             return
@@ -344,7 +340,9 @@ class Exchange:
                 conn.release()
             else:
                 conn.close()
-        self._release_lease(True)
+        lease, self.lease = self.lease, None  # _release_lease, inlined on the hot path
+        if lease is not None:
+            lease.release(True)
         self.finished = True
         if not self.body_done:
             self.keep_alive = False  # an unread request body is still on the wire

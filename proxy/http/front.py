@@ -56,10 +56,6 @@ class Dispatcher(Protocol):
     def acquire(self, route: Route, head: RequestHead, client_ip: str, region: str | None,
                 avoid: Lease | None = None) -> Lease | asyncio.Future[Lease]: ...
 
-    def observe(self, exchange: Exchange) -> None:
-        """Called once per finished request (metrics)."""
-        ...
-
 
 @dataclass
 class ServerState:
@@ -70,6 +66,7 @@ class ServerState:
     dispatcher: Dispatcher
     upstreams: UpstreamPool
     via: bytes = b"summon"
+    observe: Callable[[Exchange], None] = field(default=lambda ex: None)  # once per finished request (metrics)
     connections: set[ClientConnection] = field(default_factory=set)
     inflight: int = 0
     draining: bool = False
@@ -197,7 +194,8 @@ class ClientConnection(asyncio.Protocol):
         if self.to_start:
             starts, self.to_start = self.to_start, []
             for ex in starts:
-                self._start_now(ex)
+                if not ex.finished and not self.closing and ex is self.active:  # _start_now, inlined
+                    ex.start()
 
     def _feed(self, data: bytes) -> None:
         try:
@@ -323,7 +321,7 @@ class ClientConnection(asyncio.Protocol):
         if head.has_body:
             self._arm(self.cfg.body_timeout_s, self._on_body_timeout)
         else:
-            self._disarm()
+            self.deadline = None  # _disarm, inlined on the hot path
         if state.inflight > self.cfg.max_inflight or state.shed_budget:
             if state.inflight <= self.cfg.max_inflight:
                 state.shed_budget -= 1  # one of the drops the overload watch asked for
@@ -332,7 +330,10 @@ class ClientConnection(asyncio.Protocol):
             ex.keep_alive = False
         if self.active is None:
             self.active = ex
-            self._start_soon(ex)
+            if self.feeding:  # _start_soon, inlined on the hot path
+                self.to_start.append(ex)
+            else:
+                self._start_soon(ex)
         else:
             self.pending.append(ex)
             self._set_reading("pipeline", False)
@@ -351,7 +352,7 @@ class ClientConnection(asyncio.Protocol):
             if ex.finished and ex is self.active:
                 self._advance()
         if self.active is not None or self.pending:
-            self._disarm()
+            self.deadline = None  # _disarm, inlined on the hot path
 
     # --- request ordering ------------------------------------------------------------
 
@@ -389,7 +390,8 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         if self.incoming is None:
-            self._arm(self.cfg.keepalive_timeout_s, self._on_idle)
+            self.deadline = self.state.loop.time() + self.cfg.keepalive_timeout_s  # _arm, inlined
+            self.on_deadline = self._on_idle
 
     def _start_soon(self, ex: Exchange) -> None:
         """Start forwarding once the parser has consumed everything already read: a
@@ -413,7 +415,7 @@ class ClientConnection(asyncio.Protocol):
         ex.counted = True
         self.state.inflight -= 1
         try:
-            self.state.dispatcher.observe(ex)
+            self.state.observe(ex)
         except Exception:  # metrics must never break the data path
             log.exception("observe failed")
 

@@ -25,8 +25,18 @@ from ..config import Address
 from ..errors import BadGateway
 
 
+class Writer(Protocol):
+    def hold_writes(self) -> None: ...
+    def flush_writes(self) -> None: ...
+
+
 class Sink(Protocol):
     method: str
+
+    @property
+    def client(self) -> Writer:
+        """Where the response goes: its writes are held around each upstream read."""
+        ...
 
     def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: str) -> None: ...
     def response_body(self, data: bytes) -> None: ...
@@ -34,15 +44,13 @@ class Sink(Protocol):
     def upstream_failed(self, exc: Exception, got_bytes: bool) -> None: ...
     def tunnel_data(self, data: bytes) -> None: ...
     def upstream_write_paused(self, paused: bool) -> None: ...
-    def hold_writes(self) -> None: ...
-    def flush_writes(self) -> None: ...
 
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "address", "pool", "transport", "sink", "parser", "status", "reason", "headers",
         "head_done", "until_close", "got_bytes", "done", "tunnel", "idle_since",
-        "write_paused", "lost", "checked_out", "slot",
+        "write_paused", "lost", "checked_out", "slot", "last_framing",
     )
 
     def __init__(self, address: Address, pool: UpstreamPool) -> None:
@@ -63,7 +71,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.write_paused = False
         self.lost = False
         self.checked_out = False
-        self.slot: _Slot | None = None  # the pool's state for `address`, once looked up
+        self.slot = pool.slot(address)  # the pool's state for `address`: no lookup per request
+        # (status, HEAD?, headers, framing) of the last response: an upstream repeats its
+        # head (only Date changes, once a second), and then the framing checks are done
+        self.last_framing: tuple[int, bool, list[tuple[bytes, bytes]], str] | None = None
 
     # --- asyncio.Protocol ---------------------------------------------------------
 
@@ -110,7 +121,8 @@ class UpstreamConnection(asyncio.Protocol):
         assert self.parser is not None
         # Everything this read makes us send the client (head, body, end) goes out as
         # one write: one syscall instead of two or three for a small response.
-        sink.hold_writes()
+        writer = sink.client
+        writer.hold_writes()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -122,7 +134,7 @@ class UpstreamConnection(asyncio.Protocol):
         except BadGateway as exc:
             self._fail(exc)
         finally:
-            sink.flush_writes()
+            writer.flush_writes()
 
     # --- parser callbacks ---------------------------------------------------------
 
@@ -144,8 +156,28 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.head_done = True
         self.status = status
+        sink = self.sink
+        headers = self.headers
+        is_head = sink.method == "HEAD"
+        last = self.last_framing
+        if last is not None and last[0] == status and last[1] is is_head and last[2] == headers:
+            framing = last[3]
+        else:
+            framing = self._framing(status, is_head, headers)
+            self.last_framing = (status, is_head, headers, framing)
+        if framing == "tunnel":
+            self.tunnel = True
+        elif framing == "close":
+            self.until_close = True
+        sink.response_head(status, self.reason or b"OK", headers, framing)
+        if framing == "none" and not self.done:
+            self._complete()
+
+    @staticmethod
+    def _framing(status: int, is_head: bool, headers: list[tuple[bytes, bytes]]) -> str:
+        """How the response body is delimited; BadGateway for framings we refuse."""
         cl = te = 0
-        for k, v in self.headers:
+        for k, v in headers:
             lk = k.lower()
             if lk == b"content-length":
                 cl += 1
@@ -156,20 +188,12 @@ class UpstreamConnection(asyncio.Protocol):
         if cl and te:
             raise BadGateway("upstream sent both Content-Length and Transfer-Encoding")
         if status == 101:
-            self.tunnel = True
-            framing = "tunnel"
-        elif self.sink.method == "HEAD" or status in (204, 304):
-            framing = "none"
-        elif te:
-            framing = "chunked"
-        elif cl:
-            framing = "length"
-        else:
-            framing = "close"
-            self.until_close = True
-        self.sink.response_head(status, self.reason or b"OK", self.headers, framing)
-        if framing == "none" and not self.done:
-            self._complete()
+            return "tunnel"
+        if is_head or status in (204, 304):
+            return "none"
+        if te:
+            return "chunked"
+        return "length" if cl else "close"
 
     def on_body(self, body: bytes) -> None:
         if self.sink is not None and not self.done:
@@ -286,7 +310,7 @@ class UpstreamPool:
         # which would cost a timer per request): armed for the oldest idle deadline.
         self.sweeper: asyncio.TimerHandle | None = None
 
-    def _slot(self, address: Address) -> _Slot:
+    def slot(self, address: Address) -> _Slot:
         slot = self.slots.get(address)
         if slot is None:
             slot = self.slots[address] = _Slot(address)
@@ -297,21 +321,32 @@ class UpstreamPool:
         slot = self.slots.get(address)
         return slot.busy if slot is not None else 0
 
-    def request(self, address: Address, limit: int, deliver: Callable[[UpstreamConnection | Exception], None]) -> None:
-        """Get a connection to `address` for one exchange: `deliver` is called with it
-        (maybe at once), or with an exception if connecting failed. `limit` 0 = no cap."""
-        slot = self._slot(address)
+    def request(self, address: Address, limit: int,
+                deliver: Callable[[UpstreamConnection | Exception], None]) -> UpstreamConnection | None:
+        """Get a connection to `address` for one exchange. An idle one is returned at
+        once (the common case, kept free of callbacks); otherwise None, and `deliver` is
+        called later with a new connection, or with an exception if connecting failed.
+        `limit` 0 = no cap."""
+        slot = self.slots.get(address)
+        if slot is None:
+            slot = self.slots[address] = _Slot(address)
         slot.limit = limit
         if limit and slot.busy >= limit:
             slot.waiters.append(deliver)
-            return
-        self._serve(slot, deliver)
+            return None
+        conn = self._take_idle(slot)
+        if conn is None:
+            self._open(slot, deliver)
+        return conn
 
     def _serve(self, slot: _Slot, deliver: Callable[[UpstreamConnection | Exception], None]) -> None:
         conn = self._take_idle(slot)
         if conn is not None:
             deliver(conn)
             return
+        self._open(slot, deliver)
+
+    def _open(self, slot: _Slot, deliver: Callable[[UpstreamConnection | Exception], None]) -> None:
         slot.busy += 1
         task = self.loop.create_task(self.connect(slot.address))
         task.add_done_callback(functools.partial(self._connected, slot, deliver))
@@ -351,16 +386,10 @@ class UpstreamPool:
         if slot.waiters:
             self._wake(slot)
 
-    def _slot_of(self, conn: UpstreamConnection) -> _Slot:
-        slot = conn.slot
-        if slot is None:
-            slot = conn.slot = self._slot(conn.address)
-        return slot
-
     def _checkin(self, conn: UpstreamConnection) -> None:
         if conn.checked_out:
             conn.checked_out = False
-            self._uncount(self._slot_of(conn))
+            self._uncount(conn.slot)
 
     def _wake(self, slot: _Slot) -> None:
         waiters = slot.waiters
@@ -382,14 +411,17 @@ class UpstreamPool:
         return proto
 
     def park(self, conn: UpstreamConnection) -> None:
-        slot = self._slot_of(conn)
+        slot = conn.slot
         if slot.waiters:
             # Hand it to the next request in line (it stays checked out), on the next
             # loop turn: we may still be inside the previous response's parser callback.
             deliver = slot.waiters.popleft()
             self.loop.call_soon(self._hand_over, conn, deliver)
             return
-        self._checkin(conn)
+        if conn.checked_out:  # _checkin, inlined: no waiter to wake (checked above)
+            conn.checked_out = False
+            if slot.busy > 0:
+                slot.busy -= 1
         idle = slot.idle
         if len(idle) >= self.max_idle:
             conn.close()
@@ -418,13 +450,13 @@ class UpstreamPool:
     def _hand_over(self, conn: UpstreamConnection, deliver: Callable[[UpstreamConnection | Exception], None]) -> None:
         if conn.lost or conn.transport is None or conn.transport.is_closing():
             self._checkin(conn)  # it died in between: this waiter gets a fresh connection
-            self._serve(self._slot_of(conn), deliver)
+            self._serve(conn.slot, deliver)
             return
         deliver(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
-        slot = self.slots.get(conn.address)
-        if slot is not None and slot.idle:
+        slot = conn.slot
+        if slot.idle:
             try:
                 slot.idle.remove(conn)
             except ValueError:
