@@ -274,6 +274,47 @@ def measure(bench: Bench, name: str, port: int, duration_s: float, concurrencies
     return {"available": True, "url": url, "duration_s": duration_s, "runs": runs}
 
 
+def measure_rounds(bench: Bench, running: dict[str, tuple[bl.Proc | None, int, float]],
+                   concurrencies: list[int]) -> dict[str, dict]:
+    """Warm up every running target, then `--repeat` rounds, each running wrk against
+    every target at every concurrency in turn. Returns `measure`'s shape per target."""
+    reps: dict[str, dict[int, list[dict]]] = {name: {c: [] for c in concurrencies} for name in running}
+    failed: dict[str, dict[int, str]] = {name: {} for name in running}
+    for name, (_, port, duration) in running.items():
+        bench.log(f"  {name}: warm-up {bench.warmup_s:g}s, then {duration:g}s per run at c={concurrencies}")
+        try:
+            bl.run_wrk(f"http://{HOST}:{port}/", bench.warmup_s, max(concurrencies))
+        except bl.WrkParseError as e:
+            failed[name] = {c: str(e) for c in concurrencies}
+    for rnd in range(bench.args.repeat):
+        bench.log(f"  round {rnd + 1} of {bench.args.repeat}")
+        for name, (_, port, duration) in running.items():
+            for c in concurrencies:
+                if c in failed[name]:
+                    continue
+                try:
+                    r = bl.run_wrk(f"http://{HOST}:{port}/", duration, c, timeout_s=bench.args.wrk_timeout)
+                except bl.WrkParseError as e:
+                    failed[name][c] = str(e)
+                    continue
+                reps[name][c].append(r)
+                bench.log(f"    {name:<10} c{c:<3} {r['requests_per_s'] or 0:>10.1f} req/s"
+                          f"  p50 {fmt(r['latency_ms'].get('50'), 3)} ms  errors {r['errors']}")
+    out: dict[str, dict] = {}
+    for name, (_, port, duration) in running.items():
+        runs = {f"c{c}": ({"connections": c, "error": failed[name][c]} if c in failed[name]
+                          else summarize(c, reps[name][c])) for c in concurrencies}
+        out[name] = {"available": True, "url": f"http://{HOST}:{port}/", "duration_s": duration, "runs": runs}
+    return out
+
+
+def round_ratios(targets: dict, num: str, den: str, conc: int) -> list[float]:
+    """num/den req/s of each round (runs of the same round were measured back to back)."""
+    a = ((targets.get(num) or {}).get("runs") or {}).get(f"c{conc}") or {}
+    b = ((targets.get(den) or {}).get("runs") or {}).get(f"c{conc}") or {}
+    return bl.paired_ratios(a.get("all_requests_per_s") or [], b.get("all_requests_per_s") or [])
+
+
 def summarize(connections: int, reps: list[dict]) -> dict:
     """One row from one or more wrk runs: medians of the figures, errors summed."""
 
@@ -315,7 +356,11 @@ def figure(targets: dict, target: str, conc: int, key: str) -> float | None:
 
 
 def section_proxy(bench: Bench) -> dict:
-    """Direct upstream vs nginx proxy vs summon vs mitmproxy, wrk at c1 and c32."""
+    """Direct upstream vs nginx proxy vs summon vs mitmproxy, wrk at c1 and c32.
+
+    Every target is started first; then `--repeat` rounds each measure every target in
+    turn. A drift in the machine's speed (these machines are shared) then falls on all
+    targets alike, and the summon/nginx goal is the median of the per-round ratios."""
     concurrencies = [1, 32]
     mitm_duration = min(bench.duration_s, bench.args.mitm_duration)
     targets: dict[str, dict] = {}
@@ -333,40 +378,40 @@ def section_proxy(bench: Bench) -> dict:
         ("summon", start_summon, bench.duration_s),
         ("mitmproxy", start_mitmproxy, mitm_duration),
     ]
-    for name, start, duration in starters:
-        if bench.args.targets and name not in bench.args.targets:
-            continue
-        proc = None
-        try:
-            if start is None:
-                port = up_port
-            else:
+    running: dict[str, tuple[bl.Proc | None, int, float]] = {}
+    try:
+        for name, start, duration in starters:
+            if bench.args.targets and name not in bench.args.targets:
+                continue
+            try:
+                if start is None:
+                    running[name] = (None, up_port, duration)
+                    continue
                 bench.log(f"proxy: starting {name}")
                 proc, port = start(bench, up_port)
+                running[name] = (proc, port, duration)
                 probe(port)
-            targets[name] = measure(bench, name, port, duration, concurrencies)
-            if proc is not None and not proc.alive():
-                targets[name]["note"] = f"exited during the run: {proc.output_tail(5)}"
-        except TargetUnavailable as e:
-            msg = f"{name}: SKIPPED: {e}"
-            bench.log("  " + msg.replace("\n", "\n    "))
-            bench.messages.append(msg)
-            targets[name] = {"available": False, "reason": str(e)}
-        except bl.WrkParseError as e:
-            msg = f"{name}: wrk failed: {e}"
-            bench.log("  " + msg)
-            bench.messages.append(msg)
-            targets[name] = {"available": False, "reason": str(e)}
-        finally:
-            if proc is not None:
-                bench.procs.stop(proc, grace=10)
+            except TargetUnavailable as e:
+                failed_proc = running.pop(name, (None, 0, 0.0))[0]
+                if failed_proc is not None:
+                    bench.procs.stop(failed_proc, grace=10)
+                msg = f"{name}: SKIPPED: {e}"
+                bench.log("  " + msg.replace("\n", "\n    "))
+                bench.messages.append(msg)
+                targets[name] = {"available": False, "reason": str(e)}
+        targets.update(measure_rounds(bench, running, concurrencies))
+        for name, (target_proc, _, _) in running.items():
+            if target_proc is not None and not target_proc.alive() and targets[name].get("available"):
+                targets[name]["note"] = f"exited during the run: {target_proc.output_tail(5)}"
+    finally:
+        for target_proc, _, _ in running.values():
+            if target_proc is not None:
+                bench.procs.stop(target_proc, grace=10)
     if not up_proc.alive():
         raise HarnessError(f"the upstream nginx died during the run:\n{up_proc.output_tail()}")
     bench.procs.stop(up_proc)
 
-    summon_nginx = bl.ratio(
-        figure(targets, "summon", 32, "requests_per_s"), figure(targets, "nginx", 32, "requests_per_s")
-    )
+    summon_nginx = bl.median(round_ratios(targets, "summon", "nginx", 32))
     summon_mitm = bl.ratio(
         figure(targets, "summon", 32, "requests_per_s"), figure(targets, "mitmproxy", 32, "requests_per_s")
     )
@@ -414,6 +459,7 @@ def section_proxy(bench: Bench) -> dict:
             "concurrencies": concurrencies,
             "response_body_bytes": len(BODY),
         },
+        "summon_over_nginx_rps_c32_per_round": round_ratios(targets, "summon", "nginx", 32),
         "targets": targets,
         "goals": goals,
         "reference": reference,
@@ -478,7 +524,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="2 s runs instead of 5 s")
     p.add_argument("--duration", type=float, help="seconds per measured wrk run (default 5, 2 with --quick)")
-    p.add_argument("--repeat", type=int, default=1, help="runs per (target, concurrency); medians are reported")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="rounds (proxy section: interleaved over the targets); medians are reported")
     p.add_argument("--mitm-duration", type=float, default=3.0, help="cap on mitmproxy's run length (s)")
     p.add_argument("--wrk-timeout", type=float, default=2.0, help="wrk --timeout (s); slower replies count as errors")
     p.add_argument("--out", default=str(ROOT / "loadtests" / "results" / "bench.json"), help="JSON file to write")

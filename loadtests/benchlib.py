@@ -349,6 +349,12 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
+def paired_ratios(numerators: Sequence[float | None], denominators: Sequence[float | None]) -> list[float]:
+    """numerators[i] / denominators[i] for each i where both were measured (runs made side
+    by side, so a drift of the machine cancels out in each ratio)."""
+    return [n / d for n, d in zip(numerators, denominators, strict=False) if n is not None and d]
+
+
 def difference(a: float | None, b: float | None) -> float | None:
     """a - b, or None when either is missing."""
     if a is None or b is None:

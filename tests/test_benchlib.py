@@ -259,6 +259,11 @@ def test_check_goal(value, op, goal, status):
     assert bl.check_goal(value, op, goal) == status
 
 
+def test_paired_ratios_skip_rounds_missing_either_side():
+    assert bl.paired_ratios([10.0, None, 30.0, 8.0], [20.0, 5.0, 0.0, 4.0]) == [0.5, 2.0]
+    assert bl.median(bl.paired_ratios([1.0, 3.0, 2.0], [4.0, 4.0, 4.0])) == 0.5
+
+
 def test_check_goal_unknown_op():
     with pytest.raises(ValueError):
         bl.check_goal(1.0, "==", 1.0)

@@ -348,7 +348,8 @@ class ClientConnection(asyncio.Protocol):
         ex, self.incoming = self.incoming, None
         self.in_head = True
         if ex is not None:
-            ex.client_body_done()
+            if not ex.body_done:
+                ex.client_body_done()
             if ex.finished and ex is self.active:
                 self._advance()
         if self.active is not None or self.pending:
