@@ -500,12 +500,14 @@ def print_proxy_table(targets: dict, goals: dict, concurrencies: list[int]) -> N
 
 
 from bench_cold import section_cold, section_cold_vm  # noqa: E402
+from bench_hotpath import section_hotpath  # noqa: E402
 from bench_mitm import section_mitm  # noqa: E402
 from bench_overload import section_overload  # noqa: E402
 from bench_routes import section_routes  # noqa: E402
 
 SECTIONS: dict[str, Callable[[Bench], dict]] = {
     "proxy": section_proxy,
+    "hotpath": section_hotpath,
     "cold": section_cold,
     "cold_vm": section_cold_vm,
     "routes": section_routes,

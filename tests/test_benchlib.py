@@ -300,3 +300,25 @@ def test_processes_stop_by_pid(tmp_path):
     assert not p.alive()
     assert procs.procs == []
     assert p.popen.returncode is not None
+
+
+def test_hotpath_section_drives_real_connections():
+    """The in-process bench must keep working as proxy/http changes: it fails unless every
+    request really went through (one write to each side)."""
+    spec = importlib.util.spec_from_file_location("bench_hotpath", _PATH.parent / "bench_hotpath.py")
+    assert spec is not None and spec.loader is not None
+    hotpath = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hotpath)
+
+    class Args:
+        quick = True
+
+    class Bench:
+        args = Args()
+
+        def log(self, msg: str) -> None:
+            pass
+
+    r = hotpath.section_hotpath(Bench(), n=500)
+    assert r["proxied_us"] > r["parse_only_us"] > 0
+    assert r["proxied_over_parse_only"] > 1
