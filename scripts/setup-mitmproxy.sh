@@ -21,7 +21,7 @@ if [[ -f "$stamp" && -x "$MITMDUMP" ]] && "$MITMDUMP" --version >/dev/null 2>&1;
   exit 0
 fi
 
-PY=${PYTHON:-python3}
+PY=$(bash scripts/pick-python.sh)  # the same interpreter as .venv, so benchmarks compare like with like
 if [[ ! -x "$VENV/bin/python" ]]; then
   echo "setup-mitmproxy: creating $VENV"
   "$PY" -m venv "$VENV"

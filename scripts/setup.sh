@@ -19,7 +19,7 @@ DEB_PACKAGES=(
   cpio                    # initramfs packing
   chromium                # browser tests (headless)
   redis-server            # shared state where an issue asks for it
-  python3-venv python3-dev # .venv on Debian's own interpreter (see below), C headers for libvirt-python
+  python3-venv python3-dev # venvs on Debian's own python3 (scripts/pick-python.sh), headers for libvirt-python
 )
 
 missing=()
@@ -41,18 +41,7 @@ if ((${#missing[@]})); then
   fi
 fi
 
-# The interpreter: Debian's python3 is built with profile-guided and link-time
-# optimisation; a pyenv build made without --enable-optimizations (as on the CI machines,
-# where it comes first in PATH) runs summon's per-request path about 25% slower (measured:
-# 25.6 vs 33.6 us in-process, 62 vs 74 us of CPU per proxied request). So prefer
-# /usr/bin/python3 when it is 3.11 or newer; PYTHON=... overrides.
-if [[ -n "${PYTHON:-}" ]]; then
-  PY=$PYTHON
-elif /usr/bin/python3 -c 'import sys, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-  PY=/usr/bin/python3
-else
-  PY=python3
-fi
+PY=$(bash scripts/pick-python.sh)  # Debian's optimised build when there is one: see there
 if [[ ! -x .venv/bin/python ]]; then
   "$PY" -m venv .venv
 fi
