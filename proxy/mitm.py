@@ -14,8 +14,8 @@ validation as the native front), looks its route up (404 when none), and asks th
 route's pool for a lease: a static pool or a warm summoned pool answers at once; a cold
 one answers with a future that the hook awaits while the instance boots, without
 blocking other flows. It then points the flow at the lease's address (scheme, host,
-port; the Host header stays as the client sent it) and forwards the normalised path
-that was routed on. Boot failure, a full boot queue or the instance cap become 503 with
+port; the Host header stays as the client sent it), forwards the normalised path that
+was routed on, and rewrites the other header fields as the native front does. Boot failure, a full boot queue or the instance cap become 503 with
 Retry-After. The lease is released exactly once: in `response`, `error`, or
 `websocket_end` for an upgraded flow. A client that hangs up while its instance boots
 leaves the boot queue (`client_disconnected`). `done` stops every instance.
@@ -61,7 +61,7 @@ from proxy.errors import (  # noqa: E402
 )
 from proxy.events import Event, EventLog  # noqa: E402
 from proxy.http.exchange import Lease  # noqa: E402
-from proxy.http.message import RequestHead, client_trusted, parse_head  # noqa: E402
+from proxy.http.message import RequestHead, client_trusted, outbound_head, parse_head  # noqa: E402
 from proxy.routes import RouteTable  # noqa: E402
 from proxy.server import make_backends, start_summoner  # noqa: E402
 from proxy.summoner import Summoner  # noqa: E402
@@ -84,6 +84,22 @@ def request_head(req: http.Request, max_header_count: int) -> RequestHead:
     headers.extend((k, v) for k, v in req.headers.fields if k.lower() not in _FRAMING)
     return parse_head(req.method, req.data.path, "1.1", headers, keep_alive=True,
                       max_header_count=max_header_count)
+
+
+def upstream_fields(req: http.Request, head: RequestHead, client_ip: str, trusted: bool,
+                    via: bytes) -> list[tuple[bytes, bytes]]:
+    """The header fields to send upstream: the native front's rewrite (`outbound_head`:
+    hop-by-hop fields dropped, X-Forwarded-*, Forwarded and Via set, inbound forwarding
+    fields kept only from trusted proxies), with the client's own Host field (absent for
+    HTTP/2, where :authority stands in) and body framing, which mitmproxy does itself."""
+    rewritten = []
+    for line in outbound_head(head, client_ip, trusted, via).split(b"\r\n")[1:]:  # [0]: request line
+        name, _, value = line.partition(b": ")
+        if line and name.lower() != b"host":
+            rewritten.append((name, value))
+    own = req.headers.fields
+    return ([f for f in own if f[0].lower() == b"host"] + rewritten
+            + [f for f in own if f[0].lower() in (b"content-length", b"transfer-encoding")])
 
 
 def error_response(exc: SummonError, server: str = "summon", http2: bool = False) -> http.Response:
@@ -230,6 +246,8 @@ class Summon:
             flow.response = error_response(exc, config.proxy.server_name, req.is_http2 or req.is_http3)
             return
         self.leases[flow.id] = lease
+        trusted = client_trusted(client_ip, config.proxy.trusted_proxies)
+        req.headers = http.Headers(upstream_fields(req, head, client_ip, trusted, config.proxy.server_name.encode()))
         addr = lease.address
         flow.metadata["summon"]["instance"] = str(addr)
         # Through .data: the Request.host/port setters would also rewrite the Host header.

@@ -226,6 +226,32 @@ def test_static_route_rewrites_upstream_keeps_host_and_releases_on_response(tmp_
     run(t)
 
 
+def test_headers_rewritten_like_the_native_front(tmp_path: Path) -> None:
+    """Hop-by-hop fields dropped, X-Forwarded-*/Forwarded/Via set, and a forwarding
+    header from an untrusted client (tflow's is 127.0.0.1) replaced, not trusted."""
+
+    async def t() -> None:
+        tctx, addon = await started(tmp_path, STATIC)
+        try:
+            f = make_flow(host="static", path="/p", headers={
+                "X-Forwarded-For": "6.6.6.6", "Connection": "keep-alive, X-Secret", "X-Secret": "1",
+                "Keep-Alive": "timeout=5", "Accept": "text/html", "Content-Length": "0"})
+            await addon.request(f)
+            h = f.request.headers
+            assert h["X-Forwarded-For"] == "127.0.0.1"
+            assert h["X-Forwarded-Proto"] == "http" and h["X-Forwarded-Host"] == "static"
+            assert h["Forwarded"] == 'for=127.0.0.1;proto=http;host="static"'
+            assert h["Via"] == "1.1 summon"
+            assert "X-Secret" not in h and "Keep-Alive" not in h and "Connection" not in h
+            assert h["Accept"] == "text/html" and h["Content-Length"] == "0"
+            assert h.fields[0][0].lower() == b"host" and h["Host"] == "static"
+            assert h.get_all("X-Forwarded-For") == ["127.0.0.1"]
+        finally:
+            await addon.done()
+
+    run(t)
+
+
 # --- summoning ---------------------------------------------------------------------------
 
 
