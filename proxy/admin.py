@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import json
 import logging
 import urllib.parse
@@ -32,9 +33,9 @@ class AdminServer:
     def __init__(
         self,
         address: Address,
-        status: Callable[[], dict[str, Any]],
+        status: Callable[[], dict[str, Any] | Awaitable[dict[str, Any]]],
         events: Callable[[int, str | None], list[str]],
-        metrics: Callable[[], tuple[bytes, str]],
+        metrics: Callable[[], tuple[bytes, str] | Awaitable[tuple[bytes, str]]],
         reload: Callable[[], Awaitable[tuple[bool, list[str]]]] | None = None,
         token: str | None = None,
     ) -> None:
@@ -88,13 +89,19 @@ class AdminServer:
         query = urllib.parse.parse_qs(url.query)
         path = url.path
         if path == "/status" and method == "GET":
-            return 200, "application/json", json.dumps(self.status(), indent=1).encode() + b"\n"
+            status = self.status()  # several workers: an awaitable that asks the others (proxy.workers)
+            if inspect.isawaitable(status):
+                status = await status
+            return 200, "application/json", json.dumps(status, indent=1).encode() + b"\n"
         if path == "/events" and method == "GET":
             n = int(query.get("n", ["200"])[0])
             route = query.get("route", [None])[0]
             return 200, "application/x-ndjson", "".join(x + "\n" for x in self.events(n, route)).encode()
         if path == "/metrics" and method == "GET":
-            body, ctype = self.metrics()
+            metrics = self.metrics()
+            if inspect.isawaitable(metrics):
+                metrics = await metrics
+            body, ctype = metrics
             return 200, ctype, body
         if path in ("/", "/index.html") and method == "GET":
             page = resources.files("proxy").joinpath("dashboard.html")

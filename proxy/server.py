@@ -39,10 +39,12 @@ import logging
 import math
 import os
 import resource
+import shutil
 import signal
 import socket
 import struct
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +63,7 @@ from .metrics import Metrics
 from .overload import TICK_S, Shedder
 from .routes import RouteTable
 from .summoner import Summoner
+from .workers import PeerServer, ask, merge_metrics, merge_status, metric_samples, socket_path
 
 log = logging.getLogger("summon.server")
 BACKLOG = 4096
@@ -99,6 +102,7 @@ class Runtime:
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     draining: bool = False
     shedder: Shedder | None = None  # set by OverloadWatch (real workers only)
+    peer: PeerServer | None = None  # workers 1..N-1: answers worker 0's admin (proxy.workers)
 
 
 def make_backends(config: Config) -> dict[str, Backend]:
@@ -489,14 +493,18 @@ async def drain(rt: Runtime, deadline_s: float) -> None:
         await asyncio.gather(*refusals, return_exceptions=True)
     if rt.admin is not None:
         rt.admin.close()
+    if rt.peer is not None:
+        rt.peer.close()
     if rt.events is not None:
         rt.events.record(Event(kind="shutdown", detail={"requests_left": left, "forced": rt.forced.is_set()}))
         rt.events.close()
 
 
-async def run_worker(config: Config, sockets: list[socket.socket], worker: int) -> int:
+async def run_worker(config: Config, sockets: list[socket.socket], worker: int, peer_dir: str | None = None) -> int:
     loop = asyncio.get_running_loop()
     rt = await build_runtime(config, sockets, admin=(worker == 0))
+    if peer_dir is not None:
+        await join_workers(rt, worker, peer_dir)
     watch = OverloadWatch(rt, refuse_connections=all(a.port != 0 for a in config.proxy.listen))
     watch.start()
     # Start-up objects (config, route table, modules) live for ever: keep the collector
@@ -543,6 +551,30 @@ async def run_worker(config: Config, sockets: list[socket.socket], worker: int) 
     return 1 if rt.forced.is_set() else 0
 
 
+async def join_workers(rt: Runtime, worker: int, peer_dir: str) -> None:
+    """Several workers: worker 0's admin API speaks for all of them (see proxy.workers)."""
+    workers = rt.config.proxy.workers
+    assert rt.metrics is not None
+    registry = rt.metrics.registry
+    if worker > 0:
+        rt.peer = PeerServer(socket_path(peer_dir, worker), lambda: status_of(rt), registry)
+        await rt.peer.start()
+        return
+    if rt.admin is None:
+        return
+
+    async def status_all() -> dict[str, Any]:
+        answers, unreachable = await ask(peer_dir, workers, "status")
+        return merge_status([(0, status_of(rt)), *answers], unreachable)
+
+    async def metrics_all() -> tuple[bytes, str]:
+        answers, _ = await ask(peer_dir, workers, "metrics")
+        return merge_metrics([metric_samples(registry), *(a for _, a in answers)])
+
+    rt.admin.status = status_all
+    rt.admin.metrics = metrics_all
+
+
 def share_for_worker(config: Config, worker: int, workers: int) -> Config:
     """Each worker runs its own engine, so the fleet's limits are partitioned between
     them: together they can never exceed the global cap, a host's slots or a budget."""
@@ -576,13 +608,14 @@ def serve(config: Config) -> int:
         sockets = [listen_socket(a, reuse) for a in config.proxy.listen]
         return uvloop.run(run_worker(config, sockets, 0))
     children: list[int] = []
+    peer_dir = tempfile.mkdtemp(prefix="summon-workers-")  # 0700: worker 0 asks the others here
     for i in range(workers):
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 sockets = [listen_socket(a, True) for a in config.proxy.listen]
-                code = uvloop.run(run_worker(share_for_worker(config, i, workers), sockets, i))
+                code = uvloop.run(run_worker(share_for_worker(config, i, workers), sockets, i, peer_dir))
             finally:
                 os._exit(code)
         children.append(pid)
@@ -605,5 +638,6 @@ def serve(config: Config) -> int:
             except InterruptedError:
                 continue
         code = code or (os.waitstatus_to_exitcode(status) if status else 0)
+    shutil.rmtree(peer_dir, ignore_errors=True)
     print("summon: all workers stopped", file=sys.stderr)
     return code

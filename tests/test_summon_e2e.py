@@ -6,6 +6,7 @@ import signal
 import socket
 import sqlite3
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -220,6 +221,16 @@ def test_workers_share_the_port_and_partition_the_cap(tmp_path: Path, images: Pa
         assert statuses.count(200) == 64
         # each worker may summon at most its share of the cap: never more than 2 in all
         assert len(pids_matching(str(images / "site"))) <= 2
+        # worker 0's admin API speaks for both workers (each connection went to either)
+        status = s.status()
+        assert status["totals"]["workers"] == 2 and status["totals"]["unreachable_workers"] == []
+        assert status["totals"]["cap"] == 2, "the workers' shares add up to the global cap"
+        live = [i for i in s.instances() if i["state"] == "ready"]
+        assert len(live) == len(pids_matching(str(images / "site"))) and {i["worker"] for i in live} <= {0, 1}
+        with urllib.request.urlopen(f"http://127.0.0.1:{s.admin_port}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+        answered = [ln for ln in metrics.splitlines() if ln.startswith('summon_requests_total{route="site",status="200"}')]
+        assert len(answered) == 1 and float(answered[0].split()[-1]) == 64.0
     finally:
         assert s.stop() == 0
     assert not pids_matching(str(images / "site"))

@@ -1,0 +1,179 @@
+"""Several workers, one admin API: worker 0 asks the others for their figures.
+
+With `workers = N` each worker process runs its own engine and counts its own requests
+(see `server.share_for_worker`), so one worker's /status and /metrics would be a fraction
+of the truth. Workers 1..N-1 answer on unix sockets in a directory the parent makes
+(mode 0700, removed when it exits): one line in (`status` or `metrics`), one JSON
+document out. Worker 0's admin merges their answers with its own:
+
+- /status: each route's instances from every worker, each marked with its `worker`;
+  queue depths and totals summed (each worker holds its share of the cap and its own
+  connections); static routes, the same in every worker, listed once.
+- /metrics: every sample summed by name and labels (counters, histogram buckets, gauges
+  alike: the workers' instances, connections and requests are disjoint), except
+  `*_created`, the earliest.
+
+A worker that does not answer within `ASK_TIMEOUT_S` (stuck, or gone) is named in
+`totals.unreachable_workers` and left out rather than holding the admin API up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("summon.workers")
+
+ASK_TIMEOUT_S = 1.0
+_MAX_ANSWER = 64 * 1024 * 1024
+
+
+def socket_path(directory: str, worker: int) -> str:
+    return os.path.join(directory, f"worker-{worker}.sock")
+
+
+class PeerServer:
+    """What a worker other than 0 serves to worker 0."""
+
+    def __init__(self, path: str, status: Callable[[], dict[str, Any]], registry: CollectorRegistry) -> None:
+        self.path = path
+        self.status = status
+        self.registry = registry
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_unix_server(self._handle, self.path)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            what = (await asyncio.wait_for(reader.readline(), ASK_TIMEOUT_S)).strip()
+            if what == b"status":
+                answer: Any = self.status()
+            elif what == b"metrics":
+                answer = metric_samples(self.registry)
+            else:
+                answer = {"error": f"unknown question {what[:40]!r}"}
+            writer.write(json.dumps(answer).encode())
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        except Exception:  # the peer endpoint must never take the worker down
+            log.exception("peer request failed")
+        finally:
+            writer.close()
+
+
+async def ask(directory: str, workers: int, what: str) -> tuple[list[Any], list[int]]:
+    """Ask workers 1..workers-1 at once; returns (answers in worker order, unreachable ids)."""
+
+    async def one(worker: int) -> Any:
+        reader, writer = await asyncio.open_unix_connection(socket_path(directory, worker), limit=_MAX_ANSWER)
+        try:
+            writer.write(what.encode() + b"\n")
+            return json.loads(await reader.read())
+        finally:
+            writer.close()
+
+    ids = list(range(1, workers))
+    results = await asyncio.gather(*(asyncio.wait_for(one(i), ASK_TIMEOUT_S) for i in ids), return_exceptions=True)
+    answers, unreachable = [], []
+    for worker, result in zip(ids, results, strict=True):
+        if isinstance(result, BaseException) or not isinstance(result, (dict, list)) or (
+                isinstance(result, dict) and "error" in result):
+            log.warning("worker %d did not answer %s: %s", worker, what, result)
+            unreachable.append(worker)
+        else:
+            answers.append((worker, result))
+    return answers, unreachable
+
+
+def metric_samples(registry: CollectorRegistry) -> list[dict[str, Any]]:
+    """A registry's families, as JSON: name, type, documentation and samples."""
+    return [{"name": m.name, "type": m.type, "documentation": m.documentation,
+             "samples": [[s.name, s.labels, s.value] for s in m.samples]}
+            for m in registry.collect()]
+
+
+def merge_metrics(snapshots: list[list[dict[str, Any]]]) -> tuple[bytes, str]:
+    """Prometheus text (and its content type) for the sum of several workers' `metric_samples`."""
+    families: dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
+    for snapshot in snapshots:
+        for fam in snapshot:
+            _, _, samples = families.setdefault(fam["name"], (fam["type"], fam["documentation"], {}))
+            for name, labels, value in fam["samples"]:
+                key = (name, tuple(sorted(labels.items())))
+                if key not in samples:
+                    samples[key] = value
+                elif name.endswith("_created"):
+                    samples[key] = min(samples[key], value)
+                else:
+                    samples[key] += value
+
+    class Merged(Collector):
+        def collect(self):  # type: ignore[no-untyped-def]
+            for name, (typ, doc, samples) in families.items():
+                metric = Metric(name, doc, typ)
+                for (sample, labels), value in samples.items():
+                    metric.add_sample(sample, dict(labels), value)
+                yield metric
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Merged())
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def merge_status(snapshots: list[tuple[int, dict[str, Any]]], unreachable: list[int]) -> dict[str, Any]:
+    """One /status from several workers' `status_of` snapshots, worker 0's first."""
+    routes: dict[str, dict[str, Any]] = {}
+    totals: dict[str, Any] = {}
+    overload: dict[str, Any] = {}
+    for worker, snap in snapshots:
+        for r in snap.get("routes", []):
+            merged = routes.get(r["name"])
+            if r.get("static"):
+                routes.setdefault(r["name"], r)  # the same fixed upstreams in every worker
+                continue
+            if merged is None:
+                merged = routes[r["name"]] = {**r, "instances": [], "queued": 0}
+            merged["instances"].extend({**i, "worker": worker} for i in r.get("instances", []))
+            merged["queued"] += r.get("queued", 0)
+            if r.get("backoff_until"):
+                merged["backoff_until"] = max(merged.get("backoff_until") or 0, r["backoff_until"])
+        _add(totals, snap.get("totals", {}), first=("routes",))
+        _add(overload, snap.get("overload", {}), largest=("wait_ms", "seconds"))
+    totals["workers"] = len(snapshots) + len(unreachable)
+    totals["unreachable_workers"] = unreachable
+    return {"routes": list(routes.values()), "totals": totals, "overload": overload}
+
+
+def _add(into: dict[str, Any], more: dict[str, Any], first: tuple[str, ...] = (),
+         largest: tuple[str, ...] = ()) -> None:
+    """Sum numbers and `or` flags into `into`; keys in `first` keep the first value (the
+    same in every worker), keys in `largest` the largest (a per-worker level, not a count)."""
+    for key, value in more.items():
+        old = into.get(key)
+        if key not in into:
+            into[key] = value
+        elif key in first:
+            continue
+        elif isinstance(value, bool):
+            into[key] = bool(old) or value
+        elif isinstance(value, (int, float)) and isinstance(old, (int, float)):
+            into[key] = max(old, value) if key in largest else old + value
