@@ -833,6 +833,15 @@ def test_http10_keepalive_client_is_told_and_kept(proxy, upstream):
         assert c.request(req).status == 200
 
 
+def test_http10_keepalive_client_is_kept_after_an_error(make_proxy, upstream):
+    p = make_proxy(routes=[{"path": "/api", "upstreams": [upstream.address]}])
+    with p.client() as c:
+        r = c.request(b"GET /nowhere HTTP/1.0\r\nHost: example.com\r\nConnection: keep-alive\r\n\r\n")
+        assert r.status == 404 and (r.header("connection") or b"").lower() == b"keep-alive"
+        r = c.request(b"GET /api HTTP/1.0\r\nHost: example.com\r\nConnection: keep-alive\r\n\r\n")
+        assert r.status == 200 and r.body == b"path=/api body=0"
+
+
 def test_declined_upgrade_never_forwards_following_bytes(proxy, upstream):
     """Bytes after an Upgrade request belong to the new protocol; when the upstream does
     not switch, they must not be parsed or forwarded as a request (upgrade smuggling)."""

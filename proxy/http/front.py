@@ -462,7 +462,7 @@ class ClientConnection(asyncio.Protocol):
         if ex is self.incoming and ex.head.expect_continue and not ex.continue_sent:
             keep = False  # the client holds its body back; do not wait for it
         ex.keep_alive = keep
-        self.write(error_response(exc, close=not keep))
+        self.write(error_response(exc, self.state.via, close=not keep, http10=ex.head.version == "1.0"))
         self.exchange_finished(ex)
 
     def _client_error(self, exc: ClientError) -> None:

@@ -11,11 +11,12 @@ def continue_response() -> bytes:
     return _CONTINUE
 
 
-def error_response(exc: SummonError, server: bytes = b"summon", close: bool = True) -> bytes:
+def error_response(exc: SummonError, server: bytes = b"summon", close: bool = True, http10: bool = False) -> bytes:
     """A short text/plain response for a typed error.
 
     Client errors always close: after a framing problem we cannot know where the next
-    request would start. 503s carry Retry-After so well-behaved clients back off.
+    request would start. 503s carry Retry-After so well-behaved clients back off. An
+    HTTP/1.0 client keeps its connection only when told so (RFC 9112 9.3).
     """
     body = f"{exc.status} {exc.reason}: {exc.detail}\n".encode("utf-8", "replace")
     lines = [
@@ -29,5 +30,7 @@ def error_response(exc: SummonError, server: bytes = b"summon", close: bool = Tr
         lines.append(b"Retry-After: " + str(exc.retry_after_s).encode() + b"\r\n")
     if close:
         lines.append(b"Connection: close\r\n")
+    elif http10:
+        lines.append(b"Connection: keep-alive\r\n")
     lines.append(b"\r\n")
     return b"".join(lines) + body
