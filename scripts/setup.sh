@@ -44,6 +44,12 @@ fi
 PY=$(bash scripts/pick-python.sh)  # Debian's optimised build when there is one: see there
 if [[ ! -x .venv/bin/python ]]; then
   "$PY" -m venv .venv
+else
+  have=$(.venv/bin/python -c 'import os, sys; print(os.path.realpath(sys._base_executable))')
+  want=$("$PY" -c 'import os, sys; print(os.path.realpath(sys.executable))' 2>/dev/null || echo "$PY")
+  if [[ "$have" != "$want" ]]; then
+    echo "setup: note: .venv runs on $have, not $want: rm -rf .venv and run this again to rebuild it" >&2
+  fi
 fi
 extras="dev"
 if pkg-config --exists libvirt 2>/dev/null; then extras="$extras,libvirt"; fi
