@@ -193,3 +193,24 @@ def test_restore_on_test_driver_is_refused_for_snapshots(tmp_path: Path) -> None
         await b.close()
 
     asyncio.run(main())
+
+
+def test_kvm_probe_answer_is_remembered_until_the_machine_reboots(tmp_path: Path) -> None:
+    from proxy.backends.libvirt import remember_kvm_answer, remembered_kvm_answer
+
+    answers, boot = tmp_path / "answers.json", tmp_path / "boot_id"
+    boot.write_text("boot-1\n")
+    assert remembered_kvm_answer("qemu:///system", answers, boot) is None  # nothing yet: probe
+    remember_kvm_answer("qemu:///system", False, answers, boot)
+    remember_kvm_answer("qemu+ssh://other/system", True, answers, boot)
+    assert remembered_kvm_answer("qemu:///system", answers, boot) is False
+    assert remembered_kvm_answer("qemu+ssh://other/system", answers, boot) is True
+    boot.write_text("boot-2\n")  # rebooted: KVM may work now (or no longer)
+    assert remembered_kvm_answer("qemu:///system", answers, boot) is None
+    answers.write_text("{not json")
+    assert remembered_kvm_answer("qemu:///system", answers, boot) is None
+    remember_kvm_answer("qemu:///system", True, answers, boot)  # a broken file is replaced
+    assert remembered_kvm_answer("qemu:///system", answers, boot) is True
+    if os.getuid() == 0:
+        os.chown(answers, 65534, 65534)  # planted by another user in /tmp: not believed
+        assert remembered_kvm_answer("qemu:///system", answers, boot) is None

@@ -8,6 +8,8 @@ Why these choices:
   the summon process) so `reap_orphans` can find and destroy it on the next start.
 - Domain type ``kvm`` only if a KVM guest really boots to userspace (probed once per URI
   and cached): on nested setups /dev/kvm exists but Linux hangs, so we fall back to TCG.
+  The probe takes up to 10 s there, so its answer is also kept on disk until the machine
+  reboots: a restarted summon does not make its first cold request pay for it again.
 - Death detection polls the list of running domains every 0.5 s (one call for all
   instances): simpler and more robust across libvirtd restarts than lifecycle events.
 - ``start = "restore"``: boot one instance, wait for HTTP, ``dom.save()`` it once per
@@ -46,8 +48,44 @@ POLL_S = 0.5
 KVM_PROBE_TIMEOUT_S = 10.0
 CONSOLE_DIR = Path("/tmp/summon-console")
 _kvm_answers: dict[str, bool] = {}  # per URI, for the life of the process
+# ... and on disk for the life of the machine's boot (see `remembered_kvm_answer`)
+KVM_ANSWERS_FILE = Path("/tmp/summon-kvm-probe.json")
+BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 _CONNECTION_ERRORS = {"VIR_ERR_NO_CONNECT", "VIR_ERR_SYSTEM_ERROR", "VIR_ERR_RPC", "VIR_ERR_AUTH_FAILED",
                       "VIR_ERR_INTERNAL_ERROR_CONNECT", "VIR_ERR_NO_SUPPORT_CONNECT"}
+
+
+def remembered_kvm_answer(uri: str, path: Path | None = None, boot_id: Path | None = None) -> bool | None:
+    """The probe's answer for `uri` from an earlier summon process since this boot, or
+    None. Only a file of our own user is believed (it is in /tmp)."""
+    path, boot_id = path or KVM_ANSWERS_FILE, boot_id or BOOT_ID_FILE
+    try:
+        if path.stat().st_uid != os.getuid():
+            return None
+        entry = json.loads(path.read_text()).get(uri)
+        if isinstance(entry, dict) and entry.get("boot_id") == boot_id.read_text().strip():
+            kvm = entry.get("kvm")
+            return kvm if isinstance(kvm, bool) else None
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
+def remember_kvm_answer(uri: str, kvm: bool, path: Path | None = None, boot_id: Path | None = None) -> None:
+    path, boot_id = path or KVM_ANSWERS_FILE, boot_id or BOOT_ID_FILE
+    try:
+        answers = json.loads(path.read_text()) if path.stat().st_uid == os.getuid() else {}
+    except (OSError, ValueError):
+        answers = {}  # none yet, or unreadable: start afresh
+    if not isinstance(answers, dict):
+        answers = {}
+    try:
+        answers[uri] = {"boot_id": boot_id.read_text().strip(), "kvm": kvm}
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(answers))
+        os.replace(tmp, path)
+    except (OSError, ValueError):
+        pass  # a cache: without it the next summon probes again
 
 
 def _quiet_errors() -> None:
@@ -200,7 +238,13 @@ class LibvirtBackend:
             self._type_lock = asyncio.Lock()
         async with self._type_lock:
             if self.uri not in _kvm_answers:
-                _kvm_answers[self.uri] = self.probe_kvm and await self._probe_kvm(image)
+                if not self.probe_kvm:
+                    _kvm_answers[self.uri] = False
+                else:
+                    known = remembered_kvm_answer(self.uri)
+                    _kvm_answers[self.uri] = known if known is not None else await self._probe_kvm(image)
+                    if known is None:
+                        remember_kvm_answer(self.uri, _kvm_answers[self.uri])
         return "kvm" if _kvm_answers[self.uri] else "qemu"
 
     async def _probe_kvm(self, image: Image) -> bool:
