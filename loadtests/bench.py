@@ -251,27 +251,43 @@ def probe(port: int, path: str = "/") -> None:
 # measuring
 
 
-def measure(bench: Bench, name: str, port: int, duration_s: float, concurrencies: list[int]) -> dict:
-    url = f"http://{HOST}:{port}/"
-    runs: dict[str, dict] = {}
-    bench.log(f"  {name}: warm-up {bench.warmup_s:g}s, then {duration_s:g}s per run at c={concurrencies}")
-    bl.run_wrk(url, bench.warmup_s, max(concurrencies))
-    for c in concurrencies:
-        reps = []
-        for _ in range(bench.args.repeat):
+Starter = Callable[[Bench, int], tuple[bl.Proc, int]]
+
+
+def start_and_measure(bench: Bench, label: str, starters: list[tuple[str, Starter | None, float]], up_port: int,
+                      concurrencies: list[int]) -> dict[str, dict]:
+    """Start every target (None: the upstream itself), skipping with the reason any that
+    does not start or answer `probe`; measure the rest in interleaved rounds
+    (`measure_rounds`); stop them all. Targets come back in the order of `starters`."""
+    targets: dict[str, dict] = {}
+    running: dict[str, tuple[bl.Proc | None, int, float]] = {}
+    try:
+        for name, start, duration in starters:
             try:
-                reps.append(bl.run_wrk(url, duration_s, c, timeout_s=bench.args.wrk_timeout))
-            except bl.WrkParseError as e:
-                runs[f"c{c}"] = {"connections": c, "error": str(e)}
-                break
-        else:
-            runs[f"c{c}"] = summarize(c, reps)
-            r = runs[f"c{c}"]
-            bench.log(
-                f"    c{c:<3} {r['requests_per_s']:>10.1f} req/s  p50 {fmt(r['p50_ms'], 3)} ms"
-                f"  p99 {fmt(r['p99_ms'], 3)} ms  errors {r['errors']}"
-            )
-    return {"available": True, "url": url, "duration_s": duration_s, "runs": runs}
+                if start is None:
+                    running[name] = (None, up_port, duration)
+                    continue
+                bench.log(f"{label}: starting {name}")
+                proc, port = start(bench, up_port)
+                running[name] = (proc, port, duration)
+                probe(port)
+            except TargetUnavailable as e:
+                failed_proc = running.pop(name, (None, 0, 0.0))[0]
+                if failed_proc is not None:
+                    bench.procs.stop(failed_proc, grace=10)
+                msg = f"{label}/{name}: SKIPPED: {e}"
+                bench.log("  " + msg.replace("\n", "\n    "))
+                bench.messages.append(msg)
+                targets[name] = {"available": False, "reason": str(e)}
+        targets.update(measure_rounds(bench, running, concurrencies))
+        for name, (target_proc, _, _) in running.items():
+            if target_proc is not None and not target_proc.alive() and targets[name].get("available"):
+                targets[name]["note"] = f"exited during the run: {target_proc.output_tail(5)}"
+    finally:
+        for target_proc, _, _ in running.values():
+            if target_proc is not None:
+                bench.procs.stop(target_proc, grace=10)
+    return {name: targets[name] for name, _, _ in starters if name in targets}
 
 
 def measure_rounds(bench: Bench, running: dict[str, tuple[bl.Proc | None, int, float]],
@@ -363,7 +379,6 @@ def section_proxy(bench: Bench) -> dict:
     targets alike, and the summon/nginx goal is the median of the per-round ratios."""
     concurrencies = [1, 32]
     mitm_duration = min(bench.duration_s, bench.args.mitm_duration)
-    targets: dict[str, dict] = {}
 
     bench.log("proxy: starting the upstream (nginx, return 200)")
     try:
@@ -372,41 +387,15 @@ def section_proxy(bench: Bench) -> dict:
     except TargetUnavailable as e:
         raise HarnessError(f"the upstream is needed by every target: {e}") from None
 
-    starters: list[tuple[str, Callable[[Bench, int], tuple[bl.Proc, int]] | None, float]] = [
+    starters: list[tuple[str, Starter | None, float]] = [
         ("direct", None, bench.duration_s),
         ("nginx", start_nginx_proxy, bench.duration_s),
         ("summon", start_summon, bench.duration_s),
         ("mitmproxy", start_mitmproxy, mitm_duration),
     ]
-    running: dict[str, tuple[bl.Proc | None, int, float]] = {}
-    try:
-        for name, start, duration in starters:
-            if bench.args.targets and name not in bench.args.targets:
-                continue
-            try:
-                if start is None:
-                    running[name] = (None, up_port, duration)
-                    continue
-                bench.log(f"proxy: starting {name}")
-                proc, port = start(bench, up_port)
-                running[name] = (proc, port, duration)
-                probe(port)
-            except TargetUnavailable as e:
-                failed_proc = running.pop(name, (None, 0, 0.0))[0]
-                if failed_proc is not None:
-                    bench.procs.stop(failed_proc, grace=10)
-                msg = f"{name}: SKIPPED: {e}"
-                bench.log("  " + msg.replace("\n", "\n    "))
-                bench.messages.append(msg)
-                targets[name] = {"available": False, "reason": str(e)}
-        targets.update(measure_rounds(bench, running, concurrencies))
-        for name, (target_proc, _, _) in running.items():
-            if target_proc is not None and not target_proc.alive() and targets[name].get("available"):
-                targets[name]["note"] = f"exited during the run: {target_proc.output_tail(5)}"
-    finally:
-        for target_proc, _, _ in running.values():
-            if target_proc is not None:
-                bench.procs.stop(target_proc, grace=10)
+    if bench.args.targets:
+        starters = [s for s in starters if s[0] in bench.args.targets]
+    targets = start_and_measure(bench, "proxy", starters, up_port, concurrencies)
     if not up_proc.alive():
         raise HarnessError(f"the upstream nginx died during the run:\n{up_proc.output_tail()}")
     bench.procs.stop(up_proc)

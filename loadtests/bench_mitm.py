@@ -1,7 +1,8 @@
 """`make bench` section "mitm": summon's native front vs summon inside mitmproxy.
 
 Both fronts serve the same static route to the same upstream (nginx, `return 200`), in
-the same run, measured with wrk at c1 and c32 like the proxy section; plain mitmproxy
+the same run, measured with wrk at c1 and c32 in interleaved rounds like the proxy
+section (`start_and_measure`); plain mitmproxy
 (reverse mode, no addon) runs too, so the addon's own cost can be told from
 mitmproxy's. The summon-in-mitmproxy target is
 
@@ -93,24 +94,7 @@ def section_mitm(bench: Any) -> dict:
         ("summon_mitm", start_summon_in_mitmproxy, mitm_duration),
         ("mitmproxy", b.start_mitmproxy, mitm_duration),
     ]
-    targets: dict[str, dict] = {}
-    for name, start, duration in starters:
-        proc = None
-        try:
-            bench.log(f"mitm: starting {name}")
-            proc, port = start(bench, up_port)
-            b.probe(port)
-            targets[name] = b.measure(bench, name, port, duration, CONCURRENCIES)
-            if not proc.alive():
-                targets[name]["note"] = f"exited during the run: {proc.output_tail(5)}"
-        except (b.TargetUnavailable, b.bl.WrkParseError) as e:
-            msg = f"mitm/{name}: SKIPPED: {e}"
-            bench.log("  " + msg.replace("\n", "\n    "))
-            bench.messages.append(msg)
-            targets[name] = {"available": False, "reason": str(e)}
-        finally:
-            if proc is not None:
-                bench.procs.stop(proc, grace=10)
+    targets = b.start_and_measure(bench, "mitm", starters, up_port, CONCURRENCIES)
     if not up_proc.alive():
         raise b.HarnessError(f"the upstream nginx died during the run:\n{up_proc.output_tail()}")
     bench.procs.stop(up_proc)
