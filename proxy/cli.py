@@ -57,13 +57,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=1))
         return 0
     totals = data.get("totals", {})
+    workers = totals.get("workers")
     print(f"instances {totals.get('instances', 0)}/{totals.get('cap', '?')}   connections {totals.get('connections', 0)}"
-          f"   in flight {totals.get('inflight', 0)}")
+          f"   in flight {totals.get('inflight', 0)}" + (f"   workers {workers}" if workers else ""))
+    if totals.get("unreachable_workers"):
+        print(f"  (no answer from worker(s) {', '.join(map(str, totals['unreachable_workers']))}: not counted)")
     for route in data.get("routes", []):
         kind = "static" if route.get("static") else f"image {route.get('image')}"
         print(f"{route['name']}  ({kind}, queued {route.get('queued', 0)})")
         for i in route.get("instances", []):
-            print(f"  {i['id']:<24} {i['state']:<9} {i.get('host', ''):<10} {i.get('region', ''):<8} {i.get('address') or ''}")
+            worker = f"   worker {i['worker']}" if "worker" in i else ""
+            print(f"  {i['id']:<24} {i['state']:<9} {i.get('host', ''):<10} {i.get('region', ''):<8}"
+                  f" {i.get('address') or ''}{worker}")
     return 0
 
 
