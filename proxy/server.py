@@ -502,6 +502,12 @@ async def drain(rt: Runtime, deadline_s: float) -> None:
 
 async def run_worker(config: Config, sockets: list[socket.socket], worker: int, peer_dir: str | None = None) -> int:
     loop = asyncio.get_running_loop()
+    # The admin port and the listeners open before start-up is over: a SIGHUP or SIGTERM
+    # sent as soon as they answer must not meet the default action (which ends the
+    # process). Signals that come while starting are kept and acted on once running.
+    early: list[signal.Signals] = []
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, early.append, sig)
     rt = await build_runtime(config, sockets, admin=(worker == 0))
     if peer_dir is not None:
         await join_workers(rt, worker, peer_dir)
@@ -541,6 +547,8 @@ async def run_worker(config: Config, sockets: list[socket.socket], worker: int, 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    for sig in early:
+        on_hup() if sig == signal.SIGHUP else on_stop()
     addrs = ", ".join(str(a) for a in config.proxy.listen)
     admin = f", admin on {config.proxy.admin}" if rt.admin else ""
     log.info("worker %d listening on %s%s", worker, addrs, admin)
