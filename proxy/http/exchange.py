@@ -340,9 +340,7 @@ class Exchange:
                 conn.release()
             else:
                 conn.close()
-        lease, self.lease = self.lease, None  # _release_lease, inlined on the hot path
-        if lease is not None:
-            lease.release(True)
+        self._release_lease(True)
         self.finished = True
         if not self.body_done:
             self.keep_alive = False  # an unread request body is still on the wire

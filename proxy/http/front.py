@@ -194,8 +194,7 @@ class ClientConnection(asyncio.Protocol):
         if self.to_start:
             starts, self.to_start = self.to_start, []
             for ex in starts:
-                if not ex.finished and not self.closing and ex is self.active:  # _start_now, inlined
-                    ex.start()
+                self._start_now(ex)
 
     def _feed(self, data: bytes) -> None:
         try:
@@ -321,7 +320,7 @@ class ClientConnection(asyncio.Protocol):
         if head.has_body:
             self._arm(self.cfg.body_timeout_s, self._on_body_timeout)
         else:
-            self.deadline = None  # _disarm, inlined on the hot path
+            self._disarm()
         if state.inflight > self.cfg.max_inflight or state.shed_budget:
             if state.inflight <= self.cfg.max_inflight:
                 state.shed_budget -= 1  # one of the drops the overload watch asked for
@@ -330,10 +329,7 @@ class ClientConnection(asyncio.Protocol):
             ex.keep_alive = False
         if self.active is None:
             self.active = ex
-            if self.feeding:  # _start_soon, inlined on the hot path
-                self.to_start.append(ex)
-            else:
-                self._start_soon(ex)
+            self._start_soon(ex)
         else:
             self.pending.append(ex)
             self._set_reading("pipeline", False)
@@ -348,12 +344,11 @@ class ClientConnection(asyncio.Protocol):
         ex, self.incoming = self.incoming, None
         self.in_head = True
         if ex is not None:
-            if not ex.body_done:
-                ex.client_body_done()
+            ex.client_body_done()
             if ex.finished and ex is self.active:
                 self._advance()
         if self.active is not None or self.pending:
-            self.deadline = None  # _disarm, inlined on the hot path
+            self._disarm()
 
     # --- request ordering ------------------------------------------------------------
 
@@ -391,8 +386,7 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         if self.incoming is None:
-            self.deadline = self.state.loop.time() + self.cfg.keepalive_timeout_s  # _arm, inlined
-            self.on_deadline = self._on_idle
+            self._arm(self.cfg.keepalive_timeout_s, self._on_idle)
 
     def _start_soon(self, ex: Exchange) -> None:
         """Start forwarding once the parser has consumed everything already read: a

@@ -327,9 +327,7 @@ class UpstreamPool:
         once (the common case, kept free of callbacks); otherwise None, and `deliver` is
         called later with a new connection, or with an exception if connecting failed.
         `limit` 0 = no cap."""
-        slot = self.slots.get(address)
-        if slot is None:
-            slot = self.slots[address] = _Slot(address)
+        slot = self.slot(address)
         slot.limit = limit
         if limit and slot.busy >= limit:
             slot.waiters.append(deliver)
@@ -418,10 +416,7 @@ class UpstreamPool:
             deliver = slot.waiters.popleft()
             self.loop.call_soon(self._hand_over, conn, deliver)
             return
-        if conn.checked_out:  # _checkin, inlined: no waiter to wake (checked above)
-            conn.checked_out = False
-            if slot.busy > 0:
-                slot.busy -= 1
+        self._checkin(conn)
         idle = slot.idle
         if len(idle) >= self.max_idle:
             conn.close()
