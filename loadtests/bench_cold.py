@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import benchlib as bl  # noqa: E402
 
-from proxy.images import load_image  # noqa: E402
+from proxy.images.manifest import load_image  # noqa: E402
 
 GOAL_COLD_OVERHEAD_MS = 10.0
 GOAL_RESTORE_RATIO = 0.3

@@ -26,12 +26,13 @@ import json, os, sys, tempfile, time
 sys.path.insert(0, sys.argv[2])
 import httptools, uvloop
 from proxy.config import load
-from proxy.dispatch import Dispatcher
-from proxy.http.front import ClientConnection, ServerState
+from proxy.routing.dispatch import Dispatcher
+from proxy.http.front import ClientConnection
+from proxy.http.state import ServerState
 from proxy.http.upstream import UpstreamConnection, UpstreamPool
-from proxy.metrics import Metrics
-from proxy.routes import RouteTable
-from proxy.server import make_pool_factory
+from proxy.observe.metrics import Metrics
+from proxy.routing.table import RouteTable
+from proxy.serve.server import make_pool_factory
 
 class CountingTransport:
     def __init__(self, peer): self.peer, self.writes = peer, 0

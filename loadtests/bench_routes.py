@@ -26,7 +26,7 @@ _CHILD = r'''
 import json, random, sys, time, tracemalloc, gc
 sys.path.insert(0, sys.argv[3])
 from proxy.config import load
-from proxy.routes import RouteTable
+from proxy.routing.table import RouteTable
 n, tmp = int(sys.argv[1]), sys.argv[2]
 lines = []
 for i in range(n):

@@ -15,6 +15,9 @@ The tree (one place turns any of these into a response: `proxy.http.responses`):
     │   ├── BadGateway             502  refused, reset, bad framing
     │   └── GatewayTimeout         504  no response head in time
     ├── Unavailable            503 + Retry-After: boot failed, queue full, cap reached
+    ├── BackendError           503  a driver failed to start or stop an instance
+    │   ├── ImageError             image missing, malformed, or a digest mismatch
+    │   └── HostUnavailable        libvirtd / the hypervisor cannot be reached
     └── ConfigError            not HTTP: `summon check` exit 2, one line per problem
 
 Foreign exceptions (OSError, httptools.HttpParserError, libvirt.libvirtError) are
@@ -99,6 +102,21 @@ class Unavailable(SummonError):
     def __init__(self, detail: str = "", retry_after_s: int = 1) -> None:
         super().__init__(detail)
         self.retry_after_s = max(1, int(retry_after_s))
+
+
+class BackendError(SummonError):
+    """Starting or stopping an instance failed. Becomes 503 for waiting requests."""
+
+    status = 503
+    reason = "Service Unavailable"
+
+
+class ImageError(BackendError):
+    """The image is missing, malformed, or an artefact does not match its digest."""
+
+
+class HostUnavailable(BackendError):
+    """The host (libvirtd, the hypervisor) cannot be reached: fail fast, place elsewhere."""
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,6 @@ from mitmproxy import ctx, exceptions, http  # noqa: E402
 
 from proxy.config import Config, Route  # noqa: E402
 from proxy.config import load as load_config  # not `load`: module names are mitmproxy hooks  # noqa: E402
-from proxy.dispatch import Dispatcher, Pool, StaticPool  # noqa: E402
 from proxy.errors import (  # noqa: E402
     BadRequest,
     ClientError,
@@ -59,12 +58,13 @@ from proxy.errors import (  # noqa: E402
     SummonError,
     Unavailable,
 )
-from proxy.events import Event, EventLog  # noqa: E402
-from proxy.http.exchange import Lease  # noqa: E402
 from proxy.http.message import RequestHead, client_trusted, outbound_head, parse_head  # noqa: E402
-from proxy.routes import RouteTable  # noqa: E402
-from proxy.server import make_backends, start_summoner  # noqa: E402
-from proxy.summoner import Summoner  # noqa: E402
+from proxy.observe.events import Event, EventLog  # noqa: E402
+from proxy.routing.contracts import Lease, Pool  # noqa: E402
+from proxy.routing.dispatch import Dispatcher, StaticPool  # noqa: E402
+from proxy.routing.table import RouteTable  # noqa: E402
+from proxy.runtime.bootstrap import make_backends, start_summoner  # noqa: E402
+from proxy.runtime.summoner import Summoner  # noqa: E402
 
 log = logging.getLogger("summon.mitm")
 
@@ -256,7 +256,7 @@ class Summon:
         req.data.port = addr.port
         target = head.path.encode() + head.query
         if req.data.path != b"*" and req.data.path != target:
-            req.data.path = target  # forward what we routed on (see proxy.routes)
+            req.data.path = target  # forward what we routed on (see proxy.routing.table)
         if not (req.is_http2 or req.is_http3):
             req.data.authority = b""  # origin-form upstream, as the native front sends
 

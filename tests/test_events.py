@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.events import Event, EventLog, json_line, open_readonly, setup_json_logging
+from proxy.observe.events import Event, EventLog, json_line, open_readonly, setup_json_logging
 
 
 class FakeClock:
@@ -153,7 +153,7 @@ def test_retention_by_max_rows_keeps_the_newest(db: Path, clock: FakeClock) -> N
 
 def test_record_never_blocks_on_a_stuck_disk(db: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Another connection holds the write lock: the writer stalls, record() does not."""
-    caplog.set_level(logging.WARNING, logger="proxy.events")
+    caplog.set_level(logging.WARNING, logger="proxy.observe.events")
     log = EventLog(db, queue_size=50, batch_size=10)
     blocker = sqlite3.connect(db)
     try:

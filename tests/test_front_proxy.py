@@ -27,7 +27,7 @@ from helpers.net import (
     wait_until,
 )
 
-from proxy.server import status_of
+from proxy.serve.server import status_of
 
 
 def post(path: str, headers: bytes, body: bytes = b"") -> bytes:
@@ -668,7 +668,7 @@ def test_max_connections_sheds_extra_with_503(make_proxy, upstream):
 
 
 def test_overload_drops_are_503_close_and_counted(proxy, upstream):
-    """The overload watch hands the front a budget of requests to drop (proxy.overload):
+    """The overload watch hands the front a budget of requests to drop (proxy.engine.overload):
     each is answered 503 + Retry-After + Connection: close without reaching an upstream,
     and counted in /status and /metrics."""
     with proxy.client() as a, proxy.client() as b:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.backends.base import ImageError
-from proxy.imagebuild import S_IFREG, Entry, build_site_initramfs, pack_newc, write_initramfs
-from proxy.images import content_digest, dump_manifest, load_image, read_manifest
+from proxy.errors import ImageError
+from proxy.images.build import S_IFREG, Entry, build_site_initramfs, pack_newc, write_initramfs
+from proxy.images.manifest import content_digest, dump_manifest, load_image, read_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -167,7 +167,7 @@ def test_write_initramfs_gzip_has_no_timestamp(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not list(Path("/boot").glob("vmlinuz-*-cloud-amd64")), reason="linux-image-cloud-amd64 not installed")
 def test_build_image_twice_same_digest(tmp_path: Path) -> None:
-    from proxy.imagebuild import build_image
+    from proxy.images.build import build_image
 
     images = copy_decks(tmp_path)
     lines: list[str] = []
@@ -186,7 +186,7 @@ def test_build_image_twice_same_digest(tmp_path: Path) -> None:
 def test_cli_verify_and_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 
-    from proxy.cli_images import add_parsers
+    from proxy.cli.images import add_parsers
 
     images = copy_decks(tmp_path)
     parser = argparse.ArgumentParser()

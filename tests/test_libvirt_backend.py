@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.backends.base import BackendError, ImageError, InstanceSpec
+from proxy.backends.base import InstanceSpec
 from proxy.backends.libvirt_xml import (
     DomainParams,
     copy_save_with_xml,
@@ -19,7 +19,8 @@ from proxy.backends.libvirt_xml import (
     retarget_xml,
 )
 from proxy.config import Host, Route
-from proxy.images import content_digest, load_image
+from proxy.errors import BackendError, ImageError
+from proxy.images.manifest import content_digest, load_image
 
 libvirt = pytest.importorskip("libvirt")
 from proxy.backends.libvirt import LibvirtBackend  # noqa: E402
@@ -166,8 +167,8 @@ def test_reap_orphans(tmp_path: Path) -> None:
 
 
 def test_unreachable_uri_is_host_unavailable(tmp_path: Path) -> None:
-    from proxy.backends.base import HostUnavailable
     from proxy.backends.libvirt import libvirt_available
+    from proxy.errors import HostUnavailable
 
     image_dir = make_image(tmp_path)
     uri = "qemu+unix:///system?socket=/nonexistent/sock"

@@ -34,7 +34,7 @@ def test_metrics_after_a_scripted_run(tmp_path: Path) -> None:
             assert ctype.startswith("text/plain")
             return samples(body.decode())
         finally:
-            from proxy.server import drain
+            from proxy.serve.server import drain
 
             await drain(rt, 1.0)
 

@@ -350,7 +350,7 @@ def test_done_stops_every_instance_and_fails_waiting_flows(tmp_path: Path) -> No
         await addon.done()
         assert backend.stopped == [inst.id] and backend.running == {}
         assert addon.leases == {} and addon.summoner is None
-        from proxy.events import open_readonly
+        from proxy.observe.events import open_readonly
 
         kinds = [e.kind for e in open_readonly(tmp_path / "events.db").query()]
         assert kinds.count("summoned") == 1 and "stopped" in kinds and kinds[-1] == "shutdown"

@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
-from proxy.events import Event, open_readonly
-from proxy.images import content_digest
+from proxy.images.manifest import content_digest
+from proxy.observe.events import Event, open_readonly
 from tests.helpers.summon_proc import free_port, http_get
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,11 +1,11 @@
-"""The overload verdict (proxy.overload.Shedder), fed with a fake clock: what is and is
+"""The overload verdict (proxy.engine.overload.Shedder), fed with a fake clock: what is and is
 not overload, when shedding starts and stops, and CoDel's pace of drops."""
 
 from __future__ import annotations
 
 import math
 
-from proxy.overload import IDLE_TICK_S, TICK_S, Shedder
+from proxy.engine.overload import IDLE_TICK_S, TICK_S, Shedder
 
 TARGET, INTERVAL, TICK = 0.05, 0.1, 0.01
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.events import open_readonly
+from proxy.observe.events import open_readonly
 from tests.helpers.summon_proc import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

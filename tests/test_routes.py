@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from proxy.config import Address, Route
 from proxy.errors import BadRequest, NotFound
-from proxy.routes import RouteTable, host_without_port, normalise_path
+from proxy.routing.table import RouteTable, host_without_port, normalise_path
 
 UP = (Address("127.0.0.1", 1),)
 

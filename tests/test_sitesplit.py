@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from proxy import cli
-from proxy.backends.base import ImageError
+from proxy.cli.main import main as summon_main
 from proxy.config import load
-from proxy.images import load_image
-from proxy.sitesplit import SplitOptions, content_type_for, slug, split_site
+from proxy.errors import ImageError
+from proxy.images.manifest import load_image
+from proxy.images.sitesplit import SplitOptions, content_type_for, slug, split_site
 from tests.helpers.summon_proc import Summon, http_get
 
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d49484452") + bytes(range(256))
@@ -59,7 +59,7 @@ def split(root: Path, *extra: str) -> int:
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        return cli.main(["routes", "split-site", "site", "--name", "blog", *extra])
+        return summon_main(["routes", "split-site", "site", "--name", "blog", *extra])
     finally:
         os.chdir(cwd)
 
@@ -138,7 +138,7 @@ def test_summon_check_accepts_the_generated_config(tmp_path: Path, capsys: pytes
     assert split(tmp_path, "--host", "blog.example", "--idle-timeout", "2m", "--max-replicas", "3") == 0
     config = tmp_path / "summon.toml"
     config.write_text('include = ["routes/*.toml"]\n[images]\ndir = "images"\n')
-    assert cli.main(["check", "-c", str(config)]) == 0
+    assert summon_main(["check", "-c", str(config)]) == 0
     assert f"ok: {len(SITE) + 2} routes ({len(SITE) + 2} summoned)" in capsys.readouterr().out
     loaded = load(config)
     for route in loaded.routes:
@@ -146,7 +146,7 @@ def test_summon_check_accepts_the_generated_config(tmp_path: Path, capsys: pytes
         assert route.idle_timeout_s == 120 and route.max_replicas == 3 and route.health_path == route.url
         assert route.image is not None
         load_image(loaded.images_dir, route.image).verify("unix")
-    assert cli.main(["routes", "list", "-c", str(config)]) == 0
+    assert summon_main(["routes", "list", "-c", str(config)]) == 0
     assert "blog:/posts/\tblog.example\turl /posts/\timage blog-posts_index.html" in capsys.readouterr().out
 
 

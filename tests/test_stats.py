@@ -1,4 +1,4 @@
-"""`proxy.stats` against a hand-built history with answers worked out on paper, and the
+"""`proxy.observe.stats` against a hand-built history with answers worked out on paper, and the
 ``summon log`` / ``summon stats`` commands on a real database."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from proxy import stats
-from proxy.cli_events import add_parsers, format_events, parse_since
-from proxy.events import Event, EventLog
-from proxy.stats import TOTAL, RouteStats, compute, percentile
+from proxy.observe import stats
+from proxy.cli.events import add_parsers, format_events, parse_since
+from proxy.observe.events import Event, EventLog
+from proxy.observe.stats import TOTAL, RouteStats, compute, percentile
 
 
 def history(base: float = 0.0) -> list[Event]:
@@ -242,8 +242,8 @@ def test_format_events_empty() -> None:
 
 
 def test_a_restart_ends_the_instances_a_killed_run_left_open() -> None:
-    from proxy.events import Event
-    from proxy.stats import compute
+    from proxy.observe.events import Event
+    from proxy.observe.stats import compute
 
     events = [
         Event(kind="summoned", route="r", instance="a", ts=100.0),

@@ -233,7 +233,7 @@ def test_workers_share_the_port_and_partition_the_cap(tmp_path: Path, images: Pa
             metrics = r.read().decode()
         answered = [ln for ln in metrics.splitlines() if ln.startswith('summon_requests_total{route="site",status="200"}')]
         assert len(answered) == 1 and float(answered[0].split()[-1]) == 64.0
-        out = subprocess.run([sys.executable, "-m", "proxy.cli", "status", "-c", str(s.config)], capture_output=True,
+        out = subprocess.run([sys.executable, "-m", "proxy.cli.main", "status", "-c", str(s.config)], capture_output=True,
                              text=True, timeout=30, check=True).stdout
         assert "workers 2" in out.splitlines()[0]
         assert sum(" worker " in ln for ln in out.splitlines()) == len(s.instances())

@@ -9,7 +9,7 @@ import uvloop
 
 from proxy.backends.fake import FakeBackend, FakeBehaviour
 from proxy.config import Address, load
-from proxy.server import build_runtime, drain, listen_socket, reload
+from proxy.serve.server import build_runtime, drain, listen_socket, reload
 from tests.helpers.summon_proc import make_image
 
 CONFIG = """

@@ -10,8 +10,8 @@ from pathlib import Path
 import uvloop
 
 from proxy.backends.fake import FakeBackend, FakeBehaviour
-from proxy.events import EventLog
-from proxy.server import drain
+from proxy.observe.events import EventLog
+from proxy.serve.server import drain
 from tests.helpers.summon_proc import make_image
 from tests.test_summoner import CONFIG, exchange, get, start
 

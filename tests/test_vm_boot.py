@@ -20,7 +20,7 @@ import pytest
 
 from proxy.backends.base import InstanceSpec
 from proxy.config import Host, Route
-from proxy.images import Image, load_image
+from proxy.images.manifest import Image, load_image
 
 REPO = Path(__file__).resolve().parent.parent
 URI = "qemu:///system"
@@ -45,7 +45,7 @@ pytestmark = [
 def decks() -> Iterator[Image]:
     """The decks image, built into a directory QEMU (user libvirt-qemu) can read."""
     from proxy.backends.libvirt import libvirt_available, start_libvirt_daemons
-    from proxy.imagebuild import build_image
+    from proxy.images.build import build_image
 
     if os.geteuid() == 0:
         start_libvirt_daemons()

@@ -51,7 +51,7 @@ idle_timeout = "10m"
 def vm_images() -> Iterator[Path]:
     """The decks image with a marker only the VM's copy of the site carries."""
     from proxy.backends.libvirt import libvirt_available, start_libvirt_daemons
-    from proxy.imagebuild import build_image
+    from proxy.images.build import build_image
 
     if os.geteuid() == 0:
         start_libvirt_daemons()
@@ -62,7 +62,7 @@ def vm_images() -> Iterator[Path]:
     shutil.copytree(REPO / "images" / "decks", root / "decks", ignore=shutil.ignore_patterns("build"))
     index = root / "decks" / "site" / "index.html"
     index.write_text(index.read_text().replace("</body>", "<!-- served-by-microvm --></body>"))
-    from proxy.images import content_digest, read_manifest, write_manifest
+    from proxy.images.manifest import content_digest, read_manifest, write_manifest
 
     manifest = read_manifest(root / "decks")
     manifest["targets"]["unix"]["content_sha256"] = content_digest(root / "decks" / "site")

@@ -1,4 +1,4 @@
-"""Merging several workers' /status and /metrics (proxy.workers), and the peer sockets."""
+"""Merging several workers' /status and /metrics (proxy.serve.workers), and the peer sockets."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.workers import PeerServer, ask, merge_metrics, merge_status, metric_samples, socket_path
+from proxy.serve.workers import PeerServer, ask, merge_metrics, merge_status, metric_samples, socket_path
 
 
 def worker_registry(requests: int, live: int, latencies: list[float]) -> CollectorRegistry:

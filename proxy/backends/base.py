@@ -3,7 +3,7 @@
 How this works: the engine decides *that* an instance should exist on a host; the
 asyncio shell calls the host's driver to make it so. A driver returns as soon as the
 instance has an address the proxy can reach (the VM or process may still be booting);
-readiness is then detected by the proxy itself (`proxy.readiness`), the same way for
+readiness is then detected by the proxy itself (`proxy.runtime.readiness`), the same way for
 every driver, so boot-to-ready times are comparable across drivers.
 
 Errors: a driver raises `BackendError` (or a subclass) for anything that goes wrong,
@@ -17,25 +17,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from ..config import Address, Host, Route
-from ..errors import SummonError
 
 if TYPE_CHECKING:
-    from ..images import Image
-
-
-class BackendError(SummonError):
-    """Starting or stopping an instance failed. Becomes 503 for waiting requests."""
-
-    status = 503
-    reason = "Service Unavailable"
-
-
-class ImageError(BackendError):
-    """The image is missing, malformed, or an artefact does not match its digest."""
-
-
-class HostUnavailable(BackendError):
-    """The host (libvirtd, the hypervisor) cannot be reached: fail fast, place elsewhere."""
+    from ..images.manifest import Image
 
 
 @dataclass(frozen=True)

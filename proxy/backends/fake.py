@@ -12,7 +12,8 @@ import asyncio
 from dataclasses import dataclass, field
 
 from ..config import Address
-from .base import BackendError, Handle, InstanceSpec
+from ..errors import BackendError
+from .base import Handle, InstanceSpec
 
 
 @dataclass

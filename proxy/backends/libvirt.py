@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..config import Address
-from ..images import Image
-from .base import BackendError, Handle, HostUnavailable, InstanceSpec
+from ..errors import BackendError, HostUnavailable
+from ..images.manifest import Image
+from .base import Handle, InstanceSpec
 from .libvirt_xml import NS, DomainParams, copy_save_with_xml, domain_name, domain_xml, parse_metadata, retarget_xml
 
 try:
@@ -262,7 +263,7 @@ class LibvirtBackend:
 
         if not await self._call("domain capabilities", kvm_offered):
             return False
-        from ..imagebuild import BUSYBOX, S_IFREG, Entry, write_initramfs
+        from ..images.build import BUSYBOX, S_IFREG, Entry, write_initramfs
 
         probe_initrd = image.dir / "build" / "kvm-probe.cpio.gz"
         init = b"#!/bin/busybox sh\n/bin/busybox echo summon-kvm-probe\n"

@@ -20,7 +20,8 @@ import socket
 from pathlib import Path
 
 from ..config import Address
-from .base import BackendError, Handle, ImageError, InstanceSpec
+from ..errors import BackendError, ImageError
+from .base import Handle, InstanceSpec
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -68,7 +68,7 @@ class Stop:
 
 @dataclass(frozen=True)
 class Record:
-    """An event for the log; `proxy.events.Event` fields."""
+    """An event for the log; `proxy.observe.events.Event` fields."""
 
     kind: str
     route: str = ""

@@ -24,41 +24,19 @@ again once the probe finds the instance ready.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
 
-from ..config import Address, Route
+from ..config import Route
 from ..errors import BadGateway, GatewayTimeout, PayloadTooLarge, SummonError, Unavailable
+from ..routing.contracts import Lease
 from .message import RequestHead, outbound_head, response_head
 from .responses import continue_response
+from .state import Client
 from .upstream import UpstreamConnection
-
-if TYPE_CHECKING:
-    from .front import ClientConnection
 
 _BUFFER_HIGH = 256 * 1024  # body bytes held while no upstream is attached
 TRIAL_ATTEMPT_S = 0.1  # a connection QEMU accepted for a guest not yet up can hang: give up on it
 TRIAL_FIRST_DELAY_S = 0.0005  # between trial attempts, doubling up to the next
 TRIAL_MAX_DELAY_S = 0.005
-
-
-class Lease(Protocol):
-    """A claim on one replica for one request; `release` is called exactly once (unless
-    the lease is abandoned: then the pool has already taken it back)."""
-
-    address: Address
-    trial: bool  # see the module docstring
-    on_abandon: Callable[[SummonError], None] | None
-
-    def release(self, ok: bool) -> None: ...
-
-    def confirm(self) -> None:
-        """The instance answered a trial request."""
-        ...
-
-    def hand_over(self, on_ready: Callable[[], None]) -> None:
-        """A trial request got a 5xx: let the health probe decide; `on_ready` once ready."""
-        ...
 
 
 class Exchange:
@@ -71,7 +49,7 @@ class Exchange:
         "handed_over", "body_chunks", "stall_mark",
     )
 
-    def __init__(self, client: ClientConnection, head: RequestHead, route: Route | None,
+    def __init__(self, client: Client, head: RequestHead, route: Route | None,
                  error: SummonError | None = None, out_head: bytes | None = None) -> None:
         self.client = client
         self.head = head

@@ -19,12 +19,11 @@ import logging
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import httptools
 
-from ..config import ProxySettings, Route
+from ..config import Route
 from ..errors import (
     BadRequest,
     ClientError,
@@ -35,70 +34,13 @@ from ..errors import (
     SummonError,
     Unavailable,
 )
-from .exchange import Exchange, Lease
+from ..routing.contracts import Lease
+from .exchange import Exchange
 from .message import RequestHead, client_trusted, parse_head
 from .responses import error_response
-from .upstream import UpstreamPool
+from .state import ServerState
 
 log = logging.getLogger("summon.front")
-
-
-class Dispatcher(Protocol):
-    """What the front needs from the engine's shell: routing and replicas."""
-
-    @property
-    def table(self) -> object:
-        """The route table in force; a reload replaces it."""
-        ...
-
-    def lookup(self, head: RequestHead) -> Route: ...
-
-    def acquire(self, route: Route, head: RequestHead, client_ip: str, region: str | None,
-                avoid: Lease | None = None) -> Lease | asyncio.Future[Lease]: ...
-
-
-@dataclass
-class ServerState:
-    """Everything the connections of one worker share."""
-
-    config: ProxySettings
-    loop: asyncio.AbstractEventLoop
-    dispatcher: Dispatcher
-    upstreams: UpstreamPool
-    via: bytes = b"summon"
-    observe: Callable[[Exchange], None] = field(default=lambda ex: None)  # once per finished request (metrics)
-    connections: set[ClientConnection] = field(default_factory=set)
-    inflight: int = 0
-    draining: bool = False
-    refused_connections: int = 0
-    # For the overload watch (proxy.server, proxy.overload): when `probe_accept` is set, the
-    # next connection accepted reports how long it sat in the backlog; `shed_budget`
-    # requests on open connections are to be shed now. `shed_requests` counts every
-    # request shed with a 503 (this and max_inflight).
-    probe_accept: bool = False
-    accept_waited_s: float = 0.0
-    shed_budget: int = 0
-    shed_requests: int = 0
-    sweeper: asyncio.TimerHandle | None = None
-
-    def start_sweeping(self, interval_s: float = 0.25) -> None:
-        """Fire connection deadlines (header, body, keep-alive, upstream response)."""
-
-        def sweep() -> None:
-            now = self.loop.time()
-            for conn in list(self.connections):
-                try:
-                    conn.check_deadlines(now)
-                except Exception:
-                    log.exception("deadline handling failed")
-            self.sweeper = self.loop.call_later(interval_s, sweep)
-
-        self.sweeper = self.loop.call_later(interval_s, sweep)
-
-    def stop_sweeping(self) -> None:
-        if self.sweeper is not None:
-            self.sweeper.cancel()
-            self.sweeper = None
 
 
 class ClientConnection(asyncio.Protocol):

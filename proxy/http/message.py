@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from ..errors import BadRequest, HeadersTooLarge, MethodNotAllowed, NotImplementedEncoding
-from ..routes import host_without_port, normalise_path
+from ..routing.table import host_without_port, normalise_path
 
 # RFC 9110 7.6.1: Connection, and the fields it names, are for one hop only; so are
 # Keep-Alive, TE, Transfer-Encoding (we re-frame), Upgrade (unless tunnelling) and

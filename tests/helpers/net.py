@@ -28,7 +28,7 @@ import h11
 import uvloop
 
 from proxy.config import Address, load
-from proxy.server import Runtime, build_runtime, drain, listen_socket
+from proxy.serve.server import Runtime, build_runtime, drain, listen_socket
 
 T = TypeVar("T")
 

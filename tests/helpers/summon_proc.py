@@ -12,10 +12,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from proxy.images import content_digest
+from proxy.images.manifest import content_digest
 
 ROOT = Path(__file__).resolve().parents[2]
-SUMMON = [sys.executable, "-m", "proxy.cli"]
+SUMMON = [sys.executable, "-m", "proxy.cli.main"]
 
 
 def free_port() -> int:

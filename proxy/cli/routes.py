@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from .backends.base import ImageError
-from .cli_common import load_or_report
+from ..errors import ImageError
+from .common import load_or_report
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
@@ -49,8 +49,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
 
 
 def cmd_split_site(args: argparse.Namespace) -> int:
-    from .config import parse_duration
-    from .sitesplit import SplitOptions, command_line, split_site
+    from ..config import parse_duration
+    from ..images.sitesplit import SplitOptions, command_line, split_site
 
     boot_timeout = args.boot_timeout or ("60s" if args.vm else "30s")
     for flag, value in (("--idle-timeout", args.idle_timeout), ("--boot-timeout", boot_timeout)):

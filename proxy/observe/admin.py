@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
-from .config import Address
+from ..config import Address
 
 log = logging.getLogger("summon.admin")
 
@@ -89,7 +89,7 @@ class AdminServer:
         query = urllib.parse.parse_qs(url.query)
         path = url.path
         if path == "/status" and method == "GET":
-            status = self.status()  # several workers: an awaitable that asks the others (proxy.workers)
+            status = self.status()  # several workers: an awaitable that asks the others (proxy.serve.workers)
             if inspect.isawaitable(status):
                 status = await status
             return 200, "application/json", json.dumps(status, indent=1).encode() + b"\n"
@@ -104,7 +104,7 @@ class AdminServer:
             body, ctype = metrics
             return 200, ctype, body
         if path in ("/", "/index.html") and method == "GET":
-            page = resources.files("proxy").joinpath("dashboard.html")
+            page = resources.files("proxy.observe").joinpath("dashboard.html")
             try:
                 return 200, "text/html; charset=utf-8", page.read_bytes()
             except FileNotFoundError:

@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .backends.base import ImageError
-from .images import content_digest, read_manifest, write_manifest
+from ..errors import ImageError
+from .manifest import content_digest, read_manifest, write_manifest
 
 # Load order matters: each module needs the ones before it (see modules.dep).
 VIRTIO_NET_MODULES = (

@@ -30,7 +30,7 @@ Not at the first sample under target, as CoDel would: while new connections are 
 the backlog wait cannot be sampled, and ending at once lets a wave of them in every few
 ticks (measured: twice the p99 at 2x saturation).
 
-What shedding does (carried out by the asyncio shell, `proxy.server`) meanwhile:
+What shedding does (carried out by the asyncio shell, `proxy.serve.server`) meanwhile:
 - New connections are refused by the kernel (the listening sockets stop listening; those
   in the backlog are reset), which costs summon nothing: when summon's CPU is the
   bottleneck, every microsecond spent answering a refused client, even with a canned 503,

@@ -61,7 +61,7 @@ CREATE INDEX IF NOT EXISTS events_route_ts ON events (route, ts);
 _COLUMNS = "ts, kind, route, instance, image_digest, host, region, duration_s, detail"
 
 #: Kinds that begin and end an instance's life; `EventReader.running_at` and
-#: `proxy.stats` replay these.
+#: `proxy.observe.stats` replay these.
 START_KINDS = frozenset({"summoned"})
 END_KINDS = frozenset({"stopped", "failed"})
 # `summon serve` starting: whatever an earlier run left "running" in the log is gone by
@@ -90,7 +90,7 @@ def iso_time(ts: float) -> str:
 
 
 def event_dict(event: Event) -> dict[str, Any]:
-    """The JSON shape of an event, shared by `json_line`, the admin API and `proxy.stats`."""
+    """The JSON shape of an event, shared by `json_line`, the admin API and `proxy.observe.stats`."""
     return {
         "ts": event.ts,
         "time": iso_time(event.ts),
@@ -204,7 +204,7 @@ class EventReader:
     def running_at(self, t: float) -> list[Event]:
         """The "summoned" events of instances started before ``t`` and not yet ended at ``t``.
 
-        `proxy.stats` needs these to charge instance-seconds and count the running
+        `proxy.observe.stats` needs these to charge instance-seconds and count the running
         instances inside a ``--since`` window without loading the whole history: this
         streams the lifecycle rows and keeps only the open instances in memory.
         """

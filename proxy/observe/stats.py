@@ -23,7 +23,7 @@ Definitions (the tests pin them down with hand-computed answers):
 * **failures** / **rejected**: "failed" and "rejected" events inside the window.
 
 To be right about instances that started before ``since``, pass their "summoned" events
-too (`proxy.events.EventReader.running_at` finds them); events before ``since`` are used
+too (`proxy.observe.events.EventReader.running_at` finds them); events before ``since`` are used
 only for this replay, never counted.
 """
 

@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .backends.base import ImageError
-from .images import MANIFEST, content_digest, dump_manifest, file_digest
+from ..errors import ImageError
+from .manifest import MANIFEST, content_digest, dump_manifest, file_digest
 
 GENERATOR = "summon routes split-site"
 HTTPD_CONF = "httpd.conf"
@@ -325,7 +325,7 @@ class _VmBuilder:
     """Builds per-resource initramfs files sharing one kernel and one set of common entries."""
 
     def __init__(self) -> None:
-        from . import imagebuild
+        from . import build as imagebuild
 
         self.ib = imagebuild
         self.kernel = imagebuild.find_kernel()

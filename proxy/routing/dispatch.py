@@ -3,7 +3,7 @@
 How this works: `Dispatcher.lookup` finds the route; `acquire` asks the route's pool for
 a lease. A static pool (fixed `upstreams`) answers at once. A summoned pool (an `image`)
 answers at once when a replica is ready, else with a future that resolves when the
-engine has booted one (see `proxy.summoner`). Both pick replicas with the same
+engine has booted one (see `proxy.runtime.summoner`). Both pick replicas with the same
 bounded-load consistent-hash balancer.
 """
 
@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Protocol
 
-from .config import Address, Route
-from .engine.balancer import BoundedLoadBalancer
-from .errors import SummonError
-from .http.exchange import Lease
-from .http.message import RequestHead
-from .routes import RouteTable
+from ..config import Address, Route
+from ..engine.balancer import BoundedLoadBalancer
+from ..errors import SummonError
+from ..http.message import RequestHead
+from .contracts import Lease, Pool
+from .table import RouteTable
 
 
 def hash_key(route: Route, head: RequestHead, client_ip: str) -> str:
@@ -37,13 +36,6 @@ def hash_key(route: Route, head: RequestHead, client_ip: str) -> str:
         if k.lower() == name:
             return v.decode("latin-1")
     return client_ip
-
-
-class Pool(Protocol):
-    route: Route
-
-    def acquire(self, head: RequestHead, client_ip: str, region: str | None,
-                avoid: Lease | None = None) -> Lease | asyncio.Future[Lease]: ...
 
 
 class StaticLease:

@@ -6,12 +6,12 @@ import argparse
 import logging
 import sys
 
-from .cli_common import load_or_report
-from .cli_events import add_parsers as add_event_parsers
-from .cli_images import add_parsers as add_image_parsers
-from .cli_routes import add_parsers as add_route_parsers
-from .config import Config
-from .events import setup_json_logging
+from ..config import Config
+from ..observe.events import setup_json_logging
+from .common import load_or_report
+from .events import add_parsers as add_event_parsers
+from .images import add_parsers as add_image_parsers
+from .routes import add_parsers as add_route_parsers
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -32,7 +32,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    from .server import serve
+    from ..serve.server import serve
 
     return serve(config)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .backends.base import ImageError
+from ..errors import ImageError
 
 MANIFEST = "image.toml"
 DIGEST_SUFFIX = "_sha256"

@@ -16,7 +16,7 @@ import socket
 
 import h11
 
-from .config import Address
+from ..config import Address
 
 
 async def probe_once(address: Address, path: str, timeout_s: float) -> int | None:

@@ -20,8 +20,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from .engine.fleet import Boot, Command, Record
-from .http.exchange import Exchange
+from ..engine.fleet import Boot, Command, Record
+from ..http.exchange import Exchange
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BOOT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60)
@@ -139,7 +139,7 @@ class _FleetCollector(Collector):
 
 
 class _OverloadCollector(Collector):
-    """From `proxy.server.overload_of`: what the front refused or shed, and why."""
+    """From `proxy.serve.server.overload_of`: what the front refused or shed, and why."""
 
     def __init__(self, overload: Callable[[], dict[str, Any]]) -> None:
         self.overload = overload
@@ -150,7 +150,7 @@ class _OverloadCollector(Collector):
             ("summon_refused_connections", "Connections refused at accept (max_connections, drain, overload)",
              "refused_connections"),
             ("summon_shed_requests", "Requests answered 503 by max_inflight or overload", "shed_requests"),
-            ("summon_overload_episodes", "Times summon found its own CPU saturated (proxy.overload)", "episodes"),
+            ("summon_overload_episodes", "Times summon found its own CPU saturated (proxy.engine.overload)", "episodes"),
             ("summon_overload_seconds", "Time spent shedding because summon's own CPU was saturated", "seconds"),
         ):
             family = CounterMetricFamily(name, doc)

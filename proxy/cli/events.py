@@ -2,7 +2,7 @@
 
 Kept apart from ``proxy/cli.py`` so the read-only tools have no import of the server:
 they must work on a machine that only holds a copied database.  They open the database
-read-only (`proxy.events.open_readonly`), so pointing them at the live file is safe.
+read-only (`proxy.observe.events.open_readonly`), so pointing them at the live file is safe.
 
 Exit codes: 0 success, 1 no or unreadable database, 2 bad arguments or configuration
 (the same 2 as ``summon check``).
@@ -19,10 +19,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import stats
-from .config import load, parse_duration
-from .errors import ConfigError
-from .events import Event, EventReader, iso_time, json_line, open_readonly
+from ..config import load, parse_duration
+from ..errors import ConfigError
+from ..observe import stats
+from ..observe.events import Event, EventReader, iso_time, json_line, open_readonly
 
 
 def parse_since(text: str, now: float | None = None) -> float:

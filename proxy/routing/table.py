@@ -20,8 +20,8 @@ import re
 from collections import defaultdict
 from operator import attrgetter
 
-from .config import Route
-from .errors import BadRequest, NotFound
+from ..config import Route
+from ..errors import BadRequest, NotFound
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _PCT = re.compile(rb"%([0-9A-Fa-f]{2})")

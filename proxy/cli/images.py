@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from .backends.base import ImageError
-from .images import image_names, load_image
+from ..errors import ImageError
+from ..images.manifest import image_names, load_image
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
@@ -42,7 +42,7 @@ def _image_dir(images_dir: Path, ref: str) -> Path:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .imagebuild import build_image
+    from ..images.build import build_image
 
     t0 = time.monotonic()
     image_dir = _image_dir(args.images_dir, args.name)

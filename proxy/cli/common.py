@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from .config import Config, load
-from .errors import ConfigError
+from ..config import Config, load
+from ..errors import ConfigError
 
 
 def load_or_report(path: str) -> Config | None:

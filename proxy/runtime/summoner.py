@@ -24,16 +24,16 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from .backends.base import Backend, BackendError, Handle, HostUnavailable, InstanceSpec
-from .config import Address, Config, Host, Route
-from .dispatch import hash_key
-from .engine.fleet import Boot, Command, Fleet, Forward, Record, Reject, Stop
-from .engine.lifecycle import State
-from .errors import SummonError, Unavailable
-from .events import Event, EventLog
-from .http.exchange import Lease
-from .http.message import RequestHead
-from .images import load_image
+from ..backends.base import Backend, Handle, InstanceSpec
+from ..config import Address, Config, Host, Route
+from ..engine.fleet import Boot, Command, Fleet, Forward, Record, Reject, Stop
+from ..engine.lifecycle import State
+from ..errors import BackendError, HostUnavailable, SummonError, Unavailable
+from ..http.message import RequestHead
+from ..images.manifest import load_image
+from ..observe.events import Event, EventLog
+from ..routing.contracts import Lease
+from ..routing.dispatch import hash_key
 from .readiness import probe_once, wait_ready
 
 log = logging.getLogger("summon.summoner")

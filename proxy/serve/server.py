@@ -17,7 +17,7 @@ Drain, step by step (`drain()`):
    second SIGTERM/SIGINT cuts this short (a third exits at once).
 5. Whatever is left is aborted; every instance summon started is stopped.
 
-Overload (`OverloadWatch`): a timer every few milliseconds feeds `proxy.overload.Shedder`
+Overload (`OverloadWatch`): a timer every few milliseconds feeds `proxy.engine.overload.Shedder`
 with its own lateness, how long the last accepted connection sat in the backlog, and
 whether the loop slept. While it says summon's CPU is saturated, the listening sockets
 stop listening (the kernel refuses new connections, at no cost to summon) and the front
@@ -49,20 +49,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .admin import AdminServer
-from .backends.base import Backend
-from .backends.process import ProcessBackend
-from .config import Address, Config, Route, load
-from .dispatch import Dispatcher, Pool, StaticPool
-from .errors import ConfigError, Unavailable
-from .events import Event, EventLog, json_line
-from .http.front import ClientConnection, ServerState
-from .http.responses import error_response
-from .http.upstream import UpstreamPool
-from .metrics import Metrics
-from .overload import TICK_S, Shedder
-from .routes import RouteTable
-from .summoner import Summoner
+from ..backends.base import Backend
+from ..config import Address, Config, Route, load
+from ..engine.overload import TICK_S, Shedder
+from ..errors import ConfigError, Unavailable
+from ..http.front import ClientConnection
+from ..http.responses import error_response
+from ..http.state import ServerState
+from ..http.upstream import UpstreamPool
+from ..observe.admin import AdminServer
+from ..observe.events import Event, EventLog, json_line
+from ..observe.metrics import Metrics
+from ..routing.contracts import Pool
+from ..routing.dispatch import Dispatcher, StaticPool
+from ..routing.table import RouteTable
+from ..runtime.bootstrap import make_backends, start_summoner
+from ..runtime.summoner import Summoner
 from .workers import PeerServer, ask, merge_metrics, merge_status, metric_samples, socket_path
 
 log = logging.getLogger("summon.server")
@@ -102,46 +104,7 @@ class Runtime:
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     draining: bool = False
     shedder: Shedder | None = None  # set by OverloadWatch (real workers only)
-    peer: PeerServer | None = None  # workers 1..N-1: answers worker 0's admin (proxy.workers)
-
-
-def make_backends(config: Config) -> dict[str, Backend]:
-    """One driver per host; hosts sharing a libvirt URI share its connection."""
-    backends: dict[str, Backend] = {}
-    by_uri: dict[tuple[str, bool], Backend] = {}
-    process: Backend | None = None
-    for host in config.hosts:
-        if host.backend == "process":
-            process = process or ProcessBackend()
-            backends[host.name] = process
-        elif host.backend == "libvirt":
-            key = (host.uri, host.kvm_probe)
-            if key not in by_uri:
-                from .backends.libvirt import LibvirtBackend
-
-                by_uri[key] = LibvirtBackend(host.uri, probe_kvm=host.kvm_probe)
-            backends[host.name] = by_uri[key]
-        else:
-            from .backends.fake import FakeBackend
-
-            backends[host.name] = FakeBackend()
-    return backends
-
-
-async def start_summoner(config: Config, events: EventLog, backends: dict[str, Backend]) -> Summoner:
-    """The summoner both fronts use: reap what an earlier run left behind, then tick."""
-    summoner = Summoner(config, events, backends)
-    for backend in set(backends.values()):
-        try:
-            reaped = await backend.reap_orphans()
-        except Exception as exc:  # a host that is down must not stop the proxy
-            log.warning("could not reap orphans on %s: %s", backend.name, exc)
-            continue
-        for name in reaped:
-            events.record(Event(kind="reaped", instance=name, detail={"backend": backend.name}))
-            log.warning("reaped orphan instance %s left by an earlier run", name)
-    summoner.start()
-    return summoner
+    peer: PeerServer | None = None  # workers 1..N-1: answers worker 0's admin (proxy.serve.workers)
 
 
 def make_pool_factory(rt_ref: list[Runtime]) -> Callable[[Route], Pool]:
@@ -194,7 +157,7 @@ async def serve_on(rt: Runtime, sock: socket.socket) -> asyncio.AbstractServer:
 
 
 class OverloadWatch:
-    """The asyncio side of `proxy.overload`: samples the loop every TICK_S (IDLE_TICK_S
+    """The asyncio side of `proxy.engine.overload`: samples the loop every TICK_S (IDLE_TICK_S
     while idle) and carries out the verdicts. Started by real workers only: in-process tests share their loop
     with their own clients, whose work would count as summon's."""
 
@@ -560,7 +523,7 @@ async def run_worker(config: Config, sockets: list[socket.socket], worker: int, 
 
 
 async def join_workers(rt: Runtime, worker: int, peer_dir: str) -> None:
-    """Several workers: worker 0's admin API speaks for all of them (see proxy.workers)."""
+    """Several workers: worker 0's admin API speaks for all of them (see proxy.serve.workers)."""
     workers = rt.config.proxy.workers
     assert rt.metrics is not None
     registry = rt.metrics.registry

@@ -1,0 +1,56 @@
+"""Bootstrap shared by both fronts: one driver per host, and a started summoner.
+
+The native server (`proxy.serve.server`) and the mitmproxy addon (`proxy.mitm`) both call
+these, so the addon needs nothing of the serving process (sockets, workers, the admin API).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..backends.base import Backend
+from ..backends.process import ProcessBackend
+from ..config import Config
+from ..observe.events import Event, EventLog
+from .summoner import Summoner
+
+log = logging.getLogger("summon.bootstrap")
+
+
+def make_backends(config: Config) -> dict[str, Backend]:
+    """One driver per host; hosts sharing a libvirt URI share its connection."""
+    backends: dict[str, Backend] = {}
+    by_uri: dict[tuple[str, bool], Backend] = {}
+    process: Backend | None = None
+    for host in config.hosts:
+        if host.backend == "process":
+            process = process or ProcessBackend()
+            backends[host.name] = process
+        elif host.backend == "libvirt":
+            key = (host.uri, host.kvm_probe)
+            if key not in by_uri:
+                from ..backends.libvirt import LibvirtBackend
+
+                by_uri[key] = LibvirtBackend(host.uri, probe_kvm=host.kvm_probe)
+            backends[host.name] = by_uri[key]
+        else:
+            from ..backends.fake import FakeBackend
+
+            backends[host.name] = FakeBackend()
+    return backends
+
+
+async def start_summoner(config: Config, events: EventLog, backends: dict[str, Backend]) -> Summoner:
+    """The summoner both fronts use: reap what an earlier run left behind, then tick."""
+    summoner = Summoner(config, events, backends)
+    for backend in set(backends.values()):
+        try:
+            reaped = await backend.reap_orphans()
+        except Exception as exc:  # a host that is down must not stop the proxy
+            log.warning("could not reap orphans on %s: %s", backend.name, exc)
+            continue
+        for name in reaped:
+            events.record(Event(kind="reaped", instance=name, detail={"backend": backend.name}))
+            log.warning("reaped orphan instance %s left by an earlier run", name)
+    summoner.start()
+    return summoner
