@@ -30,7 +30,7 @@ bench: setup
 # a few minutes of hypothesis (deep profile) and, where atheris installs, coverage-guided fuzzing;
 # `make test` runs the same properties with small example counts
 fuzz: setup
-	SUMMON_FUZZ=deep $(PY) -m pytest -q tests/test_fuzz.py
+	SUMMON_FUZZ=deep $(PY) -m pytest -q tests/integration/test_fuzz.py
 	@if $(PY) -c "import atheris" 2>/dev/null; then \
 	  for t in head parser config; do $(PY) tests/fuzz_targets.py $$t -max_total_time=60 -artifact_prefix=fuzz-crash- || exit 1; done; \
 	else echo "atheris not installed: coverage-guided run skipped"; fi

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -48,6 +47,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from benchlib import free_port  # noqa: E402
 from regions import DEFAULT_WEIGHTS, PROFILES, Profile, busiest, parse_weights  # noqa: E402
 
 LIVE_STATES = ("booting", "ready", "draining")
@@ -58,12 +58,6 @@ class HarnessError(Exception):
 
 
 # --- the summon config ----------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _toml_value(v: Any) -> str:

@@ -2,7 +2,7 @@
 
     mitmdump --mode reverse:http://127.0.0.1:1 -s proxy/mitm.py --set summon_config=summon.toml
 
-How this works: the addon is thin on purpose (STYLE: all logic lives in the shared
+How this works: the addon is thin on purpose (all logic lives in the shared
 engine). `configure` loads summon's config (a bad file is an `OptionsError`, so mitmdump
 refuses to start) and makes mitmproxy keep the client's Host header and connect lazily,
 since the reverse-mode target is only a placeholder that is never dialled. `running`

@@ -6,7 +6,7 @@
 #     msgpack<=1.1.0, pyparsing<=3.2.0 and Brotli<=1.1.0, which would downgrade the
 #     core's and the dev tools' versions);
 #   - `mitmdump -s proxy/mitm.py` can import the `proxy` package (the summon addon);
-#   - tests/test_mitm.py runs its taddons/tflow tests under this venv's python.
+#   - tests/integration/test_mitm.py runs its taddons/tflow tests under this venv's python.
 # Idempotent: does nothing when everything is installed for the current pyproject.toml.
 #   scripts/setup-mitmproxy.sh        -> .venv-mitm/bin/mitmdump
 #   PYTHON=python3.12 scripts/...      choose the interpreter for the venv

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # so tests can `from helpers.net import ...`
-
-from helpers.net import LoopThread, ProxyUnderTest, RecordingUpstream  # noqa: E402
+from tests.helpers.net import LoopThread, ProxyUnderTest, RecordingUpstream
 
 
 @pytest.fixture

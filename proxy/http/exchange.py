@@ -7,7 +7,7 @@ one, sends a re-framed head, then streams the body through as it arrives. Respon
 callbacks from the upstream connection stream back the same way. Flow control is
 symmetric: a full upstream pauses client reads, a full client pauses upstream reads.
 
-Retry rule (DESIGN edge rules): a failure before any response byte is retried once,
+Retry rule (the edge rules in docs/architecture.md): a failure before any response byte is retried once,
 on a fresh connection, when the method is idempotent and nothing of the body has been
 sent (or there is no body). Connect failures never reach the replica and are not retried.
 

@@ -1,6 +1,6 @@
 """The admin API on its own address (loopback by default).
 
-    GET  /status    JSON: routes, their instances, totals (see DESIGN contracts)
+    GET  /status    JSON: routes, their instances, totals (the README's Admin API section)
     GET  /events    JSON lines, newest last (?n=100, ?route=NAME)
     GET  /metrics   Prometheus text
     GET  /          the dashboard page

@@ -13,8 +13,9 @@ import urllib.request
 from pathlib import Path
 
 from proxy.images.manifest import content_digest
+from tests.helpers.paths import REPO
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO  # the repository
 SUMMON = [sys.executable, "-m", "proxy.cli.main"]
 
 

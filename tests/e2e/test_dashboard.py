@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from browser import ARTIFACTS, Browser, Summon, admin_json, dump_dom, http_get, needs_chromium
+
+from tests.helpers.browser import ARTIFACTS, Browser, Summon, admin_json, dump_dom, http_get, needs_chromium
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, needs_chromium]
 

@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers.summon_proc import BUSYBOX, Summon, free_port, http_get, make_image, pids_matching
+
+from tests.helpers.paths import REPO
+from tests.helpers.summon_proc import BUSYBOX, Summon, free_port, http_get, make_image, pids_matching
 
 UPSTREAM = r'''
 import asyncio, sys
@@ -789,7 +791,7 @@ def _bench_overload():  # type: ignore[no-untyped-def]
     """loadtests/bench_overload.py: its open-loop generator and CPU cgroup cap."""
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "loadtests" / "bench_overload.py"
+    path = REPO / "loadtests" / "bench_overload.py"
     spec = importlib.util.spec_from_file_location("bench_overload_for_tests", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -1,4 +1,4 @@
-"""Edge rules of the front (DESIGN "Edge rules for the front"): smuggling and framing.
+"""Edge rules of the front (docs/architecture.md, "Edge rules"): smuggling and framing.
 
 Every case goes through real sockets: a raw client sends the bytes to the proxy, which
 routes to a recording upstream. Each malformed request must get a 4xx, the proxy must
@@ -14,7 +14,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from helpers.net import get, wait_until
+
+from tests.helpers.net import get, wait_until
 
 H = b"Host: example.com\r\n"
 

@@ -19,7 +19,8 @@ from types import ModuleType
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers.paths import REPO
+
 LOADTESTS = REPO / "loadtests"
 
 

@@ -9,7 +9,7 @@ import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.backends.fake import FakeBackend
-from tests.test_summoner import ROUTE, get, start, write_config
+from tests.integration.test_summoner import ROUTE, get, start, write_config
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

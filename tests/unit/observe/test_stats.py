@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.observe import stats
 from proxy.cli.events import add_parsers, format_events, parse_since
+from proxy.observe import stats
 from proxy.observe.events import Event, EventLog
 from proxy.observe.stats import TOTAL, RouteStats, compute, percentile
 

@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 
 from proxy.observe.events import open_readonly
+from tests.helpers.paths import REPO
 from tests.helpers.summon_proc import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO  # the repository
 CHROMIUM = Path("/usr/bin/chromium")
 SITE = ROOT / "images" / "decks" / "site"
 NAME = "decks"

@@ -1,5 +1,5 @@
 """summon inside mitmdump, end to end: real mitmdump, the addon, the process driver.
-Also the runner that executes the taddons/tflow tests (tests/test_mitm.py) under
+Also the runner that executes the taddons/tflow tests (tests/integration/test_mitm.py) under
 .venv-mitm, since mitmproxy is not installed in the core venv.
 
 `mitmdump --mode reverse:http://127.0.0.1:1 -s proxy/mitm.py --set summon_config=...`
@@ -7,7 +7,7 @@ Also the runner that executes the taddons/tflow tests (tests/test_mitm.py) under
 image's content, served by busybox httpd) starts one second after it is summoned, so
 every one of the concurrent requests arrives during the boot.
 
-mitmdump comes from .venv-mitm (scripts/setup-mitmproxy.sh; see tests/test_mitm.py for
+mitmdump comes from .venv-mitm (scripts/setup-mitmproxy.sh; see tests/integration/test_mitm.py for
 why it has its own venv); these tests skip only when that venv cannot be set up.
 """
 
@@ -28,9 +28,10 @@ import pytest
 
 from proxy.images.manifest import content_digest
 from proxy.observe.events import Event, open_readonly
+from tests.helpers.paths import REPO
 from tests.helpers.summon_proc import free_port, http_get
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO  # the repository
 MITM_VENV = ROOT / ".venv-mitm"
 DECKS = ROOT / "images" / "decks" / "site"
 CONCURRENT = 50
@@ -49,18 +50,18 @@ def ensure_mitm_venv() -> Path:
 
 
 def test_hook_tests_pass_under_venv_mitm() -> None:
-    """tests/test_mitm.py (taddons/tflow) under .venv-mitm's python, as part of this run."""
+    """tests/integration/test_mitm.py (taddons/tflow) under .venv-mitm's python, as part of this run."""
     try:
         import mitmproxy  # noqa: F401
     except ImportError:
         pass
     else:
-        pytest.skip("this venv has mitmproxy: pytest collects tests/test_mitm.py directly")
+        pytest.skip("this venv has mitmproxy: pytest collects tests/integration/test_mitm.py directly")
     ensure_mitm_venv()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "VIRTUAL_ENV"))}
     cp = subprocess.run(
         [str(MITM_VENV / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         str(ROOT / "tests" / "test_mitm.py")],
+         str(ROOT / "tests" / "integration" / "test_mitm.py")],
         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False, env=env,
     )
     assert cp.returncode == 0, cp.stdout[-6000:] + cp.stderr[-2000:]

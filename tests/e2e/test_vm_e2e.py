@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.test_vm_boot import _missing
+from tests.helpers.paths import REPO
 from tests.helpers.summon_proc import Summon, http_get
-from tests.test_vm_boot import _missing
 
-REPO = Path(__file__).resolve().parent.parent
 URI = "qemu:///system"
 
 pytestmark = [

@@ -13,8 +13,7 @@ import pytest
 from proxy.errors import ImageError
 from proxy.images.build import S_IFREG, Entry, build_site_initramfs, pack_newc, write_initramfs
 from proxy.images.manifest import content_digest, dump_manifest, load_image, read_manifest
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers.paths import REPO
 
 
 def copy_decks(tmp_path: Path) -> Path:

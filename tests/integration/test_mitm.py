@@ -4,10 +4,10 @@ mitmproxy 11.0.2 (the newest for Python 3.11) pins h11<=0.14.0 and other package
 core venv must not be held to, so it lives in .venv-mitm (scripts/setup-mitmproxy.sh,
 which also installs summon and pytest there). In a venv without mitmproxy this module
 is skipped as a whole, and `test_hook_tests_pass_under_venv_mitm` in
-tests/test_mitm_e2e.py runs it under .venv-mitm instead.
+tests/e2e/test_mitm_e2e.py runs it under .venv-mitm instead.
 
 Instances come from the `fake` driver (in-process HTTP servers with a settable boot
-delay and boot failures); the process driver is exercised by tests/test_mitm_e2e.py.
+delay and boot failures); the process driver is exercised by tests/e2e/test_mitm_e2e.py.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.paths import REPO
 from tests.helpers.summon_proc import BUSYBOX, make_image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO  # the repository
 
 try:
     with warnings.catch_warnings():
@@ -33,7 +34,7 @@ try:
         from mitmproxy.addons import proxyserver
         from mitmproxy.test import taddons, tflow
 except ImportError:
-    pytest.skip("mitmproxy is not in this venv: tests/test_mitm_e2e.py runs this module under .venv-mitm",
+    pytest.skip("mitmproxy is not in this venv: tests/e2e/test_mitm_e2e.py runs this module under .venv-mitm",
                 allow_module_level=True)
 
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parent.parent / "loadtests" / "benchlib.py"
+from tests.helpers.paths import REPO
+
+_PATH = REPO / "loadtests" / "benchlib.py"
 
 
 def _load_benchlib():

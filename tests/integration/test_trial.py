@@ -13,7 +13,7 @@ from proxy.backends.fake import FakeBackend, FakeBehaviour
 from proxy.observe.events import EventLog
 from proxy.serve.server import drain
 from tests.helpers.summon_proc import make_image
-from tests.test_summoner import CONFIG, exchange, get, start
+from tests.integration.test_summoner import CONFIG, exchange, get, start
 
 ROUTE = """
 [[route]]

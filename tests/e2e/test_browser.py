@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from browser import (
+
+from tests.helpers.browser import (
     ARTIFACTS,
     SITE,
     Browser,

@@ -15,7 +15,9 @@ import socket
 import time
 
 import pytest
-from helpers.net import (
+
+from proxy.serve.server import status_of
+from tests.helpers.net import (
     RawClient,
     Truncated,
     UpConn,
@@ -26,8 +28,6 @@ from helpers.net import (
     http_response,
     wait_until,
 )
-
-from proxy.serve.server import status_of
 
 
 def post(path: str, headers: bytes, body: bytes = b"") -> bytes:

@@ -26,6 +26,7 @@ from proxy.config import (
     parse_size,
 )
 from proxy.errors import ConfigError
+from tests.helpers.paths import REPO
 
 SUMMON = Path(sys.executable).with_name("summon")
 
@@ -123,7 +124,7 @@ def test_cli_check_valid_exits_0(tmp_path):
 
 
 def test_repo_example_config_is_valid():
-    root = Path(__file__).resolve().parent.parent
+    root = REPO
     res = check(root / "summon.toml")
     assert res.returncode == 0, res.stderr
 

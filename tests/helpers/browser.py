@@ -11,7 +11,7 @@ Two ways to drive Chromium, both without extra Python packages:
   instances come and go.
 
 Plus small process helpers (free ports, `summon serve`, busybox httpd) shared by
-tests/test_browser.py and tests/test_dashboard.py. Every process started here runs in its own
+tests/e2e/test_browser.py and tests/e2e/test_dashboard.py. Every process started here runs in its own
 session and is stopped by PID (SIGTERM, then SIGKILL to its process group).
 """
 
@@ -35,12 +35,14 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.paths import REPO
+from tests.helpers.summon_proc import free_port
+
 CHROMIUM = os.environ.get("SUMMON_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 HAVE_CHROMIUM = os.access(CHROMIUM, os.X_OK)
 # Skip (with the reason) only where Chromium is not installed; CI installs it (scripts/setup.sh).
 needs_chromium = pytest.mark.skipif(not HAVE_CHROMIUM, reason=f"headless Chromium not installed ({CHROMIUM})")
 
-REPO = Path(__file__).resolve().parent.parent
 SUMMON = REPO / ".venv" / "bin" / "summon"
 IMAGES = REPO / "images"
 SITE = IMAGES / "decks" / "site"
@@ -267,12 +269,6 @@ class Browser:
 
 
 # --- processes --------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def wait_port(port: int, proc: subprocess.Popen[Any] | None = None, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout

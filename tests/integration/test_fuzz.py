@@ -24,13 +24,13 @@ from typing import Any
 
 import pytest
 import rtoml
-from helpers.net import LoopThread, RecordingUpstream, UpRequest, get
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from proxy.config import _LIMIT_KEYS, _PROXY_KEYS, _ROUTE_KEYS, ConfigError, load
 from proxy.errors import ClientError
 from proxy.http.message import parse_head
+from tests.helpers.net import LoopThread, RecordingUpstream, UpRequest, get
 
 DEEP = os.environ.get("SUMMON_FUZZ") == "deep"
 

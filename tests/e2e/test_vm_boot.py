@@ -21,8 +21,8 @@ import pytest
 from proxy.backends.base import InstanceSpec
 from proxy.config import Host, Route
 from proxy.images.manifest import Image, load_image
+from tests.helpers.paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 URI = "qemu:///system"
 
 _missing = [x for x in ("qemu-system-x86_64", "libvirtd", "virsh") if shutil.which(x) is None]
