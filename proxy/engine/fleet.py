@@ -19,6 +19,15 @@ Rules kept here, and only here:
   has the instance running (`instance_started`), before readiness is known, so the
   request itself is the readiness probe and a cold start costs no extra round trip
   into the guest (the shell retries it until the instance answers).
+
+One fleet over several engines (workers, proxies): each engine owns the instances it
+booted; the others' ready instances come in as `foreign_seen` (from the shared registry)
+and are routed to like its own, but never stopped, drained or idled here. Their owners
+learn this engine's use of them through `remote_load`, so an instance idles out only
+when no engine uses it. Before the driver starts, the shell asks the shared store for a
+permit (the fleet-wide cap) and, for a cold pool, the route's boot lock; a refusal comes
+back as `boot_refused`: another engine is booting the route (wait for its instance), or
+the fleet is at its cap (503 + Retry-After).
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ class Boot:
     route: str
     host: str
     region: str
+    cold: bool = False  # the pool had no instance at all: fleet-wide, only one engine may boot it
 
 
 @dataclass(frozen=True)
@@ -101,9 +111,24 @@ class Instance:
     first_request_at: float | None = None
     trial: int | None = None  # the request id sent to it while booting (see `instance_started`)
     started_at: float | None = None  # when the driver had it running (`instance_started`)
+    owner: str = ""  # another engine's node name: a foreign instance (see `foreign_seen`); "" = ours
+    remote_inflight: int = 0  # other engines' requests on this (own) instance, from `remote_load`
 
     def move(self, event: str) -> None:
         self.state = next_state(self.state, event)
+
+
+@dataclass(frozen=True)
+class Foreign:
+    """Another engine's ready instance, as the shared registry describes it."""
+
+    instance_id: str
+    route: str
+    image: str  # the route's image as its owner runs it: a different one is not ours to use
+    host: str
+    region: str
+    address: Address
+    owner: str
 
 
 @dataclass
@@ -125,6 +150,7 @@ class PoolState:
     scaler: ScalerState = field(default_factory=ScalerState)
     removed: bool = False  # route gone after a reload: drain and forget
     reclaim_pending: bool = False  # at the cap, another route's idle instance is being stopped for us
+    awaiting_until: float = 0.0  # another engine is booting this cold route: wait for its instance
 
     def live(self) -> list[Instance]:
         return [i for i in self.instances.values() if i.state in LIVE]
@@ -146,7 +172,9 @@ class Fleet:
         new_id: Callable[[str], str] | None = None,
         scaler: ScalerSettings | None = None,
         balance_factor: float = 1.25,
+        node: str = "",
     ) -> None:
+        self.node = node  # this engine's name in a shared fleet ("" alone)
         self.limits = limits
         self.hosts = {h.name: h for h in hosts}
         self.regions = {r.name: r for r in regions}
@@ -178,7 +206,9 @@ class Fleet:
             if new is None:
                 pool.removed = True
                 for inst in list(pool.instances.values()):
-                    if inst.state is State.READY:
+                    if inst.owner:
+                        self._drop_foreign(inst)
+                    elif inst.state is State.READY:
                         self._drain(pool, inst, now, "route removed", out)
                     elif inst.state is State.BOOTING:
                         self._end_trial(inst, 1, "route removed", out)
@@ -190,7 +220,9 @@ class Fleet:
                 if new.image != pool.route.image:
                     # a new image: the old instances drain, new ones boot on demand
                     for inst in list(pool.instances.values()):
-                        if inst.state is State.READY:
+                        if inst.owner:
+                            self._drop_foreign(inst)
+                        elif inst.state is State.READY:
                             self._drain(pool, inst, now, "image changed", out)
                 pool.route = new
         for name, route in wanted.items():
@@ -228,6 +260,8 @@ class Fleet:
             out.append(Record("rejected", route, detail={"reason": "backoff"}))
             return out
         pool.queue[request_id] = Waiting(key, region, now + pool.route.boot_timeout_s, trial_ok)
+        if now < pool.awaiting_until:
+            return out  # another engine is booting this route: its instance will serve the queue
         if not pool.count(State.BOOTING) and not pool.reclaim_pending:
             self._boot(pool, region, now, "cold request", out)
             if not pool.count(State.BOOTING) and not pool.reclaim_pending:
@@ -371,6 +405,84 @@ class Fleet:
         self.host_down_until[host] = now + retry_after_s
         return [Record("host_down", host=host, detail={"retry_in_s": retry_after_s})]
 
+    def boot_refused(self, instance_id: str, reason: str, now: float, wait_s: float | None = None) -> list[Command]:
+        """The shared store refused the boot before the driver started anything.
+        `wait_s`: another engine holds the route's boot lock, so its instance will come (as
+        `foreign_seen`): the queue waits for it, up to `wait_s` or each request's deadline.
+        Otherwise the fleet is at its cap: the queue is answered 503 now."""
+        inst = self.instances.get(instance_id)
+        out: list[Command] = []
+        if inst is None or inst.state is not State.BOOTING:
+            return out
+        pool = self.pools[inst.route]
+        inst.move("stop")  # never started: nothing to stop, nothing to charge
+        self.instances.pop(inst.id, None)
+        pool.instances.pop(inst.id, None)
+        self.host_used[inst.host] = max(0, self.host_used.get(inst.host, 1) - 1)
+        self._end_trial(inst, 1, reason, out)
+        if wait_s is not None:
+            pool.awaiting_until = now + wait_s
+            out.append(Record("boot_deferred", inst.route, inst.id, detail={"reason": reason}))
+            return out
+        out.append(Record("cap_reached", inst.route, detail={"cap": self.limits.max_instances, "reason": reason}))
+        if not pool.count(State.BOOTING) and not pool.balancer.load:
+            for rid in list(pool.queue):
+                out.append(Reject(rid, 2, reason))
+            if pool.queue:
+                out.append(Record("rejected", inst.route, detail={"reason": reason, "requests": len(pool.queue)}))
+            pool.queue.clear()
+        return out
+
+    def foreign_seen(self, seen: Iterable[Foreign], now: float) -> list[Command]:
+        """The other engines' ready instances: the whole set each time, so that one that
+        is gone from it (stopped, or its owner's lease expired) leaves the balancer."""
+        out: list[Command] = []
+        current = {f.instance_id: f for f in seen if f.owner != self.node}
+        for inst in [i for i in self.instances.values() if i.owner]:
+            if inst.id not in current:
+                self._drop_foreign(inst)
+        for f in current.values():
+            pool = self.pools.get(f.route)
+            if pool is None or pool.removed or f.image != pool.route.image:
+                continue
+            known = self.instances.get(f.instance_id)
+            if known is not None:
+                known.address = f.address
+                continue
+            inst = Instance(f.instance_id, f.route, f.host, f.region, State.READY, now, address=f.address,
+                            ready_at=now, last_used=now, first_request_at=now, owner=f.owner)
+            self.instances[inst.id] = inst
+            pool.instances[inst.id] = inst
+            pool.balancer.add(inst.id)
+            if f.host in self.host_used:  # the same host serves several engines: its slots are shared
+                self.host_used[f.host] += 1
+            pool.awaiting_until = 0.0
+            self._flush_queue(pool, now, out)
+        return out
+
+    def remote_load(self, loads: dict[str, tuple[int, float]], now: float) -> None:
+        """Other engines' use of our instances: instance id -> (requests in flight there,
+        seconds since one of them last used it). An instance idles out only when nobody
+        uses it."""
+        for inst in self.instances.values():
+            if inst.owner:
+                continue
+            load = loads.get(inst.id)
+            if load is None:
+                inst.remote_inflight = 0
+                continue
+            inst.remote_inflight = load[0]
+            inst.last_used = max(inst.last_used, now - load[1])
+
+    def _drop_foreign(self, inst: Instance) -> None:
+        self.instances.pop(inst.id, None)
+        pool = self.pools.get(inst.route)
+        if pool is not None:
+            pool.instances.pop(inst.id, None)
+            pool.balancer.remove(inst.id)
+        if inst.host in self.host_used:
+            self.host_used[inst.host] = max(0, self.host_used[inst.host] - 1)
+
     def tick(self, now: float) -> list[Command]:
         out: list[Command] = []
         for name, pool in list(self.pools.items()):
@@ -385,6 +497,11 @@ class Fleet:
                     out.extend(self.boot_failed(inst.id, f"not ready after {pool.route.boot_timeout_s:g}s", now))
             if pool.reclaim_pending and not pool.queue:
                 pool.reclaim_pending = False
+            if pool.awaiting_until and now >= pool.awaiting_until:
+                pool.awaiting_until = 0.0  # the other engine's boot never showed up: try ourselves
+                if pool.queue and not pool.count(State.BOOTING) and not pool.balancer.load and not pool.removed:
+                    first = next(iter(pool.queue.values()))
+                    self._boot(pool, first.region, now, "cold request (other node's boot did not arrive)", out)
             if pool.removed:
                 if not pool.live() and not pool.instances:
                     del self.pools[name]
@@ -403,10 +520,10 @@ class Fleet:
         route = pool.route
         ready = [i for i in pool.instances.values() if i.state is State.READY]
         booting = pool.count(State.BOOTING)
-        # scale to zero / down to min: idle instances
-        for inst in ready:
-            if (inst.inflight == 0 and now - inst.last_used >= route.idle_timeout_s
-                    and len(ready) > route.min_replicas):
+        # scale to zero / down to min: idle instances (our own; another engine idles its own)
+        for inst in list(ready):
+            if (not inst.owner and inst.inflight == 0 and inst.remote_inflight == 0
+                    and now - inst.last_used >= route.idle_timeout_s and len(ready) > route.min_replicas):
                 self._drain(pool, inst, now, f"idle for {route.idle_timeout_s:g}s", out)
                 ready.remove(inst)
         decision = desired_replicas(pool.scaler, self.scaler, now, pool.concurrency(), len(ready),
@@ -414,7 +531,9 @@ class Fleet:
         want = max(route.min_replicas, min(route.max_replicas, decision.replicas))
         live = len(ready) + booting
         demand_now = pool.concurrency() > 0
-        if want > live and (demand_now or live < route.min_replicas) and (booting == 0 or booting < len(ready)):
+        if now < pool.awaiting_until:
+            pass  # another engine is booting this route: its instance comes first
+        elif want > live and (demand_now or live < route.min_replicas) and (booting == 0 or booting < len(ready)):
             # (no demand right now: the averages still remember the spike, but a new
             # replica would only idle out; pools shrink through idle_timeout instead)
             # never faster than the backend boots: at most as many boots in flight as ready replicas
@@ -429,9 +548,12 @@ class Fleet:
                                                                 "panic": decision.panic}))
         elif len(ready) > max(want, route.min_replicas, 1) and not decision.panic and decision.scale_in_ok:
             # the last replica goes only through idle_timeout (scale to zero)
-            victim = min(ready, key=lambda i: (i.inflight, i.last_used))
-            self._drain(pool, victim, now, decision.reason, out)
-            out.append(Record("scale", route.name, detail={"from": len(ready), "to": want, "reason": decision.reason}))
+            own = [i for i in ready if not i.owner]
+            if own:
+                victim = min(own, key=lambda i: (i.inflight + i.remote_inflight, i.last_used))
+                self._drain(pool, victim, now, decision.reason, out)
+                out.append(Record("scale", route.name, detail={"from": len(ready), "to": want,
+                                                                "reason": decision.reason}))
 
     def _busiest_region(self, pool: PoolState) -> str:
         counts: dict[str, float] = {}
@@ -475,12 +597,13 @@ class Fleet:
         pool.reclaim_pending = False
         if self.live_count() + 1 < self.limits.max_instances:
             self._at_cap = False
+        cold = not pool.instances
         inst = Instance(self._new_id(route.name), route.name, host.name, host.region, State.BOOTING, now,
                         last_used=now)
         self.instances[inst.id] = inst
         pool.instances[inst.id] = inst
         self.host_used[host.name] += 1
-        out.append(Boot(inst.id, route.name, host.name, host.region))
+        out.append(Boot(inst.id, route.name, host.name, host.region, cold))
         out.append(Record("summoned", route.name, inst.id, host.name, host.region,
                           detail={"reason": reason, "client_region": region}))
         return True
@@ -511,7 +634,8 @@ class Fleet:
             if len(ready) <= pool.route.min_replicas:
                 continue
             for inst in ready:
-                if inst.inflight == 0 and (best is None or inst.last_used < best.last_used):
+                if (not inst.owner and inst.inflight == 0 and inst.remote_inflight == 0
+                        and (best is None or inst.last_used < best.last_used)):
                     best = inst
         if best is None:
             return False
@@ -624,6 +748,7 @@ class Fleet:
                 "instances": [
                     {
                         "id": i.id,
+                        "node": i.owner or self.node,
                         "state": i.state.value,
                         "host": i.host,
                         "region": i.region,
