@@ -173,8 +173,13 @@ class Fleet:
         scaler: ScalerSettings | None = None,
         balance_factor: float = 1.25,
         node: str = "",
+        shared: bool = False,
     ) -> None:
         self.node = node  # this engine's name in a shared fleet ("" alone)
+        # in a shared fleet a boot is only real once the store granted it (`boot_claimed`):
+        # "summoned" is recorded then, so the log never counts a boot that did not happen
+        self.shared = shared
+        self._unclaimed: dict[str, Record] = {}
         self.limits = limits
         self.hosts = {h.name: h for h in hosts}
         self.regions = {r.name: r for r in regions}
@@ -405,6 +410,11 @@ class Fleet:
         self.host_down_until[host] = now + retry_after_s
         return [Record("host_down", host=host, detail={"retry_in_s": retry_after_s})]
 
+    def boot_claimed(self, instance_id: str, now: float) -> list[Command]:
+        """The shared store granted the boot's permit: now it is a boot."""
+        record = self._unclaimed.pop(instance_id, None)
+        return [record] if record is not None else []
+
     def boot_refused(self, instance_id: str, reason: str, now: float, wait_s: float | None = None) -> list[Command]:
         """The shared store refused the boot before the driver started anything.
         `wait_s`: another engine holds the route's boot lock, so its instance will come (as
@@ -416,6 +426,7 @@ class Fleet:
             return out
         pool = self.pools[inst.route]
         inst.move("stop")  # never started: nothing to stop, nothing to charge
+        self._unclaimed.pop(inst.id, None)
         self.instances.pop(inst.id, None)
         pool.instances.pop(inst.id, None)
         self.host_used[inst.host] = max(0, self.host_used.get(inst.host, 1) - 1)
@@ -473,6 +484,18 @@ class Fleet:
                 continue
             inst.remote_inflight = load[0]
             inst.last_used = max(inst.last_used, now - load[1])
+
+    def over_cap(self, excess: int, now: float) -> list[Command]:
+        """The shared store came back holding more permits than the cap (engines booted on
+        their local shares while it was away): give up `excess` of our own instances, the
+        least recently used idle ones first; busy ones are left to idle out."""
+        out: list[Command] = []
+        idle = sorted((i for i in self.instances.values()
+                       if not i.owner and i.state is State.READY and i.inflight == 0 and i.remote_inflight == 0),
+                      key=lambda i: i.last_used)
+        for inst in idle[:max(0, excess)]:
+            self._drain(self.pools[inst.route], inst, now, "over the fleet cap after the store came back", out)
+        return out
 
     def _drop_foreign(self, inst: Instance) -> None:
         self.instances.pop(inst.id, None)
@@ -604,8 +627,12 @@ class Fleet:
         pool.instances[inst.id] = inst
         self.host_used[host.name] += 1
         out.append(Boot(inst.id, route.name, host.name, host.region, cold))
-        out.append(Record("summoned", route.name, inst.id, host.name, host.region,
-                          detail={"reason": reason, "client_region": region}))
+        summoned = Record("summoned", route.name, inst.id, host.name, host.region,
+                          detail={"reason": reason, "client_region": region})
+        if self.shared:
+            self._unclaimed[inst.id] = summoned
+        else:
+            out.append(summoned)
         return True
 
     def _place(self, region: str, now: float) -> Host | None:
@@ -735,6 +762,10 @@ class Fleet:
 
     def live_count(self) -> int:
         return sum(1 for i in self.instances.values() if i.state in LIVE)
+
+    def own_live(self) -> list[Instance]:
+        """The instances this engine booted and still answers for (in a shared fleet, its permits)."""
+        return [i for i in self.instances.values() if not i.owner and i.state in LIVE]
 
     def snapshot(self) -> dict[str, Any]:
         """What GET /status shows."""

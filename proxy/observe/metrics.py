@@ -116,6 +116,8 @@ class _FleetCollector(Collector):
 
     def collect(self):  # type: ignore[no-untyped-def]
         snap = self.status()
+        totals = snap.get("totals", {})
+        node = totals.get("cluster", {}).get("node")  # in a shared fleet, count only our own instances
         inst = GaugeMetricFamily("summon_instances", "Instances by route, state and region",
                                  labels=["route", "state", "region"])
         queue = GaugeMetricFamily("summon_queue_depth", "Requests waiting for a boot", labels=["route"])
@@ -123,15 +125,16 @@ class _FleetCollector(Collector):
         for r in snap.get("routes", []):
             queue.add_metric([r["name"]], r.get("queued", 0))
             for i in r["instances"]:
+                if node is not None and i.get("node") != node:
+                    continue
                 k = (r["name"], i["state"], i["region"])
                 counts[k] = counts.get(k, 0) + 1
         for k, n in counts.items():
             inst.add_metric(list(k), n)
-        totals = snap.get("totals", {})
         cap = GaugeMetricFamily("summon_instance_cap", "Global max_instances")
         cap.add_metric([], totals.get("cap", 0))
-        used = GaugeMetricFamily("summon_instances_live", "Live instances counted against the cap")
-        used.add_metric([], totals.get("instances", 0))
+        used = GaugeMetricFamily("summon_instances_live", "Live instances counted against the cap (this node's own)")
+        used.add_metric([], sum(n for (_, state, _), n in counts.items() if state in ("booting", "ready", "draining")))
         yield inst
         yield queue
         yield cap

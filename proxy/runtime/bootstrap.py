@@ -10,6 +10,7 @@ import logging
 
 from ..backends.base import Backend
 from ..backends.process import ProcessBackend
+from ..cluster.store import Store
 from ..config import Config
 from ..observe.events import Event, EventLog
 from .summoner import Summoner
@@ -40,9 +41,11 @@ def make_backends(config: Config) -> dict[str, Backend]:
     return backends
 
 
-async def start_summoner(config: Config, events: EventLog, backends: dict[str, Backend]) -> Summoner:
-    """The summoner both fronts use: reap what an earlier run left behind, then tick."""
-    summoner = Summoner(config, events, backends)
+async def start_summoner(config: Config, events: EventLog, backends: dict[str, Backend],
+                         store: Store | None = None) -> Summoner:
+    """The summoner both fronts use: reap what an earlier run left behind, then tick.
+    `store`: the fleet's shared state when this engine is one of several."""
+    summoner = Summoner(config, events, backends, store=store)
     for backend in set(backends.values()):
         try:
             reaped = await backend.reap_orphans()

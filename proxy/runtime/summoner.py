@@ -13,6 +13,10 @@ client left or its answer was a 5xx (`hand_over`: the probe decides, and the req
 is sent again when the instance is ready). A tick every 100 ms drives timeouts, idling
 and scaling. All engine calls happen on the event loop thread, so the engine needs no
 locks.
+
+In a shared fleet (`workers = N`, or `[cluster]`), a `Coordinator` claims a permit (and
+a cold route's boot lock) before each driver start, and keeps the engine's copy of the
+other engines' instances current (see `proxy.runtime.coordinator`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..backends.base import Backend, Handle, InstanceSpec
+from ..cluster.store import Store
 from ..config import Address, Config, Host, Route
 from ..engine.fleet import Boot, Command, Fleet, Forward, Record, Reject, Stop
 from ..engine.lifecycle import State
@@ -34,6 +39,7 @@ from ..images.manifest import load_image
 from ..observe.events import Event, EventLog
 from ..routing.contracts import Lease
 from ..routing.dispatch import hash_key
+from .coordinator import Coordinator, CoordinatorSettings
 from .readiness import probe_once, wait_ready
 
 log = logging.getLogger("summon.summoner")
@@ -114,13 +120,16 @@ class Summoner:
         events: EventLog | None,
         backends: dict[str, Backend],
         tick_s: float = 0.1,
+        store: Store | None = None,
+        local_share: int = 1,
     ) -> None:
         self.config = config
         self.events = events
         self.backends = backends
         self.loop = asyncio.get_running_loop()
         self.fleet = Fleet(config.limits, config.hosts, config.regions, config.default_region,
-                           new_id=self._new_id)
+                           new_id=self._new_id, node=store.node if store is not None else "",
+                           shared=store is not None)
         self.hosts: dict[str, Host] = {h.name: h for h in config.hosts}
         self.routes: dict[str, Route] = {r.name: r for r in config.routes if r.summoned}
         self.pools: dict[str, SummonedPool] = {}
@@ -146,7 +155,16 @@ class Summoner:
 
         self._id_prefix = f"{os.getpid():x}{secrets.token_hex(2)}"
         self.listeners: list[Callable[[Command], None]] = []
+        self.coordinator: Coordinator | None = None
+        if store is not None:
+            settings = CoordinatorSettings(cap=config.limits.max_instances, local_share=local_share)
+            self.coordinator = Coordinator(store, self.fleet, settings, self.execute, self.now, self._image_of)
+            self.listeners.append(self.coordinator.observe)
         self.execute(self.fleet.set_routes(self.routes.values(), self.now()))
+
+    def _image_of(self, route: str) -> str:
+        r = self.routes.get(route)
+        return (r.image or "") if r is not None else ""
 
     def _new_id(self, route: str) -> str:
         self._ids += 1
@@ -157,6 +175,8 @@ class Summoner:
 
     def start(self) -> None:
         self._ticker = self.loop.call_later(self.tick_s, self._tick)
+        if self.coordinator is not None:
+            self.coordinator.start()
 
     def _tick(self) -> None:
         try:
@@ -171,8 +191,8 @@ class Summoner:
         row and the instance is treated as dead (replaced on demand)."""
         now = self.now()
         for inst in list(self.fleet.instances.values()):
-            if inst.state is not State.READY or inst.address is None or inst.id in self.probing:
-                continue
+            if inst.state is not State.READY or inst.address is None or inst.id in self.probing or inst.owner:
+                continue  # (another engine's instance: its owner probes it)
             route = self.routes.get(inst.route)
             if route is None or route.health_interval_s <= 0:
                 continue
@@ -334,6 +354,13 @@ class Summoner:
             image = load_image(self.config.images_dir, route.image)  # cached by mtime: a few stat calls
             self.digests[cmd.instance_id] = image.digest
             spec = InstanceSpec(cmd.instance_id, route, host, image, route.start)
+            if self.coordinator is not None:
+                verdict = await self.coordinator.claim(cmd, route)
+                if not verdict.granted:
+                    self.boot_tasks.pop(cmd.instance_id, None)
+                    self.execute(self.fleet.boot_refused(cmd.instance_id, verdict.reason, self.now(), verdict.wait_s))
+                    return
+                self.execute(self.fleet.boot_claimed(cmd.instance_id, self.now()))
             handle = await asyncio.wait_for(backend.start(spec), max(0.001, deadline - loop.time()))
         except asyncio.CancelledError:
             raise
@@ -405,10 +432,12 @@ class Summoner:
                 fut.set_exception(Unavailable("shutting down", retry_after_s=5))
         for task in list(self.boot_tasks.values()):
             task.cancel()
-        stops = [self._stop(Stop(iid, "shutdown")) for iid in list(self.fleet.instances)]
+        stops = [self._stop(Stop(i.id, "shutdown")) for i in list(self.fleet.instances.values()) if not i.owner]
         await asyncio.gather(*stops, return_exceptions=True)
         if self.stop_tasks:
             await asyncio.gather(*self.stop_tasks, return_exceptions=True)
+        if self.coordinator is not None:
+            await self.coordinator.close()  # after the stops: their permits go back first
         for backend in set(self.backends.values()):
             try:
                 await backend.close()
@@ -420,4 +449,6 @@ class Summoner:
         for r in snap["routes"]:
             for i in r["instances"]:
                 i["image_digest"] = self.digests.get(i["id"], "")
+        if self.coordinator is not None:
+            snap["totals"]["cluster"] = self.coordinator.view()
         return snap

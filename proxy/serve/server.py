@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..backends.base import Backend
+from ..cluster.sqlite_store import SqliteStore
+from ..cluster.store import Store
 from ..config import Address, Config, Route, load
 from ..engine.overload import TICK_S, Shedder
 from ..errors import ConfigError, Unavailable
@@ -69,6 +71,7 @@ from .workers import PeerServer, ask, merge_metrics, merge_status, metric_sample
 
 log = logging.getLogger("summon.server")
 BACKLOG = 4096
+FLEET_DB = "fleet.db"  # in the workers' private directory: the fleet they share
 
 
 def listen_socket(addr: Address, reuse_port: bool) -> socket.socket:
@@ -120,7 +123,7 @@ def make_pool_factory(rt_ref: list[Runtime]) -> Callable[[Route], Pool]:
 
 
 async def build_runtime(config: Config, sockets: list[socket.socket], admin: bool = True,
-                        backends: dict[str, Backend] | None = None) -> Runtime:
+                        backends: dict[str, Backend] | None = None, store: Store | None = None) -> Runtime:
     loop = asyncio.get_running_loop()
     p = config.proxy
     rt_ref: list[Runtime] = []
@@ -131,7 +134,7 @@ async def build_runtime(config: Config, sockets: list[socket.socket], admin: boo
     rt = Runtime(config=config, state=state, dispatcher=dispatcher, events=events)
     rt_ref.append(rt)
     if any(r.summoned for r in config.routes):
-        rt.summoner = await start_summoner(config, events, backends or make_backends(config))
+        rt.summoner = await start_summoner(config, events, backends or make_backends(config), store)
     rt.metrics = Metrics(rt.summoner.status if rt.summoner else None, overload=lambda: overload_of(rt),
                          clock=loop.time)
     metrics = rt.metrics
@@ -464,6 +467,9 @@ async def drain(rt: Runtime, deadline_s: float) -> None:
 
 
 async def run_worker(config: Config, sockets: list[socket.socket], worker: int, peer_dir: str | None = None) -> int:
+    """One worker. With `peer_dir` (workers = N) its engine shares one fleet with the
+    others' through `peer_dir/fleet.db` (`proxy.cluster.sqlite_store`): one cold boot per
+    route, one cap, and every worker routes to every worker's instances."""
     loop = asyncio.get_running_loop()
     # The admin port and the listeners open before start-up is over: a SIGHUP or SIGTERM
     # sent as soon as they answer must not meet the default action (which ends the
@@ -471,7 +477,8 @@ async def run_worker(config: Config, sockets: list[socket.socket], worker: int, 
     early: list[signal.Signals] = []
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, early.append, sig)
-    rt = await build_runtime(config, sockets, admin=(worker == 0))
+    store = SqliteStore(os.path.join(peer_dir, FLEET_DB), node=f"w{worker}") if peer_dir is not None else None
+    rt = await build_runtime(config, sockets, admin=(worker == 0), store=store)
     if peer_dir is not None:
         await join_workers(rt, worker, peer_dir)
     watch = OverloadWatch(rt, refuse_connections=all(a.port != 0 for a in config.proxy.listen))
@@ -546,25 +553,6 @@ async def join_workers(rt: Runtime, worker: int, peer_dir: str) -> None:
     rt.admin.metrics = metrics_all
 
 
-def share_for_worker(config: Config, worker: int, workers: int) -> Config:
-    """Each worker runs its own engine, so the fleet's limits are partitioned between
-    them: together they can never exceed the global cap, a host's slots or a budget."""
-    if workers <= 1:
-        return config
-
-    def part(total: int) -> int:
-        return total // workers + (1 if worker < total % workers else 0)
-
-    limits = dataclasses.replace(
-        config.limits,
-        max_instances=part(config.limits.max_instances),
-        budget_instance_seconds_per_hour=(None if config.limits.budget_instance_seconds_per_hour is None
-                                          else config.limits.budget_instance_seconds_per_hour / workers),
-    )
-    hosts = tuple(dataclasses.replace(h, slots=part(h.slots)) for h in config.hosts)
-    return dataclasses.replace(config, limits=limits, hosts=hosts)  # one event log: SQLite WAL takes them all
-
-
 def serve(config: Config) -> int:
     """Run the proxy until SIGTERM; returns the exit code."""
     import uvloop
@@ -586,7 +574,7 @@ def serve(config: Config) -> int:
             code = 1
             try:
                 sockets = [listen_socket(a, True) for a in config.proxy.listen]
-                code = uvloop.run(run_worker(share_for_worker(config, i, workers), sockets, i, peer_dir))
+                code = uvloop.run(run_worker(config, sockets, i, peer_dir))
             finally:
                 os._exit(code)
         children.append(pid)

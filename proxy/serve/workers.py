@@ -1,17 +1,18 @@
 """Several workers, one admin API: worker 0 asks the others for their figures.
 
-With `workers = N` each worker process runs its own engine and counts its own requests
-(see `server.share_for_worker`), so one worker's /status and /metrics would be a fraction
-of the truth. Workers 1..N-1 answer on unix sockets in a directory the parent makes
-(mode 0700, removed when it exits): one line in (`status` or `metrics`), one JSON
-document out. Worker 0's admin merges their answers with its own:
+With `workers = N` each worker process runs its own engine (sharing one fleet with the
+others through `proxy.cluster.sqlite_store`) and counts its own requests, so one worker's
+/status and /metrics would be a fraction of the truth. Workers 1..N-1 answer on unix
+sockets in a directory the parent makes (mode 0700, removed when it exits): one line in
+(`status` or `metrics`), one JSON document out. Worker 0's admin merges their answers
+with its own:
 
-- /status: each route's instances from every worker, each marked with its `worker`;
-  queue depths and totals summed (each worker holds its share of the cap and its own
-  connections); static routes, the same in every worker, listed once.
+- /status: each route's instances, each listed once (every worker also lists the others'
+  ready instances, which it routes to) and marked with the `worker` that owns it; queue
+  depths summed, the cap the same for all; static routes, the same in every worker, once.
 - /metrics: every sample summed by name and labels (counters, histogram buckets, gauges
-  alike: the workers' instances, connections and requests are disjoint), except
-  `*_created`, the earliest.
+  alike: each worker reports only its own instances, connections and requests), except
+  `*_created`, the earliest, and the cap, the same in every worker.
 
 A worker that does not answer within `ASK_TIMEOUT_S` (stuck, or gone) is named in
 `totals.unreachable_workers` and left out rather than holding the admin API up.
@@ -34,6 +35,7 @@ from prometheus_client.registry import Collector
 log = logging.getLogger("summon.workers")
 
 ASK_TIMEOUT_S = 1.0
+_SAME_IN_EVERY_WORKER = frozenset({"summon_instance_cap"})  # one fleet, one cap: not a sum
 _MAX_ANSWER = 64 * 1024 * 1024
 
 
@@ -123,6 +125,8 @@ def merge_metrics(snapshots: list[list[dict[str, Any]]]) -> tuple[bytes, str]:
                     samples[key] = value
                 elif name.endswith("_created"):
                     samples[key] = min(samples[key], value)
+                elif name in _SAME_IN_EVERY_WORKER:
+                    samples[key] = max(samples[key], value)
                 else:
                     samples[key] += value
 
@@ -152,12 +156,24 @@ def merge_status(snapshots: list[tuple[int, dict[str, Any]]], unreachable: list[
                 continue
             if merged is None:
                 merged = routes[r["name"]] = {**r, "instances": [], "queued": 0}
-            merged["instances"].extend({**i, "worker": worker} for i in r.get("instances", []))
+            # every worker lists the others' ready instances too (it routes to them): keep each
+            # instance once, as its owner (node "w<N>") reports it
+            seen = {i["id"]: n for n, i in enumerate(merged["instances"])}
+            for i in r.get("instances", []):
+                own = i.get("node", f"w{worker}") == f"w{worker}"
+                if i["id"] not in seen:
+                    seen[i["id"]] = len(merged["instances"])
+                    merged["instances"].append({**i, "worker": worker})
+                elif own:
+                    merged["instances"][seen[i["id"]]] = {**i, "worker": worker}
             merged["queued"] += r.get("queued", 0)
             if r.get("backoff_until"):
                 merged["backoff_until"] = max(merged.get("backoff_until") or 0, r["backoff_until"])
-        _add(totals, snap.get("totals", {}), first=("routes",))
+        _add(totals, snap.get("totals", {}), first=("routes", "cap", "cluster"))
         _add(overload, snap.get("overload", {}), largest=("wait_ms", "seconds"))
+    if any("cluster" in snap.get("totals", {}) for _, snap in snapshots):  # one fleet: count each instance once
+        totals["instances"] = sum(1 for r in routes.values() for i in r.get("instances", [])
+                                  if i.get("state") in ("booting", "ready", "draining"))
     totals["workers"] = len(snapshots) + len(unreachable)
     totals["unreachable_workers"] = unreachable
     return {"routes": list(routes.values()), "totals": totals, "overload": overload}

@@ -18,7 +18,20 @@ def foreign_of(f: Fleet, boot: Boot, n: int = 1) -> Foreign:
 def two() -> tuple[Fleet, Fleet]:
     a, b = fleet(), fleet()
     a.node, b.node = "a", "b"
+    a.shared = b.shared = True
     return a, b
+
+
+def test_in_a_shared_fleet_a_boot_is_recorded_only_once_the_store_granted_it() -> None:
+    a, b = two()
+    out = a.request_arrived("site", 1, "k", None, 0.0)
+    boot = of(Boot, out)[0]
+    assert "summoned" not in [r.kind for r in of(Record, out)]
+    assert [r.kind for r in of(Record, a.boot_claimed(boot.instance_id, 0.01))] == ["summoned"]
+    assert a.boot_claimed(boot.instance_id, 0.02) == []  # once
+    refused = of(Boot, b.request_arrived("site", 1, "k", None, 0.0))[0]
+    b.boot_refused(refused.instance_id, "node a is booting site", 0.01, wait_s=5.0)
+    assert b.boot_claimed(refused.instance_id, 0.02) == []  # a refused boot is never recorded as one
 
 
 def test_a_cold_boot_is_marked_cold_and_a_scale_out_is_not() -> None:
@@ -124,3 +137,21 @@ def test_a_foreign_instance_of_another_image_is_not_used() -> None:
     a, b = two()
     b.foreign_seen([Foreign("a-1", "site", "site-v2", "h1", "local", addr(1), owner="a")], 0.0)
     assert not b.pools["site"].balancer.load
+
+
+def test_over_cap_gives_up_the_least_recently_used_idle_instances_only() -> None:
+    other = replace(ROUTE, name="other", image="other")
+    third = replace(ROUTE, name="third", image="third")
+    f = fleet(ROUTE, other, third)
+    ids = []
+    for n, name in enumerate(("site", "other", "third")):
+        boot = of(Boot, f.request_arrived(name, n + 1, "k", None, float(n)))[0]
+        f.instance_ready(boot.instance_id, addr(n), float(n))
+        ids.append(boot.instance_id)
+    f.request_finished("site", ids[0], True, 5.0)  # site: idle, used at 5
+    f.request_finished("other", ids[1], True, 3.0)  # other: idle, used at 3 (least recently)
+    # third keeps its request in flight: never given up
+    out = f.over_cap(2, 10.0)
+    drained = {r.instance for r in of(Record, out) if r.kind == "draining"}
+    assert drained == {ids[0], ids[1]}
+    assert f.instances[ids[2]].state is State.READY

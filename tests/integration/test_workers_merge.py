@@ -56,9 +56,36 @@ def test_status_lists_every_workers_instances_once_and_sums_totals():
     assert site["queued"] == 5
     assert fixed["instances"] == [{"id": "127.0.0.1:9", "state": "ready"}], "static upstreams listed once"
     t = merged["totals"]
-    assert (t["instances"], t["cap"], t["routes"], t["inflight"], t["draining"]) == (3, 8, 2, 2, False)
+    # one fleet, one cap: every worker reports the same cap (it is no longer split between them)
+    assert (t["instances"], t["cap"], t["routes"], t["inflight"], t["draining"]) == (3, 4, 2, 2, False)
     assert (t["workers"], t["unreachable_workers"]) == (3, [2])
     assert merged["overload"] == {"shedding": True, "episodes": 2, "wait_ms": 10.0}
+
+
+def test_status_lists_an_instance_every_worker_routes_to_once_as_its_owner_reports_it():
+    def snap(worker: int, instances: list[dict]) -> dict:
+        return {"routes": [{"name": "site", "image": "site", "queued": 0, "backoff_until": None,
+                            "instances": instances}],
+                "totals": {"instances": len(instances), "cap": 3, "cluster": {"node": f"w{worker}"}}}
+
+    owned = {"id": "a-1", "node": "w1", "state": "ready", "inflight": 2}
+    seen_by_w0 = {"id": "a-1", "node": "w1", "state": "ready", "inflight": 5}
+    mine = {"id": "b-1", "node": "w0", "state": "booting", "inflight": 0}
+    merged = merge_status([(0, snap(0, [seen_by_w0, mine])), (1, snap(1, [owned]))], unreachable=[])
+    site = merged["routes"][0]
+    assert sorted((i["id"], i["worker"], i["inflight"]) for i in site["instances"]) == [("a-1", 1, 2), ("b-1", 0, 0)]
+    assert merged["totals"]["instances"] == 2 and merged["totals"]["cap"] == 3
+
+
+def test_the_cap_gauge_is_not_summed_across_workers():
+    regs = []
+    for live in (1, 2):
+        r = CollectorRegistry()
+        Gauge("summon_instance_cap", "cap", registry=r).set(3)
+        Gauge("summon_instances_live", "live", registry=r).set(live)
+        regs.append(r)
+    got = samples(merge_metrics([metric_samples(r) for r in regs])[0])
+    assert got[("summon_instance_cap", ())] == 3 and got[("summon_instances_live", ())] == 3
 
 
 def test_ask_gets_each_workers_answer_and_names_the_silent_ones(tmp_path: Path):

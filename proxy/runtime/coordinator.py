@@ -1,0 +1,192 @@
+"""The asyncio side of a shared fleet: claims before boots, and the registry sync.
+
+How this works: the summoner asks `claim` before a driver starts anything (a permit
+under the fleet-wide cap, plus the route's boot lock for a cold pool) and feeds a refusal
+back to the engine (`Fleet.boot_refused`). A sync loop renews this engine's leases a few
+times a second, publishes its instances and its use of everyone's, and turns what comes
+back into engine facts: `foreign_seen` (the others' ready instances, routed to from this
+local copy, so a warm request never waits on the store) and `remote_load` (the others'
+use of ours, so ours idle out only when nobody uses them). The loop runs faster while a
+pool waits for another engine's boot, so that instance is used as soon as it is ready.
+
+Degraded mode: when the store does not answer (`StoreUnavailable`), this engine goes on
+serving every instance it knows, and may boot while its own live instances stay below
+`local_share`. When the store answers again, the first sync re-publishes our instances
+and permits; if the fleet then holds more permits than the cap, each engine gives up its
+share of the excess, least recently used idle instances first (`Fleet.over_cap`). Both
+transitions are events (`store_down`, `store_back`) and `/status` shows the mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..cluster.store import Claim, Entry, Store, StoreUnavailable
+from ..config import Route, parse_address
+from ..engine.fleet import Boot, Command, Fleet, Foreign, Record
+from ..engine.lifecycle import State
+
+log = logging.getLogger("summon.coordinator")
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    cap: int
+    sync_s: float = 0.1  # how often leases are renewed and the registry read
+    fast_sync_s: float = 0.02  # while a pool waits for another engine's instance
+    local_share: int = 1  # instances this engine may run while the store is unreachable
+
+
+class Coordinator:
+    def __init__(self, store: Store, fleet: Fleet, settings: CoordinatorSettings,
+                 execute: Callable[[list[Command]], None], clock: Callable[[], float],
+                 image_of: Callable[[str], str]) -> None:
+        self.store = store
+        self.fleet = fleet
+        self.settings = settings
+        self.execute = execute
+        self.clock = clock
+        self.image_of = image_of  # route name -> the image its instances run
+        self.degraded_since: float | None = None
+        self.last: Any = None  # the last Snapshot
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._pending: set[asyncio.Task[None]] = set()
+
+    @property
+    def node(self) -> str:
+        return self.store.node
+
+    # --- what the summoner asks ------------------------------------------------------------
+
+    async def claim(self, boot: Boot, route: Route) -> Claim:
+        try:
+            verdict = await self.store.claim(route.name, boot.instance_id, boot.cold, self.settings.cap,
+                                             lock_s=route.boot_timeout_s + 1.0)
+        except StoreUnavailable as exc:
+            self._down(exc)
+            mine = len(self.fleet.own_live()) - 1  # the instance being claimed is already in the engine
+            if mine < self.settings.local_share:
+                return Claim(True)
+            return Claim(False, f"shared store unreachable; local share ({self.settings.local_share}) in use")
+        if not verdict.granted and verdict.wait_s is not None:
+            self._wake.set()  # its instance may already be in the store: read it now
+        return verdict
+
+    def observe(self, cmd: Command) -> None:
+        """A summoner listener: an instance of ours became ready or went away."""
+        if not isinstance(cmd, Record) or cmd.kind not in ("ready", "stopped"):
+            return
+        inst = self.fleet.instances.get(cmd.instance)
+        if cmd.kind == "ready" and inst is not None and not inst.owner and inst.address is not None:
+            entry = Entry(inst.id, self.node, inst.route, self.image_of(inst.route), inst.host, inst.region,
+                          str(inst.address), State.READY.value)
+            self._spawn(self._store_call(self.store.ready(entry)))
+        elif cmd.kind == "stopped":
+            self._spawn(self._store_call(self.store.release(cmd.route, cmd.instance)))
+
+    # --- the sync loop ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.sync_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("fleet sync failed")
+            waiting = any(p.awaiting_until for p in self.fleet.pools.values())
+            interval = self.settings.fast_sync_s if waiting else self.settings.sync_s
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), interval)
+            except TimeoutError:
+                pass
+
+    async def sync_once(self) -> None:
+        fleet = self.fleet
+        now = self.clock()
+        mine = [Entry(i.id, self.node, i.route, self.image_of(i.route), i.host, i.region,
+                      str(i.address) if i.address and i.state is not State.BOOTING else "", i.state.value)
+                for i in fleet.own_live()]
+        usage = {i.id: (i.inflight, max(0.0, now - i.last_used))
+                 for i in fleet.instances.values() if i.owner}
+        try:
+            snap = await self.store.sync(mine, usage)
+        except StoreUnavailable as exc:
+            self._down(exc)
+            return
+        now = self.clock()
+        self.last = snap
+        foreign = [Foreign(e.instance_id, e.route, e.image, e.host, e.region, parse_address(e.address), e.node)
+                   for e in snap.entries if e.node != self.node and e.state == "ready" and e.address]
+        self.execute(fleet.foreign_seen(foreign, now))
+        fleet.remote_load(snap.usage, now)
+        if self.degraded_since is not None:
+            self._back(snap.permits, now)
+
+    # --- degraded mode ----------------------------------------------------------------------
+
+    def _down(self, exc: StoreUnavailable) -> None:
+        if self.degraded_since is None:
+            self.degraded_since = self.clock()
+            log.warning("shared store unreachable: serving known instances, booting within a local share of %d",
+                        self.settings.local_share)
+            self.execute([Record("store_down", detail={"error": str(exc.detail), "node": self.node,
+                                                       "local_share": self.settings.local_share})])
+
+    def _back(self, permits: int, now: float) -> None:
+        assert self.degraded_since is not None
+        away = now - self.degraded_since
+        self.degraded_since = None
+        excess = permits - self.settings.cap
+        out: list[Command] = [Record("store_back", duration_s=away,
+                                     detail={"node": self.node, "permits": permits, "cap": self.settings.cap})]
+        if excess > 0:
+            mine = len(self.fleet.own_live())
+            share = math.ceil(excess * mine / max(1, permits))  # each engine gives up its part of the excess
+            out.extend(self.fleet.over_cap(share, now))
+        self.execute(out)
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    async def _store_call(self, call: Any) -> None:
+        try:
+            await call
+        except StoreUnavailable as exc:
+            self._down(exc)  # the lease expires on its own; the next sync re-publishes what is ours
+        self._wake.set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    def view(self) -> dict[str, Any]:
+        snap = self.last
+        return {
+            "node": self.node,
+            "store": type(self.store).__name__,
+            "degraded": self.degraded_since is not None,
+            "permits": snap.permits if snap is not None else None,
+            "cap": self.settings.cap,
+        }
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+        await self.store.close()
