@@ -80,8 +80,12 @@ def listen_socket(addr: Address, reuse_port: bool) -> socket.socket:
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((addr.host, addr.port))
-    sock.listen(BACKLOG)
+    try:
+        sock.bind((addr.host, addr.port))
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
     sock.setblocking(False)
     return sock
 
