@@ -147,7 +147,15 @@ class AdminServer:
     async def _read_body_and_route(self, req: Request, reader: asyncio.StreamReader,
                                    writer: asyncio.StreamWriter) -> Response:
         if b"transfer-encoding" in req.headers:
-            return _text(411, "the admin API takes bodies with Content-Length only")
+            if req.headers[b"transfer-encoding"] != [b"chunked"] or b"content-length" in req.headers:
+                return _text(400, "Transfer-Encoding: only chunked, and not with Content-Length")
+            try:
+                body = await asyncio.wait_for(_read_chunked(reader), 10.0)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError, ValueError):
+                return _text(400, "bad chunked body")
+            if body is None:
+                return _text(413, f"request body over {_MAX_BODY} bytes")
+            return await self._route(req._replace(body=body), writer)
         lengths = req.headers.get(b"content-length", [])
         if len(lengths) > 1 or (lengths and not lengths[0].isdigit()):
             return _text(400, "bad Content-Length")
@@ -263,6 +271,26 @@ def _parse_head(head: bytes) -> Request | Response:
     url = urllib.parse.urlsplit(target)
     query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
     return Request(method, url.path, query, headers, b"")
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes | None:
+    """A chunked body (what a client streaming a body sends), or None when over _MAX_BODY.
+    ValueError on bad framing. Extensions and trailers are read and dropped."""
+    body = b""
+    while True:
+        size_line = await reader.readuntil(b"\r\n")
+        size = int(size_line.split(b";", 1)[0].strip(), 16)  # ValueError: not hex
+        if size < 0:
+            raise ValueError("negative chunk size")
+        if size == 0:
+            while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
+                pass
+            return body
+        if len(body) + size > _MAX_BODY:
+            return None
+        body += await reader.readexactly(size)
+        if await reader.readexactly(2) != b"\r\n":
+            raise ValueError("chunk not followed by CRLF")
 
 
 def _cookies(headers: dict[bytes, list[bytes]]) -> dict[str, list[str]]:
