@@ -164,7 +164,7 @@ def test_config_only_skips_the_machine(tmp_path: Path, taken_port: int) -> None:
 
 
 def test_serve_turns_a_bind_failure_into_the_problem(tmp_path: Path, taken_port: int) -> None:
-    from proxy.server import serve
+    from proxy.serve.server import serve
 
     path = write(tmp_path, '[events]\npath = "events.db"\n[[route]]\npath = "/"\nupstreams = ["127.0.0.1:9"]\n',
                  listen=taken_port)
@@ -176,7 +176,7 @@ def test_serve_turns_a_bind_failure_into_the_problem(tmp_path: Path, taken_port:
 
 
 def test_serve_turns_an_event_log_failure_into_the_problem(tmp_path: Path) -> None:
-    from proxy.server import serve
+    from proxy.serve.server import serve
 
     path = write(tmp_path, '[events]\npath = "var/events.db"\n[[route]]\npath = "/"\nupstreams = ["127.0.0.1:9"]\n')
     config = load(path)

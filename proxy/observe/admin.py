@@ -182,7 +182,7 @@ class AdminServer:
         if method != allowed:
             return _text(405, f"use {allowed}", ("Allow", allowed))
         if path == "/status":
-            status = self.status()  # several workers: an awaitable that asks the others (proxy.workers)
+            status = self.status()  # several workers: an awaitable that asks the others (proxy.serve.workers)
             if inspect.isawaitable(status):
                 status = await status
             return Response(200, "application/json", json.dumps(status, indent=1).encode() + b"\n")
