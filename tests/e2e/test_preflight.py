@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.summon_proc import BUSYBOX, free_port, make_image
 
 from proxy.config import load
 from proxy.errors import ConfigError
+from tests.helpers.summon_proc import BUSYBOX, free_port, make_image
 
 SUMMON = Path(sys.executable).with_name("summon")
 

@@ -15,15 +15,16 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import schemathesis
-from helpers.summon_proc import BUSYBOX, Summon, make_image
 from hypothesis import HealthCheck, settings
 
-SPEC = Path(__file__).resolve().parent.parent / "docs" / "admin-api.yaml"
+from tests.helpers.paths import REPO
+from tests.helpers.summon_proc import BUSYBOX, Summon, make_image
+
+SPEC = REPO / "docs" / "admin-api.yaml"
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
