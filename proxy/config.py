@@ -251,6 +251,44 @@ def _optional_address(value: Any) -> Address | None:
     return parse_address(value)
 
 
+# A bearer token travels in a header (RFC 6750 b64token) and guards a port that may face the
+# network: printable, no spaces, and long enough that guessing it over HTTP is hopeless.
+_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+MIN_TOKEN_CHARS = 16
+
+
+def _token(value: Any) -> str:
+    v = _string(value)
+    if not _TOKEN.fullmatch(v):
+        raise ValueError("must be letters, digits and - . _ ~ + / (a bearer token: no spaces or quotes)")
+    if len(v) < MIN_TOKEN_CHARS:
+        raise ValueError(f"must be at least {MIN_TOKEN_CHARS} characters "
+                         "(e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    return v
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen host is reachable from this machine only. A name other than
+    `localhost` could resolve to anything, so it counts as reachable from outside."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def token_rule(address: Address | None, token: str | None, address_key: str, token_key: str) -> str | None:
+    """The rule for every listener with an admin-like role (`[proxy] admin`, and later
+    `[plugin] listen`): on anything but loopback it answers only with a token, so a port
+    that faces the network never shows the fleet (instance addresses, events) to anyone
+    who asks. Returns the problem to report, or None."""
+    if address is None or token or is_loopback(address.host):
+        return None
+    return (f"{address_key} = \"{address}\" is reachable from other machines: set {token_key} "
+            f"(every request must then send Authorization: Bearer <token>), or listen on 127.0.0.1")
+
+
 def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= float(value) < math.inf:
         raise ValueError(f"expected a finite number >= 0, got {value!r}")
@@ -291,7 +329,7 @@ def _health_path(value: Any) -> str:
 _PROXY_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "listen": ("listen", _addresses),
     "admin": ("admin", _optional_address),
-    "admin_token": ("admin_token", _string),
+    "admin_token": ("admin_token", _token),
     "workers": ("workers", _positive_int),
     "trusted_proxies": ("trusted_proxies", _networks),
     "max_header_bytes": ("max_header_bytes", parse_size),
@@ -484,6 +522,22 @@ def _check_path(p: str) -> str | None:
     return None
 
 
+def key_line(file: str | Path, table: str, ordinal: int = 0, key: str | None = None) -> int:
+    """The line of `key` in the `ordinal`-th `[table]` of `file`, for problems found after
+    loading (the environment checks of `proxy.preflight`): the file is read again rather
+    than its text kept alive for the life of the process. 1 when it cannot be read."""
+    try:
+        return LineIndex(Path(file).read_text(encoding="utf-8")).line(table, ordinal, key)
+    except (OSError, UnicodeDecodeError):
+        return 1
+
+
+def route_place(route: Route) -> tuple[str, int]:
+    """(file, ordinal of its [[route]] table) from a route's `source`."""
+    file, sep, n = route.source.rpartition(" [[route]] #")
+    return (file, int(n) - 1) if sep and n.isdigit() else (route.source, 0)
+
+
 def load(path: str | Path) -> Config:
     """Read and validate; raise `ConfigError` listing every problem found."""
     with _collector_paused():
@@ -528,6 +582,9 @@ def _load(main: Path) -> Config:
     limits = Limits(**limit_vals)
     if proxy.workers < 1:
         out.add(file, index.line("proxy", 0, "workers"), "[proxy].workers must be at least 1")
+
+    if problem := token_rule(proxy.admin, proxy.admin_token, "[proxy].admin", "[proxy].admin_token"):
+        out.add(file, index.line("proxy", 0, "admin"), problem)
 
     listens = list(proxy.listen)
     if proxy.admin is not None:

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 
 from ..config import Config, load
-from ..errors import ConfigError
+from ..errors import ConfigError, Problem
+
+
+def report(problems: Iterable[Problem]) -> None:
+    """One `file:line: message` line per problem on stderr."""
+    for problem in problems:
+        print(problem, file=sys.stderr)
 
 
 def load_or_report(path: str) -> Config | None:
@@ -14,6 +21,15 @@ def load_or_report(path: str) -> Config | None:
     try:
         return load(path)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+        report(exc.problems)
         return None
+
+
+def environment_ok(config: Config) -> bool:
+    """True if this machine can serve `config`; else False after printing each problem
+    (`proxy.preflight`: backends, images, listen addresses, the event log)."""
+    from ..serve.preflight import environment_problems
+
+    problems = environment_problems(config)
+    report(problems)
+    return not problems

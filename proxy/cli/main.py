@@ -7,8 +7,9 @@ import logging
 import sys
 
 from ..config import Config
+from ..errors import ConfigError
 from ..observe.events import setup_json_logging
-from .common import load_or_report
+from .common import environment_ok, load_or_report, report
 from .events import add_parsers as add_event_parsers
 from .images import add_parsers as add_image_parsers
 from .routes import add_parsers as add_route_parsers
@@ -18,6 +19,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = load_or_report(args.config)
     if config is None:
         return 2
+    if not args.config_only and not environment_ok(config):
+        return 2
     summoned = sum(1 for r in config.routes if r.summoned)
     print(f"{args.config}: ok: {len(config.routes)} routes ({summoned} summoned), {len(config.hosts)} hosts")
     return 0
@@ -25,7 +28,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = load_or_report(args.config)
-    if config is None:
+    if config is None or not environment_ok(config):
         return 2
     if args.log_format == "json":
         setup_json_logging(args.log_level)  # one JSON object per line on stderr
@@ -34,7 +37,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             format="%(asctime)s %(levelname)s %(name)s %(message)s")
     from ..serve.server import serve
 
-    return serve(config)
+    try:
+        return serve(config)
+    except ConfigError as exc:  # what start-up met after the checks (a port taken in between)
+        report(exc.problems)
+        return 2
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -46,9 +53,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     target = _admin_target(args.config, "/status")
     if isinstance(target, int):
         return target
-    _config, url = target
+    config, url = target
+    req = urllib.request.Request(url)
+    if config.proxy.admin_token:
+        req.add_header("Authorization", f"Bearer {config.proxy.admin_token}")
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
+        with urllib.request.urlopen(req, timeout=5) as resp:
             data = json.load(resp)
     except (urllib.error.URLError, OSError) as exc:
         print(f"summon: cannot reach the admin API at {url}: {exc} (is `summon serve` running?)", file=sys.stderr)
@@ -127,8 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", default="json", choices=["json", "text"],
                    help="stderr logs: JSON lines (default, for collectors) or plain text")
     p.set_defaults(func=cmd_serve)
-    p = sub.add_parser("check", help="validate a config: exit 0, or 2 with file:line: message lines")
+    p = sub.add_parser("check", help="validate a config and what serving it needs (backends, images, ports, "
+                                     "event log): exit 0, or 2 with file:line: message lines")
     p.add_argument("-c", "--config", default="summon.toml")
+    p.add_argument("--config-only", action="store_true",
+                   help="only the file itself, not the machine (e.g. before a reload: the running summon "
+                        "holds the ports)")
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("status", help="pools and instances of a running proxy (admin API)")
     p.add_argument("-c", "--config", default="summon.toml")

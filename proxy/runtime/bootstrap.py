@@ -11,7 +11,8 @@ import logging
 from ..backends.base import Backend
 from ..backends.process import ProcessBackend
 from ..cluster.store import Store
-from ..config import Config
+from ..config import Config, key_line
+from ..errors import ConfigError, HostUnavailable, Problem
 from ..observe.events import Event, EventLog
 from .summoner import Summoner
 
@@ -23,7 +24,7 @@ def make_backends(config: Config) -> dict[str, Backend]:
     backends: dict[str, Backend] = {}
     by_uri: dict[tuple[str, bool], Backend] = {}
     process: Backend | None = None
-    for host in config.hosts:
+    for i, host in enumerate(config.hosts):
         if host.backend == "process":
             process = process or ProcessBackend()
             backends[host.name] = process
@@ -32,7 +33,11 @@ def make_backends(config: Config) -> dict[str, Backend]:
             if key not in by_uri:
                 from ..backends.libvirt import LibvirtBackend
 
-                by_uri[key] = LibvirtBackend(host.uri, probe_kvm=host.kvm_probe)
+                try:
+                    by_uri[key] = LibvirtBackend(host.uri, probe_kvm=host.kvm_probe)
+                except HostUnavailable as exc:  # libvirt-python missing: `summon check` says the same
+                    raise ConfigError([Problem(config.path, key_line(config.path, "host", i, "backend"),
+                                               f"[[host]] {host.name}: {exc.detail}")]) from exc
             backends[host.name] = by_uri[key]
         else:
             from ..backends.fake import FakeBackend

@@ -42,6 +42,7 @@ import resource
 import shutil
 import signal
 import socket
+import sqlite3
 import struct
 import sys
 import tempfile
@@ -67,6 +68,7 @@ from ..routing.dispatch import Dispatcher, StaticPool
 from ..routing.table import RouteTable
 from ..runtime.bootstrap import make_backends, start_summoner
 from ..runtime.summoner import Summoner
+from .preflight import events_error, listen_error
 from .workers import PeerServer, ask, merge_metrics, merge_status, metric_samples, socket_path
 
 log = logging.getLogger("summon.server")
@@ -81,10 +83,27 @@ def listen_socket(addr: Address, reuse_port: bool) -> socket.socket:
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((addr.host, addr.port))
-    sock.listen(BACKLOG)
+    try:
+        sock.bind((addr.host, addr.port))
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
     sock.setblocking(False)
     return sock
+
+
+def bind_listeners(config: Config, reuse_port: bool) -> list[socket.socket]:
+    """The `[proxy] listen` sockets; a failure is the `file:line: message` of `summon check`."""
+    sockets: list[socket.socket] = []
+    for addr in config.proxy.listen:
+        try:
+            sockets.append(listen_socket(addr, reuse_port))
+        except OSError as exc:
+            for sock in sockets:
+                sock.close()
+            raise listen_error(config, "listen", addr, exc) from exc
+    return sockets
 
 
 @dataclass
@@ -148,7 +167,12 @@ async def build_runtime(config: Config, sockets: list[socket.socket], admin: boo
     if admin and p.admin is not None:
         rt.admin = AdminServer(p.admin, status=lambda: status_of(rt), events=lambda n, r: events_of(rt, n, r),
                                metrics=metrics.render, reload=lambda: reload_all(rt), token=p.admin_token)
-        await rt.admin.start()
+        try:
+            await rt.admin.start()
+        except OSError as exc:  # taken since `summon serve` checked it: stop what started, say which key
+            if rt.summoner is not None:
+                await rt.summoner.close()
+            raise listen_error(config, "admin", p.admin, exc) from exc
     return rt
 
 
@@ -559,12 +583,15 @@ def serve(config: Config) -> int:
 
     # Mark the start in the event log before any worker summons anything: instances an
     # earlier run left "running" there (it was killed) end here, for `summon stats`.
-    with EventLog(config.events_path, config.events_retention_s, config.events_max_rows) as events:
-        events.record(Event(kind="startup", detail={"pid": os.getpid(), "workers": config.proxy.workers}))
+    try:
+        with EventLog(config.events_path, config.events_retention_s, config.events_max_rows) as events:
+            events.record(Event(kind="startup", detail={"pid": os.getpid(), "workers": config.proxy.workers}))
+    except (OSError, sqlite3.Error) as exc:
+        raise events_error(config, exc) from exc
     workers = config.proxy.workers
     reuse = workers > 1
     if workers == 1:
-        sockets = [listen_socket(a, reuse) for a in config.proxy.listen]
+        sockets = bind_listeners(config, reuse)
         return uvloop.run(run_worker(config, sockets, 0))
     children: list[int] = []
     peer_dir = tempfile.mkdtemp(prefix="summon-workers-")  # 0700: worker 0 asks the others here
@@ -573,8 +600,11 @@ def serve(config: Config) -> int:
         if pid == 0:
             code = 1
             try:
-                sockets = [listen_socket(a, True) for a in config.proxy.listen]
+                sockets = bind_listeners(config, True)
                 code = uvloop.run(run_worker(config, sockets, i, peer_dir))
+            except ConfigError as exc:
+                print(exc, file=sys.stderr)
+                code = 2
             finally:
                 os._exit(code)
         children.append(pid)

@@ -561,11 +561,11 @@ def test_invalid_reload_keeps_the_old_config(tmp_path: Path, upstream_port: int,
 
 @pytest.mark.timeout(30)
 def test_admin_reload_needs_the_token(tmp_path: Path, upstream_port: int, summons: list[Summon]) -> None:
-    s = Summon(tmp_path, static_route(upstream_port), 'admin_token = "s3cret"').start()
+    s = Summon(tmp_path, static_route(upstream_port), 'admin_token = "s3cret-s3cret-s3cret"').start()
     summons.append(s)
-    assert post_reload(s)[0] == 403
-    assert post_reload(s, "wrong")[0] == 403
-    status, body = post_reload(s, "s3cret")
+    assert post_reload(s)[0] == 401
+    assert post_reload(s, "wrong")[0] == 401
+    status, body = post_reload(s, "s3cret-s3cret-s3cret")
     assert status == 200 and body["ok"], body
 
 

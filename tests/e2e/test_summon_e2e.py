@@ -151,7 +151,13 @@ def test_failed_boot_is_503_fast_and_backs_off(tmp_path: Path, images: Path) -> 
 
 
 def test_missing_image_is_503_and_an_event(tmp_path: Path, images: Path) -> None:
+    """An image that vanishes after start-up (serve refuses to start without it, see
+    test_preflight.py): the cold request gets 503 naming it, and the failure is an event."""
+    import shutil
+
+    make_image(images, "nope", BUSYBOX)
     s = Summon(tmp_path, route(image="nope")).start()
+    shutil.rmtree(images / "nope")
     try:
         status, _, body = http_get(s.port, "/")
         assert status == 503 and b"nope" in body
