@@ -93,6 +93,10 @@ Command = Boot | Forward | Reject | Stop | Record
 
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 60.0
+# In a shared fleet a draining instance is stopped only this long after it left rotation
+# (and once no engine reports a request on it): the others' copies of the registry lag by
+# up to a sync or two, and a request they send meanwhile must still find it up.
+SHARED_DRAIN_GRACE_S = 0.5
 
 
 @dataclass
@@ -113,6 +117,8 @@ class Instance:
     started_at: float | None = None  # when the driver had it running (`instance_started`)
     owner: str = ""  # another engine's node name: a foreign instance (see `foreign_seen`); "" = ours
     remote_inflight: int = 0  # other engines' requests on this (own) instance, from `remote_load`
+    drained_at: float | None = None  # when it left rotation (a shared fleet stops it a grace later)
+    stopping: bool = False  # its Stop has been sent (a shared fleet's tick sends it once)
 
     def move(self, event: str) -> None:
         self.state = next_state(self.state, event)
@@ -290,11 +296,18 @@ class Fleet:
         pool = self.pools.get(inst.route)
         if pool is not None:
             pool.balancer.release(inst.id)
-            if inst.state is State.DRAINING and inst.inflight == 0:
+            if inst.state is State.DRAINING and self._drained(inst, now):
                 out: list[Command] = []
                 self._stop(inst, "drained", out)
                 return out
         return []
+
+    def _drained(self, inst: Instance, now: float) -> bool:
+        if inst.inflight:
+            return False
+        if not self.shared:
+            return True
+        return inst.remote_inflight == 0 and now - (inst.drained_at or now) >= SHARED_DRAIN_GRACE_S
 
     def request_cancelled(self, route: str, request_id: int, now: float) -> list[Command]:
         pool = self.pools.get(route)
@@ -508,6 +521,11 @@ class Fleet:
 
     def tick(self, now: float) -> list[Command]:
         out: list[Command] = []
+        if self.shared:  # draining instances whose grace is over (`_drained`)
+            for inst in list(self.instances.values()):
+                if inst.state is State.DRAINING and not inst.owner and not inst.stopping and self._drained(inst, now):
+                    inst.stopping = True
+                    self._stop(inst, "drained", out)
         for name, pool in list(self.pools.items()):
             # requests that waited too long
             for rid, w in list(pool.queue.items()):
@@ -726,8 +744,9 @@ class Fleet:
             return
         pool.balancer.remove(inst.id)
         inst.move("drain")
+        inst.drained_at = now
         out.append(Record("draining", inst.route, inst.id, inst.host, inst.region, detail={"reason": reason}))
-        if inst.inflight == 0:
+        if self._drained(inst, now):
             self._stop(inst, reason, out)
 
     def _end_trial(self, inst: Instance, retry_after_s: int, reason: str, out: list[Command]) -> None:

@@ -80,7 +80,10 @@ class Coordinator:
 
     def observe(self, cmd: Command) -> None:
         """A summoner listener: an instance of ours became ready or went away."""
-        if not isinstance(cmd, Record) or cmd.kind not in ("ready", "stopped"):
+        if not isinstance(cmd, Record) or cmd.kind not in ("ready", "stopped", "draining"):
+            return
+        if cmd.kind == "draining":  # out of rotation: tell the others now, within its drain grace
+            self._wake.set()
             return
         inst = self.fleet.instances.get(cmd.instance)
         if cmd.kind == "ready" and inst is not None and not inst.owner and inst.address is not None:

@@ -108,7 +108,8 @@ def test_an_instance_used_elsewhere_does_not_idle_out_and_does_once_nobody_uses_
     a.remote_load({boot.instance_id: (0, 0.0)}, 120.0)  # b's last request just ended
     assert not of(Stop, a.tick(150.0))
     a.remote_load({}, 181.0)
-    assert of(Stop, a.tick(181.0))
+    assert "draining" in [r.kind for r in of(Record, a.tick(181.0))]
+    assert of(Stop, a.tick(182.0))  # stopped once the grace is over (the others drop it meanwhile)
 
 
 def test_a_foreign_instance_gone_from_the_registry_leaves_the_balancer() -> None:
@@ -155,3 +156,28 @@ def test_over_cap_gives_up_the_least_recently_used_idle_instances_only() -> None
     drained = {r.instance for r in of(Record, out) if r.kind == "draining"}
     assert drained == {ids[0], ids[1]}
     assert f.instances[ids[2]].state is State.READY
+
+
+def test_in_a_shared_fleet_a_drained_instance_stops_only_after_the_grace_and_when_nobody_uses_it() -> None:
+    from proxy.engine.fleet import SHARED_DRAIN_GRACE_S
+
+    a, _ = two()
+    boot = of(Boot, a.request_arrived("site", 1, "k", None, 0.0))[0]
+    a.boot_claimed(boot.instance_id, 0.0)
+    a.instance_ready(boot.instance_id, addr(1), 1.0)
+    a.request_finished("site", boot.instance_id, True, 1.0)
+    out = a.over_cap(1, 70.0)
+    assert a.instances[boot.instance_id].state is State.DRAINING and not of(Stop, out), "not before the grace"
+    a.remote_load({boot.instance_id: (1, 0.0)}, 70.1)  # b sent one before its copy showed the drain
+    assert not of(Stop, a.tick(70.0 + SHARED_DRAIN_GRACE_S + 0.1)), "b's request is still in flight"
+    a.remote_load({}, 71.0)
+    stops = of(Stop, a.tick(71.0))
+    assert len(stops) == 1 and not of(Stop, a.tick(71.1)), "one Stop, not one per tick"
+
+
+def test_alone_a_drained_idle_instance_stops_at_once() -> None:
+    f = fleet()
+    boot = of(Boot, f.request_arrived("site", 1, "k", None, 0.0))[0]
+    f.instance_ready(boot.instance_id, addr(1), 1.0)
+    f.request_finished("site", boot.instance_id, True, 1.0)
+    assert of(Stop, f.over_cap(1, 5.0))
