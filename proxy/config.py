@@ -128,6 +128,18 @@ class Route(NamedTuple):
 
 
 @dataclass(frozen=True)
+class Cluster:
+    """`[cluster]`: this proxy is one node of a fleet whose shared state is in Redis."""
+
+    redis: str  # redis://HOST:PORT/DB or rediss://... (TLS); a password may be in the URL
+    node: str  # unique per proxy: owner of what this proxy boots, shown in /status and the log
+    region: str | None = None  # where this proxy stands: the default region of its clients
+    password_env: str | None = None  # the name of an environment variable holding the password
+    lease_s: float = 5.0  # a dead proxy's permits and instances are given up within this
+    local_share: int = 1  # instances this proxy may run while Redis is unreachable
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     proxy: ProxySettings
@@ -140,6 +152,7 @@ class Config:
     events_retention_s: float = 7 * 24 * 3600.0
     events_max_rows: int = 1_000_000
     default_region: str = "local"
+    cluster: Cluster | None = None
 
 
 # --- parsing helpers ---------------------------------------------------------------
@@ -289,6 +302,32 @@ def token_rule(address: Address | None, token: str | None, address_key: str, tok
             f"(every request must then send Authorization: Bearer <token>), or listen on 127.0.0.1")
 
 
+_NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _redis_url(value: Any) -> str:
+    url = _string(value)
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("redis", "rediss") or not rest.strip("/"):
+        raise ValueError(f"expected redis://HOST:PORT/DB or rediss://HOST:PORT/DB, got {url!r}")
+    return url
+
+
+def _node_name(value: Any) -> str:
+    name = _string(value)
+    if not _NODE.match(name):
+        raise ValueError(f"{name!r}: letters, digits, '.', '_' and '-', at most 63")
+    return name
+
+
+def _env_name(value: Any) -> str:
+    name = _string(value)
+    if not _ENV.match(name):
+        raise ValueError(f"{name!r} is not an environment variable name")
+    return name
+
+
 def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= float(value) < math.inf:
         raise ValueError(f"expected a finite number >= 0, got {value!r}")
@@ -387,7 +426,15 @@ _ROUTE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "health_failures": ("health_failures", _positive_int),
     "start": ("start", _choice("boot", "restore")),
 }
-_TOP_KEYS = {"include", "proxy", "limits", "region", "host", "route", "images", "events"}
+_CLUSTER_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "redis": ("redis", _redis_url),
+    "node": ("node", _node_name),
+    "region": ("region", _string),
+    "password_env": ("password_env", _env_name),
+    "lease": ("lease_s", parse_duration),
+    "local_share": ("local_share", _positive_int),
+}
+_TOP_KEYS = {"include", "proxy", "limits", "region", "host", "route", "images", "events", "cluster"}
 
 
 class LineIndex:
@@ -640,6 +687,21 @@ def _load(main: Path) -> Config:
             if n not in region_names:
                 out.add(file, index.line("region", i, "nearest"), f"[[region]] {r.name}: nearest names unknown region '{n}'")
     default_region = regions[0].name if regions else "local"
+    cluster: Cluster | None = None
+    if "cluster" in data:
+        vals = _section(data["cluster"], _CLUSTER_KEYS, "[cluster]", file, index, "cluster", 0, out)
+        if vals is not None:
+            for key in ("redis", "node"):
+                if key not in vals:
+                    out.add(file, index.line("cluster", 0), f"[cluster]: missing key '{key}'")
+            if vals.get("lease_s", 1.0) < 1.0:
+                out.add(file, index.line("cluster", 0, "lease"), "[cluster].lease: at least 1s (it is renewed 10 times a second)")
+            if "redis" in vals and "node" in vals:
+                cluster = Cluster(**vals)
+                if cluster.region is not None:
+                    if regions and cluster.region not in region_names:
+                        out.add(file, index.line("cluster", 0, "region"), f"[cluster].region: unknown region '{cluster.region}'")
+                    default_region = cluster.region
 
     hosts: list[Host] = []
     for i, raw in enumerate(_list_of_tables(data.get("host", []), "host", file, index, out)):
@@ -705,6 +767,7 @@ def _load(main: Path) -> Config:
         events_retention_s=retention_s,
         events_max_rows=max_rows,
         default_region=default_region,
+        cluster=cluster,
     )
 
 

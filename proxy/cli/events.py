@@ -19,10 +19,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from ..config import load, parse_duration
 from ..errors import ConfigError
 from ..observe import stats
 from ..observe.events import Event, EventReader, iso_time, json_line, open_readonly
+from ..observe.fleetlog import FleetLog
 
 
 def parse_since(text: str, now: float | None = None) -> float:
@@ -56,6 +59,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--since", type=_since_arg, metavar="WHEN",
                         help='only events since WHEN: a duration ago ("30s", "10m", "1h") or an ISO timestamp')
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--local", action="store_true",
+                        help="with [cluster]: this node's own log, not the fleet's stream in Redis")
 
 
 def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -78,22 +83,39 @@ def _fail(command: str, message: str, code: int) -> int:
     return code
 
 
-def _open(args: argparse.Namespace, command: str) -> EventReader | int:
-    """The reader, or the exit code after explaining what is wrong."""
+def _open(args: argparse.Namespace, command: str) -> EventReader | FleetLog | int:
+    """The reader (the fleet's stream when the config has [cluster] and Redis answers), or
+    the exit code after explaining what is wrong."""
     db: Path | None = getattr(args, "db", None)
     if db is None:
         try:
-            db = load(args.config).events_path
+            config = load(args.config)
         except ConfigError as exc:
             for problem in exc.problems:
                 print(problem, file=sys.stderr)
             return 2
         except OSError as exc:
             return _fail(command, f"cannot read config {args.config}: {exc}", 2)
+        db = config.events_path
+        if config.cluster is not None and not args.local:
+            from ..cluster.redis_store import sync_client
+            from ..serve.preflight import redis_password
+
+            client = sync_client(config.cluster.redis, redis_password(config))
+            try:
+                client.ping()
+                return FleetLog(client)
+            except RedisError as exc:
+                print(f"summon {command}: the fleet's stream is unreachable ({exc}): this node's events only",
+                      file=sys.stderr)
     try:
         return open_readonly(db)
     except FileNotFoundError:
         return _fail(command, f"no event database at {db} (has the proxy run yet? use --db or -c)", 1)
+
+
+def _where(reader: EventReader | FleetLog) -> str:
+    return "the fleet's event stream" if isinstance(reader, FleetLog) else str(reader.path)
 
 
 # --- log -----------------------------------------------------------------------------
@@ -119,8 +141,9 @@ def _compact(detail: dict[str, Any]) -> str:
 
 def format_events(events: list[Event]) -> str:
     """One aligned line per event: time, kind, route, instance, host/region, duration, detail."""
+    nodes = any(e.node for e in events)  # a fleet's log: say where each event happened
     rows = [
-        (iso_time(e.ts), e.kind, e.route or "-", e.instance or "-",
+        (iso_time(e.ts) + (f"  {e.node or '-'}" if nodes else ""), e.kind, e.route or "-", e.instance or "-",
          "/".join(x for x in (e.host, e.region) if x) or "-", _duration(e.duration_s), _compact(e.detail))
         for e in events
     ]
@@ -140,8 +163,8 @@ def run_log(args: argparse.Namespace) -> int:
         return reader
     try:
         events = reader.query(since=args.since, route=args.route, limit=args.limit, newest=True)
-    except sqlite3.Error as exc:
-        return _fail("log", f"cannot read {reader.path}: {exc}", 1)
+    except (sqlite3.Error, RedisError) as exc:
+        return _fail("log", f"cannot read {_where(reader)}: {exc}", 1)
     if args.json:
         for e in events:
             print(json_line(e))
@@ -159,11 +182,14 @@ def run_stats(args: argparse.Namespace) -> int:
         return reader
     now = time.time()
     try:
-        # Instances started before the window still cost inside it: fetch just those.
-        before = reader.running_at(args.since) if args.since is not None else []
-        events = before + reader.query(since=args.since, until=now)
-    except sqlite3.Error as exc:
-        return _fail("stats", f"cannot read {reader.path}: {exc}", 1)
+        if isinstance(reader, FleetLog):  # the whole stream: compute() charges what ran into the window
+            events = reader.query(until=now)
+        else:
+            # Instances started before the window still cost inside it: fetch just those.
+            before = reader.running_at(args.since) if args.since is not None else []
+            events = before + reader.query(since=args.since, until=now)
+    except (sqlite3.Error, RedisError) as exc:
+        return _fail("stats", f"cannot read {_where(reader)}: {exc}", 1)
     rows = stats.compute(events, now=now, since=args.since)
     print(stats.to_json(rows) if args.json else stats.format_table(rows))
     return 0

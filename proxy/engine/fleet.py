@@ -97,6 +97,9 @@ BACKOFF_MAX_S = 60.0
 # (and once no engine reports a request on it): the others' copies of the registry lag by
 # up to a sync or two, and a request they send meanwhile must still find it up.
 SHARED_DRAIN_GRACE_S = 0.5
+# A foreign instance that failed a request is not routed to for this long (or until the
+# registry drops it), whatever the registry still says.
+FOREIGN_UNREACHABLE_S = 10.0
 
 
 @dataclass
@@ -186,6 +189,7 @@ class Fleet:
         # "summoned" is recorded then, so the log never counts a boot that did not happen
         self.shared = shared
         self._unclaimed: dict[str, Record] = {}
+        self._unreachable: dict[str, float] = {}  # foreign instance -> until when it is not taken back
         self.limits = limits
         self.hosts = {h.name: h for h in hosts}
         self.regions = {r.name: r for r in regions}
@@ -290,6 +294,12 @@ class Fleet:
         inst.inflight -= 1
         inst.served += 1
         inst.last_used = now
+        if not ok and inst.owner:
+            # Another engine's instance failed us (refused, reset): its owner may be dead and
+            # the registry not know it for a lease yet. Out of our rotation until then.
+            self._unreachable[inst.id] = now + FOREIGN_UNREACHABLE_S
+            self._drop_foreign(inst)
+            return []
         if inst.state is State.BOOTING:
             inst.trial = None  # the trial's client went away before the instance answered
             return []
@@ -461,7 +471,9 @@ class Fleet:
         """The other engines' ready instances: the whole set each time, so that one that
         is gone from it (stopped, or its owner's lease expired) leaves the balancer."""
         out: list[Command] = []
-        current = {f.instance_id: f for f in seen if f.owner != self.node}
+        for iid in [i for i, until in self._unreachable.items() if until <= now]:
+            del self._unreachable[iid]
+        current = {f.instance_id: f for f in seen if f.owner != self.node and f.instance_id not in self._unreachable}
         for inst in [i for i in self.instances.values() if i.owner]:
             if inst.id not in current:
                 self._drop_foreign(inst)

@@ -94,7 +94,7 @@ class AdminServer:
         self,
         address: Address,
         status: Callable[[], dict[str, Any] | Awaitable[dict[str, Any]]],
-        events: Callable[[int, str | None], list[str]],
+        events: Callable[[int, str | None], list[str] | Awaitable[list[str]]],
         metrics: Callable[[], tuple[bytes, str] | Awaitable[tuple[bytes, str]]],
         reload: Callable[[], Awaitable[tuple[bool, list[str]]]] | None = None,
         token: str | None = None,
@@ -194,6 +194,8 @@ class AdminServer:
             if len(routes) > 1:
                 return _text(400, "give route once")
             lines = self.events(int(n_values[0]), routes[0] if routes else None)
+            if inspect.isawaitable(lines):  # a fleet: read from the shared stream (proxy.observe.fleetlog)
+                lines = await lines
             return Response(200, "application/x-ndjson", "".join(x + "\n" for x in lines).encode())
         if path == "/metrics":
             metrics = self.metrics()

@@ -82,6 +82,7 @@ class Event:
     duration_s: float | None = None
     detail: dict[str, Any] = field(default_factory=dict)
     ts: float = 0.0
+    node: str = ""  # the proxy it happened on, in a fleet's merged log (proxy.observe.fleetlog); "" locally
 
 
 def iso_time(ts: float) -> str:
@@ -102,6 +103,7 @@ def event_dict(event: Event) -> dict[str, Any]:
         "region": event.region,
         "duration_s": event.duration_s,
         "detail": event.detail,
+        **({"node": event.node} if event.node else {}),
     }
 
 
@@ -225,6 +227,16 @@ class EventReader:
                 else:
                     running.pop(key, None)
         return sorted(running.values(), key=lambda e: e.ts)
+
+    def after(self, last_id: int, limit: int) -> tuple[list[tuple[int, Event]], int]:
+        """Up to ``limit`` events stored after row ``last_id``, oldest first, with their row
+        ids, and the highest row id there is (for `proxy.observe.fleetlog`, which ships the
+        log onward and remembers how far it got)."""
+        with self._connect() as conn:
+            rows = conn.execute(f"SELECT id, {_COLUMNS} FROM events WHERE id > ? ORDER BY id LIMIT ?",
+                                (last_id, limit)).fetchall()
+            (top,) = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()
+        return [(int(r[0]), _event(r[1:])) for r in rows], int(top)
 
     def count(self) -> int:
         """Number of stored events (for tests and the dashboard)."""

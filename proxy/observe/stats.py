@@ -81,6 +81,7 @@ class _Acc:
         self.failures = 0
         self.rejected = 0
         self.running: dict[str, float] = {}  # instance -> summoned ts
+        self.node_of: dict[str, str] = {}  # instance -> the node that summoned it (a fleet's log)
         self.peak = 0
         self.instance_seconds = 0.0
         self.seen = False
@@ -123,10 +124,10 @@ def compute(events: Iterable[Event], *, now: float, since: float | None = None) 
             for acc in (*routes.values(), total):
                 acc.peak = max(acc.peak, len(acc.running))
         if ev.kind in RESET_KINDS:  # a new `summon serve`: the previous run's instances are gone
-            for a in (*routes.values(), total):
-                for since_ts in a.running.values():
-                    charge(a, since_ts, ev.ts)
-                a.running.clear()
+            for a in (*routes.values(), total):  # (that node's: in a fleet's log, the others run on)
+                for key in [k for k in a.running if a.node_of.get(k, "") == ev.node]:
+                    charge(a, a.running.pop(key), ev.ts)
+                    a.node_of.pop(key, None)
             continue
         acc = routes.setdefault(ev.route, _Acc())
         inside = ev.ts >= start
@@ -137,11 +138,13 @@ def compute(events: Iterable[Event], *, now: float, since: float | None = None) 
                 key = f"{ev.route}\0{ev.instance}" if a is total else ev.instance
                 if ev.instance:
                     a.running[key] = ev.ts
+                    a.node_of[key] = ev.node
                 if inside:
                     a.boots += 1
             elif ev.kind in END_KINDS and ev.instance:
                 key = f"{ev.route}\0{ev.instance}" if a is total else ev.instance
                 began = a.running.pop(key, None)
+                a.node_of.pop(key, None)
                 if began is not None:
                     charge(a, began, ev.ts)
             if not inside:

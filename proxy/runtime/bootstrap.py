@@ -50,7 +50,8 @@ async def start_summoner(config: Config, events: EventLog, backends: dict[str, B
                          store: Store | None = None) -> Summoner:
     """The summoner both fronts use: reap what an earlier run left behind, then tick.
     `store`: the fleet's shared state when this engine is one of several."""
-    summoner = Summoner(config, events, backends, store=store)
+    summoner = Summoner(config, events, backends, store=store,
+                        local_share=config.cluster.local_share if config.cluster is not None else 1)
     for backend in set(backends.values()):
         try:
             reaped = await backend.reap_orphans()

@@ -57,6 +57,11 @@ class Coordinator:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._pending: set[asyncio.Task[None]] = set()
+        # One store call at a time, in order: a sync that read the engine before an
+        # instance stopped must not reach the store after that instance's release (it
+        # would bring its permit and entry back for a lease).
+        self._serial = asyncio.Lock()
+        self.claimed: set[str] = set()  # our instances whose permit the store granted
 
     @property
     def node(self) -> str:
@@ -66,15 +71,19 @@ class Coordinator:
 
     async def claim(self, boot: Boot, route: Route) -> Claim:
         try:
-            verdict = await self.store.claim(route.name, boot.instance_id, boot.cold, self.settings.cap,
-                                             lock_s=route.boot_timeout_s + 1.0)
+            async with self._serial:
+                verdict = await self.store.claim(route.name, boot.instance_id, boot.cold, self.settings.cap,
+                                                 lock_s=route.boot_timeout_s + 1.0)
         except StoreUnavailable as exc:
             self._down(exc)
-            mine = len(self.fleet.own_live()) - 1  # the instance being claimed is already in the engine
+            mine = sum(1 for i in self.fleet.own_live() if i.id in self.claimed)
             if mine < self.settings.local_share:
+                self.claimed.add(boot.instance_id)  # published with a permit once the store is back
                 return Claim(True)
             return Claim(False, f"shared store unreachable; local share ({self.settings.local_share}) in use")
-        if not verdict.granted and verdict.wait_s is not None:
+        if verdict.granted:
+            self.claimed.add(boot.instance_id)
+        elif verdict.wait_s is not None:
             self._wake.set()  # its instance may already be in the store: read it now
         return verdict
 
@@ -89,9 +98,11 @@ class Coordinator:
         if cmd.kind == "ready" and inst is not None and not inst.owner and inst.address is not None:
             entry = Entry(inst.id, self.node, inst.route, self.image_of(inst.route), inst.host, inst.region,
                           str(inst.address), State.READY.value)
-            self._spawn(self._store_call(self.store.ready(entry)))
+            self._spawn(self._store_call(lambda: self.store.ready(entry)))
         elif cmd.kind == "stopped":
-            self._spawn(self._store_call(self.store.release(cmd.route, cmd.instance)))
+            self.claimed.discard(cmd.instance)
+            route, instance = cmd.route, cmd.instance
+            self._spawn(self._store_call(lambda: self.store.release(route, instance)))
 
     # --- the sync loop ----------------------------------------------------------------------
 
@@ -116,14 +127,16 @@ class Coordinator:
 
     async def sync_once(self) -> None:
         fleet = self.fleet
-        now = self.clock()
-        mine = [Entry(i.id, self.node, i.route, self.image_of(i.route), i.host, i.region,
-                      str(i.address) if i.address and i.state is not State.BOOTING else "", i.state.value)
-                for i in fleet.own_live()]
-        usage = {i.id: (i.inflight, max(0.0, now - i.last_used))
-                 for i in fleet.instances.values() if i.owner}
         try:
-            snap = await self.store.sync(mine, usage)
+            async with self._serial:  # read the engine only once earlier calls are done
+                now = self.clock()
+                # only what the store granted: a boot not yet claimed (or refused) holds no permit
+                mine = [Entry(i.id, self.node, i.route, self.image_of(i.route), i.host, i.region,
+                              str(i.address) if i.address and i.state is not State.BOOTING else "", i.state.value)
+                        for i in fleet.own_live() if i.id in self.claimed]
+                usage = {i.id: (i.inflight, max(0.0, now - i.last_used))
+                         for i in fleet.instances.values() if i.owner}
+                snap = await self.store.sync(mine, usage)
         except StoreUnavailable as exc:
             self._down(exc)
             return
@@ -161,9 +174,10 @@ class Coordinator:
 
     # --- plumbing -----------------------------------------------------------------------------
 
-    async def _store_call(self, call: Any) -> None:
+    async def _store_call(self, call: Callable[[], Any]) -> None:
         try:
-            await call
+            async with self._serial:
+                await call()
         except StoreUnavailable as exc:
             self._down(exc)  # the lease expires on its own; the next sync re-publishes what is ours
         self._wake.set()

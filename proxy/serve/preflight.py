@@ -33,7 +33,28 @@ LIBVIRT_TIMEOUT_S = 10.0  # libvirt.open has no timeout of its own; a remote hos
 
 def environment_problems(config: Config) -> list[Problem]:
     """Every problem `serve` would meet with this config on this machine."""
-    return [*host_problems(config), *image_problems(config), *listen_problems(config), *events_problems(config)]
+    return [*host_problems(config), *image_problems(config), *listen_problems(config), *events_problems(config),
+            *cluster_problems(config)]
+
+
+# --- the cluster ------------------------------------------------------------------------
+
+def redis_password(config: Config) -> str | None:
+    """The Redis password named by `[cluster].password_env`, read once at start-up (the
+    serving process reads no environment below this)."""
+    if config.cluster is None or config.cluster.password_env is None:
+        return None
+    return os.environ.get(config.cluster.password_env)
+
+
+def cluster_problems(config: Config) -> list[Problem]:
+    """An unreachable Redis is not one (summon serves on in degraded mode, and says so);
+    a password variable that is not set is: nothing would ever authenticate."""
+    c = config.cluster
+    if c is None or c.password_env is None or redis_password(config) is not None:
+        return []
+    return [Problem(config.path, key_line(config.path, "cluster", 0, "password_env"),
+                    f"[cluster].password_env: the environment variable {c.password_env} is not set")]
 
 
 # --- hosts ---------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import functools
 import gc
 import logging
 import math
@@ -46,11 +47,14 @@ import sqlite3
 import struct
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from ..backends.base import Backend
+from ..cluster.redis_store import RedisStore, connect, sync_client
 from ..cluster.sqlite_store import SqliteStore
 from ..cluster.store import Store
 from ..config import Address, Config, Route, load
@@ -61,7 +65,8 @@ from ..http.responses import error_response
 from ..http.state import ServerState
 from ..http.upstream import UpstreamPool
 from ..observe.admin import AdminServer
-from ..observe.events import Event, EventLog, json_line
+from ..observe.events import Event, EventLog, EventReader, json_line
+from ..observe.fleetlog import FleetLog, Shipper
 from ..observe.metrics import Metrics
 from ..routing.contracts import Pool
 from ..routing.dispatch import Dispatcher, StaticPool
@@ -127,6 +132,8 @@ class Runtime:
     draining: bool = False
     shedder: Shedder | None = None  # set by OverloadWatch (real workers only)
     peer: PeerServer | None = None  # workers 1..N-1: answers worker 0's admin (proxy.serve.workers)
+    shipper: Shipper | None = None  # [cluster], worker 0: the local log goes on to the fleet's stream
+    fleet_log: FleetLog | None = None  # [cluster]: /events reads every node's events there
 
 
 def make_pool_factory(rt_ref: list[Runtime]) -> Callable[[Route], Pool]:
@@ -154,6 +161,8 @@ async def build_runtime(config: Config, sockets: list[socket.socket], admin: boo
     rt_ref.append(rt)
     if any(r.summoned for r in config.routes):
         rt.summoner = await start_summoner(config, events, backends or make_backends(config), store)
+    elif store is not None:
+        await store.close()  # static routes only: nothing to share
     rt.metrics = Metrics(rt.summoner.status if rt.summoner else None, overload=lambda: overload_of(rt),
                          clock=loop.time)
     metrics = rt.metrics
@@ -319,11 +328,26 @@ def overload_of(rt: Runtime) -> dict[str, Any]:
     return out
 
 
-def events_of(rt: Runtime, n: int, route: str | None) -> list[str]:
+def events_of(rt: Runtime, n: int, route: str | None) -> list[str] | Awaitable[list[str]]:
     if rt.events is None:
         return []
     rt.events.flush(timeout=2.0)
-    events = rt.events.query(route=route, limit=max(1, min(n, 10_000)), newest=True)
+    limit = max(1, min(n, 10_000))
+    if rt.fleet_log is not None:
+        return _fleet_events(rt, rt.fleet_log, limit, route)
+    events = rt.events.query(route=route, limit=limit, newest=True)
+    return [json_line(e) for e in events]
+
+
+async def _fleet_events(rt: Runtime, fleet_log: FleetLog, limit: int, route: str | None) -> list[str]:
+    """Every node's events from the fleet's stream; this node's own while Redis is away."""
+    loop = asyncio.get_running_loop()
+    try:
+        events = await loop.run_in_executor(None, functools.partial(fleet_log.query, route=route, limit=limit,
+                                                                     newest=True))
+    except (RedisError, OSError):
+        assert rt.events is not None
+        events = rt.events.query(route=route, limit=limit, newest=True)
     return [json_line(e) for e in events]
 
 
@@ -479,6 +503,10 @@ async def drain(rt: Runtime, deadline_s: float) -> None:
     state.stop_sweeping()
     if rt.summoner is not None:
         await rt.summoner.close()
+    if rt.shipper is not None:
+        if rt.events is not None:
+            rt.events.flush(timeout=2.0)
+        await rt.shipper.close()  # after the summoner: the shutdown's own events go too
     if refusals:
         await asyncio.gather(*refusals, return_exceptions=True)
     if rt.admin is not None:
@@ -490,10 +518,24 @@ async def drain(rt: Runtime, deadline_s: float) -> None:
         rt.events.close()
 
 
-async def run_worker(config: Config, sockets: list[socket.socket], worker: int, peer_dir: str | None = None) -> int:
-    """One worker. With `peer_dir` (workers = N) its engine shares one fleet with the
-    others' through `peer_dir/fleet.db` (`proxy.cluster.sqlite_store`): one cold boot per
-    route, one cap, and every worker routes to every worker's instances."""
+def fleet_store(config: Config, worker: int, peer_dir: str | None, redis_password: str | None) -> Store | None:
+    """The shared state of the fleet this worker belongs to, or None when it is alone."""
+    c = config.cluster
+    if c is not None:
+        node = c.node if config.proxy.workers == 1 else f"{c.node}-w{worker}"
+        return RedisStore(connect(c.redis, redis_password), node, lease_s=c.lease_s)
+    if peer_dir is not None:
+        return SqliteStore(os.path.join(peer_dir, FLEET_DB), node=f"w{worker}")
+    return None
+
+
+async def run_worker(config: Config, sockets: list[socket.socket], worker: int, peer_dir: str | None = None,
+                     redis_password: str | None = None) -> int:
+    """One worker. Its engine shares one fleet with other engines when there are any:
+    with `[cluster]`, through Redis (`proxy.cluster.redis_store`), as node `[cluster].node`
+    (or `NODE-wN` with several workers); otherwise, with `peer_dir` (workers = N), through
+    `peer_dir/fleet.db` (`proxy.cluster.sqlite_store`): one cold boot per route, one cap,
+    and every engine routes to every engine's instances."""
     loop = asyncio.get_running_loop()
     # The admin port and the listeners open before start-up is over: a SIGHUP or SIGTERM
     # sent as soon as they answer must not meet the default action (which ends the
@@ -501,8 +543,14 @@ async def run_worker(config: Config, sockets: list[socket.socket], worker: int, 
     early: list[signal.Signals] = []
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, early.append, sig)
-    store = SqliteStore(os.path.join(peer_dir, FLEET_DB), node=f"w{worker}") if peer_dir is not None else None
-    rt = await build_runtime(config, sockets, admin=(worker == 0), store=store)
+    rt = await build_runtime(config, sockets, admin=(worker == 0),
+                             store=fleet_store(config, worker, peer_dir, redis_password))
+    if config.cluster is not None and worker == 0:  # the workers share one local log: one shipper
+        assert rt.events is not None
+        rt.shipper = Shipper(EventReader(config.events_path), connect(config.cluster.redis, redis_password),
+                             config.cluster.node)
+        rt.shipper.start()
+        rt.fleet_log = FleetLog(sync_client(config.cluster.redis, redis_password))
     if peer_dir is not None:
         await join_workers(rt, worker, peer_dir)
     watch = OverloadWatch(rt, refuse_connections=all(a.port != 0 for a in config.proxy.listen))
@@ -577,8 +625,9 @@ async def join_workers(rt: Runtime, worker: int, peer_dir: str) -> None:
     rt.admin.metrics = metrics_all
 
 
-def serve(config: Config) -> int:
-    """Run the proxy until SIGTERM; returns the exit code."""
+def serve(config: Config, redis_password: str | None = None) -> int:
+    """Run the proxy until SIGTERM; returns the exit code. `redis_password`: for
+    `[cluster]`, read from the environment by the caller."""
     import uvloop
 
     # Mark the start in the event log before any worker summons anything: instances an
@@ -592,7 +641,7 @@ def serve(config: Config) -> int:
     reuse = workers > 1
     if workers == 1:
         sockets = bind_listeners(config, reuse)
-        return uvloop.run(run_worker(config, sockets, 0))
+        return uvloop.run(run_worker(config, sockets, 0, redis_password=redis_password))
     children: list[int] = []
     peer_dir = tempfile.mkdtemp(prefix="summon-workers-")  # 0700: worker 0 asks the others here
     for i in range(workers):
@@ -601,7 +650,7 @@ def serve(config: Config) -> int:
             code = 1
             try:
                 sockets = bind_listeners(config, True)
-                code = uvloop.run(run_worker(config, sockets, i, peer_dir))
+                code = uvloop.run(run_worker(config, sockets, i, peer_dir, redis_password))
             except ConfigError as exc:
                 print(exc, file=sys.stderr)
                 code = 2

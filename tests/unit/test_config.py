@@ -422,3 +422,48 @@ def test_parse_duration(value, seconds):
                                         ("10b", 10), ("7", 7)])
 def test_parse_size(value, size):
     assert parse_size(value) == size
+
+
+# --- [cluster] --------------------------------------------------------------------------
+
+CLUSTER = """
+[cluster]
+redis = "redis://127.0.0.1:6379/0"
+node = "eu-1"
+region = "local"
+password_env = "SUMMON_REDIS_PASSWORD"
+lease = "4s"
+local_share = 2
+"""
+
+
+def test_cluster_section_loads_and_its_region_is_the_default(tmp_path):
+    cfg = load(write(tmp_path, VALID + CLUSTER))
+    assert cfg.cluster is not None
+    assert (cfg.cluster.redis, cfg.cluster.node, cfg.cluster.region) == ("redis://127.0.0.1:6379/0", "eu-1", "local")
+    assert (cfg.cluster.password_env, cfg.cluster.lease_s, cfg.cluster.local_share) == ("SUMMON_REDIS_PASSWORD", 4.0, 2)
+    assert cfg.default_region == "local"
+    assert load(write(tmp_path, VALID)).cluster is None  # no [cluster]: the embedded engine
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ('redis = "http://127.0.0.1:6379"', "[cluster].redis: expected redis://"),
+    ('node = "eu 1"', "[cluster].node: 'eu 1'"),
+    ('region = "mars"', "[cluster].region: unknown region 'mars'"),
+    ('password_env = "1BAD"', "[cluster].password_env: '1BAD' is not an environment variable name"),
+    ('lease = "100ms"', "[cluster].lease: at least 1s"),
+    ('colour = "red"', "[cluster]: unknown key 'colour'"),
+])
+def test_cluster_problems_name_file_line_and_key(tmp_path, line, fragment):
+    key = line.split(" ")[0]
+    body = CLUSTER.replace(next(ln for ln in CLUSTER.splitlines() if ln.startswith(key + " ")), line) \
+        if any(ln.startswith(key + " ") for ln in CLUSTER.splitlines()) else CLUSTER + line + "\n"
+    path = write(tmp_path, VALID + body)
+    got = problems(path)
+    assert any(p.startswith(f"{path}:{line_of(path, line)}:") and fragment in p for p in got), got
+
+
+def test_cluster_needs_redis_and_node(tmp_path):
+    path = write(tmp_path, VALID + '\n[cluster]\nregion = "local"\n')
+    got = problems(path)
+    assert any("[cluster]: missing key 'redis'" in p for p in got) and any("missing key 'node'" in p for p in got)

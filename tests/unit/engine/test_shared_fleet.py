@@ -181,3 +181,21 @@ def test_alone_a_drained_idle_instance_stops_at_once() -> None:
     f.instance_ready(boot.instance_id, addr(1), 1.0)
     f.request_finished("site", boot.instance_id, True, 1.0)
     assert of(Stop, f.over_cap(1, 5.0))
+
+
+def test_a_foreign_instance_that_failed_a_request_leaves_rotation_though_the_registry_still_lists_it() -> None:
+    from proxy.engine.fleet import FOREIGN_UNREACHABLE_S
+
+    a, b = two()
+    boot = of(Boot, a.request_arrived("site", 1, "k", None, 0.0))[0]
+    a.instance_ready(boot.instance_id, addr(1), 1.0)
+    seen = [foreign_of(a, boot)]
+    b.foreign_seen(seen, 1.0)
+    fw = of(Forward, b.request_arrived("site", 7, "k", None, 2.0))[0]
+    b.request_finished("site", fw.instance_id, False, 2.1)  # refused: a died with it
+    assert not b.pools["site"].balancer.load
+    b.foreign_seen(seen, 2.2)  # a's lease has not run out: the registry still lists it
+    assert not b.pools["site"].balancer.load
+    assert of(Boot, b.request_arrived("site", 8, "k", None, 2.3)), "b boots its own instead"
+    b.foreign_seen(seen, 2.2 + FOREIGN_UNREACHABLE_S)
+    assert boot.instance_id in b.instances  # listed again after the back-off: taken back
