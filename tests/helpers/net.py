@@ -30,7 +30,18 @@ import uvloop
 from proxy.config import Address, load
 from proxy.serve.server import Runtime, build_runtime, drain, listen_socket
 
-from .ws_echo import echo_frames, parse_frame, switching_protocols
+from .ws_echo import (
+    KEY,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    accept_key,
+    client_frame,
+    echo_frames,
+    parse_frame,
+    switching_protocols,
+    upgrade_request,
+)
 
 T = TypeVar("T")
 
@@ -448,6 +459,20 @@ class RawClient:
             return True
         except TimeoutError:
             return False
+
+
+def open_tunnel(c: RawClient, host: str = "example.com") -> None:
+    c.send(upgrade_request(host=host))
+    r = c.response()
+    assert r.status == 101, (r.status, r.body)
+    assert r.header("sec-websocket-accept") == accept_key(KEY), "not a real WebSocket upgrade"
+    assert (r.header("connection") or b"").lower() == b"upgrade"
+
+
+def echo(c: RawClient, payload: bytes, opcode: int = OP_TEXT) -> None:
+    c.send(client_frame(payload, opcode))
+    expected = OP_PONG if opcode == OP_PING else opcode
+    assert c.ws_frame() == (expected, payload)
 
 
 def get(path: str = "/", host: str = "example.com", extra: str = "", version: str = "1.1") -> bytes:
