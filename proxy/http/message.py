@@ -137,8 +137,18 @@ def _host_of(host_header: bytes) -> str:
     return _memo(_HOSTS, host_header, host_without_port)
 
 
+# A NUL that percent-decoding would produce: C backends cut strings at it.
+_NUL = "%00 (an encoded NUL) in the request target"
+
+
+def _checked_path(raw_path: bytes) -> str:
+    if b"%00" in raw_path:
+        raise BadRequest(_NUL)
+    return normalise_path(raw_path)
+
+
 def _path_of(raw_path: bytes) -> str:
-    return _memo(_PATHS, raw_path, normalise_path)
+    return _memo(_PATHS, raw_path, _checked_path)
 
 
 def parse_head(
@@ -215,20 +225,19 @@ def parse_head(
 
     host_header = host_values[0].strip()
     host = _host_of(host_header)
-    if b"%00" in target:
-        # a NUL that percent-decoding would produce: C backends cut strings at it
-        raise BadRequest("%00 (an encoded NUL) in the request target")
     raw_path, sep, query = target.partition(b"?")
-    if not raw_path.startswith(b"/"):
-        if raw_path.startswith((b"http://", b"https://")):
-            raw_path = _absolute_form_path(raw_path, host)
-        elif target == b"*" and method == "OPTIONS":
-            raw_path = b"*"  # asterisk-form: kept, see the module docstring
-        else:
-            raise BadRequest("invalid request target")
+    if sep and b"%00" in query:
+        raise BadRequest(_NUL)  # (in the path: `_checked_path`, remembered)
     if b"#" in target:
         raise BadRequest("fragment in request target")
-    path = "*" if raw_path == b"*" else _path_of(raw_path)
+    if raw_path.startswith(b"/"):
+        path = _path_of(raw_path)
+    elif raw_path.startswith((b"http://", b"https://")):
+        path = _path_of(_absolute_form_path(raw_path, host))
+    elif target == b"*" and method == "OPTIONS":
+        path = "*"  # asterisk-form: kept, see the module docstring
+    else:
+        raise BadRequest("invalid request target")
     upgrade: bytes | None = None
     if upgrade_value and b"upgrade" in connection_tokens:
         # llhttp stops reading at the end of such a head and leaves any body unread (it is
