@@ -10,7 +10,8 @@ The tree (one place turns any of these into a response: `proxy.http.responses`):
     │   ├── PayloadTooLarge        413
     │   ├── HeadersTooLarge        431
     │   ├── RequestTimeout         408
-    │   └── NotImplementedEncoding 501  Transfer-Encoding other than chunked
+    │   ├── NotImplementedEncoding 501  Transfer-Encoding other than chunked
+    │   └── VersionNotSupported    505  HTTP/2.0, HTTP/0.9 ... in an HTTP/1.1 request line
     ├── UpstreamError          the instance misbehaved: 5xx
     │   ├── BadGateway             502  refused, reset, bad framing
     │   └── GatewayTimeout         504  no response head in time
@@ -77,6 +78,14 @@ class RequestTimeout(ClientError):
 class NotImplementedEncoding(ClientError):
     status = 501
     reason = "Not Implemented"
+
+
+class VersionNotSupported(ClientError):
+    """A well-formed request line with a version we do not speak (RFC 9110 15.6.6): the
+    client's fault, so it closes like any other client error, but 505, not 400."""
+
+    status = 505
+    reason = "HTTP Version Not Supported"
 
 
 class UpstreamError(SummonError):

@@ -15,6 +15,10 @@ Rules kept here, and only here:
   than `max_replicas`, nor a host more than its `slots`;
 - a pool whose boots keep failing backs off exponentially;
 - an instance idle for `idle_timeout` is drained and stopped (down to `min_replicas`);
+  a request in flight (a WebSocket tunnel is one, for its whole life) keeps it busy,
+  and idleness counts from the end of the last one;
+- a draining instance stops when its last request ends, or at `drain_timeout` after the
+  drain began, whatever is still open (long-lived tunnels) is cut then;
 - a cold pool's first safe bodiless request is its trial: forwarded as soon as the driver
   has the instance running (`instance_started`), before readiness is known, so the
   request itself is the readiness probe and a cold start costs no extra round trip
@@ -183,6 +187,7 @@ class Fleet:
         balance_factor: float = 1.25,
         node: str = "",
         shared: bool = False,
+        drain_timeout_s: float = math.inf,
     ) -> None:
         self.node = node  # this engine's name in a shared fleet ("" alone)
         # in a shared fleet a boot is only real once the store granted it (`boot_claimed`):
@@ -196,6 +201,7 @@ class Fleet:
         self.default_region = default_region
         self.scaler = scaler or ScalerSettings()
         self.balance_factor = balance_factor
+        self.drain_timeout_s = drain_timeout_s
         self.pools: dict[str, PoolState] = {}
         self.instances: dict[str, Instance] = {}
         self.host_used: dict[str, int] = {h: 0 for h in self.hosts}
@@ -548,6 +554,11 @@ class Fleet:
             for inst in list(pool.instances.values()):
                 if inst.state is State.BOOTING and now - inst.summoned_at > pool.route.boot_timeout_s:
                     out.extend(self.boot_failed(inst.id, f"not ready after {pool.route.boot_timeout_s:g}s", now))
+                elif (inst.state is State.DRAINING and not inst.owner and not inst.stopping
+                      and now - (inst.drained_at or now) >= self.drain_timeout_s):
+                    inst.stopping = True  # one Stop; instance_stopped follows
+                    self._stop(inst, f"drain_timeout ({self.drain_timeout_s:g}s) with {inst.inflight} request(s) "
+                               "still open", out)
             if pool.reclaim_pending and not pool.queue:
                 pool.reclaim_pending = False
             if pool.awaiting_until and now >= pool.awaiting_until:

@@ -94,12 +94,17 @@ class Exchange:
             self.fail(self.error or Unavailable("no route"))
             return
         head = self.head
-        if (not self.body_done and not head.expect_continue and head.content_length is not None
-                and head.content_length <= min(state.config.request_buffer_bytes, _BUFFER_HIGH - 1)):
-            # Like nginx's request buffering: read a small body whole before taking a
-            # replica, so a client trickling its upload cannot hold a slot (max_conns).
-            self.waiting_for_body = True
-            return
+        if not self.body_done and not head.expect_continue:
+            limit = min(state.config.request_buffer_bytes, _BUFFER_HIGH - 1)
+            if ((head.content_length is not None and head.content_length <= limit)
+                    or (head.chunked and self.body_bytes <= limit)):
+                # Like nginx's request buffering: read a small body whole before taking a
+                # replica, so a client trickling its upload cannot hold a slot (max_conns),
+                # and a chunked body whose framing turns bad later is refused with nothing
+                # forwarded. A chunked body that outgrows the buffer starts streaming then
+                # (`client_body`).
+                self.waiting_for_body = True
+                return
         try:
             client = self.client
             region = client.region(self.head) if client.trusted else None  # only trusted proxies may say
@@ -200,7 +205,12 @@ class Exchange:
         else:
             self.body_buf.append(data)
             self.body_buf_bytes += len(data)
-            if self.body_buf_bytes >= _BUFFER_HIGH:
+            if self.waiting_for_body and self.head.chunked and self.body_bytes > min(
+                    self.client.state.config.request_buffer_bytes, _BUFFER_HIGH - 1):
+                # too big to hold whole: take a replica and stream, once this read is parsed
+                self.waiting_for_body = False
+                self.client.start_soon(self)
+            elif self.body_buf_bytes >= _BUFFER_HIGH:
                 self.client.set_reading_for_body(False)
 
     def client_body_done(self) -> None:
@@ -456,7 +466,11 @@ class Exchange:
 
     def _finish(self, ok: bool) -> bool:
         """End the exchange once: close its upstream connection, give back its lease.
-        False when it had already ended."""
+        False when it had already ended.
+
+        A request cut off in its body (the client went, its framing turned bad, it grew
+        over max_body_bytes) is reset, not closed: an upstream must never take a FIN at a
+        chunk or Content-Length boundary for the end of a request."""
         self.response_deadline = None
         if self.finished:
             return False
@@ -464,7 +478,10 @@ class Exchange:
         self._cancel_trial_timer()
         conn, self.upstream = self.upstream, None
         if conn is not None:
-            conn.close()
+            if self.attached and not self.body_done and self.head.has_body:
+                conn.reset()
+            else:
+                conn.close()
         self._release_lease(ok)
         return True
 

@@ -33,6 +33,7 @@ from ..errors import (
     RequestTimeout,
     SummonError,
     Unavailable,
+    VersionNotSupported,
 )
 from ..routing.contracts import Lease
 from .exchange import Exchange
@@ -74,7 +75,7 @@ class ClientConnection(asyncio.Protocol):
         self.last_head: tuple[Any, ...] | None = None  # see on_headers_complete
         self.last_response: tuple[Any, ...] | None = None  # see Exchange.response_head
         # Exchanges made active while the parser was being fed; started once the whole
-        # read has been parsed (see `_start_soon`).
+        # read has been parsed (see `start_soon`).
         self.feeding = False
         self.to_start: list[Exchange] = []
         # While an upstream read is being handled, writes to the client are collected
@@ -139,31 +140,41 @@ class ClientConnection(asyncio.Protocol):
                 self._start_now(ex)
 
     def _feed(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
-            ex = self.incoming or self.active
-            if ex is not None and ex.head.upgrade is not None:
-                self.tunnel_wait(ex, data[offset:])
-            else:
-                self._client_error(BadRequest("unexpected protocol upgrade"))
-            return
-        except ClientError as exc:
-            self._client_error(exc)
-            return
-        except httptools.HttpParserCallbackError as exc:
-            # httptools wraps what our callbacks raised; unwrap it
-            inner = exc.__context__ or exc.__cause__
-            if isinstance(inner, ClientError):
-                self._client_error(inner)
-            else:
-                log.error("request handling failed", exc_info=inner or exc)
-                self._client_error(BadRequest("request could not be handled"))
-            return
-        except httptools.HttpParserError as exc:
-            self._client_error(BadRequest(_parser_message(exc)))
-            return
+        while True:
+            try:
+                self.parser.feed_data(data)
+                break
+            except httptools.HttpParserUpgrade as exc:
+                offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+                # the request llhttp stopped after: the last one parsed
+                ex = self.incoming or (self.pending[-1] if self.pending else self.active)
+                if ex is None:
+                    self._client_error(BadRequest("unexpected protocol upgrade"))
+                    return
+                if ex.head.upgrade is not None:
+                    self.tunnel_wait(ex, data[offset:])
+                    return
+                # An upgrade we do not perform (h2c): the request goes as a plain one, and
+                # the parser (httptools resumed it) reads on, for the next request may follow.
+                data = data[offset:]
+                if not data:
+                    return
+                continue
+            except ClientError as exc:
+                self._client_error(exc)
+                return
+            except httptools.HttpParserCallbackError as exc:
+                # httptools wraps what our callbacks raised; unwrap it
+                inner = exc.__context__ or exc.__cause__
+                if isinstance(inner, ClientError):
+                    self._client_error(inner)
+                else:
+                    log.error("request handling failed", exc_info=inner or exc)
+                    self._client_error(BadRequest("request could not be handled"))
+                return
+            except httptools.HttpParserError as exc:
+                self._client_error(_parser_error(exc))
+                return
         if self.in_head and self.head_bytes > self.cfg.max_header_bytes:
             self._client_error(HeadersTooLarge(f"request head over {self.cfg.max_header_bytes} bytes"))
 
@@ -234,7 +245,7 @@ class ClientConnection(asyncio.Protocol):
             self._open_exchange(last[5], last[6], None, last[8])
             return
         if version not in ("1.1", "1.0"):
-            raise BadRequest(f"unsupported HTTP version {version}")
+            raise VersionNotSupported(f"HTTP/{version} is not supported: summon speaks HTTP/1.1 and HTTP/1.0")
         head = parse_head(method, self.url, version, self.headers, keep_alive, self.cfg.max_header_count)
         if head.content_length is not None and head.content_length > self.cfg.max_body_bytes:
             # known from the head: refuse before anything is forwarded (chunked bodies
@@ -271,7 +282,7 @@ class ClientConnection(asyncio.Protocol):
             ex.keep_alive = False
         if self.active is None:
             self.active = ex
-            self._start_soon(ex)
+            self.start_soon(ex)
         else:
             self.pending.append(ex)
             self._set_reading("pipeline", False)
@@ -317,7 +328,7 @@ class ClientConnection(asyncio.Protocol):
             self.active = nxt
             if not self.pending:
                 self._set_reading("pipeline", True)
-            self._start_soon(nxt)
+            self.start_soon(nxt)
             return
         if self.deferred_error is not None:
             self._client_error(self.deferred_error)
@@ -330,7 +341,7 @@ class ClientConnection(asyncio.Protocol):
         if self.incoming is None:
             self._arm(self.cfg.keepalive_timeout_s, self._on_idle)
 
-    def _start_soon(self, ex: Exchange) -> None:
+    def start_soon(self, ex: Exchange) -> None:
         """Start forwarding once the parser has consumed everything already read: a
         framing error later in the same read (a bad chunk after a valid head) then
         kills the request before a single byte of it reaches the upstream. Inside
@@ -521,6 +532,13 @@ def backlog_wait(transport: asyncio.BaseTransport) -> float:
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE")}
 
 
-def _parser_message(exc: Exception) -> str:
+# llhttp's words for a well-formed request line with a version it does not know (HTTP/1.2,
+# HTTP/3.0), and for the HTTP/2 connection preface ("PRI * HTTP/2.0"): 505, not 400.
+_VERSION_ERRORS = ("Invalid HTTP version", "Pause on PRI/Upgrade")
+
+
+def _parser_error(exc: Exception) -> ClientError:
     text = str(exc) or type(exc).__name__
-    return f"malformed request: {text}"
+    if text in _VERSION_ERRORS:
+        return VersionNotSupported(f"unsupported HTTP version ({text}): summon speaks HTTP/1.1 and HTTP/1.0")
+    return BadRequest(f"malformed request: {text}")

@@ -4,8 +4,20 @@ How this works: the parser (httptools/llhttp, strict by default) already rejects
 LF, obs-fold, whitespace before a colon, CL+TE, duplicate or non-numeric
 Content-Length and bad chunk framing. What llhttp lets through and an edge proxy must
 not, we check here on the complete head: `_` in names, HTTP/1.0 with
-Transfer-Encoding, any coding but `chunked`, missing or repeated Host, absolute-form
-targets that disagree with Host.
+Transfer-Encoding, any coding but `chunked` (one rule for both directions:
+`transfer_coding`), missing or repeated Host, absolute-form targets that disagree with
+Host, `%00` anywhere in the target.
+
+Upgrades: `Upgrade: h2c` is never honoured (RFC 9113 3.1 retired it, and a proxy that
+passes it on lets a client tunnel HTTP/2 around the routing: "h2c smuggling"); the token
+is dropped, and a request that asked only for h2c is forwarded as a plain request (its
+Upgrade and HTTP2-Settings removed, no `Connection: upgrade`). Other upgrades (websocket)
+are tunnelled.
+
+`OPTIONS *` (asterisk-form, RFC 9112 3.2.4) keeps its target: it is forwarded as
+`OPTIONS *` and routed on the path `*`, which no exact `url` or deeper prefix matches, so
+it reaches the route that takes the Host's `/` (its catch-all; else the wildcard and
+`*` hosts' catch-alls, as any path falls back).
 
 The inbound `RequestHead` is never mutated; `outbound_head()` builds new bytes.
 """
@@ -22,8 +34,10 @@ from ..routing.table import host_without_port, normalise_path
 # RFC 9110 7.6.1: Connection, and the fields it names, are for one hop only; so are
 # Keep-Alive, TE, Transfer-Encoding (we re-frame), Upgrade (unless tunnelling) and
 # the non-standard Proxy-Connection. Trailer describes a framing we do not forward.
+# HTTP2-Settings belongs to an h2c upgrade, which we never pass on (RFC 9113 3.1).
 HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"te", b"transfer-encoding", b"upgrade", b"proxy-connection", b"trailer"}
+    {b"connection", b"keep-alive", b"te", b"transfer-encoding", b"upgrade", b"proxy-connection", b"trailer",
+     b"http2-settings"}
 )
 # Headers we (re)write ourselves, dropped from the inbound set when the client is not trusted.
 FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-client-region"})
@@ -89,6 +103,25 @@ _NO_TOKENS: frozenset[bytes] = frozenset()
 _VALID_NAMES: set[bytes] = set()  # header names already checked against _TOKEN
 
 
+def transfer_coding(value: bytes) -> str:
+    """The one Transfer-Encoding rule, for requests and responses alike: "chunked" when
+    the value is the token `chunked` (any case), "whitespace" when it is `chunked` with
+    whitespace after it, "other" for anything else.
+
+    Why refuse trailing whitespace when RFC 9110 5.5 allows OWS there: llhttp (which
+    frames both sides) strips the OWS before a value but not after it, and treats what
+    follows differently per side: `chunked<TAB>` is refused in a request but, in a
+    response, read as "not chunked" (the body then runs to the close), while
+    `chunked<SP>` is chunked on both. A value the two parsers may frame differently is a
+    desync waiting to happen; no real client or server sends one, so both sides refuse
+    it (400 from a client, 502 from an upstream)."""
+    if len(value) == 7 and value.lower() == b"chunked":
+        return "chunked"
+    if value.rstrip(b" \t").lower() == b"chunked":
+        return "whitespace"
+    return "other"
+
+
 def _memo(table: dict[bytes, str], key: bytes, compute: Callable[[bytes], str]) -> str:
     """`compute(key)`, remembered in a bounded table; what raises is never stored."""
     value = table.get(key)
@@ -104,8 +137,18 @@ def _host_of(host_header: bytes) -> str:
     return _memo(_HOSTS, host_header, host_without_port)
 
 
+# A NUL that percent-decoding would produce: C backends cut strings at it.
+_NUL = "%00 (an encoded NUL) in the request target"
+
+
+def _checked_path(raw_path: bytes) -> str:
+    if b"%00" in raw_path:
+        raise BadRequest(_NUL)
+    return normalise_path(raw_path)
+
+
 def _path_of(raw_path: bytes) -> str:
-    return _memo(_PATHS, raw_path, normalise_path)
+    return _memo(_PATHS, raw_path, _checked_path)
 
 
 def parse_head(
@@ -165,7 +208,10 @@ def parse_head(
             raise BadRequest("repeated Transfer-Encoding")
         if cl_values:
             raise BadRequest("both Content-Length and Transfer-Encoding")  # RFC 9112 6.3 (3)
-        if te_values[0].strip().lower() != b"chunked":
+        coding = transfer_coding(te_values[0])
+        if coding != "chunked":
+            if coding == "whitespace":
+                raise BadRequest("whitespace after the Transfer-Encoding value")
             raise NotImplementedEncoding("only Transfer-Encoding: chunked is supported")
         chunked = True
     content_length: int | None = None
@@ -180,23 +226,25 @@ def parse_head(
     host_header = host_values[0].strip()
     host = _host_of(host_header)
     raw_path, sep, query = target.partition(b"?")
-    if not raw_path.startswith(b"/"):
-        if raw_path.startswith((b"http://", b"https://")):
-            # absolute-form (RFC 9112 3.2.2): accept only when it agrees with Host,
-            # so the two can never route to different places.
-            rest = raw_path.split(b"://", 1)[1]
-            authority, slash, tail = rest.partition(b"/")
-            if host_without_port(authority) != host:
-                raise BadRequest("absolute-form target disagrees with Host")
-            raw_path = b"/" + tail
-        elif raw_path == b"*" and method == "OPTIONS":
-            raw_path = b"/"
-        else:
-            raise BadRequest("invalid request target")
+    if sep and b"%00" in query:
+        raise BadRequest(_NUL)  # (in the path: `_checked_path`, remembered)
     if b"#" in target:
         raise BadRequest("fragment in request target")
-    path = _path_of(raw_path)
-    upgrade = upgrade_value if (upgrade_value and b"upgrade" in connection_tokens and version == "1.1") else None
+    if raw_path.startswith(b"/"):
+        path = _path_of(raw_path)
+    elif raw_path.startswith((b"http://", b"https://")):
+        path = _path_of(_absolute_form_path(raw_path, host))
+    elif target == b"*" and method == "OPTIONS":
+        path = "*"  # asterisk-form: kept, see the module docstring
+    else:
+        raise BadRequest("invalid request target")
+    upgrade: bytes | None = None
+    if upgrade_value and b"upgrade" in connection_tokens:
+        # llhttp stops reading at the end of such a head and leaves any body unread (it is
+        # the new protocol's); one we do not tunnel must have no body to lose track of.
+        upgrade = _tunnelled(upgrade_value) if version == "1.1" else None
+        if upgrade is None and (chunked or content_length):
+            raise BadRequest("a request body with an Upgrade that summon does not perform")
     return RequestHead(
         method,
         target,
@@ -214,6 +262,32 @@ def parse_head(
         tuple(names),
         frozenset(connection_tokens) if connection_tokens else _NO_TOKENS,
     )
+
+
+def _tunnelled(value: bytes) -> bytes | None:
+    """The Upgrade value we pass on: the client's list without h2c (the only protocol
+    we refuse to tunnel), or None when nothing is left."""
+    if b"h2c" not in value.lower():
+        return value
+    kept = [t.strip() for t in value.split(b",") if t.strip() and t.strip().lower().split(b"/")[0] != b"h2c"]
+    return b", ".join(kept) if kept else None
+
+
+def _absolute_form_path(raw_path: bytes, host: str) -> bytes:
+    """The origin-form path of an absolute-form target (RFC 9112 3.2.2), accepted only
+    when its authority is the Host: summon routes on Host, so the two may never name
+    different places (the error says which two disagree)."""
+    rest = raw_path.split(b"://", 1)[1]
+    authority, _, tail = rest.partition(b"/")
+    try:
+        named = host_without_port(authority)
+    except BadRequest as exc:
+        raise BadRequest(f"absolute-form target with a malformed authority ({exc.detail}); "
+                         "send the path alone, with the host in Host") from None
+    if named != host:
+        raise BadRequest(f"absolute-form target names {named} but Host names {host}: "
+                         "summon routes on Host and refuses a request whose two hosts disagree")
+    return b"/" + tail
 
 
 def _connection_named(headers: tuple[tuple[bytes, bytes], ...]) -> frozenset[bytes]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import socket
+import struct
 from collections.abc import Callable
 from typing import Protocol, cast
 
@@ -23,6 +25,7 @@ import httptools
 
 from ..config import Address
 from ..errors import BadGateway
+from .message import transfer_coding
 
 
 class Writer(Protocol):
@@ -183,7 +186,10 @@ class UpstreamConnection(asyncio.Protocol):
                 cl += 1
             elif lk == b"transfer-encoding":
                 te += 1
-                if v.strip().lower() != b"chunked":
+                coding = transfer_coding(v)  # the same rule as for requests
+                if coding != "chunked":
+                    if coding == "whitespace":
+                        raise BadGateway("upstream sent whitespace after its Transfer-Encoding value")
                     raise BadGateway("upstream used a transfer coding other than chunked")
         if cl and te:
             raise BadGateway("upstream sent both Content-Length and Transfer-Encoding")
@@ -257,6 +263,17 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
         self.pool.forget(self)
+
+    def reset(self) -> None:
+        """Close with a TCP RST (SO_LINGER 0): for a request cut off mid-body, which the
+        upstream must see as aborted (a FIN could pass for its end). Unsent bytes go too."""
+        if self.transport is not None:
+            sock = self.transport.get_extra_info("socket")
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except (AttributeError, OSError):
+                pass
+        self.abort()
 
     def set_reading(self, on: bool) -> None:
         if self.transport is None or self.lost:

@@ -30,6 +30,19 @@ import uvloop
 from proxy.config import Address, load
 from proxy.serve.server import Runtime, build_runtime, drain, listen_socket
 
+from .ws_echo import (
+    KEY,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    accept_key,
+    client_frame,
+    echo_frames,
+    parse_frame,
+    switching_protocols,
+    upgrade_request,
+)
+
 T = TypeVar("T")
 
 
@@ -96,6 +109,7 @@ class UpConn:
     requests: list[UpRequest] = field(default_factory=list)
     error: str | None = None
     closed: bool = False
+    reset: bool = False  # the proxy ended it with a TCP RST (an aborted request)
     writer: asyncio.StreamWriter | None = None
     sent: int = 0  # response bytes the handler has written
 
@@ -125,6 +139,17 @@ def fixed(data: bytes, then: str | None = None) -> Handler:
         return then
 
     return handler
+
+
+async def websocket_echo(req: UpRequest, conn: UpConn) -> str | None:
+    """A real WebSocket upgrade: 101 with the Sec-WebSocket-Accept computed from the
+    client's key (RFC 6455 4.2.2), then echo frames; other requests as `default_handler`."""
+    assert conn.writer is not None
+    key = req.header("sec-websocket-key")
+    if (req.header("upgrade") or b"").lower() != b"websocket" or not key:
+        return await default_handler(req, conn)
+    conn.writer.write(switching_protocols(key))
+    return "websocket"
 
 
 async def default_handler(req: UpRequest, conn: UpConn) -> str | None:
@@ -221,8 +246,13 @@ class RecordingUpstream:
                             return
                         rec.raw += data
                         writer.write(data)
+                if action == "websocket":
+                    await echo_frames(_recording_take(reader, buf, rec), writer)
+                    return
                 if action == "hold":  # keep the connection open, read (and record) nothing more
                     await asyncio.sleep(3600)
+        except ConnectionResetError:
+            rec.reset = True
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
@@ -239,6 +269,25 @@ class RecordingUpstream:
             await asyncio.sleep(0)
 
         self.lt.call(go())
+
+
+def _recording_take(reader: asyncio.StreamReader, first: bytes, rec: UpConn) -> Callable[[int], Awaitable[bytes]]:
+    """`take(n)`: exactly n bytes, `first` (what h11 read past the request) before the
+    reader's, recording what is read."""
+    pending = bytearray(first)
+
+    async def take(n: int) -> bytes:
+        while len(pending) < n:
+            data = await reader.read(65536)
+            if not data:
+                raise asyncio.IncompleteReadError(bytes(pending), n)
+            rec.raw += data
+            pending.extend(data)
+        out = bytes(pending[:n])
+        del pending[:n]
+        return out
+
+    return take
 
 
 def closed_port() -> int:
@@ -389,6 +438,12 @@ class RawClient:
         self.send(data)
         return self.response(head_request=head_request)
 
+    def ws_frame(self) -> tuple[int, bytes]:
+        """(opcode, payload) of the next WebSocket frame; a server's frames are unmasked."""
+        opcode, payload, masked = parse_frame(self._take)
+        assert not masked, "a server must not mask its frames (RFC 6455 5.1)"
+        return opcode, payload
+
     def read_until_close(self) -> bytes:
         while self._fill():
             pass
@@ -404,6 +459,20 @@ class RawClient:
             return True
         except TimeoutError:
             return False
+
+
+def open_tunnel(c: RawClient, host: str = "example.com") -> None:
+    c.send(upgrade_request(host=host))
+    r = c.response()
+    assert r.status == 101, (r.status, r.body)
+    assert r.header("sec-websocket-accept") == accept_key(KEY), "not a real WebSocket upgrade"
+    assert (r.header("connection") or b"").lower() == b"upgrade"
+
+
+def echo(c: RawClient, payload: bytes, opcode: int = OP_TEXT) -> None:
+    c.send(client_frame(payload, opcode))
+    expected = OP_PONG if opcode == OP_PING else opcode
+    assert c.ws_frame() == (expected, payload)
 
 
 def get(path: str = "/", host: str = "example.com", extra: str = "", version: str = "1.1") -> bytes:

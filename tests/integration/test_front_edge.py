@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from tests.helpers.net import get, wait_until
+from tests.helpers import ws_echo as ws
+from tests.helpers.net import RecordingUpstream, fixed, get, wait_until, websocket_echo
 
 H = b"Host: example.com\r\n"
 
@@ -115,8 +116,20 @@ REJECTED: list[tuple[str, bytes, set[int]]] = [
     ("target-fragment", get("/a#frag"), {400}),
     ("target-backslash", b"GET /a\\..\\secret HTTP/1.1\r\n" + H + b"\r\n", {400}),
     ("connect", b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", {405}),
-    ("unknown-version", b"GET / HTTP/1.2\r\n" + H + b"\r\n", {400, 505}),
-    ("http09-style", b"GET /\r\n\r\n", {400}),
+    ("unknown-version", b"GET / HTTP/1.2\r\n" + H + b"\r\n", {505}),
+    ("http2-version", b"GET / HTTP/2.0\r\n" + H + b"\r\n", {505}),
+    ("http3-version", b"GET / HTTP/3.0\r\n" + H + b"\r\n", {505}),
+    ("http09-version", b"GET / HTTP/0.9\r\n" + H + b"\r\n", {505}),
+    ("h2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", {505}),
+    ("version-no-minor", b"GET / HTTP/2\r\n" + H + b"\r\n", {400}),
+    ("nul-encoded-path", get("/a%00b"), {400}),
+    ("nul-encoded-query", get("/a?x=%00"), {400}),
+    ("nul-encoded-absolute-form", b"GET http://example.com/%00 HTTP/1.1\r\n" + H + b"\r\n", {400}),
+    ("te-trailing-space", post(b"Transfer-Encoding: chunked \r\n", CHUNKED_BODY), {400}),
+    ("te-trailing-tab", post(b"Transfer-Encoding: chunked\t\r\n", CHUNKED_BODY), {400}),
+    ("h2c-upgrade-with-body", post(b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AA\r\n"
+                                   b"Content-Length: 5\r\n", b"hello"), {400}),
+    ("http09-style", b"GET /\r\n\r\n", {400, 505}),  # llhttp reads it as HTTP/0.9
     ("garbage-method", b"G\x01T / HTTP/1.1\r\n" + H + b"\r\n", {400}),
     ("non-ascii-header-name", b"GET / HTTP/1.1\r\n" + H + b"X-\xc3\x84: b\r\n\r\n", {400}),
     ("lowercase-version", b"GET / http/1.1\r\n" + H + b"\r\n", {400}),
@@ -149,8 +162,8 @@ def test_rejected_and_never_forwarded(proxy, upstream, raw, statuses):
     assert_refused_and_unseen(proxy, upstream, raw, statuses)
 
 
-# A case that is split over writes must be as dead as one sent at once: the proxy may have
-# started forwarding the head by then, but the upstream must never get a *complete* request.
+# A case that is split over writes must be as dead as one sent at once: a small chunked
+# body is read whole before a replica is taken, so the upstream sees nothing of it at all.
 @pytest.mark.parametrize("head,rest", [
     pytest.param(post(b"Transfer-Encoding: chunked\r\n"), b"zz\r\nhello\r\n0\r\n\r\n", id="bad-hex"),
     pytest.param(post(b"Transfer-Encoding: chunked\r\n"), b"5\r\nhelloXX0\r\n\r\n", id="missing-crlf"),
@@ -166,8 +179,9 @@ def test_bad_chunk_after_head_never_completes_upstream(proxy, upstream, head, re
         r = c.response()
         assert r.status == 400
         assert c.is_closed()
-    wait_until(lambda: all(conn.closed for conn in upstream.conns), 3, "the upstream connection to be closed")
-    assert [r.target for r in upstream.requests] == [b"/warm"], "a request with bad framing reached the upstream whole"
+    time.sleep(0.05)  # let anything the proxy might have sent land
+    assert [r.target for r in upstream.requests] == [b"/warm"], "a request with bad framing reached the upstream"
+    assert b"POST" not in upstream.raw and b"hello" not in upstream.raw, "part of it was forwarded"
 
 
 def test_pipelined_smuggling_second_request_never_forwarded(proxy, upstream):
@@ -260,7 +274,7 @@ def test_lenient_but_valid_forms_accepted(proxy, upstream):
         assert c.request(b"GET http://example.com/abs?q=1 HTTP/1.1\r\nHost: example.com\r\n\r\n").status == 200
         assert c.request(b"OPTIONS * HTTP/1.1\r\nHost: example.com\r\n\r\n").status == 200
     targets = [r.target for r in upstream.requests]
-    assert targets == [b"/a", b"/upload", b"/upload", b"/abs?q=1", b"/"]
+    assert targets == [b"/a", b"/upload", b"/upload", b"/abs?q=1", b"*"]
 
 
 def test_alternating_good_and_bad_requests_never_leak(proxy, upstream):
@@ -290,3 +304,187 @@ def test_head_growing_over_many_reads_is_431(proxy, upstream):
         assert c.response().status == 431
         assert c.is_closed()
     assert upstream.raw == b""
+
+
+# --- edge policies (issue 14): what the upstream sees ---------------------------------
+
+H2C = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+
+
+def test_h2c_upgrade_is_stripped_and_served_as_http11(proxy, upstream):
+    """h2c smuggling: a proxy that passes `Upgrade: h2c` with `Connection: upgrade` lets the
+    client switch the upstream connection to HTTP/2 and send requests past the routing."""
+    with proxy.client() as c:
+        # the next request in the same write: the parser must read on after the dropped upgrade
+        c.send(b"GET /h2 HTTP/1.1\r\n" + H + H2C + b"\r\n" + get("/next"))
+        first, second = c.response(), c.response()
+        assert first.status == 200 and first.body == b"path=/h2 body=0"
+        assert second.status == 200 and second.body == b"path=/next body=0"
+        assert first.header("upgrade") is None
+    h2, nxt = upstream.wait_requests(2)
+    assert h2.target == b"/h2" and nxt.target == b"/next"
+    assert not h2.names() & {b"upgrade", b"http2-settings", b"connection"}, h2.headers
+    assert b"h2c" not in upstream.raw.lower() and b"upgrade" not in upstream.raw.lower()
+
+
+@pytest.mark.parametrize("headers", [
+    pytest.param(b"Upgrade: h2c\r\n", id="no-connection-token"),
+    pytest.param(b"Connection: upgrade\r\nUpgrade: H2C\r\n", id="upper-case"),
+    pytest.param(b"Connection: keep-alive, Upgrade\r\nUpgrade: h2c\r\nHTTP2-Settings: AA\r\n", id="settings-unnamed"),
+])
+def test_h2c_never_forwarded_in_any_spelling(proxy, upstream, headers):
+    with proxy.client() as c:
+        r = c.request(b"GET /x HTTP/1.1\r\n" + H + headers + b"\r\n")
+        assert r.status == 200
+        assert c.request(get("/after")).status == 200, "the connection stays a plain HTTP/1.1 one"
+    req = upstream.requests[0]
+    assert not req.names() & {b"upgrade", b"http2-settings", b"connection"}, req.headers
+    assert b"h2c" not in upstream.raw.lower()
+
+
+def test_websocket_still_tunnels_when_h2c_is_offered_too(proxy, upstream):
+    upstream.handler = websocket_echo
+    with proxy.client() as c:
+        c.send(b"GET /ws HTTP/1.1\r\n" + H + b"Connection: Upgrade\r\nUpgrade: h2c, websocket\r\n"
+               b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + ws.KEY + b"\r\n\r\n")
+        r = c.response()
+        assert r.status == 101 and r.header("sec-websocket-accept") == ws.accept_key(ws.KEY)
+        c.send(ws.client_frame(b"over the tunnel"))
+        assert c.ws_frame() == (ws.OP_TEXT, b"over the tunnel")
+    (req,) = upstream.requests
+    assert req.header("upgrade") == b"websocket"
+    assert (req.header("connection") or b"").lower() == b"upgrade"
+
+
+def test_options_asterisk_keeps_its_form_and_goes_to_the_hosts_catch_all(make_proxy, upstream, loop_thread):
+    """`OPTIONS *` asks about the server, not a resource: it is forwarded as `OPTIONS *`,
+    to the route holding the Host's `/` prefix, never to an exact `url = "/"` route."""
+    home = RecordingUpstream(loop_thread).start()
+    try:
+        proxy = make_proxy(routes=[
+            {"name": "home", "host": "example.com", "url": "/", "upstreams": [home.address]},
+            {"name": "site", "host": "example.com", "path": "/", "upstreams": [upstream.address]},
+            {"host": "api.example.com", "path": "/v1", "upstreams": [home.address]},
+        ])
+        with proxy.client() as c:
+            r = c.request(b"OPTIONS * HTTP/1.1\r\n" + H + b"\r\n")
+            assert r.status == 200 and r.body == b"path=* body=0"
+        with proxy.client() as c:
+            r = c.request(b"OPTIONS * HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+            assert r.status == 404, "a host without a catch-all route has nobody to ask"
+        (req,) = upstream.requests
+        assert req.method == b"OPTIONS" and req.target == b"*"
+        assert upstream.raw.startswith(b"OPTIONS * HTTP/1.1\r\n")
+        assert home.raw == b""
+    finally:
+        home.close()
+
+
+@pytest.mark.parametrize("raw,why", [
+    pytest.param(b"GET / HTTP/2.0\r\n" + H + b"\r\n", b"HTTP/2.0 is not supported", id="http2"),
+    pytest.param(get("/a%00b"), b"%00", id="nul"),
+    pytest.param(b"GET http://evil.com/secret HTTP/1.1\r\n" + H + b"\r\n",
+                 b"names evil.com but Host names example.com", id="absolute-form-other-host"),
+    pytest.param(b"GET http://example.com@evil.com/ HTTP/1.1\r\n" + H + b"\r\n",
+                 b"absolute-form target with a malformed authority", id="absolute-form-userinfo"),
+    pytest.param(post(b"Transfer-Encoding: chunked \r\n", CHUNKED_BODY), b"whitespace after the Transfer-Encoding",
+                 id="te-whitespace"),
+])
+def test_refusals_say_why(proxy, upstream, raw, why):
+    with proxy.client() as c:
+        r = c.request(raw)
+        assert r.status in (400, 505) and why in r.body, r.body
+    assert upstream.raw == b""
+
+
+@pytest.mark.parametrize("value", [b"\tchunked", b"  chunked", b"Chunked"])
+def test_transfer_encoding_ows_before_the_value_is_fine_on_both_sides(proxy, upstream, value):
+    """The one rule (message.transfer_coding): whitespace before the value is OWS and
+    fine; after it, refused on both sides (see the next test)."""
+    upstream.handler = fixed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding:" + value + b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    with proxy.client() as c:
+        r = c.request(post(b"Transfer-Encoding:" + value + b"\r\n", CHUNKED_BODY))
+        assert r.status == 200 and r.body == b"hello"
+    (req,) = upstream.requests
+    assert req.body == b"hello" and req.header("transfer-encoding") == b"chunked"
+
+
+@pytest.mark.parametrize("value", [b"chunked ", b"chunked\t", b"chunked \t"])
+def test_transfer_encoding_whitespace_after_the_value_is_refused_on_both_sides(proxy, upstream, value):
+    """llhttp reads `chunked<TAB>` in a response as "not chunked" (body to the close) and
+    refuses it in a request; summon refuses trailing whitespace on both sides alike."""
+    with proxy.client() as c:
+        assert c.request(post(b"Transfer-Encoding: " + value + b"\r\n", CHUNKED_BODY)).status == 400
+    assert upstream.raw == b""
+    upstream.handler = fixed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + value + b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    with proxy.client() as c:
+        r = c.request(get("/resp"))
+        assert r.status == 502 and b"hello" not in r.body
+    wait_until(lambda: all(conn.closed for conn in upstream.conns), 3, "the upstream connection to be dropped")
+
+
+def test_small_chunked_body_bad_after_good_chunks_forwards_nothing(proxy, upstream):
+    """Good chunks first, bad framing later: the body was being buffered (it is small), so
+    the 400 comes with nothing of the request on the upstream's side, not even the head."""
+    with proxy.client() as warm:  # a pooled upstream connection, ready to take a head at once
+        assert warm.request(get("/warm")).status == 200
+    with proxy.client() as c:
+        c.send(post(b"Transfer-Encoding: chunked\r\n") + b"5\r\nhello\r\n6\r\n world\r\n")
+        time.sleep(0.1)  # the good part is read (and, before, would have been forwarded)
+        c.send(b"3\r\nabcXX")
+        assert c.response().status == 400
+        assert c.is_closed()
+    time.sleep(0.05)
+    assert [r.target for r in upstream.requests] == [b"/warm"]
+    assert b"POST" not in upstream.raw and b"hello" not in upstream.raw
+
+
+def test_small_chunked_body_is_forwarded_whole(proxy, upstream):
+    with proxy.client() as c:
+        c.send(post(b"Transfer-Encoding: chunked\r\n") + b"5\r\nhello\r\n")
+        time.sleep(0.1)
+        assert upstream.raw == b"", "a small chunked body is read whole before a replica is taken"
+        c.send(b"6\r\n world\r\n0\r\n\r\n")
+        assert c.response().body == b"path=/upload body=11"
+    assert upstream.requests[0].body == b"hello world"
+
+
+def _large_chunked_started(make_proxy, upstream):  # type: ignore[no-untyped-def]
+    proxy = make_proxy(request_buffer_bytes="1k")
+    c = proxy.client()
+    c.send(post(b"Transfer-Encoding: chunked\r\n") + b"1000\r\n" + b"a" * 4096 + b"\r\n")
+    wait_until(lambda: upstream.conns and upstream.conns[0].raw.count(b"a") >= 4096, 3,
+               "the large body to stream to the upstream")
+    return c
+
+
+def _assert_aborted_upstream(upstream) -> None:  # type: ignore[no-untyped-def]
+    wait_until(lambda: upstream.conns[0].closed, 3, "the upstream connection to end")
+    conn = upstream.conns[0]
+    assert conn.reset, f"the upstream must see a reset, not an end it could take for a request's end ({conn.error})"
+    assert upstream.requests == [], "the upstream took an aborted request for a complete one"
+    assert b"0\r\n\r\n" not in conn.raw.partition(b"\r\n\r\n")[2], "the chunked terminator was sent"
+
+
+def test_large_chunked_body_with_bad_framing_midway_reaches_upstream_as_aborted(make_proxy, upstream):
+    c = _large_chunked_started(make_proxy, upstream)
+    with c:
+        c.send(b"5\r\nhelloXX")
+        assert c.response().status == 400
+        assert c.is_closed()
+    _assert_aborted_upstream(upstream)
+
+
+def test_large_chunked_body_client_gone_midway_reaches_upstream_as_aborted(make_proxy, upstream):
+    c = _large_chunked_started(make_proxy, upstream)
+    c.close()
+    _assert_aborted_upstream(upstream)
+
+
+def test_large_content_length_body_client_gone_midway_reaches_upstream_as_aborted(make_proxy, upstream):
+    proxy = make_proxy(request_buffer_bytes="1k")
+    c = proxy.client()
+    c.send(post(b"Content-Length: 10000\r\n") + b"a" * 4096)
+    wait_until(lambda: upstream.conns and upstream.conns[0].raw.count(b"a") >= 4096, 3, "the body to stream")
+    c.close()
+    _assert_aborted_upstream(upstream)

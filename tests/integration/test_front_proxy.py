@@ -84,7 +84,8 @@ def test_content_length_body_forwarded_exactly(proxy, upstream):
     assert req.header("transfer-encoding") is None
 
 
-def test_chunked_body_streams_and_is_reframed(proxy, upstream):
+def test_chunked_body_streams_and_is_reframed(make_proxy, upstream):
+    proxy = make_proxy(request_buffer_bytes=3)  # so a 4-byte chunk is already "large"
     with proxy.client() as c:
         c.send(post("/stream", b"Transfer-Encoding: chunked\r\n"))
         c.send(b"4;note=first\r\nabcd\r\n")

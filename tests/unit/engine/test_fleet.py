@@ -140,6 +140,34 @@ def test_draining_waits_for_inflight_requests() -> None:
     assert of(Stop, f.tick(15.1))
 
 
+def test_long_request_keeps_instance_past_idle_timeout_and_idle_counts_from_its_end() -> None:
+    """A WebSocket tunnel is one request in flight for its whole life."""
+    f = fleet(replace(ROUTE, idle_timeout_s=5.0))
+    iid = of(Boot, f.request_arrived("site", 1, "k", None, 0.0))[0].instance_id
+    f.instance_ready(iid, addr(1), 0.5)
+    for t in range(1, 100):  # open for 20 idle timeouts
+        assert not of(Stop, f.tick(float(t))) and f.instances[iid].state is State.READY
+    f.request_finished("site", iid, True, 100.0)
+    assert not of(Stop, f.tick(104.9)), "idle_timeout counts from the end of the tunnel"
+    assert of(Stop, f.tick(105.0))
+
+
+def test_draining_instance_is_stopped_at_drain_timeout_with_requests_still_open() -> None:
+    a = replace(ROUTE, name="a", image="a")
+    f = Fleet(Limits(max_instances=8), (Host("h1", "local", slots=8),), drain_timeout_s=30.0)
+    f.set_routes((a,), 0.0)
+    iid = of(Boot, f.request_arrived("a", 1, "k", None, 0.0))[0].instance_id
+    f.instance_ready(iid, addr(1), 0.5)
+    out = f.set_routes((replace(a, image="a2"),), 10.0)  # a new image: the old instance drains
+    assert not of(Stop, out) and f.instances[iid].state is State.DRAINING
+    assert not of(Stop, f.tick(39.9)), "an open tunnel is cut only at drain_timeout"
+    (stop,) = of(Stop, f.tick(40.0))
+    assert stop.instance_id == iid and "drain_timeout" in stop.reason
+    assert not of(Stop, f.tick(41.0)), "stopped once"
+    f.instance_stopped(iid, 41.5)
+    assert f.request_finished("a", iid, False, 42.0) == []  # the cut tunnel ends after its instance
+
+
 def test_min_replicas_keeps_instances_warm() -> None:
     f = Fleet(Limits(max_instances=8), (Host("h1", "local", slots=8),))
     out = f.set_routes((replace(ROUTE, min_replicas=2, idle_timeout_s=1.0),), 0.0)
