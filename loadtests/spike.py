@@ -50,6 +50,9 @@ sys.path.insert(0, str(HERE))
 from benchlib import free_port  # noqa: E402
 from regions import DEFAULT_WEIGHTS, PROFILES, Profile, busiest, parse_weights  # noqa: E402
 
+from proxy.errors import ImageError  # noqa: E402
+from proxy.images.manifest import load_image  # noqa: E402
+
 LIVE_STATES = ("booting", "ready", "draining")
 
 
@@ -132,11 +135,10 @@ def image_has_vm_target(cfg: dict[str, Any]) -> list[str]:
         name = route.get("image")
         if not name:
             continue
-        manifest = images_dir / name / "image.toml"
-        try:
-            targets = tomllib.loads(manifest.read_text()).get("targets", {})
-        except (OSError, tomllib.TOMLDecodeError):
-            targets = {}
+        try:  # the built manifest (build/image.toml) when there is a current one
+            targets = load_image(images_dir, name).targets()
+        except ImageError:
+            targets = []
         if "x86_64" not in targets:
             missing.append(name)
     return missing

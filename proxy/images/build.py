@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ImageError
-from .manifest import content_digest, read_manifest, write_manifest
+from .manifest import BUILD_DIR, content_digest, manifest_digest, read_manifest, write_built_manifest
 
 # Load order matters: each module needs the ones before it (see modules.dep).
 VIRTIO_NET_MODULES = (
@@ -218,9 +218,15 @@ def summon_version() -> str:
 
 
 def build_image(image_dir: Path, progress: Callable[[str], None]) -> None:
-    """Build build/vmlinuz + build/initrd.cpio.gz and record them in image.toml."""
+    """Build build/vmlinuz + build/initrd.cpio.gz and record them in build/image.toml.
+
+    Everything is written under build/ (not committed): the recipe image.toml is only
+    read, so building leaves a checkout as it was. The built manifest carries the
+    recipe's tables and the recipe's digest, so the image says what it was built from.
+    """
     t0 = time.monotonic()
     manifest = read_manifest(image_dir)
+    recipe_digest = manifest_digest(manifest)
     unix = manifest.get("targets", {}).get("unix", {})
     site = image_dir / unix.get("content", "site")
     old_x86 = manifest.get("targets", {}).get("x86_64", {})
@@ -230,7 +236,7 @@ def build_image(image_dir: Path, progress: Callable[[str], None]) -> None:
 
     kernel = find_kernel()
     progress(f"kernel {kernel.release} from {kernel.vmlinuz}")
-    build = image_dir / "build"
+    build = image_dir / BUILD_DIR
     build.mkdir(exist_ok=True)
     vmlinuz = build / "vmlinuz"
     tmp = build / ".vmlinuz.tmp"
@@ -246,9 +252,9 @@ def build_image(image_dir: Path, progress: Callable[[str], None]) -> None:
 
     targets = dict(manifest.get("targets", {}))
     targets["x86_64"] = {
-        "kernel": "build/vmlinuz",
+        "kernel": f"{BUILD_DIR}/vmlinuz",
         "kernel_sha256": kernel_sha,
-        "initrd": "build/initrd.cpio.gz",
+        "initrd": f"{BUILD_DIR}/initrd.cpio.gz",
         "initrd_sha256": initrd_sha,
         "cmdline": cmdline,
         "memory_mib": memory,
@@ -262,6 +268,7 @@ def build_image(image_dir: Path, progress: Callable[[str], None]) -> None:
         "modules": list(VIRTIO_NET_MODULES),
         "site_sha256": content_digest(site),
         "built_with": f"summon {summon_version()}",
+        "recipe_digest": recipe_digest,
     }
-    write_manifest(image_dir, manifest)
-    progress(f"updated {image_dir / 'image.toml'} in {time.monotonic() - t0:.2f}s")
+    written = write_built_manifest(image_dir, manifest)
+    progress(f"wrote {written} (from recipe {recipe_digest[:19]}...) in {time.monotonic() - t0:.2f}s")

@@ -6,6 +6,16 @@ its sha256. The image digest is a hash over a canonical form of the whole manife
 pinning a route to ``name@sha256:...`` also pins every artefact the manifest names, and
 `Image.verify` proves the files on disk are still those artefacts.
 
+Two files, so that building never edits what is committed:
+- ``NAME/image.toml`` is the recipe, written by people: the unix target, the site, and
+  any knobs of the microVM (``[targets.x86_64]`` cmdline, memory_mib, guest_port).
+- ``NAME/build/image.toml`` is what `summon images build` wrote next to its artefacts
+  (build/ is not committed): the recipe's tables plus the built ``[targets.x86_64]``
+  and a ``[build]`` table (packages, kernel, and ``recipe_digest``, the digest of the
+  recipe it was built from). When that digest is the recipe's current one, the built
+  manifest *is* the image; when the recipe changed since, the build is stale and the
+  image is the recipe alone (no x86_64 target until it is built again).
+
 Loading is on the request path (a cold route resolves its image per boot), so manifests
 are cached by (path, mtime, size) and artefact hashes by (path, size, mtime): a file that
 is rewritten gets a new mtime and is hashed again; an untouched 30 MB kernel is not.
@@ -26,12 +36,13 @@ from typing import Any
 from ..errors import ImageError
 
 MANIFEST = "image.toml"
+BUILD_DIR = "build"  # under the image dir; `summon images build` writes only here
 DIGEST_SUFFIX = "_sha256"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _PIN = re.compile(r"^(?P<ref>.+?)@(?P<digest>sha256:[0-9a-f]{64})$")
 
 _lock = threading.Lock()
-_manifest_cache: dict[tuple[str, int, int], Image] = {}
+_manifest_cache: dict[tuple[str, int, int, int, int], Image] = {}  # recipe and build/image.toml stats
 _file_hash_cache: dict[tuple[str, int, int], str] = {}
 
 
@@ -43,6 +54,8 @@ class Image:
     dir: Path
     manifest: dict[str, Any]
     digest: str  # "sha256:<hex>" over canonical_manifest(manifest)
+    file: Path | None = None  # the manifest this was read from: the recipe or build/image.toml
+    stale: str = ""  # why a build/image.toml next to the recipe was not used, if one was not
 
     @property
     def ref(self) -> str:
@@ -57,7 +70,10 @@ class Image:
         if not isinstance(table, dict):
             have = ", ".join(self.targets()) or "none"
             hint = " (run `summon images build " + self.name + "`)" if name != "unix" else ""
-            raise ImageError(f"image {self.name!r} ({self.dir / MANIFEST}) has no target {name!r} (has: {have}){hint}")
+            if self.stale and name != "unix":
+                hint += f"; {self.stale}"
+            file = self.file or self.dir / MANIFEST
+            raise ImageError(f"image {self.name!r} ({file}) has no target {name!r} (has: {have}){hint}")
         return table
 
     def path(self, target: str, key: str) -> Path:
@@ -187,8 +203,17 @@ def _resolve(images_dir: Path, ref: str) -> Path:
 
 
 def read_manifest(image_dir: Path) -> dict[str, Any]:
-    """Parse and shape-check `image_dir/image.toml` (uncached: for builders and the CLI)."""
-    file = image_dir / MANIFEST
+    """Parse and shape-check the recipe `image_dir/image.toml` (uncached: for builders and the CLI)."""
+    return read_manifest_file(image_dir / MANIFEST)
+
+
+def built_manifest_file(image_dir: Path) -> Path:
+    """Where `summon images build` records what it built: `image_dir/build/image.toml`."""
+    return image_dir / BUILD_DIR / MANIFEST
+
+
+def read_manifest_file(file: Path) -> dict[str, Any]:
+    """Parse and shape-check one manifest file, a recipe or a built manifest."""
     try:
         data = tomllib.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -215,21 +240,43 @@ def load_image(images_dir: Path, ref: str) -> Image:
         raise ImageError(f"{ref!r}: a pin must look like NAME@sha256:<64 hex digits>")
     image_dir = _resolve(images_dir, ref).absolute()  # {dir} must not depend on a later cwd
     file = image_dir / MANIFEST
+    built = built_manifest_file(image_dir)
     try:
         st = file.stat()
     except OSError as exc:
         raise ImageError(f"cannot read {file}: {exc.strerror or exc}") from exc
-    key = (str(file.resolve()), st.st_mtime_ns, st.st_size)
+    try:
+        bs = built.stat()
+        bst = (bs.st_mtime_ns, bs.st_size)
+    except FileNotFoundError:
+        bst = (0, -1)
+    except OSError as exc:
+        raise ImageError(f"cannot read {built}: {exc.strerror or exc}") from exc
+    key = (str(file.resolve()), st.st_mtime_ns, st.st_size, *bst)
     with _lock:
         image = _manifest_cache.get(key)
     if image is None:
-        manifest = read_manifest(image_dir)
-        image = Image(name=manifest["name"], dir=image_dir, manifest=manifest, digest=manifest_digest(manifest))
+        image = _load(image_dir, built_exists=bst[1] >= 0)
         with _lock:
             _manifest_cache[key] = image
     if pin is not None and pin != image.digest:
-        raise ImageError(f"image {ref!r} is pinned to {pin} but {file} has digest {image.digest}")
+        raise ImageError(f"image {ref!r} is pinned to {pin} but {image.file} has digest {image.digest}")
     return image
+
+
+def _load(image_dir: Path, built_exists: bool) -> Image:
+    """The built manifest when it was built from the recipe as it is now, else the recipe."""
+    recipe = read_manifest(image_dir)
+    recipe_digest = manifest_digest(recipe)
+    stale = ""
+    if built_exists:
+        file = built_manifest_file(image_dir)
+        built = read_manifest_file(file)
+        from_recipe = built.get("build", {}).get("recipe_digest") if isinstance(built.get("build"), dict) else None
+        if from_recipe == recipe_digest and built["name"] == recipe["name"]:
+            return Image(built["name"], image_dir, built, manifest_digest(built), file=file)
+        stale = f"{file} was built from another version of {image_dir / MANIFEST}"
+    return Image(recipe["name"], image_dir, recipe, recipe_digest, file=image_dir / MANIFEST, stale=stale)
 
 
 def image_names(images_dir: Path) -> list[str]:
@@ -282,11 +329,22 @@ def dump_manifest(manifest: dict[str, Any]) -> str:
 
 
 def write_manifest(image_dir: Path, manifest: dict[str, Any]) -> None:
-    """Atomically replace image.toml (a reader never sees half a manifest)."""
-    file = image_dir / MANIFEST
-    tmp = file.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
-    tmp.write_text(
-        "# Written by `summon images build`; the [targets.unix] table may be edited by hand.\n" + dump_manifest(manifest),
-        encoding="utf-8",
-    )
+    """Atomically replace the recipe image.toml (tools that generate recipes, tests)."""
+    _write_atomic(image_dir / MANIFEST, dump_manifest(manifest))
+
+
+def write_built_manifest(image_dir: Path, manifest: dict[str, Any]) -> Path:
+    """Atomically write build/image.toml; the recipe next to it is left as it is."""
+    file = built_manifest_file(image_dir)
+    file.parent.mkdir(exist_ok=True)
+    header = (f"# Written by `summon images build` from ../{MANIFEST} (the recipe): edit that one, then build\n"
+              "# again. [build].recipe_digest says which version of the recipe this was built from.\n")
+    _write_atomic(file, header + dump_manifest(manifest))
+    return file
+
+
+def _write_atomic(file: Path, text: str) -> None:
+    """A reader never sees half a manifest."""
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, file)

@@ -12,23 +12,34 @@ import pytest
 
 from proxy.errors import ImageError
 from proxy.images.build import S_IFREG, Entry, build_site_initramfs, pack_newc, write_initramfs
-from proxy.images.manifest import content_digest, dump_manifest, load_image, read_manifest
+from proxy.images.manifest import (
+    content_digest,
+    dump_manifest,
+    load_image,
+    manifest_digest,
+    read_manifest,
+    write_built_manifest,
+)
 from tests.helpers.paths import REPO
 
 
 def copy_decks(tmp_path: Path) -> Path:
+    """The tests' own copy of the decks recipe (image.toml + site/), never the checkout's
+    build/: whatever `make demo` or `summon images build` left there does not matter."""
     images = tmp_path / "images"
     shutil.copytree(REPO / "images" / "decks", images / "decks", ignore=shutil.ignore_patterns("build"))
     return images
 
 
-def test_committed_decks_manifest_verifies() -> None:
-    image = load_image(REPO / "images", "decks")
+def test_committed_decks_manifest_verifies(tmp_path: Path) -> None:
+    images = copy_decks(tmp_path)
+    image = load_image(images, "decks")
     assert image.name == "decks" and image.digest.startswith("sha256:")
+    assert image.targets() == ["unix"], "the committed recipe carries no built target"
     image.verify("unix")  # the committed content_sha256 is the site's real digest
     cmd = image.unix_command(8123)
     assert cmd[:2] == ["busybox", "httpd"] and "127.0.0.1:8123" in cmd
-    assert cmd[-1] == str((REPO / "images" / "decks" / "site").absolute())
+    assert cmd[-1] == str((images / "decks" / "site").absolute())
 
 
 def test_site_is_small_and_links_its_assets() -> None:
@@ -86,14 +97,49 @@ def test_tampered_content_is_detected(tmp_path: Path) -> None:
         image.verify("unix")
 
 
+def fake_build(d: Path, kernel: bytes = b"k" * 1000) -> dict:
+    """What `summon images build` writes, without a kernel: build/vmlinuz + build/image.toml."""
+    (d / "build").mkdir(exist_ok=True)
+    (d / "build" / "vmlinuz").write_bytes(kernel)
+    recipe = read_manifest(d)
+    built = read_manifest(d)
+    built["targets"]["x86_64"] = {"kernel": "build/vmlinuz", "kernel_sha256": content_digest_of(kernel)}
+    built["build"] = {"recipe_digest": manifest_digest(recipe)}
+    write_built_manifest(d, built)
+    return built
+
+
+def test_build_output_lives_beside_the_recipe_not_in_it(tmp_path: Path) -> None:
+    """The recipe is never rewritten; a build/image.toml built from the recipe as it is now
+    is the image, and one built from an older recipe is ignored with a reason."""
+    images = copy_decks(tmp_path)
+    d = images / "decks"
+    recipe_text = (d / "image.toml").read_text()
+    recipe = load_image(images, "decks")
+    built = fake_build(d)
+    assert (d / "image.toml").read_text() == recipe_text
+    image = load_image(images, "decks")
+    assert image.targets() == ["unix", "x86_64"] and image.file == d / "build" / "image.toml"
+    assert image.digest != recipe.digest and image.manifest == built
+    assert image.manifest["build"]["recipe_digest"] == recipe.digest
+    assert image.target("unix") == recipe.target("unix")
+    image.verify("x86_64")
+    # the recipe changes after the build: the build no longer describes it
+    (d / "image.toml").write_text(recipe_text.replace('health_path = "/"', 'health_path = "/about.html"'))
+    os.utime(d / "image.toml", ns=(time.time_ns(), time.time_ns() + 10_000_000))
+    stale = load_image(images, "decks")
+    assert stale.targets() == ["unix"] and stale.file == d / "image.toml"
+    with pytest.raises(ImageError, match=r"no target 'x86_64'.*images build decks.*build/image.toml was built from "
+                                         r"another version of .*decks/image.toml"):
+        stale.target("x86_64")
+    fake_build(d)
+    assert load_image(images, "decks").targets() == ["unix", "x86_64"]
+
+
 def test_tampered_artefact_file_is_detected_despite_cache(tmp_path: Path) -> None:
     images = copy_decks(tmp_path)
     d = images / "decks"
-    (d / "build").mkdir()
-    (d / "build" / "vmlinuz").write_bytes(b"k" * 1000)
-    m = read_manifest(d)
-    m["targets"]["x86_64"] = {"kernel": "build/vmlinuz", "kernel_sha256": content_digest_of(b"k" * 1000)}
-    (d / "image.toml").write_text(dump_manifest(m))
+    fake_build(d)
     image = load_image(images, "decks")
     image.verify("x86_64")
     image.verify("x86_64")  # cached
@@ -169,6 +215,8 @@ def test_build_image_twice_same_digest(tmp_path: Path) -> None:
     from proxy.images.build import build_image
 
     images = copy_decks(tmp_path)
+    recipe_text = (images / "decks" / "image.toml").read_text()
+    recipe = load_image(images, "decks")
     lines: list[str] = []
     build_image(images / "decks", lines.append)
     first = load_image(images, "decks")
@@ -177,7 +225,10 @@ def test_build_image_twice_same_digest(tmp_path: Path) -> None:
     second = load_image(images, "decks")
     assert first.digest == second.digest
     assert first.target("x86_64") == second.target("x86_64")
-    assert second.target("unix") == load_image(REPO / "images", "decks").target("unix")
+    assert second.target("unix") == recipe.target("unix")
+    assert (images / "decks" / "image.toml").read_text() == recipe_text, "the build rewrote the recipe"
+    assert second.file == images / "decks" / "build" / "image.toml"
+    assert second.manifest["build"]["recipe_digest"] == recipe.digest
     assert any("kernel" in line for line in lines)
     assert "busybox-static" in second.manifest["build"]["packages"]
 
