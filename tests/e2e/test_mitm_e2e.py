@@ -175,7 +175,7 @@ def test_cold_route_through_mitmdump_concurrent_flows_then_idle_stop(setup: tupl
     elapsed = time.monotonic() - started
     assert [a[0] for a in answers] == [200] * CONCURRENT
     assert all(a[2] == want for a in answers)
-    assert elapsed >= 1.0  # they were held during the one-second boot, not refused
+    assert elapsed >= 1.0  # held during the one-second boot, not refused (a lower bound: noise only adds time)
     summoned = wait_for(lambda: [e for e in kinds(db) if e.kind == "summoned"], 5)
     assert len(summoned) == 1, summoned  # one instance for all fifty flows
     assert len(busybox_children(site)) == 1

@@ -102,7 +102,7 @@ def test_a_url_that_always_fails_gets_its_answer_once_the_probe_says_ready(tmp_p
     backend = FakeBackend(FakeBehaviour(failing_paths=(b"/broken",)))
 
     async def scenario() -> tuple[int, bytes, float]:
-        rt, port = await start(config(tmp_path, boot_timeout="10s"), backend)
+        rt, port = await start(config(tmp_path, boot_timeout="60s"), backend)
         loop = asyncio.get_running_loop()
         try:
             t0 = loop.time()
@@ -113,7 +113,7 @@ def test_a_url_that_always_fails_gets_its_answer_once_the_probe_says_ready(tmp_p
 
     status, body, took = uvloop.run(scenario())
     assert status == 503 and body.startswith(b"fake instance")  # the application's own answer
-    assert took < 5.0
+    assert took < 20  # answered once the probe said ready, not at the 60 s boot deadline (a bound noise cannot cross)
     ready = [e for e in EventLog(tmp_path / "events.db").query() if e.kind == "ready"]
     assert [e.detail["ready_by"] for e in ready] == ["probe"]
 
@@ -135,5 +135,5 @@ def test_a_trial_on_an_instance_that_never_answers_gets_503_at_the_boot_timeout(
 
     status, took, snap = uvloop.run(scenario())
     assert status == 503
-    assert 0.9 <= took < 3.0
+    assert 0.9 <= took < 10  # not before the 1 s boot timeout; the upper bound is one noise cannot cross
     assert all(i["state"] != "ready" for r in snap["routes"] for i in r["instances"])
