@@ -1,31 +1,37 @@
-"""Overload figure for `make bench`: goodput and p99 at 2x the proxy's saturation rate,
-next to the same figures at saturation.
+"""Overload figures for `make bench`: summon and nginx (as reverse proxy to the same
+upstream) offered 1x and 2x their own saturation rate, under the same CPU cap and the same
+open-loop generator, with their ratios side by side.
 
 Method (wrk cannot hold a fixed arrival rate and wrk2 is not packaged here):
-1. summon runs pinned to one core, in a CPU cgroup capped at `CPU_SHARE` of it, so that
-   summon is the bottleneck and one Python generator on the other core can offer twice
+1. Each target runs pinned to core 0, in a CPU cgroup capped at `CPU_SHARE` of it, so that
+   the target is the bottleneck and one Python generator on the other core can offer twice
    what it serves. The cap is a 1 ms quota per `1 ms / CPU_SHARE` period: a slower CPU
    rather than one that stops for most of a 100 ms period (cgroup v1 or v2, when
-   writable: root). Without a writable cgroup the section runs uncapped and says so. Its
-   route to nginx allows 1,024 upstream connections (nginx takes any number): with the
+   writable: root). Without a writable cgroup the section runs uncapped and says so.
+   summon's route allows 1,024 upstream connections (nginx takes any number): with the
    default 32 per replica, the slowed-down summon would queue requests for upstream
    connections rather than saturate its CPU, and the figure would measure that cap.
-2. Saturation: wrk, closed loop, one thread, over 1..128 connections; the saturation rate
-   is the peak 2xx rate of that sweep.
-3. An open-loop generator (below, one uvloop process) sends GETs at a fixed arrival rate,
+   nginx is the `proxy` section's reverse proxy (one worker, upstream keep-alive).
+2. An open-loop generator (below, one uvloop process) sends GETs at a fixed arrival rate,
    whatever the answers do: each arrival takes an idle keep-alive connection or opens a
    new one (up to 2,048; past that it is counted as `dropped`), as independent clients
    would. Latency is measured from the scheduled arrival (no coordinated omission).
-   `offered_per_s` counts every arrival (goal: at 2x, at least 1.95x saturation), and
-   `send_lag_p99_ms` says how late the generator itself was. Goodput is 2xx answers per
-   second. Shed is what summon turned away: 503s (`shed_503`), connections refused at
-   connect (`refused`) or reset from the backlog before any answer (`reset`); summon
-   refuses connections while it is overloaded (proxy/overload.py), and its own count is
-   under `summon_overload`. `unanswered` is what was still waiting 1 s after the run.
-4. It runs at 1x and 2x the saturation rate, against summon with its overload limits
-   (max_inflight 256, max_connections 1,024). The goals: goodput at 2x is at least 80% of
-   goodput at 1x (it must not collapse), and the 2xx p99 at 2x stays within 10x of 1x.
-   The saturation rate is the sweep's best moment, so 1x already overloads a little.
+   `offered_per_s` counts every arrival, and `send_lag_p99_ms` says how late the
+   generator itself was. Goodput is 2xx answers per second. Shed is what the target
+   turned away: 503s (`shed_503`), connections refused at connect (`refused`) or reset
+   from the backlog before any answer (`reset`); summon refuses connections while it is
+   overloaded (proxy/overload.py), and its own count is under `summon.overload`.
+   `unanswered` is what was still waiting `tail` seconds after the run.
+3. Saturation, with that same generator: the offered rate starts at `SWEEP_START_PER_S`
+   and grows by `SWEEP_STEP` per step until goodput stops rising (two steps in a row
+   without a new best by `SWEEP_GAIN`); the saturation is the best goodput seen. Both the
+   1x and the 2x figures are then measured the same way (open loop, new connections under
+   pressure), so their ratio compares like with like.
+4. 1x offers the saturation rate, 2x twice it. Figures per target: goodput at 2x over its
+   own saturation (does it hold up or collapse?) and 2xx p99 at 2x over 1x (does what it
+   serves stay fast, or queue?). Goals for summon: the goodput ratio at least 0.8 and not
+   below nginx's in the same run; the p99 ratio at most 10. `offered_2x_over_saturation`
+   (at least 1.95) says the generator really offered 2x.
 """
 
 from __future__ import annotations
@@ -43,10 +49,14 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
-GOAL_GOODPUT_RATIO = 0.8  # goodput at 2x / goodput at 1x, at least
-GOAL_P99_RATIO = 10.0  # 2xx p99 at 2x / at 1x, at most
+GOAL_GOODPUT_RATIO = 0.8  # summon's goodput at 2x / its own open-loop saturation, at least (and >= nginx's)
+GOAL_P99_RATIO = 10.0  # summon's 2xx p99 at 2x / at 1x, at most
 GOAL_OFFERED_RATIO = 1.95  # what the generator offered at "2x" / saturation, at least
-CPU_SHARE = 0.08  # of one core, for summon during this section: low enough that one generator can offer 2x
+CPU_SHARE = 0.08  # of one core, for each target in turn: low enough that one generator can offer 2x
+SWEEP_START_PER_S = 250.0  # the saturation sweep's first offered rate
+SWEEP_STEP = 1.4  # offered rate x this per step
+SWEEP_GAIN = 1.03  # a step "raises goodput" when it beats the best so far by this factor
+SWEEP_MAX_STEPS = 14  # 250/s x 1.4^13 = 20k/s, past what one generator offers
 QUOTA_US = 1000  # the smallest CFS quota: the shorter the period, the smoother the cap
 MAX_CONNS = 2048  # the generator's connections, at most
 
@@ -55,6 +65,7 @@ import asyncio, json, sys, time
 import uvloop
 
 host, port, rate, duration, max_conns = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+tail = float(sys.argv[6]) if len(sys.argv) > 6 else 1.0
 REQ = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
 stats = {"offered": 0, "sent": 0, "ok": 0, "shed_503": 0, "refused": 0, "reset": 0, "other": 0, "errors": 0,
          "dropped": 0, "opened": 0}
@@ -148,7 +159,7 @@ async def main():
             stats["sent"] += 1
             send_lag.append(time.perf_counter() - scheduled)
         await asyncio.sleep(0.001)
-    await asyncio.sleep(1.0)  # let answers in flight arrive; later ones count as unanswered
+    await asyncio.sleep(tail)  # let answers in flight arrive; later ones count as unanswered
     lat_ok.sort()
     send_lag.sort()
     def q(values, p):
@@ -198,44 +209,157 @@ def _bench() -> Any:
     return main if hasattr(main, "start_upstream") else importlib.import_module("bench")
 
 
-def open_loop(bench: Any, port: int, rate: float, duration_s: float) -> dict[str, Any]:
+def open_loop(bench: Any, port: int, rate: float, duration_s: float, tail_s: float = 1.0) -> dict[str, Any]:
     script = bench.tmp / "openloop.py"
     script.write_text(GENERATOR)
     pin = ["taskset", "-c", "1"] if (os.cpu_count() or 1) > 1 and shutil.which("taskset") else []
-    cp = subprocess.run([*pin, sys.executable, str(script), HOST, str(port), str(rate), str(duration_s), str(MAX_CONNS)],
-                        capture_output=True, text=True, timeout=duration_s + 60, check=False)
+    argv = [*pin, sys.executable, str(script), HOST, str(port), str(rate), str(duration_s), str(MAX_CONNS), str(tail_s)]
+    cp = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + tail_s + 60, check=False)
     if cp.returncode != 0 or not cp.stdout.strip():
         raise RuntimeError(f"open-loop generator failed: {cp.stderr[-2000:]}")
     return dict(json.loads(cp.stdout.strip().splitlines()[-1]))
+
+
+def _start_summon(bench: Any, B: Any, upstream_port: int) -> tuple[Any, int]:
+    proc, port = B.start_summon(bench, upstream_port, "summon-overload", "max_inflight = 256\nmax_connections = 1024\n",
+                                "max_conns = 1024\n")
+    return proc, port
+
+
+def _start_nginx(bench: Any, B: Any, upstream_port: int) -> tuple[Any, int]:
+    proc, port = B.start_nginx_proxy(bench, upstream_port)
+    return proc, port
 
 
 def section_overload(bench: Any) -> dict[str, Any]:
     B = _bench()
     bl = sys.modules["benchlib"]
     quick = bool(getattr(bench.args, "quick", False))
-    duration = 3.0 if quick else 8.0
+    step_s, duration = (1.5, 3.0) if quick else (2.0, 5.0)
     _, upstream_port = B.start_upstream(bench)
-    # nginx takes any number of connections: with the default max_conns (32 per replica)
-    # the slowed-down summon would queue requests for upstream connections instead of
-    # saturating its CPU, and the figure would measure that cap.
-    proc, port = B.start_summon(bench, upstream_port, "summon-overload", "max_inflight = 256\nmax_connections = 1024\n",
-                                "max_conns = 1024\n")
-    if (os.cpu_count() or 1) > 1:
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(proc.pid, {0})
-    cgroup = cap_cpu(proc.pid, CPU_SHARE)
-    bench.log(f"  summon capped at {CPU_SHARE:.0%} of a core ({cgroup})" if cgroup else
-              "  no writable CPU cgroup: summon runs uncapped (the generator may not reach 2x)")
-    try:
-        out = _overload(bench, bl, port, duration, quick)
-        out["summon_overload"] = _summon_overload(bench)
-        return out | {"summon_cpu_share": CPU_SHARE if cgroup else None,
-                      "summon_cpu_period_us": max(QUOTA_US, round(QUOTA_US / CPU_SHARE)) if cgroup else None}
-    finally:
-        bench.procs.stop(proc)
-        if cgroup is not None:
+    targets: dict[str, dict[str, Any]] = {}
+    for name, start in (("summon", _start_summon), ("nginx", _start_nginx)):
+        bench.log(f"overload: {name}")
+        try:
+            proc, port = start(bench, B, upstream_port)
+        except B.TargetUnavailable as exc:
+            bench.messages.append(f"overload: {name} unavailable: {exc}")
+            targets[name] = {"error": str(exc)}
+            continue
+        if (os.cpu_count() or 1) > 1:
             with contextlib.suppress(OSError):
-                cgroup.rmdir()
+                os.sched_setaffinity(proc.pid, {0})
+        cgroup = cap_cpu(proc.pid, CPU_SHARE)
+        bench.log(f"  {name} capped at {CPU_SHARE:.0%} of a core ({cgroup})" if cgroup else
+                  f"  no writable CPU cgroup: {name} runs uncapped (the generator may not reach 2x)")
+        try:
+            targets[name] = _measure(bench, bl, name, port, step_s, duration)
+            targets[name]["cpu_share"] = CPU_SHARE if cgroup else None
+            if name == "summon":
+                targets[name]["overload"] = _summon_overload(bench)
+        finally:
+            bench.procs.stop(proc)
+            if cgroup is not None:
+                for _ in range(50):  # the cgroup empties once the process is gone
+                    try:
+                        cgroup.rmdir()
+                        break
+                    except OSError:
+                        time.sleep(0.1)
+    goals = _goals(bl, targets)
+    _print_side_by_side(targets, goals)
+    return {"method": "open-loop fixed-rate generator for the saturation sweep and for 1x and 2x, "
+                      "summon and nginx under the same CPU cap",
+            "cpu_period_us": max(QUOTA_US, round(QUOTA_US / CPU_SHARE)),
+            "summon_limits": {"max_inflight": 256, "max_connections": 1024, "route_max_conns": 1024},
+            **targets, "goals": goals}
+
+
+def _measure(bench: Any, bl: Any, name: str, port: int, step_s: float, duration_s: float) -> dict[str, Any]:
+    """Saturation by raising the open-loop rate until goodput stops rising, then 1x and 2x."""
+    sweep: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    without_gain = 0
+    rate = SWEEP_START_PER_S
+    for _ in range(SWEEP_MAX_STEPS):
+        _settle(bl, port)
+        r = open_loop(bench, port, rate, step_s, tail_s=0.5)
+        sweep.append({k: r[k] for k in ("rate", "offered_per_s", "goodput_per_s", "shed_per_s", "p99_ms",
+                                         "dropped", "errors")})
+        bench.log(f"  sweep {rate:.0f}/s: goodput {r['goodput_per_s']}/s, shed {r['shed_per_s']}/s, "
+                  f"2xx p99 {r['p99_ms']} ms")
+        if best is None or r["goodput_per_s"] > best["goodput_per_s"] * SWEEP_GAIN:
+            best, without_gain = r, 0
+        else:
+            without_gain += 1
+            if without_gain >= 2:
+                break
+        rate *= SWEEP_STEP
+    assert best is not None
+    saturation = float(best["goodput_per_s"])
+    runs = {}
+    for label, factor in (("1x", 1.0), ("2x", 2.0)):
+        _settle(bl, port)
+        r = open_loop(bench, port, factor * saturation, duration_s)
+        runs[label] = r
+        bench.log(f"  open loop {label}: offered {r['offered_per_s']}/s, goodput {r['goodput_per_s']}/s, "
+                  f"shed {r['shed_per_s']}/s (503 {r['shed_503']}, refused {r['refused']}, reset {r['reset']}), "
+                  f"dropped {r['dropped']}, unanswered {r['unanswered']}, errors {r['errors']}; "
+                  f"2xx p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms; generator late by {r['send_lag_p99_ms']} ms (p99)")
+    return {"saturation_per_s": saturation, "saturation_offered_per_s": best["rate"], "sweep": sweep,
+            "at_1x": runs["1x"], "at_2x": runs["2x"],
+            "offered_2x_over_saturation": bl.ratio(runs["2x"]["offered_per_s"], saturation),
+            "goodput_2x_over_saturation": bl.ratio(runs["2x"]["goodput_per_s"], saturation),
+            "p99_2x_over_1x": bl.ratio(runs["2x"]["p99_ms"], runs["1x"]["p99_ms"])}
+
+
+def _settle(bl: Any, port: int) -> None:
+    """Between runs: the target listens again (summon stops listening while it sheds)."""
+    time.sleep(0.3)
+    bl.wait_port(HOST, port, timeout=10)
+
+
+def _goals(bl: Any, targets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    summon, nginx = targets.get("summon", {}), targets.get("nginx", {})
+    good, p99 = summon.get("goodput_2x_over_saturation"), summon.get("p99_2x_over_1x")
+    nginx_good = nginx.get("goodput_2x_over_saturation")
+    offered = [t.get("offered_2x_over_saturation") for t in (summon, nginx)]
+    least_offered = min((o for o in offered if o is not None), default=None)
+    margin = None if good is None or nginx_good is None else round(good - nginx_good, 3)
+    return {
+        "offered_2x_over_saturation": {"value": least_offered, "goal": f">= {GOAL_OFFERED_RATIO}",
+                                       "status": bl.check_goal(least_offered, ">=", GOAL_OFFERED_RATIO)},
+        "summon_goodput_2x_over_saturation": {"value": good, "goal": f">= {GOAL_GOODPUT_RATIO}",
+                                              "status": bl.check_goal(good, ">=", GOAL_GOODPUT_RATIO)},
+        "summon_minus_nginx_goodput_ratio": {"value": margin, "goal": ">= 0",
+                                             "status": bl.check_goal(margin, ">=", 0.0)},
+        "summon_p99_2x_over_1x": {"value": p99, "goal": f"<= {GOAL_P99_RATIO}",
+                                  "status": bl.check_goal(p99, "<=", GOAL_P99_RATIO)},
+    }
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _print_side_by_side(targets: dict[str, dict[str, Any]], goals: dict[str, dict[str, Any]]) -> None:
+    names = [n for n in ("summon", "nginx") if n in targets]
+    rows = [
+        ("open-loop saturation (2xx/s)", lambda t: _fmt(t.get("saturation_per_s"), 0)),
+        ("goodput at 1x (2xx/s)", lambda t: _fmt(t.get("at_1x", {}).get("goodput_per_s"), 0)),
+        ("goodput at 2x (2xx/s)", lambda t: _fmt(t.get("at_2x", {}).get("goodput_per_s"), 0)),
+        ("2xx p99 at 1x (ms)", lambda t: _fmt(t.get("at_1x", {}).get("p99_ms"), 1)),
+        ("2xx p99 at 2x (ms)", lambda t: _fmt(t.get("at_2x", {}).get("p99_ms"), 1)),
+        ("goodput 2x / saturation", lambda t: _fmt(t.get("goodput_2x_over_saturation"))),
+        ("2xx p99 2x / 1x", lambda t: _fmt(t.get("p99_2x_over_1x"))),
+        ("offered 2x / saturation", lambda t: _fmt(t.get("offered_2x_over_saturation"))),
+    ]
+    print(f"  {'':<30}" + "".join(f"{n:>12}" for n in names))
+    for label, cell in rows:
+        print(f"  {label:<30}" + "".join(f"{cell(targets[n]) if 'error' not in targets[n] else 'n/a':>12}"
+                                        for n in names))
+    for name, g in goals.items():
+        print(f"  {name:<36} {_fmt(g['value']):>8}   goal {g['goal']:<8} {g['status']}")
 
 
 def _summon_overload(bench: Any) -> dict[str, Any] | None:
@@ -252,51 +376,3 @@ def _summon_overload(bench: Any) -> dict[str, Any] | None:
     totals = status.get("totals", {})
     return {"refused_connections": totals.get("refused_connections"), "shed_requests": totals.get("shed_requests"),
             **{k: v for k, v in status.get("overload", {}).items() if k not in ("refused_connections", "shed_requests")}}
-
-
-def _wrk(bl: Any, port: int, url: str, duration_s: float, connections: int) -> dict[str, Any]:
-    """run_wrk, again if wrk found the port closed: summon refuses connections while it
-    sheds, and the run before may have left it shedding for a moment."""
-    bl.wait_port(HOST, port, timeout=10)
-    try:
-        return dict(bl.run_wrk(url, duration_s=duration_s, connections=connections, threads=1))
-    except bl.WrkParseError:
-        time.sleep(0.5)
-        bl.wait_port(HOST, port, timeout=10)
-        return dict(bl.run_wrk(url, duration_s=duration_s, connections=connections, threads=1))
-
-
-def _overload(bench: Any, bl: Any, port: int, duration: float, quick: bool) -> dict[str, Any]:
-    url = f"http://{HOST}:{port}/"
-    sweep = []
-    for c in ([1, 8, 32, 128] if quick else [1, 2, 4, 8, 16, 32, 64, 128]):
-        r = _wrk(bl, port, url, min(duration, 4.0), c)
-        good = r["requests_per_s"] * (1 - r.get("non2xx", 0) / r["requests"]) if r.get("requests") else 0.0
-        latency = r.get("latency_ms", {})
-        sweep.append({"connections": c, "requests_per_s": r["requests_per_s"], "ok_per_s": round(good, 1),
-                      "p99_ms": latency.get("99"), "non2xx": r.get("non2xx", 0), "socket_errors": r.get("socket_errors")})
-        bench.log(f"  saturation sweep c{c}: {good:.0f} 2xx/s, p99 {sweep[-1]['p99_ms']} ms")
-    saturation = max(s["ok_per_s"] for s in sweep)
-    at_1x = open_loop(bench, port, saturation, duration)
-    at_2x = open_loop(bench, port, 2 * saturation, duration)
-    for name, r in (("1x", at_1x), ("2x", at_2x)):
-        bench.log(f"  open loop {name}: offered {r['offered_per_s']}/s, goodput {r['goodput_per_s']}/s, "
-                  f"shed {r['shed_per_s']}/s (503 {r['shed_503']}, refused {r['refused']}, reset {r['reset']}), "
-                  f"dropped {r['dropped']}, unanswered {r['unanswered']}, errors {r['errors']}; "
-                  f"2xx p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms; generator late by {r['send_lag_p99_ms']} ms (p99)")
-    offered_ratio = bl.ratio(at_2x["offered_per_s"], saturation)
-    good_ratio = bl.ratio(at_2x["goodput_per_s"], at_1x["goodput_per_s"])
-    p99_ratio = bl.ratio(at_2x["p99_ms"], at_1x["p99_ms"])
-    goals = {
-        "offered_2x_over_saturation": {"value": offered_ratio, "goal": f">= {GOAL_OFFERED_RATIO}",
-                                       "status": bl.check_goal(offered_ratio, ">=", GOAL_OFFERED_RATIO)},
-        "goodput_2x_over_1x": {"value": good_ratio, "goal": f">= {GOAL_GOODPUT_RATIO}",
-                               "status": bl.check_goal(good_ratio, ">=", GOAL_GOODPUT_RATIO)},
-        "p99_2x_over_1x": {"value": p99_ratio, "goal": f"<= {GOAL_P99_RATIO}",
-                           "status": bl.check_goal(p99_ratio, "<=", GOAL_P99_RATIO)},
-    }
-    for name, g in goals.items():
-        print(f"  {name:<28} {g['value']!s:>10}   goal {g['goal']:<8} {g['status']}")
-    return {"method": "wrk closed-loop sweep for saturation (2xx/s); open-loop fixed-rate generator at 1x and 2x",
-            "limits": {"max_inflight": 256, "max_connections": 1024, "route_max_conns": 1024},
-            "saturation_per_s": saturation, "sweep": sweep, "at_1x": at_1x, "at_2x": at_2x, "goals": goals}

@@ -751,7 +751,7 @@ def test_a_reader_that_never_reads_is_cut_off(tmp_path: Path, upstream_port: int
     c.connect(("127.0.0.1", s.port))
     c.sendall(b"GET /?size=67108864 HTTP/1.1\r\nHost: site\r\n\r\n")
     time.sleep(4.0)
-    wait_for(lambda: s.status()["totals"]["connections"] == 0, 3, "the stalled reader to be cut off")
+    wait_for(lambda: s.status()["totals"]["connections"] == 0, 10, "the stalled reader to be cut off")
     c.close()
 
 
