@@ -253,7 +253,7 @@ def section_overload(bench: Any) -> dict[str, Any]:
         bench.log(f"  {name} capped at {CPU_SHARE:.0%} of a core ({cgroup})" if cgroup else
                   f"  no writable CPU cgroup: {name} runs uncapped (the generator may not reach 2x)")
         try:
-            targets[name] = _measure(bench, bl, name, port, step_s, duration)
+            targets[name] = _measure(bench, bl, port, step_s, duration)
             targets[name]["cpu_share"] = CPU_SHARE if cgroup else None
             if name == "summon":
                 targets[name]["overload"] = _summon_overload(bench)
@@ -275,7 +275,7 @@ def section_overload(bench: Any) -> dict[str, Any]:
             **targets, "goals": goals}
 
 
-def _measure(bench: Any, bl: Any, name: str, port: int, step_s: float, duration_s: float) -> dict[str, Any]:
+def _measure(bench: Any, bl: Any, port: int, step_s: float, duration_s: float) -> dict[str, Any]:
     """Saturation by raising the open-loop rate until goodput stops rising, then 1x and 2x."""
     sweep: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
