@@ -21,7 +21,10 @@ Method (wrk cannot hold a fixed arrival rate and wrk2 is not packaged here):
    turned away: 503s (`shed_503`), connections refused at connect (`refused`) or reset
    from the backlog before any answer (`reset`); summon refuses connections while it is
    overloaded (proxy/overload.py), and its own count is under `summon.overload`.
-   `unanswered` is what was still waiting `tail` seconds after the run.
+   `unanswered` is what was still waiting `tail` seconds after the run. `ok_first`,
+   `first_p50_ms` and `first_p99_ms` are the 2xx answers that were the first on a new
+   connection (their latency includes connect and accept), to tell a queue in the accept
+   backlog from one on open connections.
 3. Saturation, with that same generator: the offered rate starts at `SWEEP_START_PER_S`
    and grows by `SWEEP_STEP` per step until goodput stops rising (two steps in a row
    without a new best by `SWEEP_GAIN`); the saturation is the best goodput seen. Both the
@@ -70,6 +73,7 @@ REQ = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
 stats = {"offered": 0, "sent": 0, "ok": 0, "shed_503": 0, "refused": 0, "reset": 0, "other": 0, "errors": 0,
          "dropped": 0, "opened": 0}
 lat_ok = []
+lat_first = []  # 2xx latency of the first request on a connection (it waited for connect and accept too)
 send_lag = []
 idle = []
 conns = set()
@@ -80,6 +84,7 @@ class Client(asyncio.Protocol):
         self.buf = b""
         self.transport = None
         self.answered = False
+        self.first = True
 
     def connection_made(self, transport):
         self.transport = transport
@@ -104,9 +109,12 @@ class Client(asyncio.Protocol):
             status = int(head[9:12])
             t = self.scheduled.pop(0)
             self.answered = True
+            first, self.first = self.first, False
             if 200 <= status < 300:
                 stats["ok"] += 1
                 lat_ok.append(time.perf_counter() - t)
+                if first:
+                    lat_first.append(lat_ok[-1])
             elif status == 503:
                 stats["shed_503"] += 1
             else:
@@ -161,6 +169,7 @@ async def main():
         await asyncio.sleep(0.001)
     await asyncio.sleep(tail)  # let answers in flight arrive; later ones count as unanswered
     lat_ok.sort()
+    lat_first.sort()
     send_lag.sort()
     def q(values, p):
         return round(values[min(len(values) - 1, int(len(values) * p))] * 1000, 3) if values else None
@@ -171,6 +180,7 @@ async def main():
                       "offered_per_s": round(stats["offered"] / duration, 1),
                       "goodput_per_s": round(stats["ok"] / duration, 1), "shed_per_s": round(shed / duration, 1),
                       "p50_ms": q(lat_ok, 0.5), "p99_ms": q(lat_ok, 0.99),
+                      "ok_first": len(lat_first), "first_p50_ms": q(lat_first, 0.5), "first_p99_ms": q(lat_first, 0.99),
                       "send_lag_p99_ms": q(send_lag, 0.99), "send_lag_max_ms": q(send_lag, 1.0)}))
     for c in list(conns):
         if c.transport is not None:
@@ -305,7 +315,9 @@ def _measure(bench: Any, bl: Any, port: int, step_s: float, duration_s: float) -
         bench.log(f"  open loop {label}: offered {r['offered_per_s']}/s, goodput {r['goodput_per_s']}/s, "
                   f"shed {r['shed_per_s']}/s (503 {r['shed_503']}, refused {r['refused']}, reset {r['reset']}), "
                   f"dropped {r['dropped']}, unanswered {r['unanswered']}, errors {r['errors']}; "
-                  f"2xx p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms; generator late by {r['send_lag_p99_ms']} ms (p99)")
+                  f"2xx p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms (first on a new connection: {r['ok_first']}, "
+                  f"p50 {r['first_p50_ms']} ms, p99 {r['first_p99_ms']} ms); "
+                  f"generator late by {r['send_lag_p99_ms']} ms (p99)")
     return {"saturation_per_s": saturation, "saturation_offered_per_s": best["rate"], "sweep": sweep,
             "at_1x": runs["1x"], "at_2x": runs["2x"],
             "offered_2x_over_saturation": bl.ratio(runs["2x"]["offered_per_s"], saturation),
