@@ -22,12 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from bench.py or loaded by a test
+import targets as tg  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCIES = [1, 32]
-
-
-def _bench_module(bench: Any) -> Any:
-    return sys.modules[type(bench).__module__]
 
 
 def ensure_mitm_venv(b: Any, bench: Any) -> Path:
@@ -50,7 +49,7 @@ def ensure_mitm_venv(b: Any, bench: Any) -> Path:
 
 
 def start_summon_in_mitmproxy(bench: Any, upstream_port: int) -> tuple[Any, int]:
-    b = _bench_module(bench)
+    b = tg
     exe = ensure_mitm_venv(b, bench)
     host = b.HOST
     port = b.bl.free_port(host)
@@ -80,7 +79,7 @@ def start_summon_in_mitmproxy(bench: Any, upstream_port: int) -> tuple[Any, int]
 
 def section_mitm(bench: Any) -> dict:
     """summon native vs summon in mitmproxy (vs plain mitmproxy), same upstream, same run."""
-    b = _bench_module(bench)
+    b = tg
     mitm_duration = min(bench.duration_s, bench.args.mitm_duration)
     bench.log("mitm: starting the upstream (nginx, return 200)")
     try:

@@ -40,7 +40,6 @@ Method (wrk cannot hold a fixed arrival rate and wrk2 is not packaged here):
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import shutil
@@ -49,6 +48,10 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from bench.py or loaded by a test
+import benchlib as bl  # noqa: E402
+import targets as tg  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -214,11 +217,6 @@ def cap_cpu(pid: int, share: float) -> Path | None:
         return None
 
 
-def _bench() -> Any:
-    main = sys.modules.get("__main__")
-    return main if hasattr(main, "start_upstream") else importlib.import_module("bench")
-
-
 def open_loop(bench: Any, port: int, rate: float, duration_s: float, tail_s: float = 1.0) -> dict[str, Any]:
     script = bench.tmp / "openloop.py"
     script.write_text(GENERATOR)
@@ -242,8 +240,7 @@ def _start_nginx(bench: Any, B: Any, upstream_port: int) -> tuple[Any, int]:
 
 
 def section_overload(bench: Any) -> dict[str, Any]:
-    B = _bench()
-    bl = sys.modules["benchlib"]
+    B = tg
     quick = bool(getattr(bench.args, "quick", False))
     step_s, duration = (1.5, 3.0) if quick else (2.0, 5.0)
     _, upstream_port = B.start_upstream(bench)
