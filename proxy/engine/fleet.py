@@ -516,16 +516,16 @@ class Fleet:
             inst.remote_inflight = load[0]
             inst.last_used = max(inst.last_used, now - load[1])
 
-    def over_cap(self, excess: int, now: float) -> list[Command]:
-        """The shared store came back holding more permits than the cap (engines booted on
-        their local shares while it was away): give up `excess` of our own instances, the
-        least recently used idle ones first; busy ones are left to idle out."""
+    def give_up(self, instance_ids: Iterable[str], now: float) -> list[Command]:
+        """The fleet holds more instances than its cap (engines booted on their local shares
+        while the store was away) and these were chosen to go: drain ours among them that
+        are idle; busy ones are left to idle out."""
         out: list[Command] = []
-        idle = sorted((i for i in self.instances.values()
-                       if not i.owner and i.state is State.READY and i.inflight == 0 and i.remote_inflight == 0),
-                      key=lambda i: i.last_used)
-        for inst in idle[:max(0, excess)]:
-            self._drain(self.pools[inst.route], inst, now, "over the fleet cap after the store came back", out)
+        for iid in instance_ids:
+            inst = self.instances.get(iid)
+            if (inst is not None and not inst.owner and inst.state is State.READY and inst.inflight == 0
+                    and inst.remote_inflight == 0):
+                self._drain(self.pools[inst.route], inst, now, "over the fleet cap", out)
         return out
 
     def _drop_foreign(self, inst: Instance) -> None:

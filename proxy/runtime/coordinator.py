@@ -11,9 +11,10 @@ pool waits for another engine's boot, so that instance is used as soon as it is 
 
 Degraded mode: when the store does not answer (`StoreUnavailable`), this engine goes on
 serving every instance it knows, and may boot while its own live instances stay below
-`local_share`. When the store answers again, the first sync re-publishes our instances
-and permits; if the fleet then holds more permits than the cap, each engine gives up its
-share of the excess, least recently used idle instances first (`Fleet.over_cap`). Both
+`local_share`. When the store answers again, each sync re-publishes our instances and
+permits; while the registry then lists more instances than the cap, every engine computes
+the same victims from the same registry (the excess, by instance id) and drains those it
+owns once they are idle (`Fleet.give_up`): no engine needs to ask the others. Both
 transitions are events (`store_down`, `store_back`) and `/status` shows the mode.
 """
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -148,6 +148,9 @@ class Coordinator:
         fleet.remote_load(snap.usage, now)
         if self.degraded_since is not None:
             self._back(snap.permits, now)
+        live = sorted(e.instance_id for e in snap.entries if e.state in ("booting", "ready"))
+        if len(live) > self.settings.cap:  # only after a degraded episode: claims never pass the cap
+            self.execute(fleet.give_up(live[self.settings.cap:], now))
 
     # --- degraded mode ----------------------------------------------------------------------
 
@@ -163,14 +166,8 @@ class Coordinator:
         assert self.degraded_since is not None
         away = now - self.degraded_since
         self.degraded_since = None
-        excess = permits - self.settings.cap
-        out: list[Command] = [Record("store_back", duration_s=away,
-                                     detail={"node": self.node, "permits": permits, "cap": self.settings.cap})]
-        if excess > 0:
-            mine = len(self.fleet.own_live())
-            share = math.ceil(excess * mine / max(1, permits))  # each engine gives up its part of the excess
-            out.extend(self.fleet.over_cap(share, now))
-        self.execute(out)
+        self.execute([Record("store_back", duration_s=away,
+                             detail={"node": self.node, "permits": permits, "cap": self.settings.cap})])
 
     # --- plumbing -----------------------------------------------------------------------------
 

@@ -264,3 +264,29 @@ def test_redis_stopped_mid_spike_warm_requests_all_succeed_and_the_fleet_is_whol
         assert "store_down" in kinds and "store_back" in kinds
     finally:
         fleet.stop()
+
+
+def test_boots_on_local_shares_while_redis_is_away_are_brought_back_under_the_cap(
+        tmp_path: Path, redis: RedisServer, images: Path) -> None:
+    routes = "".join(route(n, "site", host=n) for n in ("a", "b", "c"))
+    fleet = Fleet(tmp_path, redis, cap=2, routes=routes).start()
+    try:
+        assert wait_for(lambda: all(s.status()["totals"].get("cluster", {}).get("permits") == 0
+                                    for s in fleet.proxies), timeout=5)
+        redis.stop()
+        # each proxy may run local_share = 1 instance while Redis is away: three in all, one over the cap
+        for s, name in zip(fleet.proxies, ("a", "b", "c"), strict=True):
+            assert http_get(s.port, "/", host=name, timeout=30)[0] == 200
+        assert len(fleet.instance_pids()) == 3
+        assert all(s.status()["totals"]["cluster"]["degraded"] for s in fleet.proxies)
+        redis.start()
+        back = time.time()
+        assert wait_for(lambda: len(fleet.instance_pids()) <= 2, timeout=10), "the cap is back within 10 s"
+        assert time.time() - back < 10
+        assert wait_for(lambda: not any(s.status()["totals"]["cluster"]["degraded"] for s in fleet.proxies),
+                        timeout=5)
+        gave_up = [e for s in fleet.proxies for e in local_events(s, "draining")
+                   if e["detail"].get("reason") == "over the fleet cap"]
+        assert len(gave_up) == 1, gave_up  # exactly the excess: every proxy chose the same victim
+    finally:
+        fleet.stop()

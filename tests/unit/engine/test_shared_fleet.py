@@ -140,7 +140,7 @@ def test_a_foreign_instance_of_another_image_is_not_used() -> None:
     assert not b.pools["site"].balancer.load
 
 
-def test_over_cap_gives_up_the_least_recently_used_idle_instances_only() -> None:
+def test_give_up_drains_only_our_own_idle_instances_among_those_chosen() -> None:
     other = replace(ROUTE, name="other", image="other")
     third = replace(ROUTE, name="third", image="third")
     f = fleet(ROUTE, other, third)
@@ -149,13 +149,14 @@ def test_over_cap_gives_up_the_least_recently_used_idle_instances_only() -> None
         boot = of(Boot, f.request_arrived(name, n + 1, "k", None, float(n)))[0]
         f.instance_ready(boot.instance_id, addr(n), float(n))
         ids.append(boot.instance_id)
-    f.request_finished("site", ids[0], True, 5.0)  # site: idle, used at 5
-    f.request_finished("other", ids[1], True, 3.0)  # other: idle, used at 3 (least recently)
-    # third keeps its request in flight: never given up
-    out = f.over_cap(2, 10.0)
+    f.request_finished("site", ids[0], True, 5.0)  # site: idle
+    # other: chosen but busy (its request still in flight); third: not chosen
+    f.foreign_seen([Foreign("x-1", "site", "site", "h1", "local", addr(9), owner="x")], 6.0)
+    out = f.give_up([ids[0], ids[1], "x-1"], 10.0)
     drained = {r.instance for r in of(Record, out) if r.kind == "draining"}
-    assert drained == {ids[0], ids[1]}
-    assert f.instances[ids[2]].state is State.READY
+    assert drained == {ids[0]}
+    assert f.instances[ids[1]].state is State.READY and f.instances[ids[2]].state is State.READY
+    assert f.instances["x-1"].state is State.READY, "never another engine's"
 
 
 def test_in_a_shared_fleet_a_drained_instance_stops_only_after_the_grace_and_when_nobody_uses_it() -> None:
@@ -166,7 +167,7 @@ def test_in_a_shared_fleet_a_drained_instance_stops_only_after_the_grace_and_whe
     a.boot_claimed(boot.instance_id, 0.0)
     a.instance_ready(boot.instance_id, addr(1), 1.0)
     a.request_finished("site", boot.instance_id, True, 1.0)
-    out = a.over_cap(1, 70.0)
+    out = a.give_up([boot.instance_id], 70.0)
     assert a.instances[boot.instance_id].state is State.DRAINING and not of(Stop, out), "not before the grace"
     a.remote_load({boot.instance_id: (1, 0.0)}, 70.1)  # b sent one before its copy showed the drain
     assert not of(Stop, a.tick(70.0 + SHARED_DRAIN_GRACE_S + 0.1)), "b's request is still in flight"
@@ -180,7 +181,7 @@ def test_alone_a_drained_idle_instance_stops_at_once() -> None:
     boot = of(Boot, f.request_arrived("site", 1, "k", None, 0.0))[0]
     f.instance_ready(boot.instance_id, addr(1), 1.0)
     f.request_finished("site", boot.instance_id, True, 1.0)
-    assert of(Stop, f.over_cap(1, 5.0))
+    assert of(Stop, f.give_up([boot.instance_id], 5.0))
 
 
 def test_a_foreign_instance_that_failed_a_request_leaves_rotation_though_the_registry_still_lists_it() -> None:
