@@ -73,13 +73,19 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"   in flight {totals.get('inflight', 0)}" + (f"   workers {workers}" if workers else ""))
     if totals.get("unreachable_workers"):
         print(f"  (no answer from worker(s) {', '.join(map(str, totals['unreachable_workers']))}: not counted)")
+    cluster = totals.get("cluster")
+    if cluster:
+        mode = "DEGRADED: shared store unreachable, booting within the local share" if cluster.get("degraded") else "ok"
+        print(f"fleet: node {cluster.get('node')}, {cluster.get('store')}, permits {cluster.get('permits')}"
+              f"/{cluster.get('cap')}, {mode}")
     for route in data.get("routes", []):
         kind = "static" if route.get("static") else f"image {route.get('image')}"
         print(f"{route['name']}  ({kind}, queued {route.get('queued', 0)})")
         for i in route.get("instances", []):
             worker = f"   worker {i['worker']}" if "worker" in i else ""
+            node = f"   node {i['node']}" if cluster and i.get("node") else ""
             print(f"  {i['id']:<24} {i['state']:<9} {i.get('host', ''):<10} {i.get('region', ''):<8}"
-                  f" {i.get('address') or ''}{worker}")
+                  f" {i.get('address') or ''}{worker}{node}")
     return 0
 
 
