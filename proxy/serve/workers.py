@@ -157,10 +157,11 @@ def merge_status(snapshots: list[tuple[int, dict[str, Any]]], unreachable: list[
             if merged is None:
                 merged = routes[r["name"]] = {**r, "instances": [], "queued": 0}
             # every worker lists the others' ready instances too (it routes to them): keep each
-            # instance once, as its owner (node "w<N>") reports it
+            # instance once, as its owner (the node its own snapshot names) reports it
             seen = {i["id"]: n for n, i in enumerate(merged["instances"])}
+            me = snap.get("totals", {}).get("cluster", {}).get("node")
             for i in r.get("instances", []):
-                own = i.get("node", f"w{worker}") == f"w{worker}"
+                own = me is None or i.get("node") == me
                 if i["id"] not in seen:
                     seen[i["id"]] = len(merged["instances"])
                     merged["instances"].append({**i, "worker": worker})

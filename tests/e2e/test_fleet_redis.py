@@ -28,12 +28,13 @@ REGIONS = ("eu", "us-east", "us-west")
 SLOW_SITE = ["sh", "-c", "sleep 0.5; exec busybox httpd -f -p 127.0.0.1:{port} -h {dir}/site"]
 
 
-def config(s: Summon, node: str, region: str, redis_url: str, cap: int, routes: str, lease: str = "2s") -> None:
+def config(s: Summon, node: str, region: str, redis_url: str, cap: int, routes: str, lease: str = "2s",
+           workers: int = 1) -> None:
     regions = "".join(f'[[region]]\nname = "{r}"\nnearest = {json.dumps([x for x in REGIONS if x != r])}\n\n'
                       for r in REGIONS)
     s.config.write_text(
         f'[proxy]\nlisten = "127.0.0.1:{s.port}"\nadmin = "127.0.0.1:{s.admin_port}"\ndrain_timeout = "5s"\n'
-        f'trusted_proxies = ["127.0.0.0/8"]\n\n'
+        f'trusted_proxies = ["127.0.0.0/8"]\nworkers = {workers}\n\n'
         f'[limits]\nmax_instances = {cap}\n\n{regions}'
         f'[cluster]\nredis = "{redis_url}"\nnode = "{node}"\nregion = "{region}"\nlease = "{lease}"\n\n'
         f'[images]\ndir = "{s.tmp.parent / "images"}"\n[events]\npath = "events.db"\n\n'
@@ -47,14 +48,15 @@ def route(name: str, image: str, host: str = "*", target: int = 1000, max_replic
 
 
 class Fleet:
-    def __init__(self, tmp: Path, redis: RedisServer, cap: int, routes: str, lease: str = "2s") -> None:
+    def __init__(self, tmp: Path, redis: RedisServer, cap: int, routes: str, lease: str = "2s",
+                 workers: int = 1) -> None:
         self.images = tmp / "images"
         self.proxies: list[Summon] = []
         for node, region in zip(("eu-1", "east-1", "west-1"), REGIONS, strict=True):
             d = tmp / node
             d.mkdir()
             s = Summon(d, "")
-            config(s, node, region, redis.url, cap, routes, lease)
+            config(s, node, region, redis.url, cap, routes, lease, workers)
             self.proxies.append(s)
 
     def start(self) -> Fleet:
@@ -290,3 +292,21 @@ def test_boots_on_local_shares_while_redis_is_away_are_brought_back_under_the_ca
         assert len(gave_up) == 1, gave_up  # exactly the excess: every proxy chose the same victim
     finally:
         fleet.stop()
+
+
+def test_proxies_with_two_workers_each_are_six_nodes_of_one_fleet(tmp_path: Path, redis: RedisServer,
+                                                                 images: Path) -> None:
+    fleet = Fleet(tmp_path, redis, cap=8, routes=route("site", "slow"), workers=2).start()
+    try:
+        with ThreadPoolExecutor(max_workers=150) as pool:
+            statuses = list(pool.map(lambda i: http_get(fleet.proxies[i % 3].port, "/", timeout=30)[0], range(300)))
+        assert statuses.count(200) == 300, sorted(set(statuses))
+        assert len([e for s in fleet.proxies for e in local_events(s, "summoned")]) == 1
+        assert len(fleet.instance_pids()) == 1
+        status = fleet.proxies[1].status()  # worker 0 speaks for both workers of its proxy
+        nodes = {i["node"] for r in status["routes"] for i in r["instances"]}
+        assert len(nodes) == 1 and next(iter(nodes)).rsplit("-w", 1)[1] in ("0", "1")
+        assert status["totals"]["instances"] == 1 and status["totals"]["cap"] == 8
+    finally:
+        fleet.stop()
+    assert not fleet.instance_pids()
