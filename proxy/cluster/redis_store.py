@@ -202,7 +202,7 @@ class RedisStore:
         for i in range(1, len(raw_entries), 2):
             e = json.loads(raw_entries[i])
             entries.append(Entry(e["id"], e["node"], e["route"], e["image"], e["host"], e["region"], e["address"],
-                                 e["state"]))
+                                 e["state"], e.get("machine", "")))
         ours = {e.instance_id for e in entries if e.node == self.node}
         theirs: dict[str, tuple[int, float]] = {}
         for i in range(0, len(raw_usage), 2):
@@ -224,7 +224,8 @@ class RedisStore:
 
 def _entry_json(e: Entry, node: str) -> str:
     return json.dumps({"id": e.instance_id, "node": node, "route": e.route, "image": e.image, "host": e.host,
-                       "region": e.region, "address": e.address, "state": e.state}, separators=(",", ":"))
+                       "region": e.region, "address": e.address, "state": e.state, "machine": e.machine},
+                      separators=(",", ":"))
 
 
 def _text(value: Any) -> str:

@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS locks (route TEXT PRIMARY KEY, node TEXT NOT NULL, in
                                   expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS instances (instance_id TEXT PRIMARY KEY, node TEXT NOT NULL, route TEXT NOT NULL,
                                       image TEXT NOT NULL, host TEXT NOT NULL, region TEXT NOT NULL,
-                                      address TEXT NOT NULL, state TEXT NOT NULL, expires REAL NOT NULL);
+                                      address TEXT NOT NULL, state TEXT NOT NULL, expires REAL NOT NULL,
+                                      machine TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS usage (node TEXT NOT NULL, instance_id TEXT NOT NULL, inflight INTEGER NOT NULL,
                                   idle_s REAL NOT NULL, at REAL NOT NULL, PRIMARY KEY (node, instance_id));
 """
@@ -104,8 +105,8 @@ class SqliteStore:
 
         def ready(db: sqlite3.Connection, now: float) -> None:
             e = entry
-            db.execute("INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, 'ready', ?)",
-                       (e.instance_id, node, e.route, e.image, e.host, e.region, e.address, now + lease_s))
+            db.execute("INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, 'ready', ?, ?)",
+                       (e.instance_id, node, e.route, e.image, e.host, e.region, e.address, now + lease_s, e.machine))
             db.execute("DELETE FROM locks WHERE route = ? AND instance_id = ?", (e.route, e.instance_id))
 
         await self._run(ready)
@@ -124,9 +125,9 @@ class SqliteStore:
 
         def sync(db: sqlite3.Connection, now: float) -> Snapshot:
             expires = now + lease_s
-            db.executemany("INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                           [(e.instance_id, node, e.route, e.image, e.host, e.region, e.address, e.state, expires)
-                            for e in mine])
+            db.executemany("INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           [(e.instance_id, node, e.route, e.image, e.host, e.region, e.address, e.state, expires,
+                             e.machine) for e in mine])
             # renew only what we still have: a permit we lost track of expires on its own
             db.executemany("UPDATE permits SET expires = ? WHERE instance_id = ? AND node = ?",
                            [(expires, e.instance_id, node) for e in mine])
@@ -137,7 +138,7 @@ class SqliteStore:
             db.execute("DELETE FROM permits WHERE expires < ?", (now,))
             db.execute("DELETE FROM usage WHERE at < ?", (now - lease_s,))
             entries = tuple(Entry(*row) for row in db.execute(
-                "SELECT instance_id, node, route, image, host, region, address, state FROM instances"))
+                "SELECT instance_id, node, route, image, host, region, address, state, machine FROM instances"))
             theirs = {iid: (int(n), float(idle)) for iid, n, idle in db.execute(
                 "SELECT u.instance_id, SUM(u.inflight), MIN(u.idle_s + (? - u.at)) FROM usage u "
                 "JOIN instances i ON i.instance_id = u.instance_id WHERE i.node = ? AND u.node != ? "

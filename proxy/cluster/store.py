@@ -49,8 +49,9 @@ class Entry:
     image: str
     host: str
     region: str
-    address: str  # "HOST:PORT", reachable from every engine; "" while booting
+    address: str  # "HOST:PORT"; "" while booting
     state: str  # the engine's lifecycle state: booting | ready | draining
+    machine: str = ""  # the owner's machine: a loopback address is only reachable from the same one
 
 
 @dataclass(frozen=True)

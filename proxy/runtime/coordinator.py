@@ -22,16 +22,43 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from ..cluster.store import Claim, Entry, Store, StoreUnavailable
-from ..config import Route, parse_address
+from ..cluster.store import Claim, Entry, Snapshot, Store, StoreUnavailable
+from ..config import Route, is_loopback, parse_address
 from ..engine.fleet import Boot, Command, Fleet, Foreign, Record
 from ..engine.lifecycle import State
 
 log = logging.getLogger("summon.coordinator")
+
+
+def _machine_id() -> str:
+    """This machine (this boot of it): instances on loopback are reachable only from here."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+MACHINE = _machine_id()
+
+
+def _routable(e: Entry, node: str) -> Foreign | None:
+    """Another engine's ready instance that this engine can reach, as an engine fact."""
+    if e.node == node or e.state != "ready" or not e.address:
+        return None
+    try:
+        address = parse_address(e.address)
+    except ValueError:
+        log.warning("registry entry %s has a bad address %r: ignored", e.instance_id, e.address)
+        return None
+    if is_loopback(address.host) and e.machine != MACHINE:
+        return None  # another machine's loopback (a process instance): not ours to dial
+    return Foreign(e.instance_id, e.route, e.image, e.host, e.region, address, e.node)
 
 
 @dataclass(frozen=True)
@@ -53,7 +80,7 @@ class Coordinator:
         self.clock = clock
         self.image_of = image_of  # route name -> the image its instances run
         self.degraded_since: float | None = None
-        self.last: Any = None  # the last Snapshot
+        self.last: Snapshot | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._pending: set[asyncio.Task[None]] = set()
@@ -97,7 +124,7 @@ class Coordinator:
         inst = self.fleet.instances.get(cmd.instance)
         if cmd.kind == "ready" and inst is not None and not inst.owner and inst.address is not None:
             entry = Entry(inst.id, self.node, inst.route, self.image_of(inst.route), inst.host, inst.region,
-                          str(inst.address), State.READY.value)
+                          str(inst.address), State.READY.value, MACHINE)
             self._spawn(self._store_call(lambda: self.store.ready(entry)))
         elif cmd.kind == "stopped":
             self.claimed.discard(cmd.instance)
@@ -111,6 +138,7 @@ class Coordinator:
 
     async def _loop(self) -> None:
         while True:
+            self._wake.clear()  # before the sync: a wake-up that comes during it is not lost
             try:
                 await self.sync_once()
             except asyncio.CancelledError:
@@ -119,7 +147,6 @@ class Coordinator:
                 log.exception("fleet sync failed")
             waiting = any(p.awaiting_until for p in self.fleet.pools.values())
             interval = self.settings.fast_sync_s if waiting else self.settings.sync_s
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), interval)
             except TimeoutError:
@@ -132,7 +159,8 @@ class Coordinator:
                 now = self.clock()
                 # only what the store granted: a boot not yet claimed (or refused) holds no permit
                 mine = [Entry(i.id, self.node, i.route, self.image_of(i.route), i.host, i.region,
-                              str(i.address) if i.address and i.state is not State.BOOTING else "", i.state.value)
+                              str(i.address) if i.address and i.state is not State.BOOTING else "", i.state.value,
+                              MACHINE)
                         for i in fleet.own_live() if i.id in self.claimed]
                 usage = {i.id: (i.inflight, max(0.0, now - i.last_used))
                          for i in fleet.instances.values() if i.owner}
@@ -142,8 +170,7 @@ class Coordinator:
             return
         now = self.clock()
         self.last = snap
-        foreign = [Foreign(e.instance_id, e.route, e.image, e.host, e.region, parse_address(e.address), e.node)
-                   for e in snap.entries if e.node != self.node and e.state == "ready" and e.address]
+        foreign = [f for e in snap.entries if (f := _routable(e, self.node)) is not None]
         self.execute(fleet.foreign_seen(foreign, now))
         fleet.remote_load(snap.usage, now)
         if self.degraded_since is not None:

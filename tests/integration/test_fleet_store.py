@@ -43,7 +43,8 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeS
 
 
 def entry(iid: str, node: str, state: str = "ready", route: str = "site") -> Entry:
-    return Entry(iid, node, route, "site", "local", "local", "127.0.0.1:9000" if state == "ready" else "", state)
+    return Entry(iid, node, route, "site", "local", "local", "127.0.0.1:9000" if state == "ready" else "", state,
+                 "m-1")
 
 
 def run(coro_fn: Callable[[], object]) -> None:
@@ -95,8 +96,8 @@ def test_one_engine_holds_a_cold_routes_lock_until_its_instance_is_ready(make_st
         again = await b.claim("site", "b-3", True, 3, 30.0)
         assert not again.granted and again.wait_s is not None and "ready on node a" in again.reason
         snap = await b.sync([], {})
-        assert [(e.instance_id, e.node, e.state, e.address) for e in snap.entries if e.route == "site"] == [
-            ("a-1", "a", "ready", "127.0.0.1:9000")]
+        assert [(e.instance_id, e.node, e.state, e.address, e.machine) for e in snap.entries if e.route == "site"] == [
+            ("a-1", "a", "ready", "127.0.0.1:9000", "m-1")]
         assert snap.permits == 2
         await a.close()
         await b.close()
