@@ -192,6 +192,13 @@ async def http_ok(port: int, path: str, timeout_s: float, host: str = "127.0.0.1
     return False
 
 
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001 - it is dead already; this only frees it
+        pass
+
+
 class LibvirtBackend:
     name = "libvirt"
 
@@ -207,6 +214,7 @@ class LibvirtBackend:
         self._down: str | None = None  # why the remote host is down, while it is
         self._abandoned: dict[str, int] = {}  # domain -> port, lost with the host: destroy on return
         self._monitor: asyncio.Task[None] | None = None
+        self._pending_probe: asyncio.Future[None] | None = None
         self._on_health: Callable[[bool, str, list[str]], None] | None = None
         self.probe_kvm = probe_kvm
         self.console_dir = console_dir
@@ -545,10 +553,20 @@ class LibvirtBackend:
 
     async def _watch_host(self) -> None:
         health = HostHealth()
-        probe: asyncio.Future[None] | None = None
+        while True:
+            try:
+                await self._watch_host_once(health)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not end the watch: the host would stay down
+                log.exception("watching libvirt host %s", self.uri)
+                await asyncio.sleep(1.0)
+
+    async def _watch_host_once(self, health: HostHealth) -> None:
+        probe = self._pending_probe
         while True:
             if probe is None or probe.done():  # never a second probe stuck on a dead connection
-                probe = asyncio.ensure_future(self._probe())
+                probe = self._pending_probe = asyncio.ensure_future(self._probe())
                 probe.add_done_callback(lambda f: f.cancelled() or f.exception())
             why = ""
             try:
@@ -558,6 +576,8 @@ class LibvirtBackend:
             except BackendError as exc:
                 why = exc.detail
             change, wait_s = health.probed(not why)
+            if why and not health.up and change is None:
+                log.info("libvirt host %s still down (next try in %gs): %s", self.uri, wait_s, why)
             if change == "down":
                 self._host_lost(why)
             elif change == "up":
@@ -585,6 +605,12 @@ class LibvirtBackend:
         out of rotation; their domains go to `_abandoned`."""
         log.warning("libvirt host %s is down: %s", self.uri, why)
         self._down = why
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            # Closing wakes the calls blocked on a dead path (keepalive may not have fired
+            # yet, or at all): they fail now instead of holding the pool's threads for the
+            # kernel's TCP timeout. On another pool: close waits for them.
+            asyncio.get_running_loop().run_in_executor(None, _close_quietly, conn)
         for name, (handle, _iid) in list(self._handles.items()):
             self._handles.pop(name, None)
             self._abandoned[name] = handle.address.port

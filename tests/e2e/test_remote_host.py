@@ -57,6 +57,7 @@ kvm_probe = false
 [[route]]
 name = "decks"
 host = "site"
+path = "/"
 image = "decks"
 boot_timeout = "120s"
 idle_timeout = "10m"
@@ -64,6 +65,7 @@ idle_timeout = "10m"
 [[route]]
 name = "two"
 host = "two"
+path = "/"
 image = "decks"
 boot_timeout = "120s"
 idle_timeout = "10m"
