@@ -96,6 +96,10 @@ class Host:
     slots: int = 8
     arch: str = "x86_64"
     kvm_probe: bool = True  # libvirt: boot a test guest once to see if KVM really works; false = TCG
+    # libvirt: where guests' forwarded ports bind on the hypervisor host and proxies dial
+    # them ("" = the remote URI's host, or 127.0.0.1 for a local libvirtd) ...
+    address: str = ""
+    ports: tuple[int, int] = (24000, 24999)  # ... and, on a remote host, the ports they take
 
 
 class Route(NamedTuple):
@@ -357,6 +361,40 @@ def _hash_key(value: Any) -> str:
     raise ValueError(f"expected client, path, header:NAME or cookie:NAME, got {v!r}")
 
 
+LIBVIRT_SCHEMES = ("qemu", "qemu+unix", "qemu+tcp", "qemu+ssh", "qemu+libssh", "qemu+libssh2", "qemu+tls", "test")
+REMOTE_SCHEMES = ("qemu+tcp", "qemu+ssh", "qemu+libssh", "qemu+libssh2", "qemu+tls")
+
+
+def _libvirt_uri(value: Any) -> str:
+    """A libvirt connection URI: local (qemu:///system), remote (qemu+tcp://, qemu+ssh://,
+    qemu+tls://: a host is required) or libvirt's test driver."""
+    v = _string(value)
+    scheme, sep, rest = v.partition("://")
+    if not sep or scheme not in LIBVIRT_SCHEMES:
+        raise ValueError(f"expected a libvirt URI such as qemu:///system or qemu+tcp://HOST/system, got {v!r}")
+    if scheme in REMOTE_SCHEMES and not rest.split("/", 1)[0].rpartition("@")[2]:
+        raise ValueError(f"{scheme}:// needs a host: {scheme}://HOST/system")
+    return v
+
+
+def _ipv4(value: Any) -> str:
+    """An IPv4 literal: QEMU's hostfwd binds only those."""
+    v = _string(value)
+    try:
+        ipaddress.IPv4Address(v)
+    except ValueError:
+        raise ValueError(f"expected an IPv4 address of the hypervisor host, got {v!r}") from None
+    return v
+
+
+def _port_range(value: Any) -> tuple[int, int]:
+    v = _string(value)
+    m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", v)
+    if not m or not 1024 <= int(m.group(1)) <= int(m.group(2)) <= 65535:
+        raise ValueError(f"expected a port range LOW-HIGH within 1024-65535, got {v!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
 def _health_path(value: Any) -> str:
     v = _string(value)
     if not v.startswith("/"):
@@ -401,10 +439,12 @@ _HOST_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "name": ("name", _string),
     "region": ("region", _string),
     "backend": ("backend", _choice("process", "libvirt", "fake")),
-    "uri": ("uri", _string),
+    "uri": ("uri", _libvirt_uri),
     "slots": ("slots", _positive_int),
     "arch": ("arch", _choice("x86_64", "aarch64")),
     "kvm_probe": ("kvm_probe", _boolean),
+    "address": ("address", _ipv4),
+    "ports": ("ports", _port_range),
 }
 _ROUTE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "name": ("name", _string),

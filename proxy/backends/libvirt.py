@@ -15,6 +15,13 @@ Why these choices:
 - ``start = "restore"``: boot one instance, wait for HTTP, ``dom.save()`` it once per
   image digest, then restore a per-instance copy of the save file whose header XML is
   rewritten (see `libvirt_xml`): 4-6x faster than booting under TCG.
+- A remote URI (qemu+tcp://, qemu+ssh://, qemu+tls://; see `libvirt_host`): guests'
+  ports bind at the host's address, from its port range; its connection is watched
+  (`watch_health`): when the host stops answering its instances are given up as lost
+  (their `exited` resolves) and their domains destroyed once it answers again, before
+  it takes new boots, so a lost instance never runs beside its replacement.
+  The kernel, initrd and save-file paths in the XML are read *on that host*: the image
+  files must exist there at the same path (the console log is not kept remotely).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -37,6 +45,16 @@ from ..config import Address
 from ..errors import BackendError, HostUnavailable
 from ..images.manifest import Image
 from .base import Handle, InstanceSpec
+from .libvirt_host import (
+    KEEPALIVE_COUNT,
+    KEEPALIVE_INTERVAL_S,
+    HostHealth,
+    ensure_event_loop,
+    guest_address,
+    pick_port,
+    reachable,
+    remote_endpoint,
+)
 from .libvirt_xml import NS, DomainParams, copy_save_with_xml, domain_name, domain_xml, parse_metadata, retarget_xml
 
 try:
@@ -45,7 +63,9 @@ except ImportError:  # pragma: no cover - exercised only where libvirt-python is
     libvirt = None
 
 T = TypeVar("T")
+log = logging.getLogger("summon.libvirt")
 POLL_S = 0.5
+PROBE_TIMEOUT_S = 3.0  # a remote host's answer to a cheap call; two misses and it is down
 KVM_PROBE_TIMEOUT_S = 10.0
 CONSOLE_DIR = Path("/tmp/summon-console")
 _kvm_answers: dict[str, bool] = {}  # per URI, for the life of the process
@@ -143,21 +163,21 @@ def start_libvirt_daemons(timeout_s: float = 10.0) -> None:
         time.sleep(0.1)
 
 
-def _free_port(avoid: set[int]) -> int:
+def _free_port(avoid: set[int], host: str = "127.0.0.1") -> int:
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
+            s.bind((host, 0))
             port = int(s.getsockname()[1])
         if port not in avoid:
             return port
 
 
-async def http_ok(port: int, path: str, timeout_s: float) -> bool:
-    """Poll ``GET path`` on 127.0.0.1:port until a 2xx/3xx answer or the deadline."""
+async def http_ok(port: int, path: str, timeout_s: float, host: str = "127.0.0.1") -> bool:
+    """Poll ``GET path`` on host:port until a 2xx/3xx answer or the deadline."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
             try:
                 writer.write(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
                 line = await asyncio.wait_for(reader.readline(), 2.0)
@@ -172,13 +192,30 @@ async def http_ok(port: int, path: str, timeout_s: float) -> bool:
     return False
 
 
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001 - it is dead already; this only frees it
+        pass
+
+
 class LibvirtBackend:
     name = "libvirt"
 
-    def __init__(self, uri: str, probe_kvm: bool = True, console_dir: Path = CONSOLE_DIR) -> None:
+    def __init__(self, uri: str, probe_kvm: bool = True, console_dir: Path = CONSOLE_DIR,
+                 address: str = "", ports: tuple[int, int] = (24000, 24999)) -> None:
         if libvirt is None:
             raise HostUnavailable("libvirt-python is not installed (pip install summon[libvirt])")
         self.uri = uri
+        self.endpoint = remote_endpoint(uri)  # None: libvirtd on this machine
+        self.address_setting = address
+        self._address: str | None = None  # resolved once (see `libvirt_host.guest_address`)
+        self.port_range = ports
+        self._down: str | None = None  # why the remote host is down, while it is
+        self._abandoned: dict[str, int] = {}  # domain -> port, lost with the host: destroy on return
+        self._monitor: asyncio.Task[None] | None = None
+        self._pending_probe: asyncio.Future[None] | None = None
+        self._on_health: Callable[[bool, str, list[str]], None] | None = None
         self.probe_kvm = probe_kvm
         self.console_dir = console_dir
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="libvirt")
@@ -204,11 +241,30 @@ class LibvirtBackend:
                 except libvirt.libvirtError:
                     pass
                 self._conn = None
+            if self.endpoint is not None:
+                why = reachable(self.endpoint)  # seconds, not the minutes libvirt.open would block
+                if why is not None:
+                    raise HostUnavailable(f"cannot connect to {self.uri}: {why}")
+                ensure_event_loop()
             try:
-                self._conn = libvirt.open(self.uri)
+                conn = libvirt.open(self.uri)
             except libvirt.libvirtError as exc:
                 raise HostUnavailable(f"cannot connect to {self.uri}: {exc}") from exc
-            return self._conn
+            if self.endpoint is not None:
+                try:  # calls on a dead TCP path then fail within seconds instead of hanging
+                    conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
+                except libvirt.libvirtError:
+                    pass
+            self._conn = conn
+            return conn
+
+    def _lost(self) -> bool:
+        """Is the connection gone (closed by keepalive, or never opened)? Local check, no RPC."""
+        conn = self._conn
+        try:
+            return conn is None or not conn.isAlive()
+        except libvirt.libvirtError:
+            return True
 
     async def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking libvirt call on the pool; translate libvirtError."""
@@ -219,7 +275,7 @@ class LibvirtBackend:
             raise
         except Exception as exc:
             if libvirt is not None and isinstance(exc, libvirt.libvirtError):
-                if _is_connection_error(exc):
+                if _is_connection_error(exc) or (self.endpoint is not None and self._lost()):
                     raise HostUnavailable(f"{self.uri}: {what}: {exc}") from exc
                 raise BackendError(f"{self.uri}: {what}: {exc}") from exc
             if isinstance(exc, OSError | ValueError):
@@ -272,7 +328,8 @@ class LibvirtBackend:
             [Entry("bin/busybox", S_IFREG | 0o755, BUSYBOX.read_bytes()), Entry("init", S_IFREG | 0o755, init)],
         )
         probe_id = uuid.uuid4().hex[:8]
-        params = self._params(image, f"summon-kvm-probe-{probe_id}", probe_id, "kvm", port=_free_port(self._ports))
+        port = await self._choose_port(set())
+        params = self._params(image, f"summon-kvm-probe-{probe_id}", probe_id, "kvm", port=port)
         params = DomainParams(**{**params.__dict__, "initrd": probe_initrd, "route": "kvm-probe"})
         xml = domain_xml(params)
         self.console_dir.mkdir(parents=True, exist_ok=True)
@@ -308,11 +365,48 @@ class LibvirtBackend:
             pid=self._pid,
             pid_start=self._pid_start,
             hostname=self._hostname,
-            console_log=None if dtype == "test" else self.console_dir / f"{name}.log",
+            console_log=None if dtype == "test" or self.endpoint is not None else self.console_dir / f"{name}.log",
+            host_address=self._address or "127.0.0.1",
         )
 
+    # --- where guests' ports go -----------------------------------------------------------
+
+    async def _resolve_address(self) -> str:
+        if self._address is None:
+            try:
+                self._address = await asyncio.to_thread(guest_address, self.uri, self.address_setting)
+            except OSError as exc:
+                raise HostUnavailable(f"{self.uri}: cannot resolve the host's address: {exc}") from exc
+        return self._address
+
+    async def _choose_port(self, avoid: set[int]) -> int:
+        """Local: a port the kernel says is free here. Remote: a random one from the
+        host's range that no summon domain there forwards (see `libvirt_host.pick_port`)."""
+        address = await self._resolve_address()
+        if self.endpoint is None:
+            return _free_port(self._ports | avoid, address)
+        taken = await self._call("list forwarded ports", self._forwarded_ports)
+        try:
+            return pick_port(*self.port_range, self._ports | avoid | taken)
+        except ValueError as exc:
+            raise BackendError(f"{self.uri}: {exc}") from exc
+
+    def _forwarded_ports(self) -> set[int]:
+        ports = set()
+        for dom in self._connection().listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            try:
+                port = parse_metadata(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS)).get("port", "")
+            except libvirt.libvirtError:
+                continue  # not ours
+            if port.isdigit():
+                ports.add(int(port))
+        return ports
+
     async def start(self, spec: InstanceSpec) -> Handle:
+        if self._down is not None:
+            raise HostUnavailable(f"{self.uri}: {self._down}")  # fail fast: placement goes elsewhere
         image = spec.image
+        await self._resolve_address()
         await asyncio.to_thread(image.verify, "x86_64")
         dtype = await self.domain_type(image)
         name = domain_name(spec.route.name, spec.instance_id)
@@ -320,8 +414,10 @@ class LibvirtBackend:
         snapshot = await self.save_snapshot(spec) if restore else None
         self.console_dir.mkdir(parents=True, exist_ok=True)
         last: BackendError | None = None
+        tried: set[int] = set()
         for _attempt in range(3):  # a port picked as free can be taken before QEMU binds it
-            port = _free_port(self._ports)
+            port = await self._choose_port(tried)
+            tried.add(port)
             params = self._params(image, name, spec.instance_id, dtype, port, spec.route.name)
             self._ports.add(port)
             try:
@@ -342,7 +438,7 @@ class LibvirtBackend:
             loop = asyncio.get_running_loop()
             handle = Handle(
                 instance_id=spec.instance_id,
-                address=Address("127.0.0.1", port),
+                address=Address(params.host_address, port),
                 exited=loop.create_future(),
                 detail={"domain": name, "domain_type": dtype, "start": "restore" if snapshot else "boot",
                         "image": image.ref, "uri": self.uri},
@@ -365,7 +461,17 @@ class LibvirtBackend:
     async def stop(self, handle: Handle) -> None:
         name = str(handle.detail.get("domain", ""))
         self._handles.pop(name, None)
-        await self._destroy(name)
+        try:
+            if self._down is not None:
+                raise HostUnavailable(self._down)
+            await self._destroy(name)
+        except HostUnavailable:
+            if self.endpoint is None:
+                raise
+            self._abandoned[name] = handle.address.port  # destroyed when the host answers again
+            if not handle.exited.done():
+                handle.exited.set_result("stopped")
+            return
         self._ports.discard(handle.address.port)
         (self.console_dir / f"{name}.log").unlink(missing_ok=True)
         if not handle.exited.done():
@@ -434,7 +540,88 @@ class LibvirtBackend:
         reaped = [n for n in names if await self._destroy(n)]
         return reaped
 
+    # --- a remote host's health ------------------------------------------------------------
+
+    def watch_health(self, on_change: Callable[[bool, str, list[str]], None]) -> None:
+        """Probe a remote host every second; call ``on_change(up, reason, reaped)`` when it
+        stops or starts answering (`reaped`: orphans destroyed on its return). Local URIs
+        are not watched: their guests stay reachable on loopback while libvirtd restarts."""
+        if self.endpoint is None or (self._monitor is not None and not self._monitor.done()):
+            return
+        self._on_health = on_change
+        self._monitor = asyncio.get_running_loop().create_task(self._watch_host(), name=f"libvirt-health {self.uri}")
+
+    async def _watch_host(self) -> None:
+        health = HostHealth()
+        while True:
+            try:
+                await self._watch_host_once(health)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not end the watch: the host would stay down
+                log.exception("watching libvirt host %s", self.uri)
+                await asyncio.sleep(1.0)
+
+    async def _watch_host_once(self, health: HostHealth) -> None:
+        probe = self._pending_probe
+        while True:
+            if probe is None or probe.done():  # never a second probe stuck on a dead connection
+                probe = self._pending_probe = asyncio.ensure_future(self._probe())
+                probe.add_done_callback(lambda f: f.cancelled() or f.exception())
+            why = ""
+            try:
+                await asyncio.wait_for(asyncio.shield(probe), PROBE_TIMEOUT_S)
+            except TimeoutError:
+                why = f"no answer from {self.uri} in {PROBE_TIMEOUT_S:g} s"
+            except BackendError as exc:
+                why = exc.detail
+            change, wait_s = health.probed(not why)
+            if why and not health.up and change is None:
+                log.info("libvirt host %s still down (next try in %gs): %s", self.uri, wait_s, why)
+            if change == "down":
+                self._host_lost(why)
+            elif change == "up":
+                self._down = None
+                try:
+                    reaped = await self.reap_orphans()
+                except BackendError:
+                    reaped = []  # the periodic reaper, or the next start-up, tries again
+                if self._on_health is not None:
+                    self._on_health(True, "", reaped)
+            await asyncio.sleep(wait_s)
+
+    async def _probe(self) -> None:
+        """One cheap round trip; while the host is down, also destroy what was lost on it:
+        it is only "up" again once those domains are gone."""
+        await self._call("probe", lambda: self._connection().getLibVersion())
+        if self._down is not None:
+            for name, port in list(self._abandoned.items()):
+                await self._destroy(name)  # False: it died with the host, or was reaped
+                self._abandoned.pop(name, None)
+                self._ports.discard(port)
+
+    def _host_lost(self, why: str) -> None:
+        """Give up every instance here: their `exited` resolves, so the summoner takes them
+        out of rotation; their domains go to `_abandoned`."""
+        log.warning("libvirt host %s is down: %s", self.uri, why)
+        self._down = why
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            # Closing wakes the calls blocked on a dead path (keepalive may not have fired
+            # yet, or at all): they fail now instead of holding the pool's threads for the
+            # kernel's TCP timeout. On another pool: close waits for them.
+            asyncio.get_running_loop().run_in_executor(None, _close_quietly, conn)
+        for name, (handle, _iid) in list(self._handles.items()):
+            self._handles.pop(name, None)
+            self._abandoned[name] = handle.address.port
+            if not handle.exited.done():
+                handle.exited.set_result(f"host {self.uri} unreachable: {why}")
+        if self._on_health is not None:
+            self._on_health(False, why, [])
+
     async def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
         for name, (handle, _iid) in list(self._handles.items()):
             try:
                 await self.stop(handle)
@@ -450,7 +637,10 @@ class LibvirtBackend:
     # --- snapshots -----------------------------------------------------------------------
 
     def snapshot_path(self, image: Image, dtype: str) -> Path:
-        return image.dir / "build" / "snapshots" / f"{image.digest.removeprefix('sha256:')}-{dtype}.save"
+        """One per image digest and domain type, and per remote host: its save file holds
+        that host's forwarding address, and is written and read by its libvirtd."""
+        where = "" if self.endpoint is None else f"-{self._address or self.endpoint[0]}"
+        return image.dir / "build" / "snapshots" / f"{image.digest.removeprefix('sha256:')}-{dtype}{where}.save"
 
     async def save_snapshot(self, spec: InstanceSpec) -> Path:
         """Boot once, wait for HTTP, save; reused until the image digest changes."""
@@ -466,14 +656,15 @@ class LibvirtBackend:
             await asyncio.to_thread(image.verify, "x86_64")
             path.parent.mkdir(parents=True, exist_ok=True)
             self.console_dir.mkdir(parents=True, exist_ok=True)
-            port = _free_port(self._ports)
+            port = await self._choose_port(set())
             name = domain_name(f"snapshot-{spec.route.name}", uuid.uuid4().hex[:8])
             params = self._params(image, name, "snapshot", dtype, port, spec.route.name)
             xml = domain_xml(params)
             t0 = time.monotonic()
             await self._call(f"create {name}", lambda: self._connection().createXML(xml, 0))
             try:
-                if not await http_ok(port, spec.route.health_path, max(60.0, spec.route.boot_timeout_s)):
+                if not await http_ok(port, spec.route.health_path, max(60.0, spec.route.boot_timeout_s),
+                                     self._address or "127.0.0.1"):
                     raise BackendError(f"snapshot of {image.ref}: no HTTP answer on port {port}{self._console_tail(name)}")
                 tmp = path.with_name(f".{path.name}.tmp")
                 await self._call(f"save {name}", lambda: self._connection().lookupByName(name).save(str(tmp)))
@@ -481,8 +672,9 @@ class LibvirtBackend:
             finally:
                 await self._destroy(name)
                 (self.console_dir / f"{name}.log").unlink(missing_ok=True)
+            digest = image.digest.removeprefix("sha256:")
             for old in path.parent.glob("*"):
-                if old.stem != path.stem and not old.name.startswith("."):
+                if not old.name.startswith((digest, ".")):
                     old.unlink(missing_ok=True)  # an older digest's snapshot: never restored again
             meta = {"image": image.ref, "domain_type": dtype, "seconds": round(time.monotonic() - t0, 2)}
             path.with_suffix(".json").write_text(json.dumps(meta) + "\n")

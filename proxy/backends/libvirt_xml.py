@@ -5,6 +5,9 @@ Why a separate module: these are the parts worth unit-testing without a hypervis
 Networking (libvirt 9.0, measured): no passt and no ``<portForward>``, so the NIC is
 QEMU user networking with a ``hostfwd`` rule, passed through ``<qemu:commandline>``,
 with an explicit PCI slot so libvirt's own device placement cannot collide with it.
+The rule binds the guest's port on the hypervisor host at `DomainParams.host_address`:
+127.0.0.1 for a local libvirtd, an address of that host that proxies can reach for a
+remote one (QEMU runs there, so that is where it binds).
 
 Restoring one snapshot many times: libvirt refuses a restore XML whose UUID differs from
 the saved one ("Target domain uuid ... does not match source"), and two domains cannot
@@ -54,7 +57,8 @@ class DomainParams:
     pid: int
     pid_start: str  # the process start time, so a reused pid is not mistaken for us
     hostname: str
-    console_log: Path | None = None
+    console_log: Path | None = None  # None: a null serial (remote: the path would be the host's)
+    host_address: str = "127.0.0.1"  # where the forwarded port binds, on the hypervisor host
 
 
 def sanitise(text: str, limit: int = 40) -> str:
@@ -86,9 +90,11 @@ def domain_xml(p: DomainParams) -> str:
     if qemu and p.console_log is not None:
         log = quoteattr(str(p.console_log))
         devices = f"<serial type='file'><source path={log}/><target port='0'/></serial>" + devices
+    elif qemu:
+        devices = "<serial type='null'><target port='0'/></serial>" + devices
     commandline = ""
     if qemu:
-        netdev = f"user,id=summonnet,hostfwd=tcp:127.0.0.1:{p.host_port}-:{p.guest_port}"
+        netdev = f"user,id=summonnet,hostfwd=tcp:{p.host_address}:{p.host_port}-:{p.guest_port}"
         nic = f"virtio-net-pci,netdev=summonnet,addr={NIC_PCI_SLOT}"
         commandline = (
             "<qemu:commandline>"
@@ -127,10 +133,12 @@ def parse_metadata(xml: str) -> dict[str, str]:
 
 
 def retarget_xml(xml: str, p: DomainParams) -> str:
-    """The saved domain's XML, made into instance `p`: name, UUID, port, log, metadata."""
+    """The saved domain's XML, made into instance `p`: name, UUID, address and port, log,
+    metadata. (A snapshot saved on one host can be restored on another: its hostfwd
+    address is rewritten too.)"""
     xml = re.sub(r"<name>[^<]*</name>", f"<name>{escape(p.name)}</name>", xml, count=1)
     xml = re.sub(r"<uuid>[^<]*</uuid>", f"<uuid>{uuid.uuid4()}</uuid>", xml, count=1)
-    xml, n = re.subn(r"hostfwd=tcp:127\.0\.0\.1:\d+-:", f"hostfwd=tcp:127.0.0.1:{p.host_port}-:", xml)
+    xml, n = re.subn(r"hostfwd=tcp:[0-9.]*:\d+-:", f"hostfwd=tcp:{p.host_address}:{p.host_port}-:", xml)
     if n != 1:
         raise ValueError("saved domain XML has no single hostfwd rule to retarget")
     if p.console_log is not None:

@@ -22,19 +22,20 @@ log = logging.getLogger("summon.bootstrap")
 def make_backends(config: Config) -> dict[str, Backend]:
     """One driver per host; hosts sharing a libvirt URI share its connection."""
     backends: dict[str, Backend] = {}
-    by_uri: dict[tuple[str, bool], Backend] = {}
+    by_uri: dict[tuple[str, bool, str, tuple[int, int]], Backend] = {}
     process: Backend | None = None
     for i, host in enumerate(config.hosts):
         if host.backend == "process":
             process = process or ProcessBackend()
             backends[host.name] = process
         elif host.backend == "libvirt":
-            key = (host.uri, host.kvm_probe)
+            key = (host.uri, host.kvm_probe, host.address, host.ports)
             if key not in by_uri:
                 from ..backends.libvirt import LibvirtBackend
 
                 try:
-                    by_uri[key] = LibvirtBackend(host.uri, probe_kvm=host.kvm_probe)
+                    by_uri[key] = LibvirtBackend(host.uri, probe_kvm=host.kvm_probe, address=host.address,
+                                                 ports=host.ports)
                 except HostUnavailable as exc:  # libvirt-python missing: `summon check` says the same
                     raise ConfigError([Problem(config.path, key_line(config.path, "host", i, "backend"),
                                                f"[[host]] {host.name}: {exc.detail}")]) from exc

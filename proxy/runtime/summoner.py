@@ -17,6 +17,10 @@ locks.
 In a shared fleet (`workers = N`, or `[cluster]`), a `Coordinator` claims a permit (and
 a cold route's boot lock) before each driver start, and keeps the engine's copy of the
 other engines' instances current (see `proxy.runtime.coordinator`).
+
+Drivers that watch their host (a remote libvirt host: `LibvirtBackend.watch_health`)
+say when it stops answering: the host leaves placement (`host_down`) until it answers
+again (`host_up`); its instances come back through their `exited` futures as dead.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from .coordinator import Coordinator, CoordinatorSettings
 from .readiness import probe_once, wait_ready
 
 log = logging.getLogger("summon.summoner")
+# a host its driver reported down stays out of placement until the driver says it is up
+HOST_DOWN_HOLD_S = 24 * 3600.0
 
 
 class SummonedLease:
@@ -175,8 +181,35 @@ class Summoner:
 
     def start(self) -> None:
         self._ticker = self.loop.call_later(self.tick_s, self._tick)
+        self._watch_hosts()
         if self.coordinator is not None:
             self.coordinator.start()
+
+    def _watch_hosts(self) -> None:
+        by_backend: dict[int, tuple[Backend, list[str]]] = {}
+        for name, backend in self.backends.items():
+            by_backend.setdefault(id(backend), (backend, []))[1].append(name)
+        for backend, names in by_backend.values():
+            watch = getattr(backend, "watch_health", None)
+            if watch is not None:
+                watch(functools.partial(self._host_health, tuple(names)))
+
+    def _host_health(self, hosts: tuple[str, ...], up: bool, reason: str, reaped: list[str]) -> None:
+        """A driver's word on its host. Down: out of placement (the fleet's own back-off,
+        held until the word "up"). Up: placeable at once; what it reaped is logged."""
+        now = self.now()
+        for host in hosts:
+            self.host_failures.pop(host, None)
+            held = self.fleet.host_failed(host, now, 0.0 if up else HOST_DOWN_HOLD_S)
+            self.execute([c for c in held if not isinstance(c, Record)])  # our own event instead:
+            kind, detail = ("host_up", {"reaped": reaped}) if up else ("host_down", {"reason": reason})
+            self.execute([Record(kind, host=host, region=self.hosts[host].region if host in self.hosts else "",
+                                 detail=detail)])
+        for name in reaped:
+            if self.events is not None:
+                self.events.record(Event(kind="reaped", instance=name, host=",".join(hosts),
+                                         detail={"when": "host returned"}))
+            log.warning("reaped orphan instance %s on %s, which answers again", name, ",".join(hosts))
 
     def _tick(self) -> None:
         try:
@@ -323,7 +356,7 @@ class Summoner:
                     on_ready()
 
     def _record(self, cmd: Record) -> None:
-        level = logging.WARNING if cmd.kind in ("failed", "rejected", "cap_reached", "host_down") else logging.INFO
+        level = logging.WARNING if cmd.kind in ("failed", "rejected", "cap_reached", "host_down", "host_up") else logging.INFO
         if cmd.kind != "rejected" or log.isEnabledFor(logging.DEBUG):
             log.log(level, "%s route=%s instance=%s host=%s %s", cmd.kind, cmd.route, cmd.instance, cmd.host,
                     cmd.detail or "", extra={"event": cmd.kind, "route": cmd.route, "instance": cmd.instance,

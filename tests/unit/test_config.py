@@ -467,3 +467,26 @@ def test_cluster_needs_redis_and_node(tmp_path):
     path = write(tmp_path, VALID + '\n[cluster]\nregion = "local"\n')
     got = problems(path)
     assert any("[cluster]: missing key 'redis'" in p for p in got) and any("missing key 'node'" in p for p in got)
+
+def test_remote_libvirt_host_keys(tmp_path):
+    path = write(tmp_path, '[[host]]\nname = "far"\nbackend = "libvirt"\nuri = "qemu+tcp://198.18.0.2/system"\n'
+                           'address = "198.18.0.2"\nports = "25000-25099"\n', routes=None)
+    [host] = load(path).hosts
+    assert host.uri == "qemu+tcp://198.18.0.2/system" and host.address == "198.18.0.2"
+    assert host.ports == (25000, 25099)
+    for uri in ("qemu+ssh://root@hv1:2222/system", "qemu+tls://hv1.example/system", "test:///default"):
+        write(tmp_path, f'[[host]]\nname = "far"\nbackend = "libvirt"\nuri = "{uri}"\n', routes=None)
+        assert load(path).hosts[0].uri == uri
+
+
+@pytest.mark.parametrize(("line", "fragment"), [
+    ('uri = "qemu+tcp:///system"', "[[host]].uri: qemu+tcp:// needs a host"),
+    ('uri = "http://hv1/"', "[[host]].uri: expected a libvirt URI"),
+    ('address = "hv1.example"', "[[host]].address: expected an IPv4 address"),
+    ('ports = "90-100"', "[[host]].ports: expected a port range LOW-HIGH"),
+    ('ports = "25100-25000"', "[[host]].ports: expected a port range LOW-HIGH"),
+])
+def test_bad_remote_libvirt_host_keys(tmp_path, line, fragment):
+    path = write(tmp_path, f'[[host]]\nname = "far"\nbackend = "libvirt"\n{line}\n', routes=None)
+    [problem] = problems(path)
+    assert problem.startswith(f"{path}:{line_of(path, line)}: ") and fragment in problem, problem
