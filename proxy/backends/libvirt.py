@@ -219,6 +219,9 @@ class LibvirtBackend:
         self.probe_kvm = probe_kvm
         self.console_dir = console_dir
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="libvirt")
+        # the health probe's own thread: calls stuck on a dead host's connection may hold
+        # every thread of the pool above, and the probe must still run to see it return
+        self._probe_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="libvirt-probe")
         self._conn: Any = None
         self._conn_lock = threading.Lock()
         self._handles: dict[str, tuple[Handle, str]] = {}  # domain name -> (handle, instance id)
@@ -266,11 +269,11 @@ class LibvirtBackend:
         except libvirt.libvirtError:
             return True
 
-    async def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+    async def _call(self, what: str, fn: Callable[..., T], *args: Any, executor: ThreadPoolExecutor | None = None) -> T:
         """Run a blocking libvirt call on the pool; translate libvirtError."""
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+            return await loop.run_in_executor(executor or self._executor, functools.partial(fn, *args))
         except BackendError:
             raise
         except Exception as exc:
@@ -593,7 +596,7 @@ class LibvirtBackend:
     async def _probe(self) -> None:
         """One cheap round trip; while the host is down, also destroy what was lost on it:
         it is only "up" again once those domains are gone."""
-        await self._call("probe", lambda: self._connection().getLibVersion())
+        await self._call("probe", lambda: self._connection().getLibVersion(), executor=self._probe_executor)
         if self._down is not None:
             for name, port in list(self._abandoned.items()):
                 await self._destroy(name)  # False: it died with the host, or was reaped
@@ -606,6 +609,10 @@ class LibvirtBackend:
         log.warning("libvirt host %s is down: %s", self.uri, why)
         self._down = why
         conn, self._conn = self._conn, None
+        # Threads blocked on the dead connection are left to finish on their own (or never):
+        # later calls, and the return of the host, get a fresh pool instead of queueing behind them.
+        stuck, self._executor = self._executor, ThreadPoolExecutor(max_workers=4, thread_name_prefix="libvirt")
+        stuck.shutdown(wait=False)
         if conn is not None:
             # Closing wakes the calls blocked on a dead path (keepalive may not have fired
             # yet, or at all): they fail now instead of holding the pool's threads for the
@@ -633,6 +640,7 @@ class LibvirtBackend:
             conn, self._conn = self._conn, None
             await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
         self._executor.shutdown(wait=False)
+        self._probe_executor.shutdown(wait=False)
 
     # --- snapshots -----------------------------------------------------------------------
 

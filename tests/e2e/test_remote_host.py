@@ -92,9 +92,6 @@ def wait_for(what: str, fn, timeout_s: float) -> None:  # type: ignore[no-untype
     raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
 
 
-@pytest.mark.xfail(reason="steps 1-2 pass; host_up after link up is not yet seen from summon serve "
-                          "(the driver alone recovers: the health watch stalls after host_down in serve)",
-                   strict=False)
 def test_vm_on_a_remote_host_answers_and_the_host_going_away_is_survived(
         tmp_path: Path, vm_images: Path, remote: NetnsHost) -> None:  # noqa: F811
     local_before = set(summon_domains())
