@@ -41,10 +41,13 @@ def summon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Summon]:
               '[[route]]\nname = "site"\npath = "/"\nimage = "site"\nmin_replicas = 1\n')
     s = Summon(tmp, routes, f'admin_token = "{TOKEN}"').start()
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not any(
-                i["state"] == "ready" for r in get_status(s)["routes"] for i in r["instances"]):
+        def ready() -> bool:
+            return any(i["state"] == "ready" for r in get_status(s)["routes"] for i in r["instances"])
+
+        deadline = time.monotonic() + 60  # a busy machine: the fingerprints below need it settled
+        while time.monotonic() < deadline and not ready():
             time.sleep(0.1)
+        assert ready(), "the min_replicas instance did not become ready"
         yield s
     finally:
         s.stop()
