@@ -171,6 +171,7 @@ def print_proxy_table(targets: dict, goals: dict, concurrencies: list[int]) -> N
 
 
 from bench_cold import section_cold, section_cold_vm  # noqa: E402
+from bench_fleet import section_fleet  # noqa: E402
 from bench_hotpath import section_hotpath  # noqa: E402
 from bench_mitm import section_mitm  # noqa: E402
 from bench_overload import section_overload  # noqa: E402
@@ -184,6 +185,7 @@ SECTIONS: dict[str, Callable[[Bench], dict]] = {
     "routes": section_routes,
     "mitm": section_mitm,
     "overload": section_overload,
+    "fleet": section_fleet,
 }
 
 

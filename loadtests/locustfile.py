@@ -9,6 +9,8 @@ weighted round-robin over `--region-weights`, so the first user is from the busi
 region) and sends it as `X-Client-Region`, which summon believes because the load test
 config lists 127.0.0.1 in `trusted_proxies`. Each user also sends `X-User: N`, the
 route's hash key, so consistent hashing spreads users (all on 127.0.0.1) over replicas.
+With `--region-hosts eu=URL,us=URL,...` each user sends its requests to its own region's
+proxy instead of `--host` (several proxies sharing one fleet: the bench's `fleet` section).
 
 The `Spike` shape: quiet (a few users), a surge to the peak within seconds, a plateau,
 a linear decay to nothing, then a tail with no users so that the pools idle back to
@@ -26,7 +28,7 @@ from typing import Any
 
 import locust.stats
 from locust import FastHttpUser, LoadTestShape, events, task
-from regions import DEFAULT_WEIGHTS, PROFILES, Profile, WeightedCycle, parse_weights
+from regions import DEFAULT_WEIGHTS, PROFILES, Profile, WeightedCycle, parse_hosts, parse_weights
 
 # Locust's "current" percentiles (the *_stats_history.csv columns) cover the last 10 s by
 # default, which smears a surge over the chart; 2 s shows it as it happens.
@@ -50,6 +52,8 @@ def _add_arguments(parser: Any) -> None:
                        help="spike profile (phases and peak); default quick")
     group.add_argument("--region-weights", default=DEFAULT_WEIGHTS, env_var="LOCUST_REGION_WEIGHTS",
                        help=f"client regions and their weights, default {DEFAULT_WEIGHTS}")
+    group.add_argument("--region-hosts", default="", env_var="LOCUST_REGION_HOSTS",
+                       help="REGION=URL,...: each region's users go to that proxy (default: all to --host)")
     for name, kind in (("peak-users", int), ("quiet-users", int), ("quiet-s", float), ("surge-s", float),
                        ("plateau-s", float), ("decay-s", float), ("tail-s", float), ("think-min-s", float),
                        ("think-max-s", float)):
@@ -90,14 +94,17 @@ class Reader(FastHttpUser):
         self.region = _cycle.next()
         self.user_id = next(_user_ids)
         self.headers = {"X-Client-Region": self.region, "X-User": str(self.user_id)}
+        options = self.environment.parsed_options
+        # an absolute URL goes to that proxy; `name` keeps one stats row per path
+        self.base = parse_hosts(getattr(options, "region_hosts", "") or "").get(self.region, "")
 
     @task
     def read(self) -> None:
         path = random.choices([p for p, _ in PAGES], weights=[w for _, w in PAGES])[0]
-        self.client.get(path, headers=self.headers)
+        self.client.get(self.base + path, headers=self.headers, name=path)
         if random.random() < 0.5:  # half the visits come with a cold browser cache
             for asset in ASSETS:
-                self.client.get(asset, headers=self.headers)
+                self.client.get(self.base + asset, headers=self.headers, name=asset)
 
 
 class Spike(LoadTestShape):

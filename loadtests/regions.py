@@ -4,6 +4,8 @@ Plain Python, no Locust import: the runner imports this module without pulling i
 gevent's monkey patching.
 
 - `parse_weights("eu=6,us=3,ap=1")` -> ``{"eu": 6.0, "us": 3.0, "ap": 1.0}``.
+- `parse_hosts("eu=http://127.0.0.1:8001,us=...")` -> region -> proxy URL: each region's
+  users then go to their own region's proxy (several proxies, one fleet).
 - `WeightedCycle` hands out regions in a smooth weighted round-robin (nginx's
   algorithm), so the users of a run follow the weights exactly rather than by chance,
   and the first user is always from the busiest region.
@@ -43,6 +45,24 @@ def parse_weights(text: str) -> dict[str, float]:
     if not weights or not any(w > 0 for w in weights.values()):
         raise ValueError(f"region weights {text!r}: need at least one region with a weight > 0")
     return weights
+
+
+def parse_hosts(text: str) -> dict[str, str]:
+    """``"eu=http://127.0.0.1:8001,us=http://127.0.0.1:8002"`` -> region -> base URL
+    (no trailing slash). An empty text gives an empty dict: every user uses --host."""
+    hosts: dict[str, str] = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, sep, url = part.partition("=")
+        name, url = name.strip(), url.strip().rstrip("/")
+        if not sep or not name or not url.startswith(("http://", "https://")):
+            raise ValueError(f"region host {part!r}: expected NAME=http://HOST:PORT")
+        if name in hosts:
+            raise ValueError(f"region host {part!r}: region {name!r} given twice")
+        hosts[name] = url
+    return hosts
 
 
 def busiest(weights: dict[str, float]) -> str:
