@@ -16,6 +16,8 @@ Keys (all under the `{summon}` hash tag, so they live in one slot):
     {summon}:usage          HASH  "node|instance" -> JSON [in flight, idle s, at ms]
     {summon}:usage:exp      ZSET  "node|instance" -> lease end
     {summon}:usage-of:<node> SET  the usage fields a node wrote last time (replaced each sync)
+    {summon}:demand         HASH  node -> JSON {route: {client region: recent requests}}
+    {summon}:demand:exp     ZSET  node -> lease end
 
 A Redis failover can cost the cap: writes the old primary acknowledged but had not yet
 sent to the replica are lost, so for up to one lease after a failover the new primary may
@@ -34,7 +36,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from .store import Claim, Entry, Snapshot, StoreUnavailable
+from .store import Claim, Entry, Snapshot, StoreUnavailable, sum_demand
 
 PREFIX = "{summon}:"
 PERMITS = PREFIX + "permits"
@@ -42,6 +44,8 @@ INSTANCES = PREFIX + "instances"
 INSTANCES_EXP = PREFIX + "instances:exp"
 USAGE = PREFIX + "usage"
 USAGE_EXP = PREFIX + "usage:exp"
+DEMAND = PREFIX + "demand"
+DEMAND_EXP = PREFIX + "demand:exp"
 STREAM = PREFIX + "events"  # the fleet's event log (proxy.observe.fleetlog)
 
 _NOW = """
@@ -99,8 +103,8 @@ end
 return 1
 """
 
-# KEYS: permits, instances, instances:exp, usage, usage:exp, usage-of:<node>
-# ARGV: node, lease_ms, mine [[id, entry JSON], ...], usage [[id, in flight, idle s], ...]
+# KEYS: permits, instances, instances:exp, usage, usage:exp, usage-of:<node>, demand, demand:exp
+# ARGV: node, lease_ms, mine [[id, entry JSON], ...], usage [[id, in flight, idle s], ...], demand JSON
 SYNC = _NOW + """
 local node = ARGV[1]
 local lease_end = now + tonumber(ARGV[2])
@@ -130,7 +134,14 @@ for _, f in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now)) do
   redis.call('HDEL', KEYS[4], f)
   redis.call('ZREM', KEYS[5], f)
 end
-return {redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[4]), redis.call('ZCARD', KEYS[1]), now}
+redis.call('HSET', KEYS[7], node, ARGV[5])
+redis.call('ZADD', KEYS[8], lease_end, node)
+for _, n in ipairs(redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', now)) do
+  redis.call('HDEL', KEYS[7], n)
+  redis.call('ZREM', KEYS[8], n)
+end
+return {redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[4]), redis.call('ZCARD', KEYS[1]), now,
+        redis.call('HGETALL', KEYS[7])}
 """
 
 
@@ -192,12 +203,15 @@ class RedisStore:
     async def release(self, route: str, instance_id: str) -> None:
         await self._call(self._release, [PERMITS, INSTANCES, INSTANCES_EXP, _lock(route)], [instance_id, self.node])
 
-    async def sync(self, mine: list[Entry], usage: dict[str, tuple[int, float]]) -> Snapshot:
+    async def sync(self, mine: list[Entry], usage: dict[str, tuple[int, float]],
+                   demand: dict[str, dict[str, float]] | None = None) -> Snapshot:
         mine_json = json.dumps([[e.instance_id, _entry_json(e, self.node)] for e in mine])
         usage_json = json.dumps([[iid, n, round(idle, 3)] for iid, (n, idle) in usage.items()])
-        raw_entries, raw_usage, permits, now_ms = await self._call(
-            self._sync, [PERMITS, INSTANCES, INSTANCES_EXP, USAGE, USAGE_EXP, f"{PREFIX}usage-of:{self.node}"],
-            [self.node, self.lease_ms, mine_json if mine else "[]", usage_json if usage else "[]"])
+        raw_entries, raw_usage, permits, now_ms, raw_demand = await self._call(
+            self._sync, [PERMITS, INSTANCES, INSTANCES_EXP, USAGE, USAGE_EXP, f"{PREFIX}usage-of:{self.node}",
+                         DEMAND, DEMAND_EXP],
+            [self.node, self.lease_ms, mine_json if mine else "[]", usage_json if usage else "[]",
+             json.dumps(demand or {})])
         entries = []
         for i in range(1, len(raw_entries), 2):
             e = json.loads(raw_entries[i])
@@ -213,7 +227,9 @@ class RedisStore:
             aged = float(idle) + max(0, int(now_ms) - int(at_ms)) / 1000
             have = theirs.get(iid)
             theirs[iid] = (int(n) + (have[0] if have else 0), min(aged, have[1]) if have else aged)
-        return Snapshot(tuple(entries), theirs, int(permits))
+        others = (json.loads(raw_demand[i + 1]) for i in range(0, len(raw_demand), 2)
+                  if _text(raw_demand[i]) != self.node)
+        return Snapshot(tuple(entries), theirs, int(permits), sum_demand(others))
 
     async def close(self) -> None:
         try:

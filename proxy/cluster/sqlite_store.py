@@ -14,13 +14,14 @@ Expiry uses the wall clock (`time.time`): every worker reads the same one.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from .store import Claim, Entry, Snapshot, StoreUnavailable
+from .store import Claim, Entry, Snapshot, StoreUnavailable, sum_demand
 
 T = TypeVar("T")
 
@@ -35,6 +36,7 @@ CREATE TABLE IF NOT EXISTS instances (instance_id TEXT PRIMARY KEY, node TEXT NO
                                       machine TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS usage (node TEXT NOT NULL, instance_id TEXT NOT NULL, inflight INTEGER NOT NULL,
                                   idle_s REAL NOT NULL, at REAL NOT NULL, PRIMARY KEY (node, instance_id));
+CREATE TABLE IF NOT EXISTS demand (node TEXT PRIMARY KEY, demand TEXT NOT NULL, at REAL NOT NULL);
 """
 
 
@@ -120,7 +122,8 @@ class SqliteStore:
 
         await self._run(release)
 
-    async def sync(self, mine: list[Entry], usage: dict[str, tuple[int, float]]) -> Snapshot:
+    async def sync(self, mine: list[Entry], usage: dict[str, tuple[int, float]],
+                   demand: dict[str, dict[str, float]] | None = None) -> Snapshot:
         node, lease_s = self.node, self.lease_s
 
         def sync(db: sqlite3.Connection, now: float) -> Snapshot:
@@ -137,6 +140,10 @@ class SqliteStore:
             db.execute("DELETE FROM instances WHERE expires < ?", (now,))
             db.execute("DELETE FROM permits WHERE expires < ?", (now,))
             db.execute("DELETE FROM usage WHERE at < ?", (now - lease_s,))
+            db.execute("INSERT OR REPLACE INTO demand VALUES (?, ?, ?)", (node, json.dumps(demand or {}), now))
+            db.execute("DELETE FROM demand WHERE at < ?", (now - lease_s,))
+            theirs_demand = sum_demand(json.loads(text) for (text,) in db.execute(
+                "SELECT demand FROM demand WHERE node != ?", (node,)))
             entries = tuple(Entry(*row) for row in db.execute(
                 "SELECT instance_id, node, route, image, host, region, address, state, machine FROM instances"))
             theirs = {iid: (int(n), float(idle)) for iid, n, idle in db.execute(
@@ -144,7 +151,7 @@ class SqliteStore:
                 "JOIN instances i ON i.instance_id = u.instance_id WHERE i.node = ? AND u.node != ? "
                 "GROUP BY u.instance_id", (now, node, node))}
             (permits,) = db.execute("SELECT COUNT(*) FROM permits").fetchone()
-            return Snapshot(entries, theirs, int(permits))
+            return Snapshot(entries, theirs, int(permits), theirs_demand)
 
         return await self._run(sync)
 

@@ -26,7 +26,8 @@ degraded fleet may still do (`proxy.runtime.coordinator`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..errors import SummonError
@@ -68,6 +69,18 @@ class Snapshot:
     entries: tuple[Entry, ...]  # every engine's live instances, ours included
     usage: dict[str, tuple[int, float]]  # our instances: other engines' (in flight, seconds idle)
     permits: int  # permits held fleet-wide
+    demand: dict[str, dict[str, float]] = field(default_factory=dict)  # others' demand: route -> region -> n
+
+
+def sum_demand(per_node: Iterable[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Several engines' demand (route -> client region -> recent requests), added up."""
+    total: dict[str, dict[str, float]] = {}
+    for demand in per_node:
+        for route, regions in demand.items():
+            into = total.setdefault(route, {})
+            for region, n in regions.items():
+                into[region] = into.get(region, 0.0) + float(n)
+    return total
 
 
 class Store(Protocol):
@@ -86,8 +99,10 @@ class Store(Protocol):
         """The instance is gone (stopped, failed, refused): its permit, lock and entry go."""
         ...
 
-    async def sync(self, mine: list[Entry], usage: dict[str, tuple[int, float]]) -> Snapshot:
-        """Renew our leases, publish our instances and our usage of anyone's; read the fleet."""
+    async def sync(self, mine: list[Entry], usage: dict[str, tuple[int, float]],
+                   demand: dict[str, dict[str, float]] | None = None) -> Snapshot:
+        """Renew our leases, publish our instances, our usage of anyone's and our demand by
+        client region; read the fleet."""
         ...
 
     async def close(self) -> None: ...

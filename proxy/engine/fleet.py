@@ -164,6 +164,7 @@ class PoolState:
     removed: bool = False  # route gone after a reload: drain and forget
     reclaim_pending: bool = False  # at the cap, another route's idle instance is being stopped for us
     awaiting_until: float = 0.0  # another engine is booting this cold route: wait for its instance
+    remote_demand: dict[str, float] = field(default_factory=dict)  # other engines' recent demand by client region
 
     def live(self) -> list[Instance]:
         return [i for i in self.instances.values() if i.state in LIVE]
@@ -528,6 +529,16 @@ class Fleet:
                 self._drain(self.pools[inst.route], inst, now, "over the fleet cap", out)
         return out
 
+    def local_demand(self) -> dict[str, dict[str, float]]:
+        """This engine's recent demand per route and client region, for the other engines."""
+        return {name: dict(p.scaler.region_demand) for name, p in self.pools.items() if p.scaler.region_demand}
+
+    def remote_demand(self, demand: dict[str, dict[str, float]], now: float) -> None:
+        """The other engines' recent demand per route and client region: whichever engine
+        decides to scale out, it places the replica where the fleet's clients are."""
+        for name, pool in self.pools.items():
+            pool.remote_demand = dict(demand.get(name, {}))
+
     def _drop_foreign(self, inst: Instance) -> None:
         self.instances.pop(inst.id, None)
         pool = self.pools.get(inst.route)
@@ -623,8 +634,9 @@ class Fleet:
         counts: dict[str, float] = {}
         for w in pool.queue.values():
             counts[w.region] = counts.get(w.region, 0) + 1
-        for region, n in pool.scaler.region_demand.items():
-            counts[region] = counts.get(region, 0) + n
+        for demand in (pool.scaler.region_demand, pool.remote_demand):  # ours, and the fleet's others'
+            for region, n in demand.items():
+                counts[region] = counts.get(region, 0) + n
         if not counts:
             return self.default_region
         return max(counts.items(), key=lambda kv: kv[1])[0]

@@ -164,7 +164,7 @@ class Coordinator:
                         for i in fleet.own_live() if i.id in self.claimed]
                 usage = {i.id: (i.inflight, max(0.0, now - i.last_used))
                          for i in fleet.instances.values() if i.owner}
-                snap = await self.store.sync(mine, usage)
+                snap = await self.store.sync(mine, usage, fleet.local_demand())
         except StoreUnavailable as exc:
             self._down(exc)
             return
@@ -173,6 +173,7 @@ class Coordinator:
         foreign = [f for e in snap.entries if (f := _routable(e, self.node)) is not None]
         self.execute(fleet.foreign_seen(foreign, now))
         fleet.remote_load(snap.usage, now)
+        fleet.remote_demand(snap.demand, now)
         if self.degraded_since is not None:
             self._back(snap.permits, now)
         live = sorted(e.instance_id for e in snap.entries if e.state in ("booting", "ready"))

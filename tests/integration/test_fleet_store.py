@@ -164,3 +164,18 @@ def test_an_unreachable_redis_is_store_unavailable_not_a_hang(tmp_path: Path) ->
         await store.close()
 
     run(t)
+
+
+def test_each_engines_demand_by_region_reaches_the_others_added_up(make_store: MakeStore) -> None:
+    async def t() -> None:
+        a, b, c = make_store("a", 3.0), make_store("b", 3.0), make_store("c", 3.0)
+        await b.sync([], {}, {"site": {"us": 5.0}})
+        await c.sync([], {}, {"site": {"us": 2.5, "eu": 1.0}, "other": {"eu": 3.0}})
+        snap = await a.sync([], {}, {"site": {"eu": 100.0}})
+        assert snap.demand == {"site": {"us": 7.5, "eu": 1.0}, "other": {"eu": 3.0}}  # not a's own
+        await c.sync([], {}, {})  # c's clients went quiet
+        assert (await a.sync([], {}, {})).demand == {"site": {"us": 5.0}}
+        for s in (a, b, c):
+            await s.close()
+
+    run(t)

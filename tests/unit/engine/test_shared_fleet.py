@@ -200,3 +200,34 @@ def test_a_foreign_instance_that_failed_a_request_leaves_rotation_though_the_reg
     assert of(Boot, b.request_arrived("site", 8, "k", None, 2.3)), "b boots its own instead"
     b.foreign_seen(seen, 2.2 + FOREIGN_UNREACHABLE_S)
     assert boot.instance_id in b.instances  # listed again after the back-off: taken back
+
+
+def test_a_scale_out_is_placed_where_the_fleets_clients_are_not_where_this_engines_are() -> None:
+    from proxy.config import Host, Region
+
+    regions = (Region("eu", ("us",)), Region("us", ("eu",)))
+    hosts = (Host("h-eu", "eu", slots=4), Host("h-us", "us", slots=4))
+    f = fleet(replace(ROUTE, target_concurrency=1), regions=regions, hosts=hosts)
+    f.node, f.shared = "eu-1", True
+    boot = of(Boot, f.request_arrived("site", 1, "k", "eu", 0.0))[0]
+    f.instance_ready(boot.instance_id, addr(1), 0.1)
+    for rid in range(2, 6):  # a few of our own clients, in eu
+        f.request_arrived("site", rid, f"k{rid}", "eu", 0.2)
+    assert f.local_demand()["site"]["eu"] >= 4
+    f.remote_demand({"site": {"us": 40.0}}, 0.3)  # the other proxies' clients: many, in us
+    scale = [b for t in range(1, 8) for b in of(Boot, f.tick(float(t)))]
+    assert scale and scale[0].region == "us"
+
+
+def test_without_remote_demand_placement_is_unchanged() -> None:
+    from proxy.config import Host, Region
+
+    regions = (Region("eu", ("us",)), Region("us", ("eu",)))
+    hosts = (Host("h-eu", "eu", slots=4), Host("h-us", "us", slots=4))
+    f = fleet(replace(ROUTE, target_concurrency=1), regions=regions, hosts=hosts)
+    boot = of(Boot, f.request_arrived("site", 1, "k", "eu", 0.0))[0]
+    f.instance_ready(boot.instance_id, addr(1), 0.1)
+    for rid in range(2, 6):
+        f.request_arrived("site", rid, f"k{rid}", "eu", 0.2)
+    scale = [b for t in range(1, 8) for b in of(Boot, f.tick(float(t)))]
+    assert scale and scale[0].region == "eu"
