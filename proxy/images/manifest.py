@@ -44,6 +44,7 @@ _PIN = re.compile(r"^(?P<ref>.+?)@(?P<digest>sha256:[0-9a-f]{64})$")
 _lock = threading.Lock()
 _manifest_cache: dict[tuple[str, int, int, int, int], Image] = {}  # recipe and build/image.toml stats
 _file_hash_cache: dict[tuple[str, int, int], str] = {}
+_stored_cache: dict[tuple[str, str], Image] = {}  # (store, pin): versions in the store never change
 
 
 @dataclass(frozen=True)
@@ -230,8 +231,13 @@ def read_manifest_file(file: Path) -> dict[str, Any]:
     return data
 
 
-def load_image(images_dir: Path, ref: str) -> Image:
-    """Resolve ``NAME``, ``path/to/dir`` or either with ``@sha256:<hex>``; cached by mtime."""
+def load_image(images_dir: Path, ref: str, store: Path | None = None) -> Image:
+    """Resolve ``NAME``, ``path/to/dir`` or either with ``@sha256:<hex>``; cached by mtime.
+
+    Unpinned, or pinned to the current version: the latest build (or the recipe), as
+    `_load` says. Pinned to another version: that version from the image store (`store`,
+    default ``<images_dir>/.store``), laid out under its versions/ directory, so a route
+    keeps the version it pins while newer ones are built."""
     pin: str | None = None
     m = _PIN.match(ref)
     if m:
@@ -260,7 +266,31 @@ def load_image(images_dir: Path, ref: str) -> Image:
         with _lock:
             _manifest_cache[key] = image
     if pin is not None and pin != image.digest:
-        raise ImageError(f"image {ref!r} is pinned to {pin} but {image.file} has digest {image.digest}")
+        return _load_stored(image, pin, store if store is not None else images_dir / ".store")
+    return image
+
+
+def _load_stored(current: Image, pin: str, store_dir: Path) -> Image:
+    """A pinned version other than the current one, from the store (immutable: cached by pin)."""
+    from .store import Store
+
+    store = Store(store_dir)
+    key = (str(store_dir.absolute()), pin)
+    with _lock:
+        hit = _stored_cache.get(key)
+    if hit is not None and hit.dir.is_dir():
+        return hit
+    if not store.has(pin):
+        raise ImageError(f"image {current.name!r} is pinned to {pin} but {current.file} has digest "
+                         f"{current.digest} and the image store {store_dir} does not hold {pin}")
+    manifest = store.manifest(pin)  # verified: its bytes hash to the pin
+    if manifest.get("name") != current.name:
+        raise ImageError(f"image {current.name!r} is pinned to {pin}, which the image store {store_dir} "
+                         f"holds as a version of {manifest.get('name')!r}")
+    vdir = store.materialize(pin).absolute()
+    image = Image(current.name, vdir, manifest, pin, file=store.object_path(pin))
+    with _lock:
+        _stored_cache[key] = image
     return image
 
 
