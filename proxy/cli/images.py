@@ -326,24 +326,25 @@ def _utc(ts: float) -> str:
 
 
 def _served(args: argparse.Namespace) -> dict[str, tuple[float, float, int]]:
-    """version -> (first summoned, last stopped or last event, instances) from the event log."""
+    """version -> (first ready, last stopped or failed, instances) from the event log."""
     path = args.events or (args.routes_config.events_path if args.routes_config is not None else None)
     if path is None:
         return {}
     from ..observe.events import open_readonly
 
     try:
-        events = open_readonly(path).query(kinds=("summoned", "ready", "stopped", "failed"))
+        events = open_readonly(path).query(kinds=("ready", "stopped", "failed"))
     except (FileNotFoundError, OSError) as exc:
         print(f"  (no event log: {exc})", file=sys.stderr)
         return {}
-    out: dict[str, tuple[float, float, int]] = {}
+    spans: dict[str, tuple[float, float, set[str]]] = {}
     for e in events:
-        if not e.image_digest:
+        if not e.image_digest:  # `summoned` comes before the image is resolved: `ready` has it
             continue
-        first, last, n = out.get(e.image_digest, (e.ts, e.ts, 0))
-        out[e.image_digest] = (min(first, e.ts), max(last, e.ts), n + (e.kind == "summoned"))
-    return out
+        first, last, ids = spans.get(e.image_digest, (e.ts, e.ts, set()))
+        ids.add(e.instance)
+        spans[e.image_digest] = (min(first, e.ts), max(last, e.ts), ids)
+    return {d: (a, b, len(ids)) for d, (a, b, ids) in spans.items()}
 
 
 def _pins(args: argparse.Namespace) -> dict[str, set[str]]:
