@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ImageError
+from .canonical import DIGEST_SUFFIX, manifest_digest
 
 MANIFEST = "image.toml"
 BUILD_DIR = "build"  # under the image dir; `summon images build` writes only here
-DIGEST_SUFFIX = "_sha256"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _PIN = re.compile(r"^(?P<ref>.+?)@(?P<digest>sha256:[0-9a-f]{64})$")
 
@@ -118,15 +118,6 @@ class Image:
                     f"image {self.name!r}: {path} ([targets.{target}].{key}) does not match its digest: "
                     f"expected sha256:{expected}, actual sha256:{actual}"
                 )
-
-
-def canonical_manifest(manifest: dict[str, Any]) -> bytes:
-    """Sorted-key compact JSON: independent of TOML formatting, comments and key order."""
-    return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
-
-
-def manifest_digest(manifest: dict[str, Any]) -> str:
-    return "sha256:" + hashlib.sha256(canonical_manifest(manifest)).hexdigest()
 
 
 def file_digest(path: Path, st: os.stat_result | None = None) -> str:
@@ -272,7 +263,7 @@ def load_image(images_dir: Path, ref: str, store: Path | None = None) -> Image:
 
 def _load_stored(current: Image, pin: str, store_dir: Path) -> Image:
     """A pinned version other than the current one, from the store (immutable: cached by pin)."""
-    from .store import Store
+    from .store import Store  # the store imports .canonical, not this module
 
     store = Store(store_dir)
     key = (str(store_dir.absolute()), pin)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ImageError
-from .manifest import DIGEST_SUFFIX, canonical_manifest
+from .canonical import DIGEST_SUFFIX, canonical_manifest
 
 STORE_DIR = ".store"  # the default, under the images dir
 _HEX = re.compile(r"^[0-9a-f]{64}$")
