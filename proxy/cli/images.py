@@ -52,6 +52,14 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     _where(rebuild)
     rebuild.set_defaults(func=cmd_rebuild)
 
+    pull = sub.add_parser("pull", help="fetch a version another summon node built (its admin API), verified")
+    pull.add_argument("ref", help="NAME@sha256:<version>")
+    pull.add_argument("--from", dest="source", required=True, metavar="URL",
+                      help="the serving node's admin address, e.g. http://10.0.0.5:8081 "
+                           "(its token, if it has one, from $SUMMON_ADMIN_TOKEN)")
+    _where(pull)
+    pull.set_defaults(func=cmd_pull)
+
     history = sub.add_parser("history", help="every version of an image built here, and when each served")
     history.add_argument("name")
     history.add_argument("--events", type=Path, help="the event log (default: the config's [events] path)")
@@ -408,4 +416,24 @@ def cmd_gc(args: argparse.Namespace) -> int:
     for v in result.kept_versions:
         why = [w for w, s in (("pinned", pinned), ("current", current)) if v in s]
         print(f"  kept {v}" + (f" ({', '.join(why)})" if why else " (recent)"))
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from ..images.distribute import http_fetch, pull
+
+    if rc := _resolve_where(args):
+        return rc
+    name, sep, version = args.ref.partition("@")
+    if not sep or not version.startswith("sha256:"):
+        print(f"summon images pull: {args.ref!r}: give NAME@sha256:<version>", file=sys.stderr)
+        return 2
+    t0 = time.monotonic()
+    try:
+        got = pull(args.source, name, version, Store(args.store), http_fetch(os.environ.get("SUMMON_ADMIN_TOKEN")))
+    except ImageError as exc:
+        print(f"summon images pull: {exc}", file=sys.stderr)
+        return 1
+    print(f"pulled {name}@{got.version} from {args.source}: {got.objects} object(s), {got.bytes // 1024} KiB, "
+          f"every digest checked ({time.monotonic() - t0:.1f}s); a route can pin image = \"{name}@{got.version}\"")
     return 0

@@ -235,7 +235,14 @@ def load_image(images_dir: Path, ref: str, store: Path | None = None) -> Image:
         ref, pin = m.group("ref"), m.group("digest")
     elif "@" in ref:
         raise ImageError(f"{ref!r}: a pin must look like NAME@sha256:<64 hex digits>")
-    image_dir = _resolve(images_dir, ref).absolute()  # {dir} must not depend on a later cwd
+    try:
+        image_dir = _resolve(images_dir, ref).absolute()  # {dir} must not depend on a later cwd
+    except ImageError:
+        if pin is None or not _NAME.match(ref):
+            raise
+        # no recipe here (a node that only pulls): a pinned version can still come from the store
+        nothing = Image(ref, images_dir / ref, {}, "", file=images_dir / ref / MANIFEST)
+        return _load_stored(nothing, pin, store if store is not None else images_dir / ".store")
     file = image_dir / MANIFEST
     built = built_manifest_file(image_dir)
     try:
@@ -272,8 +279,9 @@ def _load_stored(current: Image, pin: str, store_dir: Path) -> Image:
     if hit is not None and hit.dir.is_dir():
         return hit
     if not store.has(pin):
-        raise ImageError(f"image {current.name!r} is pinned to {pin} but {current.file} has digest "
-                         f"{current.digest} and the image store {store_dir} does not hold {pin}")
+        here = f"{current.file} has digest {current.digest}" if current.digest else f"there is no {current.file}"
+        raise ImageError(f"image {current.name!r} is pinned to {pin} but {here} "
+                         f"and the image store {store_dir} does not hold {pin}")
     manifest = store.manifest(pin)  # verified: its bytes hash to the pin
     if manifest.get("name") != current.name:
         raise ImageError(f"image {current.name!r} is pinned to {pin}, which the image store {store_dir} "

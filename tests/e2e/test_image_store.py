@@ -169,3 +169,44 @@ def test_serve_answers_a_pinned_older_version_from_the_store(tmp_path: Path) -> 
     assert "[current]" in rows[v2[:24]] and "(1 instance(s))" in rows[v2[:24]]
     r = summon(root, "gc", "-c", str(s.config), "--keep", "1")
     assert r.returncode == 0 and "removed 0 object(s)" in r.stdout and f"kept {v1} (pinned)" in r.stdout
+
+
+def test_pull_between_two_summon_nodes(tmp_path: Path) -> None:
+    """Node a builds and serves; node b has no recipe and no builder, pulls the version
+    through a's admin API, and serves a route pinned to it. A tampered object on a's side
+    is refused by a third puller, which is left without the version."""
+    a = checkout(tmp_path / "a")
+    assert summon(a, "build", "decks").returncode == 0
+    version = load_image(a / "images", "decks").digest
+    b, c = tmp_path / "b", tmp_path / "c"
+    for d in (b, c):
+        (d / "images").mkdir(parents=True)
+    node_a = Summon(a, '[[route]]\nname = "site"\npath = "/"\nimage = "decks"\n').start()
+    try:
+        source = f"http://127.0.0.1:{node_a.admin_port}"
+        r = summon(b, "pull", f"decks@{version}", "--from", source)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"pulled decks@{version}" in r.stdout and "every digest checked" in r.stdout
+        node_b = Summon(b, f'[[route]]\nname = "site"\npath = "/"\nimage = "decks@{version}"\n').start()
+        try:
+            status, _, body = http_get(node_b.port, "/about.html")
+            assert status == 200 and body == (a / "images/decks/site/about.html").read_bytes()
+        finally:
+            node_b.stop()
+        store_a = Store(a / "images" / ".store")
+        site = store_a.tree(store_a.manifest(version)["targets"]["unix"]["content_sha256"])
+        victim = store_a.object_path(site[0][2])
+        victim.write_bytes(victim.read_bytes() + b"<script>evil()</script>")
+        r = summon(c, "pull", f"decks@{version}", "--from", source)
+        assert r.returncode == 1 and "refused" in r.stderr, r.stdout + r.stderr
+        assert not Store(c / "images" / ".store").has(version)
+        r = subprocess.run([*SUMMON, "check", "-c", str(_config_pinning(c, version))], cwd=c, capture_output=True,
+                           text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        assert r.returncode == 2 and "does not hold" in r.stderr, r.stdout + r.stderr
+    finally:
+        node_a.stop()
+
+
+def _config_pinning(root: Path, version: str) -> Path:
+    s = Summon(root, f'[[route]]\nname = "site"\npath = "/"\nimage = "decks@{version}"\n')
+    return s.config
