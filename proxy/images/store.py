@@ -13,12 +13,13 @@ Layout (``[images] store``, default ``<images dir>/.store``, never committed)::
     trees/<hex>.json          a directory artefact (a site): [[path, size, sha256], ...],
                               named by `manifest.content_digest` of the tree it lists;
                               each file is an object
-    builds/<NAME>.jsonl       one line per build of NAME: version, recipe digest, time
+    builds/<NAME>.jsonl       one line per build of NAME: version, recipe digest, time (appended)
     versions/<hex>/           a version laid out like an image dir (build/vmlinuz,
                               site/...), hard links to the objects: what `load_image`
                               hands to the backends for a pinned version
 
-Writes are atomic (a temp file in the same directory, fsync, rename, fsync the directory):
+Writes are atomic (a temp file in the same directory, fsync, rename, fsync the directory;
+the build records are single appended lines):
 a crash leaves an object whole or absent, never half. Reads are verified: a manifest or a
 tree is re-hashed when read, and a version's artefacts are re-hashed when it is laid out
 (the backends verify them again before every boot, as for any image).
@@ -238,12 +239,18 @@ class Store:
         return manifest
 
     def record(self, build: Build) -> None:
-        """Append a build to builds/NAME.jsonl (the whole file rewritten atomically)."""
-        path = self.builds_dir / f"{build.name}.jsonl"
-        old = path.read_bytes() if path.is_file() else b""
+        """Append a build to builds/NAME.jsonl: one write(2) of one short line with O_APPEND,
+        then fsync, so two builders at once both land (a rewrite-and-rename could drop one);
+        `builds` skips a line a crash may have cut."""
+        self.builds_dir.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"digest": build.digest, "recipe_digest": build.recipe_digest,
                            "built_at": round(build.built_at, 3), "how": build.how}, sort_keys=True)
-        write_atomic(path, old + line.encode() + b"\n")
+        fd = os.open(self.builds_dir / f"{build.name}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def builds(self, name: str) -> list[Build]:
         """Builds of `name`, oldest first."""

@@ -132,6 +132,6 @@ def gc(store: Store, pinned: set[str], current: set[str], keep: int, dry_run: bo
     if store.versions.is_dir() and not dry_run:
         keep_dirs = {hex_of(v) for v in result.kept_versions}
         for d in store.versions.iterdir():
-            if d.name not in keep_dirs:
+            if d.name not in keep_dirs and not d.name.startswith("."):  # a dot: being laid out right now
                 shutil.rmtree(d, ignore_errors=True)
     return result
