@@ -152,6 +152,9 @@ def rebuild(manifest: dict[str, Any], image_dir: Path, store: Store, out_dir: Pa
     builder = str(b.get("builder", ib.BUILDER))  # manifests before `builder` was recorded used layout 1
     if builder != ib.BUILDER:
         out.refused.append(f"built by {builder}; this summon builds {ib.BUILDER} (use a summon of that version)")
+    now_with = f"summon {ib.summon_version()}"
+    if b.get("built_with") and b["built_with"] != now_with:
+        out.lines.append(f"note: built with {b['built_with']}, rebuilding with {now_with} (both {builder})")
     release = str(b.get("kernel_release", ""))
     packages = b.get("packages", {}) if isinstance(b.get("packages"), dict) else {}
     kpkg, bpkg = ib.KERNEL_PACKAGE.format(release=release), ib.BUSYBOX_PACKAGE

@@ -92,15 +92,17 @@ def _fsync_dir(d: Path) -> None:
 
 
 def write_atomic(dest: Path, data: bytes) -> None:
-    """Temp file beside `dest`, fsync, rename, fsync the directory."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    """Temp file beside `dest`, fsync, rename, fsync the directory (ImageError if it cannot)."""
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
         with tmp.open("wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dest)
+    except OSError as exc:
+        raise ImageError(f"cannot write {dest}: {exc.strerror or exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(dest.parent)
@@ -137,10 +139,10 @@ class Store:
         """Copy `src` into the store, hashing as it goes; return its sha256 hex.
 
         With `expect`, a file whose digest is not that is refused and nothing is kept."""
-        self.objects.mkdir(parents=True, exist_ok=True)
         tmp = self.objects / f".in.{os.getpid()}.{time.monotonic_ns()}.tmp"
         h = hashlib.sha256()
         try:
+            self.objects.mkdir(parents=True, exist_ok=True)
             with src.open("rb") as fin, tmp.open("wb") as fout:
                 while chunk := fin.read(_CHUNK):
                     h.update(chunk)
@@ -155,7 +157,8 @@ class Store:
                 os.replace(tmp, dest)
                 _fsync_dir(self.objects)
         except OSError as exc:
-            raise ImageError(f"cannot store {src}: {exc.strerror or exc}") from exc
+            raise ImageError(f"cannot copy {src} into the image store {self.root}: {exc.strerror or exc}"
+                             f"{' (' + exc.filename + ')' if isinstance(exc.filename, str) else ''}") from exc
         finally:
             tmp.unlink(missing_ok=True)
         return hexd
@@ -242,15 +245,19 @@ class Store:
         """Append a build to builds/NAME.jsonl: one write(2) of one short line with O_APPEND,
         then fsync, so two builders at once both land (a rewrite-and-rename could drop one);
         `builds` skips a line a crash may have cut."""
-        self.builds_dir.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"digest": build.digest, "recipe_digest": build.recipe_digest,
                            "built_at": round(build.built_at, 3), "how": build.how}, sort_keys=True)
-        fd = os.open(self.builds_dir / f"{build.name}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        path = self.builds_dir / f"{build.name}.jsonl"
         try:
-            os.write(fd, line.encode() + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            self.builds_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line.encode() + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise ImageError(f"cannot record the build in {path}: {exc.strerror or exc}") from exc
 
     def builds(self, name: str) -> list[Build]:
         """Builds of `name`, oldest first."""
@@ -310,6 +317,8 @@ class Store:
                 if not dest.is_dir():  # else another process laid it out first: same content
                     raise
             _fsync_dir(self.versions)
+        except OSError as exc:
+            raise ImageError(f"cannot lay out {digest} under {self.versions}: {exc.strerror or exc}") from exc
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
