@@ -153,6 +153,7 @@ class Config:
     routes: tuple[Route, ...]
     images_dir: Path
     events_path: Path
+    images_store: Path = Path("images/.store")  # always set by load_config: [images] store or <dir>/.store
     events_retention_s: float = 7 * 24 * 3600.0
     events_max_rows: int = 1_000_000
     default_region: str = "local"
@@ -685,14 +686,17 @@ def _load(main: Path) -> Config:
 
     images = data.get("images", {})
     images_dir = base / "images"
+    images_store: Path | None = None  # default: <dir>/.store, the content-addressed image store
     if isinstance(images, dict):
         for key, value in images.items():
-            if key != "dir":
-                out.add(file, index.line("images", 0, key), f"[images]: unknown key '{key}' (known: dir)")
-            elif not isinstance(value, str):
-                out.add(file, index.line("images", 0, key), "[images].dir: expected a string")
-            else:
+            if key not in ("dir", "store"):
+                out.add(file, index.line("images", 0, key), f"[images]: unknown key '{key}' (known: dir, store)")
+            elif not isinstance(value, str) or not value:
+                out.add(file, index.line("images", 0, key), f"[images].{key}: expected a path string")
+            elif key == "dir":
                 images_dir = base / value
+            else:
+                images_store = base / value
     events = data.get("events", {})
     events_path = base / "summon-events.db"
     retention_s = Config.events_retention_s
@@ -803,6 +807,7 @@ def _load(main: Path) -> Config:
         hosts=tuple(hosts),
         routes=tuple(routes),
         images_dir=images_dir,
+        images_store=images_store if images_store is not None else images_dir / ".store",
         events_path=events_path,
         events_retention_s=retention_s,
         events_max_rows=max_rows,

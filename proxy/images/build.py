@@ -7,8 +7,15 @@ no init system, no package manager inside the guest.
 
 Reproducibility: same inputs must give the same digests, or pinning by digest is
 meaningless. So the newc cpio archive is written here byte by byte: entries in sorted
-order, uid/gid 0, mtime 0, inode numbers assigned in order; gzip with mtime 0 and no
+order, uid/gid 0, modes 0755/0644, every mtime SOURCE_DATE_EPOCH (0 unless the builder
+is given one; it is recorded), inode numbers assigned in order; gzip with mtime 0 and no
 file name. `build_site_initramfs` is the reusable part (any directory served as /site).
+
+`assemble` is the one function that turns inputs (a kernel tree, busybox, a site, the
+guest port, the epoch) into artefacts: `build_image` feeds it what is installed now,
+`rebuild.py` what a manifest recorded, so a rebuild runs exactly the build's code.
+`BUILDER` names the archive layout; it changes whenever `assemble` would produce other
+bytes from the same inputs, and a rebuild refuses a manifest built by another.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import re
 import shutil
 import subprocess
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,8 +73,8 @@ class Kernel:
     modules: Path  # /lib/modules/<release>
 
 
-def pack_newc(entries: Iterable[Entry]) -> bytes:
-    """A newc ("070701") cpio archive with every field that could vary fixed to zero."""
+def pack_newc(entries: Iterable[Entry], mtime: int = 0) -> bytes:
+    """A newc ("070701") cpio archive with every field that could vary fixed (mtime: the epoch)."""
     out = bytearray()
     by_path = {e.path.strip("/"): e for e in entries}
     for path in list(by_path):  # add missing parent directories
@@ -77,28 +85,41 @@ def pack_newc(entries: Iterable[Entry]) -> bytes:
     for path in sorted(by_path):
         e = by_path[path]
         ino += 1
-        _newc_record(out, path, e.mode, e.data, ino, 2 if e.mode & S_IFDIR == S_IFDIR else 1, e.rdev)
-    _newc_record(out, "TRAILER!!!", 0, b"", 0, 1, (0, 0))
+        _newc_record(out, path, e.mode, e.data, ino, 2 if e.mode & S_IFDIR == S_IFDIR else 1, e.rdev, mtime)
+    _newc_record(out, "TRAILER!!!", 0, b"", 0, 1, (0, 0), 0)
     return bytes(out)
 
 
-def _newc_record(out: bytearray, name: str, mode: int, data: bytes, ino: int, nlink: int, rdev: tuple[int, int]) -> None:
+def _newc_record(out: bytearray, name: str, mode: int, data: bytes, ino: int, nlink: int, rdev: tuple[int, int],
+                 mtime: int) -> None:
     raw_name = name.encode() + b"\0"
-    fields = (ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1], len(raw_name), 0)
+    fields = (ino, mode, 0, 0, nlink, mtime, len(data), 0, 0, rdev[0], rdev[1], len(raw_name), 0)
     out += b"070701" + b"".join(b"%08X" % f for f in fields) + raw_name
     out += b"\0" * (-len(out) % 4)
     out += data
     out += b"\0" * (-len(out) % 4)
 
 
-def write_initramfs(out: Path, entries: Iterable[Entry]) -> str:
+def write_initramfs(out: Path, entries: Iterable[Entry], mtime: int = 0) -> str:
     """Pack, gzip (mtime 0) and atomically write; return the sha256 hex of the file."""
-    blob = gzip.compress(pack_newc(entries), compresslevel=9, mtime=0)
+    return _write_initramfs(out, entries, mtime)[0]
+
+
+def _write_initramfs(out: Path, entries: Iterable[Entry], mtime: int) -> tuple[str, str]:
+    """(sha256 of the .cpio.gz, sha256 of the cpio inside): the second tells, when a
+    rebuild differs, whether the archive or only its compression did."""
+    cpio = pack_newc(entries, mtime)
+    blob = gzip_bytes(cpio)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     tmp.write_bytes(blob)
     os.replace(tmp, out)
-    return hashlib.sha256(blob).hexdigest()
+    return hashlib.sha256(blob).hexdigest(), hashlib.sha256(cpio).hexdigest()
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    """gzip with no file name, mtime 0, level 9: the bytes depend on `data` and zlib only."""
+    return gzip.compress(data, compresslevel=9, mtime=0)
 
 
 def tree_entries(src: Path, prefix: str) -> list[Entry]:
@@ -217,13 +238,62 @@ def summon_version() -> str:
         return "unknown"
 
 
-def build_image(image_dir: Path, progress: Callable[[str], None]) -> None:
-    """Build build/vmlinuz + build/initrd.cpio.gz and record them in build/image.toml.
+@dataclass(frozen=True)
+class Inputs:
+    """Everything `assemble` reads: with the same inputs it writes the same bytes."""
 
-    Everything is written under build/ (not committed): the recipe image.toml is only
-    read, so building leaves a checkout as it was. The built manifest carries the
-    recipe's tables and the recipe's digest, so the image says what it was built from.
+    kernel: Kernel
+    busybox: Path
+    site: Path
+    guest_port: int = 80
+    source_date_epoch: int = 0
+
+
+@dataclass(frozen=True)
+class Artefacts:
+    kernel: Path
+    kernel_sha256: str
+    initrd: Path
+    initrd_sha256: str
+    initrd_cpio_sha256: str
+
+
+def assemble(inputs: Inputs, out: Path) -> Artefacts:
+    """Write out/vmlinuz and out/initrd.cpio.gz from `inputs`; return their digests."""
+    if not inputs.site.is_dir():
+        raise ImageError(f"site directory {inputs.site} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    vmlinuz = out / "vmlinuz"
+    tmp = out / ".vmlinuz.tmp"
+    try:
+        shutil.copyfile(inputs.kernel.vmlinuz, tmp)
+    except OSError as exc:
+        raise ImageError(f"cannot read the kernel {inputs.kernel.vmlinuz}: {exc.strerror or exc}") from exc
+    os.replace(tmp, vmlinuz)
+    kernel_sha = hashlib.sha256(vmlinuz.read_bytes()).hexdigest()
+    initrd = out / "initrd.cpio.gz"
+    entries = vm_entries(inputs.site, inputs.kernel, inputs.guest_port, inputs.busybox)
+    initrd_sha, cpio_sha = _write_initramfs(initrd, entries, inputs.source_date_epoch)
+    return Artefacts(vmlinuz, kernel_sha, initrd, initrd_sha, cpio_sha)
+
+
+BUILDER = "summon-microvm/1"  # the layout `assemble` writes; bump when its bytes change
+KERNEL_PACKAGE = "linux-image-{release}"  # the package holding vmlinuz and the modules
+BUSYBOX_PACKAGE = "busybox-static"
+
+
+def build_image(image_dir: Path, progress: Callable[[str], None], store: Path | None = None,
+                source_date_epoch: int = 0, now: Callable[[], float] = time.time) -> str:
+    """Build the microVM into the image store and record it in build/image.toml.
+
+    The artefacts go into the store (`store`, default ``<images dir>/.store``) by digest;
+    build/ holds hard links to the latest build's objects and its manifest, so an
+    unpinned route follows the latest build and every earlier one stays in the store.
+    The recipe image.toml is only read, so building leaves a checkout as it was. Returns
+    the version (the built manifest's digest).
     """
+    from .store import Build, Store, default_store, link_into
+
     t0 = time.monotonic()
     manifest = read_manifest(image_dir)
     recipe_digest = manifest_digest(manifest)
@@ -233,42 +303,51 @@ def build_image(image_dir: Path, progress: Callable[[str], None]) -> None:
     guest_port = int(old_x86.get("guest_port", 80))
     memory = int(old_x86.get("memory_mib", MEMORY_MIB))
     cmdline = str(old_x86.get("cmdline", CMDLINE))
+    st = Store(store if store is not None else default_store(image_dir.parent))
 
+    st.put_artefacts(manifest, image_dir)  # the recipe's own (the site) must be as recorded before build/ changes
     kernel = find_kernel()
     progress(f"kernel {kernel.release} from {kernel.vmlinuz}")
-    build = image_dir / BUILD_DIR
-    build.mkdir(exist_ok=True)
-    vmlinuz = build / "vmlinuz"
-    tmp = build / ".vmlinuz.tmp"
-    shutil.copyfile(kernel.vmlinuz, tmp)
-    os.replace(tmp, vmlinuz)
-    kernel_sha = hashlib.sha256(vmlinuz.read_bytes()).hexdigest()
-    progress(f"wrote {vmlinuz} ({vmlinuz.stat().st_size // 1024} KiB) sha256:{kernel_sha[:16]}...")
-
     progress(f"packing initramfs: busybox, {len(VIRTIO_NET_MODULES)} virtio modules, site {site}")
-    initrd = build / "initrd.cpio.gz"
-    initrd_sha = build_site_initramfs(site, initrd, kernel, guest_port)
-    progress(f"wrote {initrd} ({initrd.stat().st_size // 1024} KiB) sha256:{initrd_sha[:16]}...")
+    build = image_dir / BUILD_DIR
+    staging = build / f".staging.{os.getpid()}"
+    try:
+        art = assemble(Inputs(kernel, BUSYBOX, site, guest_port, source_date_epoch), staging)
+        for src, name in ((art.kernel, "vmlinuz"), (art.initrd, "initrd.cpio.gz")):
+            link_into(st.object_path(st.put_file(src)), build / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    progress(f"wrote {build / 'vmlinuz'} sha256:{art.kernel_sha256[:16]}... and {build / 'initrd.cpio.gz'} "
+             f"({(build / 'initrd.cpio.gz').stat().st_size // 1024} KiB) sha256:{art.initrd_sha256[:16]}...")
 
     targets = dict(manifest.get("targets", {}))
     targets["x86_64"] = {
         "kernel": f"{BUILD_DIR}/vmlinuz",
-        "kernel_sha256": kernel_sha,
+        "kernel_sha256": art.kernel_sha256,
         "initrd": f"{BUILD_DIR}/initrd.cpio.gz",
-        "initrd_sha256": initrd_sha,
+        "initrd_sha256": art.initrd_sha256,
         "cmdline": cmdline,
         "memory_mib": memory,
         "guest_port": guest_port,
     }
-    packages = {p: package_version(p) for p in ("linux-image-cloud-amd64", f"linux-image-{kernel.release}", "busybox-static")}
+    packages = {p: package_version(p) for p in ("linux-image-cloud-amd64", KERNEL_PACKAGE.format(release=kernel.release),
+                                                BUSYBOX_PACKAGE)}
     manifest["targets"] = targets
     manifest["build"] = {
         "packages": packages,
         "kernel_release": kernel.release,
         "modules": list(VIRTIO_NET_MODULES),
         "site_sha256": content_digest(site),
+        "initrd_cpio_sha256": art.initrd_cpio_sha256,
+        "source_date_epoch": source_date_epoch,
+        "builder": BUILDER,
+        "zlib": zlib.ZLIB_RUNTIME_VERSION,
         "built_with": f"summon {summon_version()}",
         "recipe_digest": recipe_digest,
     }
+    version = st.put_version(manifest, image_dir)  # the site's files and the manifest itself
     written = write_built_manifest(image_dir, manifest)
+    st.record(Build(manifest["name"], version, recipe_digest, now(), "build"))
     progress(f"wrote {written} (from recipe {recipe_digest[:19]}...) in {time.monotonic() - t0:.2f}s")
+    progress(f"stored {manifest['name']}@{version} in {st.root}")
+    return version

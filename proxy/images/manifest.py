@@ -34,16 +34,17 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ImageError
+from .canonical import DIGEST_SUFFIX, manifest_digest
 
 MANIFEST = "image.toml"
 BUILD_DIR = "build"  # under the image dir; `summon images build` writes only here
-DIGEST_SUFFIX = "_sha256"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _PIN = re.compile(r"^(?P<ref>.+?)@(?P<digest>sha256:[0-9a-f]{64})$")
 
 _lock = threading.Lock()
 _manifest_cache: dict[tuple[str, int, int, int, int], Image] = {}  # recipe and build/image.toml stats
 _file_hash_cache: dict[tuple[str, int, int], str] = {}
+_stored_cache: dict[tuple[str, str], Image] = {}  # (store, pin): versions in the store never change
 
 
 @dataclass(frozen=True)
@@ -117,15 +118,6 @@ class Image:
                     f"image {self.name!r}: {path} ([targets.{target}].{key}) does not match its digest: "
                     f"expected sha256:{expected}, actual sha256:{actual}"
                 )
-
-
-def canonical_manifest(manifest: dict[str, Any]) -> bytes:
-    """Sorted-key compact JSON: independent of TOML formatting, comments and key order."""
-    return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
-
-
-def manifest_digest(manifest: dict[str, Any]) -> str:
-    return "sha256:" + hashlib.sha256(canonical_manifest(manifest)).hexdigest()
 
 
 def file_digest(path: Path, st: os.stat_result | None = None) -> str:
@@ -230,15 +222,27 @@ def read_manifest_file(file: Path) -> dict[str, Any]:
     return data
 
 
-def load_image(images_dir: Path, ref: str) -> Image:
-    """Resolve ``NAME``, ``path/to/dir`` or either with ``@sha256:<hex>``; cached by mtime."""
+def load_image(images_dir: Path, ref: str, store: Path | None = None) -> Image:
+    """Resolve ``NAME``, ``path/to/dir`` or either with ``@sha256:<hex>``; cached by mtime.
+
+    Unpinned, or pinned to the current version: the latest build (or the recipe), as
+    `_load` says. Pinned to another version: that version from the image store (`store`,
+    default ``<images_dir>/.store``), laid out under its versions/ directory, so a route
+    keeps the version it pins while newer ones are built."""
     pin: str | None = None
     m = _PIN.match(ref)
     if m:
         ref, pin = m.group("ref"), m.group("digest")
     elif "@" in ref:
         raise ImageError(f"{ref!r}: a pin must look like NAME@sha256:<64 hex digits>")
-    image_dir = _resolve(images_dir, ref).absolute()  # {dir} must not depend on a later cwd
+    try:
+        image_dir = _resolve(images_dir, ref).absolute()  # {dir} must not depend on a later cwd
+    except ImageError:
+        if pin is None or not _NAME.match(ref):
+            raise
+        # no recipe here (a node that only pulls): a pinned version can still come from the store
+        nothing = Image(ref, images_dir / ref, {}, "", file=images_dir / ref / MANIFEST)
+        return _load_stored(nothing, pin, store if store is not None else images_dir / ".store")
     file = image_dir / MANIFEST
     built = built_manifest_file(image_dir)
     try:
@@ -260,7 +264,32 @@ def load_image(images_dir: Path, ref: str) -> Image:
         with _lock:
             _manifest_cache[key] = image
     if pin is not None and pin != image.digest:
-        raise ImageError(f"image {ref!r} is pinned to {pin} but {image.file} has digest {image.digest}")
+        return _load_stored(image, pin, store if store is not None else images_dir / ".store")
+    return image
+
+
+def _load_stored(current: Image, pin: str, store_dir: Path) -> Image:
+    """A pinned version other than the current one, from the store (immutable: cached by pin)."""
+    from .store import Store  # the store imports .canonical, not this module
+
+    store = Store(store_dir)
+    key = (str(store_dir.absolute()), pin)
+    with _lock:
+        hit = _stored_cache.get(key)
+    if hit is not None and hit.dir.is_dir():
+        return hit
+    if not store.has(pin):
+        here = f"{current.file} has digest {current.digest}" if current.digest else f"there is no {current.file}"
+        raise ImageError(f"image {current.name!r} is pinned to {pin} but {here} "
+                         f"and the image store {store_dir} does not hold {pin}")
+    manifest = store.manifest(pin)  # verified: its bytes hash to the pin
+    if manifest.get("name") != current.name:
+        raise ImageError(f"image {current.name!r} is pinned to {pin}, which the image store {store_dir} "
+                         f"holds as a version of {manifest.get('name')!r}")
+    vdir = store.materialize(pin).absolute()
+    image = Image(current.name, vdir, manifest, pin, file=store.object_path(pin))
+    with _lock:
+        _stored_cache[key] = image
     return image
 
 

@@ -3,6 +3,7 @@
     GET  /status    JSON: routes, their instances, totals (the README's Admin API section)
     GET  /events    JSON lines, newest last (?n=1..10000, default 200; ?route=NAME)
     GET  /metrics   Prometheus text
+    GET  /images/sha256/<hex>   an object of the image store, Range requests too (proxy.images.distribute)
     GET  /          the dashboard page (also /index.html)
     POST /reload    validate and swap the config
     POST /login     the dashboard's sign-in (only with a token): a cookie for the reads
@@ -34,6 +35,7 @@ import logging
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from importlib import resources
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..config import Address
@@ -98,8 +100,10 @@ class AdminServer:
         metrics: Callable[[], tuple[bytes, str] | Awaitable[tuple[bytes, str]]],
         reload: Callable[[], Awaitable[tuple[bool, list[str]]]] | None = None,
         token: str | None = None,
+        images_store: Path | None = None,
     ) -> None:
         self.address = address
+        self.images_store = images_store
         self.status = status
         self.events = events
         self.metrics = metrics
@@ -176,6 +180,18 @@ class AdminServer:
             denied = self._denied(req)
             if denied is not None:
                 return denied
+        if path.startswith("/images/sha256/") and self.images_store is not None:
+            if method != "GET":
+                return _text(405, "use GET", ("Allow", "GET"))
+            from ..images.distribute import serve_object
+            from ..images.store import Store
+
+            ranges = req.headers.get(b"range", [])
+            if len(ranges) > 1:
+                return _text(416, "give Range once")
+            served = await asyncio.to_thread(serve_object, Store(self.images_store), path,
+                                             ranges[0].decode("latin-1") if ranges else None)
+            return Response(served.status, served.ctype, served.body, served.headers)
         allowed = ENDPOINTS.get(path)
         if allowed is None or (path == "/login" and not self.token):
             return _text(404, "not found")

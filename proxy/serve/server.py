@@ -175,7 +175,8 @@ async def build_runtime(config: Config, sockets: list[socket.socket], admin: boo
         rt.servers.append(await serve_on(rt, sock))
     if admin and p.admin is not None:
         rt.admin = AdminServer(p.admin, status=lambda: status_of(rt), events=lambda n, r: events_of(rt, n, r),
-                               metrics=metrics.render, reload=lambda: reload_all(rt), token=p.admin_token)
+                               metrics=metrics.render, reload=lambda: reload_all(rt), token=p.admin_token,
+                               images_store=config.images_store)
         try:
             await rt.admin.start()
         except OSError as exc:  # taken since `summon serve` checked it: stop what started, say which key

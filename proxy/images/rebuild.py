@@ -1,0 +1,285 @@
+"""Rebuild an image version from its manifest alone, bit for bit, or say why it cannot.
+
+Why: the manifest is the artefact; the built kernel and initramfs are a cache of it. A
+node that never built the image (a fresh clone, a security-minded user reading the
+manifest first) recreates them from what `[build]` recorded and gets the same digests,
+or is told exactly which input differs. Nothing is substituted silently.
+
+What a manifest records and where each input comes from:
+
+- the kernel and its modules: ``linux-image-<kernel_release>`` at the recorded version,
+  the installed files when dpkg has that version, else the .deb of that version fetched
+  with ``apt-get download`` and unpacked with ``dpkg-deb -x`` (no root, nothing installed);
+- busybox: ``busybox-static`` at the recorded version, the same way;
+- the site: the image dir's site when its content digest is the recorded one, else the
+  tree the image store kept;
+- the layout: `build.BUILDER` must be the recorded builder; the cpio mtimes are the
+  recorded ``source_date_epoch``; guest_port from ``[targets.x86_64]``.
+
+A recorded package version that apt can no longer supply is reported with the version
+that would be used instead (`Unavailable`); the rebuild refuses unless the caller allows
+substitutes, and then the digests say what that changed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ImageError
+from . import build as ib
+from .manifest import content_digest
+from .store import Store
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """A recorded package version that cannot be had; `instead` is what would be used."""
+
+    package: str
+    recorded: str
+    instead: str | None  # None: no version at all
+
+    def __str__(self) -> str:
+        alt = f"would use {self.instead} instead" if self.instead else "no version of it is available"
+        return f"{self.package} {self.recorded} is recorded but can no longer be installed; {alt}"
+
+
+@dataclass
+class Outcome:
+    """What a rebuild found: one line per artefact, and the differences (empty: identical)."""
+
+    lines: list[str] = field(default_factory=list)
+    differences: list[str] = field(default_factory=list)
+    unavailable: list[Unavailable] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # inputs that cannot be had at all
+    artefacts: ib.Artefacts | None = None
+
+    @property
+    def identical(self) -> bool:
+        return not self.differences and not self.unavailable and not self.refused
+
+
+# --- packages ---------------------------------------------------------------------------
+
+Run = Callable[[list[str], Path | None], subprocess.CompletedProcess[str]]
+
+
+def _run(argv: list[str], cwd: Path | None) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return subprocess.CompletedProcess(argv, 127, "", str(exc))
+
+
+def apt_versions(package: str, run: Run = _run) -> list[str]:
+    """Versions apt can fetch, newest first (from `apt-cache madison`)."""
+    r = run(["apt-cache", "madison", package], None)
+    if r.returncode != 0:
+        return []
+    out: list[str] = []
+    for line in r.stdout.splitlines():
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) >= 2 and parts[0] == package and parts[1] not in out:
+            out.append(parts[1])
+    return out
+
+
+@dataclass
+class Packages:
+    """Where each package's files come from: `/` when installed at the recorded version,
+    else a directory the .deb was unpacked into."""
+
+    workdir: Path
+    allow_substitutes: bool = False
+    run: Run = _run
+    installed: Callable[[str], str] = ib.package_version
+    notes: list[str] = field(default_factory=list)
+
+    def root(self, package: str, version: str, out: Outcome) -> Path | None:
+        have = self.installed(package)
+        if have == version:
+            self.notes.append(f"{package} {version}: installed")
+            return Path("/")
+        available = apt_versions(package, self.run)
+        use = version if version in available else None
+        if use is None:
+            instead = have if have != "unknown" else (available[0] if available else None)
+            out.unavailable.append(Unavailable(package, version, instead))
+            if not self.allow_substitutes or instead is None:
+                return None
+            self.notes.append(f"{package}: SUBSTITUTED {instead} for the recorded {version}")
+            if instead == have:
+                return Path("/")
+            use = instead
+        return self._unpack(package, use)
+
+    def _unpack(self, package: str, version: str) -> Path | None:
+        dl = self.workdir / "debs"
+        dl.mkdir(parents=True, exist_ok=True)
+        r = self.run(["apt-get", "download", f"{package}={version}"], dl)
+        debs = sorted(dl.glob(f"{package}_*.deb"))
+        if r.returncode != 0 or not debs:
+            raise ImageError(f"apt-get download {package}={version} failed: {(r.stderr or r.stdout).strip()[-300:]}")
+        root = self.workdir / "roots" / f"{package}_{version}".replace(":", "%3a")
+        root.mkdir(parents=True, exist_ok=True)
+        x = self.run(["dpkg-deb", "-x", str(debs[-1]), str(root)], None)
+        if x.returncode != 0:
+            raise ImageError(f"dpkg-deb -x {debs[-1]} failed: {x.stderr.strip()[-300:]}")
+        self.notes.append(f"{package} {version}: unpacked from {debs[-1].name}")
+        return root
+
+
+# --- the rebuild ------------------------------------------------------------------------
+
+
+def rebuild(manifest: dict[str, Any], image_dir: Path, store: Store, out_dir: Path,
+            allow_substitutes: bool = False, run: Run = _run,
+            installed: Callable[[str], str] = ib.package_version) -> Outcome:
+    """Recreate the x86_64 artefacts `manifest` records into `out_dir`; compare digests."""
+    out = Outcome()
+    b = manifest.get("build")
+    x86 = manifest.get("targets", {}).get("x86_64")
+    if not isinstance(b, dict) or not isinstance(x86, dict):
+        raise ImageError(f"image {manifest.get('name')!r}: the manifest has no [build] and [targets.x86_64] "
+                         "(it was never built: `summon images build` first)")
+    builder = str(b.get("builder", ib.BUILDER))  # manifests before `builder` was recorded used layout 1
+    if builder != ib.BUILDER:
+        out.refused.append(f"built by {builder}; this summon builds {ib.BUILDER} (use a summon of that version)")
+    now_with = f"summon {ib.summon_version()}"
+    if b.get("built_with") and b["built_with"] != now_with:
+        out.lines.append(f"note: built with {b['built_with']}, rebuilding with {now_with} (both {builder})")
+    release = str(b.get("kernel_release", ""))
+    packages = b.get("packages", {}) if isinstance(b.get("packages"), dict) else {}
+    kpkg, bpkg = ib.KERNEL_PACKAGE.format(release=release), ib.BUSYBOX_PACKAGE
+    for p in (kpkg, bpkg):
+        if p not in packages:
+            out.refused.append(f"[build].packages does not record {p}")
+    modules = b.get("modules")
+    if modules is not None and list(modules) != list(ib.VIRTIO_NET_MODULES):
+        out.refused.append(f"[build].modules is {modules}; this builder loads {list(ib.VIRTIO_NET_MODULES)}")
+    site = _site(manifest, image_dir, store, out_dir / "site-from-store", out)
+    if out.refused:
+        return out
+    pk = Packages(out_dir / "packages", allow_substitutes, run, installed)
+    kroot = pk.root(kpkg, str(packages[kpkg]), out)
+    broot = pk.root(bpkg, str(packages[bpkg]), out)
+    out.lines += pk.notes
+    if kroot is None or broot is None or site is None:
+        return out
+    kernel = ib.Kernel(release, kroot / "boot" / f"vmlinuz-{release}", kroot / "lib" / "modules" / release)
+    inputs = ib.Inputs(kernel, broot / "bin" / "busybox", site, int(x86.get("guest_port", 80)),
+                       int(b.get("source_date_epoch", 0)))
+    art = out.artefacts = ib.assemble(inputs, out_dir / "artefacts")
+    _compare(out, "kernel", str(x86.get("kernel_sha256")), art.kernel_sha256)
+    _compare(out, "initrd", str(x86.get("initrd_sha256")), art.initrd_sha256)
+    if "initrd_cpio_sha256" in b:
+        _compare(out, "initrd (the cpio inside the gzip)", str(b["initrd_cpio_sha256"]), art.initrd_cpio_sha256)
+    if art.initrd_sha256 != x86.get("initrd_sha256"):
+        old = _recorded_initrd(x86, image_dir, store)
+        if old is not None:
+            out.differences += [f"  {d}" for d in diff_initrd(old, art.initrd.read_bytes())]
+    return out
+
+
+def _compare(out: Outcome, what: str, recorded: str, actual: str) -> None:
+    if recorded == actual:
+        out.lines.append(f"same     {what} sha256:{actual}")
+    else:
+        out.lines.append(f"DIFFERS  {what}: recorded sha256:{recorded}, rebuilt sha256:{actual}")
+        out.differences.append(f"{what}: recorded sha256:{recorded}, rebuilt sha256:{actual}")
+
+
+def _site(manifest: dict[str, Any], image_dir: Path, store: Store, scratch: Path, out: Outcome) -> Path | None:
+    """The site the manifest recorded: the image dir's if it matches, else the store's copy."""
+    b = manifest["build"]
+    unix = manifest.get("targets", {}).get("unix", {})
+    recorded = str(b.get("site_sha256") or unix.get("content_sha256", ""))
+    here = image_dir / str(unix.get("content", "site"))
+    have = content_digest(here) if here.is_dir() else None
+    if have == recorded:
+        out.lines.append(f"same     site sha256:{recorded} ({here})")
+        return here
+    if recorded and store.has_tree(recorded):
+        for rel, _size, hexd in store.tree(recorded):
+            dest = scratch / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(store.read_object(hexd))
+        scratch.mkdir(parents=True, exist_ok=True)
+        out.lines.append(f"site sha256:{recorded} from the image store ({here} has "
+                         f"{'sha256:' + have if have else 'nothing'})")
+        return scratch
+    out.refused.append(f"the site sha256:{recorded} is neither {here} (which has "
+                       f"{'sha256:' + have if have else 'nothing'}) nor in the image store {store.root}")
+    return None
+
+
+def _recorded_initrd(x86: dict[str, Any], image_dir: Path, store: Store) -> bytes | None:
+    want = str(x86.get("initrd_sha256", ""))
+    try:
+        if store.has(want):
+            return store.read_object(want)
+        p = image_dir / str(x86.get("initrd", ""))
+        data = p.read_bytes() if p.is_file() else b""
+        return data if data and hashlib.sha256(data).hexdigest() == want else None
+    except (OSError, ImageError):
+        return None
+
+
+# --- what differs inside two initramfs ----------------------------------------------------
+
+
+def read_newc(blob: bytes) -> dict[str, tuple[int, int, str]]:
+    """path -> (mode, mtime, sha256 of the data) of a newc archive (gzipped or not)."""
+    if blob[:2] == b"\x1f\x8b":
+        blob = gzip.decompress(blob)
+    out: dict[str, tuple[int, int, str]] = {}
+    pos = 0
+    while pos + 110 <= len(blob) and blob[pos:pos + 6] == b"070701":
+        f = [int(blob[pos + 6 + 8 * i: pos + 14 + 8 * i], 16) for i in range(13)]
+        mode, mtime, size, namesize = f[1], f[5], f[6], f[11]
+        name_start = pos + 110
+        name = blob[name_start:name_start + namesize - 1].decode(errors="replace")
+        data_start = name_start + namesize + (-(110 + namesize) % 4)
+        data = blob[data_start:data_start + size]
+        pos = data_start + size + (-size % 4)
+        if name == "TRAILER!!!":
+            break
+        out[name] = (mode, mtime, hashlib.sha256(data).hexdigest())
+    return out
+
+
+def diff_initrd(old: bytes, new: bytes, limit: int = 20) -> list[str]:
+    """Human lines naming the entries that differ between two initramfs archives."""
+    a, b = read_newc(old), read_newc(new)
+    lines: list[str] = []
+    for path in sorted(set(a) | set(b)):
+        if path not in b:
+            lines.append(f"- {path} (only in the recorded initrd)")
+        elif path not in a:
+            lines.append(f"+ {path} (only in the rebuilt initrd)")
+        elif a[path] != b[path]:
+            what = [n for n, x, y in zip(("mode", "mtime", "content"), a[path], b[path], strict=True) if x != y]
+            lines.append(f"~ {path}: {', '.join(what)} differ")
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
+    return lines
+
+
+def scratch_dir() -> tempfile.TemporaryDirectory[str]:
+    return tempfile.TemporaryDirectory(prefix="summon-rebuild-")
+
+
+def keep(out: Outcome, store: Store) -> None:
+    """Put rebuilt artefacts into the store (only after they matched the record)."""
+    if out.artefacts is None or not out.identical:
+        raise ImageError("refusing to store artefacts that differ from the manifest")
+    for p, want in ((out.artefacts.kernel, out.artefacts.kernel_sha256), (out.artefacts.initrd, out.artefacts.initrd_sha256)):
+        store.put_file(p, expect=want)
+
