@@ -384,7 +384,7 @@ class Summoner:
         loop = self.loop
         try:
             assert route.image is not None
-            image = load_image(self.config.images_dir, route.image)  # cached by mtime: a few stat calls
+            image = load_image(self.config.images_dir, route.image, store=self.config.images_store)  # cached by mtime
             self.digests[cmd.instance_id] = image.digest
             spec = InstanceSpec(cmd.instance_id, route, host, image, route.start)
             if self.coordinator is not None:

@@ -140,7 +140,7 @@ def image_problems(config: Config) -> list[Problem]:
             continue
         if route.image not in seen:
             try:
-                image = load_image(config.images_dir, route.image)
+                image = load_image(config.images_dir, route.image, store=config.images_store)
                 for target in targets:
                     image.target(target)
                     image.verify(target)
