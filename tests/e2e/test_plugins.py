@@ -146,3 +146,12 @@ def test_the_lease_ends_and_the_instance_idles_out(stack: Stack) -> None:
     until(lambda: stack.leases() == 0, 5, "every lease given back")
     until(lambda: not any(i["state"] in ("ready", "booting") for i in stack.instances("site")), 15,
           "the idle instance stopped")
+
+
+@pytest.mark.parametrize("stack", stacks(route("site", "site")), indirect=True)
+def test_summon_down_is_the_host_proxys_own_error_not_a_hang(stack: Stack) -> None:
+    stack.summon.stop()
+    started = time.monotonic()
+    status, _, _ = http_get(stack.proxy.port, "/", host="site", timeout=20)
+    assert status in (500, 502, 503), status  # nginx: 500 (auth_request), Caddy: 502, HAProxy: 503
+    assert time.monotonic() - started < 15
