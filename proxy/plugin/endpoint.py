@@ -83,13 +83,12 @@ class _Connection(asyncio.Protocol):
             self.task.cancel()  # a call waiting for a boot leaves the queue
 
     def data_received(self, data: bytes) -> None:
-        self.size += len(data)
+        if self.transport is None:
+            return  # refused already: the rest is not read
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             self._fail(400, "Bad Request", "bad request")
-        if self.size > _MAX_HEAD and self.transport is not None:
-            self._fail(431, "Request Header Fields Too Large", "request head too large")
 
     def _fail(self, status: int, reason: str, message: str) -> None:
         if self.transport is not None:
@@ -103,11 +102,22 @@ class _Connection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+        self._count(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+        self._count(len(name) + len(value))
+
+    def _count(self, n: int) -> None:
+        """One request head's bytes (not the connection's: it lives for many calls)."""
+        self.size += n
+        if self.size > _MAX_HEAD:
+            self._fail(431, "Request Header Fields Too Large", "request head too large")
+            raise httptools.HttpParserError("request head too large")  # stops the parser
 
     def on_message_complete(self) -> None:
+        if self.transport is None:
+            return
         self.calls.append(_Call(self.parser.get_method().decode("latin-1"), self.url, self.headers,
                                 self.parser.should_keep_alive()))
         if self.task is None:

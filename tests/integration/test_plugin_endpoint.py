@@ -125,3 +125,17 @@ def test_a_caller_that_hangs_up_while_a_pool_boots_leaves_the_queue() -> None:
         assert fake.futures[0].cancelled()
 
     run(test)
+
+
+def test_an_oversized_head_is_refused_and_small_ones_keep_coming() -> None:
+    async def test(endpoint: PluginEndpoint, _fake: FakePool) -> None:
+        reader, writer = await asyncio.open_connection(endpoint.address.host, endpoint.address.port)
+        ask = f"GET /decide HTTP/1.1\r\nHost: summon\r\n{ASK.format(host='static')}\r\n".encode()
+        writer.write(ask * 200)  # many small heads on one connection: far more than one head's limit in all
+        for _ in range(200):
+            assert (await read_response(reader))[0] == 204
+        writer.write(b"GET /decide HTTP/1.1\r\nHost: summon\r\nX-Big: " + b"x" * 40_000 + b"\r\n\r\n")
+        assert (await read_response(reader))[0] == 431
+        writer.close()
+
+    run(test)
