@@ -138,9 +138,17 @@ class Decider:
         orig = original_head(headers, self.config())
         route = self.dispatcher.lookup(orig.head)
         got = self.dispatcher.acquire(route, orig.head, orig.client_ip, orig.region)
-        lease = got if not isinstance(got, asyncio.Future) else await _booted(got, route.boot_timeout_s)
+        if not isinstance(got, asyncio.Future):
+            return self._hold(got, route.name, hooked)  # warm: the common case, no wait
+        lease = await _booted(got, route.boot_timeout_s)
         if lease.trial:
             lease = await _probed(lease, route.boot_timeout_s)
+        elif not await _answers(lease):
+            # A trial can be abandoned (its instance died) before this coroutine ran and
+            # could attach `on_abandon`; it then looks like a plain lease. Handing out a
+            # dead address would be the host proxy's 502: the client gets summon's 503.
+            lease.release(False)  # on a dead instance this changes nothing
+            raise Unavailable("the instance went away while it was summoned", retry_after_s=1)
         return self._hold(lease, route.name, hooked)
 
     def _hold(self, lease: Lease, route: str, hooked: bool) -> Grant:
@@ -197,6 +205,16 @@ async def _booted(fut: asyncio.Future[Lease], boot_timeout_s: float) -> Lease:
     except asyncio.CancelledError:
         fut.cancel()  # the host proxy hung up: leave the boot queue
         raise
+
+
+async def _answers(lease: Lease, timeout_s: float = 2.0) -> bool:
+    """Whether the instance accepts a connection (checked once, on the cold path only)."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(lease.address.host, lease.address.port), timeout_s)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
 
 
 async def _probed(lease: Lease, boot_timeout_s: float) -> Lease:

@@ -4,6 +4,7 @@ the token, keep-alive, the status mapping for nginx, /done, and a caller that ha
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -13,7 +14,7 @@ from proxy.plugin.decide import Decider
 from proxy.plugin.endpoint import PluginEndpoint
 from proxy.routing.dispatch import Dispatcher, StaticPool
 from proxy.routing.table import RouteTable
-from tests.unit.plugin.test_decide import STATIC, SUMMONED, Clock, FakePool, config
+from tests.unit.plugin.test_decide import STATIC, SUMMONED, Clock, FakeLease, FakePool, config
 
 TOKEN = "a-long-enough-plugin-token"
 ASK = ("X-Original-Method: GET\r\nX-Original-URI: /\r\nX-Original-Host: {host}\r\n"
@@ -137,5 +138,31 @@ def test_an_oversized_head_is_refused_and_small_ones_keep_coming() -> None:
         writer.write(b"GET /decide HTTP/1.1\r\nHost: summon\r\nX-Big: " + b"x" * 40_000 + b"\r\n\r\n")
         assert (await read_response(reader))[0] == 431
         writer.close()
+
+    run(test)
+
+
+def test_a_cold_lease_on_an_instance_that_is_gone_is_a_503_not_a_dead_address() -> None:
+    """A trial abandoned before the decision could watch it looks like a plain lease: the
+    endpoint checks that the instance takes a connection before it hands the address out."""
+    async def test(endpoint: PluginEndpoint, fake: FakePool) -> None:
+        listening = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        alive = Address("127.0.0.1", listening.sockets[0].getsockname()[1])
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            gone = Address("127.0.0.1", s.getsockname()[1])  # bound, never listening: refused
+            leases = []
+            for address in (gone, alive):
+                answer = asyncio.ensure_future(call(endpoint, "/decide", ASK.format(host="cold")))
+                for _ in range(200):
+                    if len(fake.futures) > len(leases):
+                        break
+                    await asyncio.sleep(0.01)
+                leases.append(FakeLease(address))
+                fake.futures[-1].set_result(leases[-1])
+                status, headers, _ = await answer
+                assert (status, headers.get("x-summon-upstream")) == ((503, None) if address is gone else (204, str(alive)))
+            assert leases[0].released == [False] and leases[1].released == []
+        listening.close()
 
     run(test)
