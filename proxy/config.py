@@ -144,6 +144,21 @@ class Cluster:
 
 
 @dataclass(frozen=True)
+class PluginSettings:
+    """`[plugin]`: the decision endpoint for host proxies (nginx, Caddy, HAProxy; see
+    proxy/plugin/). Off unless `listen` is given."""
+
+    listen: Address
+    token: str | None = None  # X-Summon-Token on every call; required off loopback (`token_rule`)
+    # A lease whose host proxy calls /done is given back there; one lost on the way (a
+    # crashed worker, a dropped connection) is taken back after `lease_timeout`.
+    lease_timeout_s: float = 300.0
+    # A lease whose host proxy has no completion hook (Caddy) counts as in flight this long,
+    # unless /done calls on the same route have measured how long its requests take.
+    lease_estimate_s: float = 1.0
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     proxy: ProxySettings
@@ -158,6 +173,7 @@ class Config:
     events_max_rows: int = 1_000_000
     default_region: str = "local"
     cluster: Cluster | None = None
+    plugin: PluginSettings | None = None
 
 
 # --- parsing helpers ---------------------------------------------------------------
@@ -296,15 +312,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def token_rule(address: Address | None, token: str | None, address_key: str, token_key: str) -> str | None:
-    """The rule for every listener with an admin-like role (`[proxy] admin`, and later
+def token_rule(address: Address | None, token: str | None, address_key: str, token_key: str,
+               sent_as: str = "Authorization: Bearer <token>") -> str | None:
+    """The rule for every listener with an admin-like role (`[proxy] admin`, and
     `[plugin] listen`): on anything but loopback it answers only with a token, so a port
     that faces the network never shows the fleet (instance addresses, events) to anyone
     who asks. Returns the problem to report, or None."""
     if address is None or token or is_loopback(address.host):
         return None
     return (f"{address_key} = \"{address}\" is reachable from other machines: set {token_key} "
-            f"(every request must then send Authorization: Bearer <token>), or listen on 127.0.0.1")
+            f"(every request must then send {sent_as}), or listen on 127.0.0.1")
 
 
 _NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -475,7 +492,13 @@ _CLUSTER_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "lease": ("lease_s", parse_duration),
     "local_share": ("local_share", _positive_int),
 }
-_TOP_KEYS = {"include", "proxy", "limits", "region", "host", "route", "images", "events", "cluster"}
+_PLUGIN_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "listen": ("listen", parse_address),
+    "token": ("token", _token),
+    "lease_timeout": ("lease_timeout_s", parse_duration),
+    "lease_estimate": ("lease_estimate_s", parse_duration),
+}
+_TOP_KEYS = {"include", "proxy", "limits", "region", "host", "route", "images", "events", "cluster", "plugin"}
 
 
 class LineIndex:
@@ -674,9 +697,12 @@ def _load(main: Path) -> Config:
     if problem := token_rule(proxy.admin, proxy.admin_token, "[proxy].admin", "[proxy].admin_token"):
         out.add(file, index.line("proxy", 0, "admin"), problem)
 
+    plugin = _plugin(data, file, index, out)
     listens = list(proxy.listen)
     if proxy.admin is not None:
         listens.append(proxy.admin)
+    if plugin is not None:
+        listens.append(plugin.listen)
     seen_addr: set[tuple[str, int]] = set()
     for addr in listens:
         k = (addr.host, addr.port)
@@ -813,7 +839,28 @@ def _load(main: Path) -> Config:
         events_max_rows=max_rows,
         default_region=default_region,
         cluster=cluster,
+        plugin=plugin,
     )
+
+
+def _plugin(data: dict[str, Any], file: str, index: LineIndex, out: _Collector) -> PluginSettings | None:
+    """`[plugin]`, or None when the section is absent (the decision endpoint is off)."""
+    if "plugin" not in data:
+        return None
+    vals = _section(data["plugin"], _PLUGIN_KEYS, "[plugin]", file, index, "plugin", 0, out)
+    if vals is None:
+        return None
+    if "listen" not in vals:
+        out.add(file, index.line("plugin", 0), "[plugin]: missing key 'listen' (e.g. listen = \"127.0.0.1:8082\")")
+        return None
+    for key, attr in (("lease_timeout", "lease_timeout_s"), ("lease_estimate", "lease_estimate_s")):
+        if attr in vals and vals[attr] <= 0:
+            out.add(file, index.line("plugin", 0, key), f"[plugin].{key}: must be more than 0")
+    settings = PluginSettings(**vals)
+    if problem := token_rule(settings.listen, settings.token, "[plugin].listen", "[plugin].token",
+                          "X-Summon-Token: <token>"):
+        out.add(file, index.line("plugin", 0, "listen"), problem)
+    return settings
 
 
 # The fast path builds a Route from a list in field order: these say where each key goes.

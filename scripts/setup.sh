@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 
 DEB_PACKAGES=(
   busybox-static          # httpd for the demo site, and /init of the microVM
-  nginx-light             # the reference reverse proxy in `make bench`
+  nginx-light             # the reference reverse proxy in `make bench`; a host proxy of the plugin tests (has auth_request)
+  caddy                   # a host proxy of the plugin tests (plugins/caddy)
+  haproxy                 # a host proxy of the plugin tests (plugins/haproxy, Lua)
   wrk                     # load generator for `make bench`
   qemu-system-x86         # runs the microVMs (KVM where it works, TCG otherwise)
   libvirt-daemon-system   # libvirtd + virtlogd

@@ -167,19 +167,22 @@ def _why(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def listen_error(config: Config, key: str, address: Address, exc: OSError) -> ConfigError:
-    """A bind that failed (`key` is "listen" or "admin") as the problem `check` prints."""
-    return ConfigError([Problem(config.path, key_line(config.path, "proxy", 0, key),
-                                f"[proxy].{key}: cannot listen on {address}: {_why(exc)}")])
+def listen_error(config: Config, key: str, address: Address, exc: OSError, section: str = "proxy") -> ConfigError:
+    """A bind that failed (`key` is "listen" or "admin" of [proxy], or [plugin] "listen")
+    as the problem `check` prints."""
+    return ConfigError([Problem(config.path, key_line(config.path, section, 0, key),
+                                f"[{section}].{key}: cannot listen on {address}: {_why(exc)}")])
 
 
 def listen_problems(config: Config) -> list[Problem]:
     """Bind each address once, as `serve` will, and let go at once. Port 0 always binds."""
-    wanted = [("listen", a) for a in config.proxy.listen]
+    wanted = [("proxy", "listen", a) for a in config.proxy.listen]
     if config.proxy.admin is not None:
-        wanted.append(("admin", config.proxy.admin))
+        wanted.append(("proxy", "admin", config.proxy.admin))
+    if config.plugin is not None:
+        wanted.append(("plugin", "listen", config.plugin.listen))
     problems: list[Problem] = []
-    for key, address in wanted:
+    for section, key, address in wanted:
         if address.port == 0:
             continue
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
@@ -188,10 +191,10 @@ def listen_problems(config: Config) -> list[Problem]:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as serve: TIME_WAIT is no conflict
                 sock.bind((address.host, address.port))
         except OSError as exc:
-            problems.extend(listen_error(config, key, address, exc).problems)
+            problems.extend(listen_error(config, key, address, exc, section).problems)
         except (UnicodeError, ValueError) as exc:  # a host name the resolver refuses
-            problems.append(Problem(config.path, key_line(config.path, "proxy", 0, key),
-                                    f"[proxy].{key}: cannot listen on {address}: {exc}"))
+            problems.append(Problem(config.path, key_line(config.path, section, 0, key),
+                                    f"[{section}].{key}: cannot listen on {address}: {exc}"))
     return problems
 
 

@@ -68,6 +68,8 @@ from ..observe.admin import AdminServer
 from ..observe.events import Event, EventLog, EventReader, json_line
 from ..observe.fleetlog import FleetLog, Shipper
 from ..observe.metrics import Metrics
+from ..plugin.decide import Decider
+from ..plugin.endpoint import PluginEndpoint
 from ..routing.contracts import Pool
 from ..routing.dispatch import Dispatcher, StaticPool
 from ..routing.table import RouteTable
@@ -122,6 +124,7 @@ class Runtime:
     events: EventLog | None = None
     metrics: Metrics | None = None
     admin: AdminServer | None = None
+    plugin: PluginEndpoint | None = None  # [plugin] listen: the decision endpoint (worker 0)
     servers: list[asyncio.AbstractServer] = field(default_factory=list)
     # A duplicate of each listening socket: after the servers stop accepting it keeps the
     # kernel's backlog alive, so drain can answer those connections instead of resetting them.
@@ -183,7 +186,25 @@ async def build_runtime(config: Config, sockets: list[socket.socket], admin: boo
             if rt.summoner is not None:
                 await rt.summoner.close()
             raise listen_error(config, "admin", p.admin, exc) from exc
+    if admin and config.plugin is not None:
+        await start_plugin(rt, config)
     return rt
+
+
+async def start_plugin(rt: Runtime, config: Config) -> None:
+    """The decision endpoint, on worker 0 only: a lease must come back (/done) to the
+    engine that gave it, and the listener is not shared with SO_REUSEPORT."""
+    assert config.plugin is not None
+    decider = Decider(rt.dispatcher, lambda: rt.config, config.plugin, asyncio.get_running_loop().time)
+    rt.plugin = PluginEndpoint(config.plugin.listen, decider, config.plugin.token)
+    try:
+        await rt.plugin.start()
+    except OSError as exc:
+        if rt.admin is not None:
+            rt.admin.close()
+        if rt.summoner is not None:
+            await rt.summoner.close()
+        raise listen_error(config, "listen", config.plugin.listen, exc, "plugin") from exc
 
 
 async def serve_on(rt: Runtime, sock: socket.socket) -> asyncio.AbstractServer:
@@ -312,6 +333,8 @@ def status_of(rt: Runtime) -> dict[str, Any]:
     snap["totals"]["draining"] = rt.draining
     snap["totals"]["refused_connections"] = rt.state.refused_connections
     snap["totals"]["shed_requests"] = rt.state.shed_requests
+    if rt.plugin is not None:
+        snap["totals"]["plugin_leases"] = len(rt.plugin.decider.held)  # requests the host proxy carries now
     snap["overload"] = {k: v for k, v in overload_of(rt).items() if k not in snap["totals"]}
     return snap
 
@@ -401,6 +424,8 @@ def _swap(rt: Runtime, new: Config) -> list[str]:
     old = rt.config
     notes = [f"{new.path}: [proxy] {name} changed: takes effect after a restart"
              for name in _RESTART_ONLY_PROXY if getattr(old.proxy, name) != getattr(new.proxy, name)]
+    if old.plugin != new.plugin:
+        notes.append(f"{new.path}: [plugin] changed: takes effect after a restart")
     if rt.summoner is not None and (old.hosts != new.hosts or old.regions != new.regions
                                     or old.limits != new.limits or old.images_dir != new.images_dir):
         notes.append(f"{new.path}: [[host]], [[region]], [limits] or [images] changed: take effect after a restart")
@@ -494,14 +519,20 @@ async def drain(rt: Runtime, deadline_s: float) -> None:
     for conn in list(state.connections):
         if idle(conn):
             conn.close()
-    await _until(loop, lambda: state.inflight <= 0 and not state.connections, end, rt.forced)
-    left = state.inflight
+    plugin = rt.plugin
+    if plugin is not None:
+        plugin.decider.draining = True  # new decisions get 503; /done still gives leases back
+    await _until(loop, lambda: state.inflight <= 0 and not state.connections
+                 and (plugin is None or not plugin.decider.held), end, rt.forced)
+    left = state.inflight + (len(plugin.decider.held) if plugin is not None else 0)
     if left > 0:
         log.warning("drain: %d request(s) still in flight at the deadline: cutting them off", left)
     for conn in list(state.connections):
         conn.abort() if conn.active is not None else conn.close()
     state.upstreams.close_all()
     state.stop_sweeping()
+    if plugin is not None:
+        plugin.close()
     if rt.summoner is not None:
         await rt.summoner.close()
     if rt.shipper is not None:

@@ -116,6 +116,13 @@ def test_admin_address_in_use(tmp_path: Path, taken_port: int) -> None:
     assert_refused(path, "admin = ", f"[proxy].admin: cannot listen on 127.0.0.1:{taken_port}: address already in use")
 
 
+def test_plugin_address_in_use(tmp_path: Path, taken_port: int) -> None:
+    path = write(tmp_path, f'[plugin]\nlisten = "127.0.0.1:{taken_port}"\n'
+                           '[[route]]\npath = "/"\nupstreams = ["127.0.0.1:9"]\n')
+    assert_refused(path, f"127.0.0.1:{taken_port}",
+                   f"[plugin].listen: cannot listen on 127.0.0.1:{taken_port}: address already in use")
+
+
 def test_event_log_unwritable(tmp_path: Path) -> None:
     """The log's directory is a plain file: mkdir fails for root too (chmod would not)."""
     (tmp_path / "var").write_text("not a directory\n")

@@ -490,3 +490,38 @@ def test_bad_remote_libvirt_host_keys(tmp_path, line, fragment):
     path = write(tmp_path, f'[[host]]\nname = "far"\nbackend = "libvirt"\n{line}\n', routes=None)
     [problem] = problems(path)
     assert problem.startswith(f"{path}:{line_of(path, line)}: ") and fragment in problem, problem
+
+
+# --- [plugin] ------------------------------------------------------------------------
+
+
+def test_the_plugin_section_is_off_unless_given(tmp_path: Path) -> None:
+    assert load(write(tmp_path, VALID)).plugin is None
+    cfg = load(write(tmp_path, VALID + '\n[plugin]\nlisten = "127.0.0.1:18082"\nlease_estimate = "250ms"\n'))
+    assert cfg.plugin is not None
+    assert (cfg.plugin.listen, cfg.plugin.token, cfg.plugin.lease_estimate_s) == (Address("127.0.0.1", 18082), None, 0.25)
+
+
+def test_the_plugin_off_loopback_needs_a_token(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID + '\n[plugin]\nlisten = "0.0.0.0:18082"\n')
+    [msg] = problems(path)
+    assert msg.startswith(f"{path}:{line_of(path, '0.0.0.0:18082')}: [plugin].listen = \"0.0.0.0:18082\" is "
+                          "reachable from other machines: set [plugin].token")
+    assert "X-Summon-Token" in msg
+    ok = write(tmp_path, VALID + '\n[plugin]\nlisten = "0.0.0.0:18082"\ntoken = "a-long-enough-plugin-token"\n')
+    assert load(ok).plugin.token == "a-long-enough-plugin-token"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("body,needle,fragment", [
+    ('lease_timeout = "0s"\nlisten = "127.0.0.1:18082"', "lease_timeout", "[plugin].lease_timeout: must be more than 0"),
+    ('listen = "127.0.0.1:18082"\nlease = "1s"', "lease =", "[plugin]: unknown key 'lease'"),
+    ('token = "short"\nlisten = "127.0.0.1:18082"', "token", "[plugin].token: must be at least 16"),
+    ('lease_estimate = "1s"', "[plugin]", "[plugin]: missing key 'listen'"),
+    ('listen = "127.0.0.1:18081"', "listen = \"127.0.0.1:18081\"", "listen addresses overlap"),
+])
+def test_plugin_problems_name_the_key(tmp_path: Path, body: str, needle: str, fragment: str) -> None:
+    path = write(tmp_path, VALID + f"\n[plugin]\n{body}\n")
+    msgs = problems(path)
+    assert any(fragment in m for m in msgs), msgs
+    if needle != 'listen = "127.0.0.1:18081"':  # the overlap is reported at [proxy] listen
+        assert any(m.startswith(f"{path}:{line_of(path, needle)}: ") and fragment in m for m in msgs), msgs

@@ -1,0 +1,95 @@
+"""Run nginx, Caddy or HAProxy with the config shipped in plugins/, pointed at a test's
+summon: only the listen port, the plugin's address and the file paths are changed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from tests.helpers.paths import REPO
+
+PLUGINS = REPO / "plugins"
+SHIPPED_PLUGIN = "127.0.0.1:8082"  # what the shipped configs call
+
+
+def _replace(text: str, old: str, new: str) -> str:
+    assert old in text, f"the shipped config no longer has {old!r}"
+    return text.replace(old, new)
+
+
+def nginx_config(tmp: Path, port: int, plugin: str) -> list[str]:
+    site = (PLUGINS / "nginx" / "summon.conf").read_text()
+    site = _replace(site, SHIPPED_PLUGIN, plugin)
+    site = _replace(site, "listen 80;", f"listen 127.0.0.1:{port};")
+    (tmp / "site.conf").write_text(site)
+    temp = "".join(f"    {kind}_temp_path {tmp}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (tmp / "nginx.conf").write_text(
+        f"daemon off;\nworker_processes 1;\npid {tmp}/nginx.pid;\nerror_log {tmp}/error.log info;\n"
+        f"events {{ worker_connections 1024; }}\n"
+        f"http {{\n    access_log {tmp}/access.log;\n{temp}    include {tmp}/site.conf;\n}}\n")
+    return ["nginx", "-e", str(tmp / "error.log"), "-p", str(tmp), "-c", str(tmp / "nginx.conf")]
+
+
+def caddy_config(tmp: Path, port: int, plugin: str) -> list[str]:
+    text = (PLUGINS / "caddy" / "Caddyfile").read_text()
+    text = _replace(text, SHIPPED_PLUGIN, plugin)
+    text = _replace(text, "http://:80 {", f"http://:{port} {{\n\tbind 127.0.0.1")
+    (tmp / "Caddyfile").write_text(text)
+    return ["caddy", "run", "--config", str(tmp / "Caddyfile"), "--adapter", "caddyfile"]
+
+
+def haproxy_config(tmp: Path, port: int, plugin: str) -> list[str]:
+    shutil.copy(PLUGINS / "haproxy" / "summon.lua", tmp / "summon.lua")
+    text = (PLUGINS / "haproxy" / "haproxy.cfg").read_text()
+    text = _replace(text, "/etc/haproxy/summon.lua", str(tmp / "summon.lua"))
+    text = _replace(text, "bind :80", f"bind 127.0.0.1:{port}")
+    (tmp / "haproxy.cfg").write_text(text)
+    return ["haproxy", "-db", "-f", str(tmp / "haproxy.cfg")]
+
+
+CONFIGS = {"nginx": nginx_config, "caddy": caddy_config, "haproxy": haproxy_config}
+
+
+class HostProxy:
+    """One host proxy process; `stop` ends it by its PID."""
+
+    def __init__(self, kind: str, tmp: Path, port: int, plugin: str) -> None:
+        self.kind = kind
+        self.dir = tmp / kind
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port
+        self.argv = CONFIGS[kind](self.dir, port, plugin)
+        # Caddy keeps state under HOME/XDG dirs; HAProxy's Lua reads SUMMON_PLUGIN.
+        self.env = dict(os.environ, HOME=str(self.dir), XDG_DATA_HOME=str(self.dir), XDG_CONFIG_HOME=str(self.dir),
+                        SUMMON_PLUGIN=plugin)
+        self.log = self.dir / "stderr.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> HostProxy:
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(self.argv, cwd=self.dir, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.kind} exited: {self.log.read_text()}") from None
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{self.kind} did not start: {self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
