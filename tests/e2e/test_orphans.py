@@ -58,10 +58,10 @@ def restart_storm(rounds: int, up: Callable[[], Summon], started: Callable[[], s
             with socket.create_connection(("127.0.0.1", s.port), timeout=5) as sock:
                 sock.sendall(b"GET / HTTP/1.1\r\nHost: site\r\n\r\n")
                 deadline = time.monotonic() + 60
-                while not started() - before and time.monotonic() < deadline:
+                while not (new := started() - before) and time.monotonic() < deadline:
                     time.sleep(0.02)
                 s.proc.send_signal(signal.SIGKILL)
-                left |= started() - before
+                left |= new
         else:
             status, _, body = http_get(s.port, "/", timeout=150)
             assert status == 200, body[:200]
