@@ -52,7 +52,8 @@ def owners_dir(events_path: Path) -> Path:
 
 @dataclass
 class Owner:
-    """This process's lock: held from `claim` until the process ends (or `release`)."""
+    """This process's lock: held from `claim` until the process ends. Its file stays
+    behind a clean exit too, unlocked, until the next reaping sweeps it."""
 
     directory: Path
     token: str
@@ -62,13 +63,6 @@ class Owner:
     @property
     def path(self) -> Path:
         return self.directory / f"{self.token}.lock"
-
-    def release(self) -> None:
-        """Drop the claim (tests; a process that ends drops it anyway)."""
-        with contextlib.suppress(OSError):
-            self.path.unlink()
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
 
 
 _claims: dict[Path, Owner] = {}
