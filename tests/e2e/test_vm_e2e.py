@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_orphans import reaped_events, restart_storm, start_at_once
+from tests.e2e.test_orphans import get_through_outside_destroys, reaped_events, restart_storm, start_at_once
 from tests.e2e.test_vm_boot import _missing
 from tests.helpers.paths import REPO
 from tests.helpers.summon_proc import Summon, http_get
@@ -140,7 +140,7 @@ def test_twenty_sigkill_restarts_leave_no_domain_behind(tmp_path: Path, vm_image
     s, served, left, zombies = restart_storm(20, up, started, lambda i: i % 4 == 3)
     try:
         assert len(served) == 15 and len(left) == 20, (served, left)
-        assert http_get(s.port, "/", timeout=150)[0] == 200
+        assert get_through_outside_destroys(s.port)[0] == 200
         deadline = time.monotonic() + 60
         while started() & left and time.monotonic() < deadline:
             time.sleep(0.5)
