@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.backends.owner import proc_start
 from tests.helpers.summon_proc import Summon, http_get, make_image, pids_matching
 
 # The server is a background child of the instance's shell: pdeathsig kills the shell
@@ -69,6 +70,8 @@ def restart_storm(rounds: int, up: Callable[[], Summon], started: Callable[[], s
         for i in range(rounds):
             s = up()
             assert s.proc is not None
+            if zombies:  # the new summon is started; make sure it, not the dying one, answered
+                settled(zombies[-1].pid, s)
             zombies.append(s.proc)
             before = started()
             if mid_boot(i):
@@ -85,12 +88,29 @@ def restart_storm(rounds: int, up: Callable[[], Summon], started: Callable[[], s
                 served |= started() - before
                 s.proc.send_signal(signal.SIGKILL)
                 left |= served
-        return up(), served, left, zombies
+        s = up()
+        settled(zombies[-1].pid, s)
+        return s, served, left, zombies
     except BaseException:
         for z in zombies:
             z.kill()
             z.wait(10)
         raise
+
+
+def settled(old_pid: int, s: Summon) -> None:
+    """The killed summon has closed its sockets (a zombie now, or gone), and `s` answers
+    on the admin port: what answered `start` was not the old one still exiting."""
+    deadline = time.monotonic() + 10
+    while proc_start(old_pid)[1] not in ("Z", "") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    while time.monotonic() < deadline:
+        try:
+            s.status()
+            return
+        except OSError:
+            time.sleep(0.05)
+    s.status()
 
 
 def start_at_once(s: Summon) -> Summon:
@@ -122,8 +142,8 @@ def test_twenty_sigkill_restarts_leave_no_process_behind(tmp_path: Path) -> None
                 pass  # being reaped
         return out
 
-    s, served, _left, zombies = restart_storm(20, lambda: start_at_once(Summon(tmp_path, ROUTE)), recorded,
-                                       lambda i: i % 4 == 3)
+    summon = Summon(tmp_path, ROUTE)  # one config, restarted as is: the same ports
+    s, served, _left, zombies = restart_storm(20, lambda: start_at_once(summon), recorded, lambda i: i % 4 == 3)
     try:
         assert http_get(s.port, "/")[0] == 200
         own = {i["id"] for i in s.instances()}

@@ -128,10 +128,11 @@ def test_twenty_sigkill_restarts_leave_no_domain_behind(tmp_path: Path, vm_image
     destroyed, each with a `reaped` event, and only the running summon's VM is left."""
     prefix = f"summon-orphans-{os.getpid()}-"
 
+    summon = make_summon(tmp_path, vm_images)  # one config, restarted as is: the same ports
+    summon.config.write_text(summon.config.read_text().replace('name = "decks"', f'name = "orphans-{os.getpid()}"'))
+
     def up() -> Summon:
-        s = make_summon(tmp_path, vm_images)
-        s.config.write_text(s.config.read_text().replace('name = "decks"', f'name = "orphans-{os.getpid()}"'))
-        return start_at_once(s)
+        return start_at_once(summon)
 
     def started() -> set[str]:
         return {n for n in summon_domains() if n.startswith(prefix)}
