@@ -520,6 +520,8 @@ class LibvirtBackend:
         Runs at start-up and then periodically (`Summoner.reap_orphans`). Several summon
         processes may reap at once: a domain is destroyed by one of them (the others get
         "no domain") and reported once."""
+        if self._down is not None:
+            return []  # a lost remote host: its return reaps (`_watch_host_once`), not a call stuck on it
         claim(self.owner_dir)  # before looking: our own domains must look owned
 
         def orphans() -> tuple[list[str], set[str]]:

@@ -192,6 +192,7 @@ class Summoner:
 
     def start(self) -> None:
         self._ticker = self.loop.call_later(self.tick_s, self._tick)
+        self._reaper = self.loop.create_task(self._reap_periodically(), name="summon reaper")
         self._watch_hosts()
         if self.coordinator is not None:
             self.coordinator.start()
@@ -221,10 +222,6 @@ class Summoner:
                 self.events.record(Event(kind="reaped", instance=name, host=",".join(hosts),
                                          detail={"when": "host returned"}))
             log.warning("reaped orphan instance %s on %s, which answers again", name, ",".join(hosts))
-
-        self._reaper = self.loop.create_task(self._reap_periodically(), name="summon reaper")
-        if self.coordinator is not None:
-            self.coordinator.start()
 
     async def reap_orphans(self, when: str = "periodic") -> list[str]:
         """Ask every driver to destroy what dead summon processes left running; one
