@@ -49,8 +49,20 @@ class _Child:
         self.pidfd: int | None = None
 
     def reap(self) -> bool:
+        """True once the child has exited; then what is left of its process group (what
+        it started and did not take down with it: a shell's server) is killed too. That
+        happens before the child is waited for: an unreaped zombie keeps its pid, so the
+        group id cannot have been reused by another process."""
         if self.returncode is not None:
             return True
+        try:
+            if os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                return False
+        except ChildProcessError:
+            self.returncode = -1
+            return True
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
