@@ -4,8 +4,9 @@ Why these choices:
 - libvirt calls block, so they run on a small dedicated thread pool; one connection per
   URI, opened lazily and reopened if libvirtd went away.
 - Transient domains (createXML): nothing is left defined if summon or libvirtd dies; what
-  is left *running* carries summon's `<metadata>` (route, instance, image digest, pid of
-  the summon process) so `reap_orphans` can find and destroy it on the next start.
+  is left *running* carries summon's `<metadata>` (route, instance, image digest, the
+  summon process's owner lock and pid) so `reap_orphans` can find and destroy it once its
+  owner is dead (see `proxy.backends.owner`: a zombie owner holds no lock).
 - Domain type ``kvm`` only if a KVM guest really boots to userspace (probed once per URI
   and cached): on nested setups /dev/kvm exists but Linux hangs, so we fall back to TCG.
   The probe takes up to 10 s there, so its answer is also kept on disk until the machine
@@ -56,6 +57,7 @@ from .libvirt_host import (
     remote_endpoint,
 )
 from .libvirt_xml import NS, DomainParams, copy_save_with_xml, domain_name, domain_xml, parse_metadata, retarget_xml
+from .owner import claim, default_dir, owner_alive, pid_alive, proc_start, sweep
 
 try:
     import libvirt
@@ -127,15 +129,6 @@ def _is_no_domain(exc: Exception) -> bool:
     return hasattr(exc, "get_error_code") and exc.get_error_code() == getattr(libvirt, "VIR_ERR_NO_DOMAIN", -1)
 
 
-def _proc_start(pid: int) -> str:
-    """Start time of a process (clock ticks since boot), or "" if it does not exist."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
 def libvirt_available(uri: str) -> str | None:
     """None if `uri` can be used to run domains, else a human reason (for skips and `check`)."""
     if libvirt is None:
@@ -203,7 +196,8 @@ class LibvirtBackend:
     name = "libvirt"
 
     def __init__(self, uri: str, probe_kvm: bool = True, console_dir: Path = CONSOLE_DIR,
-                 address: str = "", ports: tuple[int, int] = (24000, 24999)) -> None:
+                 address: str = "", ports: tuple[int, int] = (24000, 24999),
+                 owner_dir: Path | None = None) -> None:
         if libvirt is None:
             raise HostUnavailable("libvirt-python is not installed (pip install summon[libvirt])")
         self.uri = uri
@@ -230,8 +224,7 @@ class LibvirtBackend:
         self._type_lock: asyncio.Lock | None = None
         self._snap_locks: dict[str, asyncio.Lock] = {}
         self._hostname = socket.gethostname()
-        self._pid = os.getpid()
-        self._pid_start = _proc_start(self._pid)
+        self.owner_dir = owner_dir or default_dir()
 
     # --- plumbing -----------------------------------------------------------------
 
@@ -365,11 +358,12 @@ class LibvirtBackend:
             route=route,
             instance_id=instance_id,
             image_digest=image.digest,
-            pid=self._pid,
-            pid_start=self._pid_start,
+            pid=os.getpid(),
+            pid_start=proc_start(os.getpid())[0],
             hostname=self._hostname,
             console_log=None if dtype == "test" or self.endpoint is not None else self.console_dir / f"{name}.log",
             host_address=self._address or "127.0.0.1",
+            owner=str(claim(self.owner_dir).path),  # this process's, also after a fork
         )
 
     # --- where guests' ports go -----------------------------------------------------------
@@ -521,10 +515,17 @@ class LibvirtBackend:
     # --- orphans, close -------------------------------------------------------------------
 
     async def reap_orphans(self, all_summon: bool = False) -> list[str]:
-        """Destroy summon domains whose summon process is gone (or every one, at startup)."""
+        """Destroy summon domains whose owner is dead (or every one not ours, if all_summon).
 
-        def orphans() -> list[str]:
-            out = []
+        Runs at start-up and then periodically (`Summoner.reap_orphans`). Several summon
+        processes may reap at once: a domain is destroyed by one of them (the others get
+        "no domain") and reported once."""
+        if self._down is not None:
+            return []  # a lost remote host: its return reaps (`_watch_host_once`), not a call stuck on it
+        claim(self.owner_dir)  # before looking: our own domains must look owned
+
+        def orphans() -> tuple[list[str], set[str]]:
+            out, owners = [], set()
             for dom in self._connection().listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
                 try:
                     meta = parse_metadata(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS))
@@ -532,15 +533,15 @@ class LibvirtBackend:
                     continue  # not ours
                 if dom.name() in self._handles:
                     continue
-                pid = int(meta.get("pid", "0") or 0)
-                ours = meta.get("pid_host", self._hostname) == self._hostname
-                alive = ours and pid > 0 and _proc_start(pid) == meta.get("pid_start", _proc_start(pid)) != ""
-                if all_summon or (ours and not alive):
+                if meta.get("owner"):
+                    owners.add(meta["owner"])
+                if all_summon or (meta.get("pid_host", self._hostname) == self._hostname and not self._owned(meta)):
                     out.append(dom.name())
-            return out
+            return out, owners
 
-        names = await self._call("list summon domains", orphans)
+        names, owners = await self._call("list summon domains", orphans)
         reaped = [n for n in names if await self._destroy(n)]
+        await asyncio.to_thread(sweep, self.owner_dir, owners)  # dead owners' lock files nothing names
         return reaped
 
     # --- a remote host's health ------------------------------------------------------------
@@ -625,6 +626,15 @@ class LibvirtBackend:
                 handle.exited.set_result(f"host {self.uri} unreachable: {why}")
         if self._on_health is not None:
             self._on_health(False, why, [])
+
+    @staticmethod
+    def _owned(meta: dict[str, str]) -> bool:
+        """Is the summon process that made this domain alive? Its owner lock says; a
+        domain without one (older summon) or whose lock file is gone falls back to the pid."""
+        alive = owner_alive(meta["owner"]) if meta.get("owner") else None
+        if alive is None:
+            alive = pid_alive(int(meta.get("pid", "0") or 0), meta.get("pid_start", ""))
+        return alive
 
     async def close(self) -> None:
         if self._monitor is not None:

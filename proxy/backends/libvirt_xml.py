@@ -59,6 +59,7 @@ class DomainParams:
     hostname: str
     console_log: Path | None = None  # None: a null serial (remote: the path would be the host's)
     host_address: str = "127.0.0.1"  # where the forwarded port binds, on the hypervisor host
+    owner: str = ""  # the owner lock file (`proxy.backends.owner`): held while summon lives
 
 
 def sanitise(text: str, limit: int = 40) -> str:
@@ -79,6 +80,7 @@ def metadata_xml(p: DomainParams) -> str:
         f"<summon:image>{escape(p.image_digest)}</summon:image>"
         f"<summon:pid start={quoteattr(p.pid_start)} host={quoteattr(p.hostname)}>{p.pid}</summon:pid>"
         f"<summon:port>{p.host_port}</summon:port>"
+        f"<summon:owner>{escape(p.owner)}</summon:owner>"
         "</summon:instance>"
     )
 
@@ -120,7 +122,7 @@ def domain_xml(p: DomainParams) -> str:
 def parse_metadata(xml: str) -> dict[str, str]:
     """Fields of summon's metadata element (as returned by ``dom.metadata(ELEMENT, NS)``)."""
     out: dict[str, str] = {}
-    for tag in ("route", "id", "image", "pid", "port"):
+    for tag in ("route", "id", "image", "pid", "port", "owner"):
         m = re.search(rf"<(?:\w+:)?{tag}\b([^>]*)>([^<]*)</", xml)
         if m:
             out[tag] = html.unescape(m.group(2))

@@ -3,16 +3,21 @@
 Why it exists: it is MirageOS's "unix target", the embedded default that works on any
 machine with no hypervisor, and the fastest way to exercise the whole summoning path.
 
-Children never outlive the proxy: each one is started through `setpriv --pdeathsig
+Children should not outlive the proxy: each one is started through `setpriv --pdeathsig
 KILL` (util-linux), so the kernel kills it when the proxy dies, even by SIGKILL. It
 also gets its own process group so a Ctrl-C at the terminal reaches only the proxy,
-which then stops its children in order.
+which then stops its children in order. pdeathsig reaches only the child itself, not
+what it started (a shell's server, say), and nothing at all without setpriv; so each
+child is also recorded beside the proxy's owner lock (`proxy.backends.owner`), and
+`reap_orphans` kills the process group of every record whose owner is dead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import os
 import shutil
 import signal
@@ -22,6 +27,9 @@ from pathlib import Path
 from ..config import Address
 from ..errors import BackendError, ImageError
 from .base import Handle, InstanceSpec
+from .owner import RECORD_PREFIX, claim, default_dir, owner_alive, pid_alive, proc_start, sweep, write_record
+
+log = logging.getLogger("summon.process")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -41,8 +49,20 @@ class _Child:
         self.pidfd: int | None = None
 
     def reap(self) -> bool:
+        """True once the child has exited; then what is left of its process group (what
+        it started and did not take down with it: a shell's server) is killed too. That
+        happens before the child is waited for: an unreaped zombie keeps its pid, so the
+        group id cannot have been reused by another process."""
         if self.returncode is not None:
             return True
+        try:
+            if os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                return False
+        except ChildProcessError:
+            self.returncode = -1
+            return True
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
@@ -57,10 +77,12 @@ class _Child:
 class ProcessBackend:
     name = "process"
 
-    def __init__(self, log_dir: Path | None = None, stop_grace_s: float = 2.0) -> None:
+    def __init__(self, log_dir: Path | None = None, stop_grace_s: float = 2.0, owner_dir: Path | None = None) -> None:
         self.log_dir = log_dir
+        self.owner_dir = owner_dir or default_dir()
         self.stop_grace_s = stop_grace_s
         self.children: dict[str, _Child] = {}
+        self.records: dict[str, Path] = {}  # instance id -> its record beside the owner lock
         self._setpriv = shutil.which("setpriv")
         self._which: dict[str, str | None] = {}
 
@@ -79,6 +101,7 @@ class ProcessBackend:
     async def start(self, spec: InstanceSpec) -> Handle:
         image = spec.image
         image.verify("unix")  # ImageError on a tampered site
+        owner = claim(self.owner_dir)  # before the child exists: its record names this lock
         port = free_port()
         argv = image.unix_command(port)
         argv[0] = self._resolve(argv[0], image.name)
@@ -104,6 +127,7 @@ class ProcessBackend:
         exited: asyncio.Future[str] = loop.create_future()
         child = _Child(pid, exited)
         self.children[spec.instance_id] = child
+        self._record(owner.path, spec, pid)
         try:
             child.pidfd = os.pidfd_open(pid)
             loop.add_reader(child.pidfd, self._on_exit, spec.instance_id)
@@ -112,6 +136,18 @@ class ProcessBackend:
         if child.reap():
             self._on_exit(spec.instance_id)
         return Handle(spec.instance_id, Address("127.0.0.1", port), exited, {"pid": pid})
+
+    def _record(self, owner: Path, spec: InstanceSpec, pid: int) -> None:
+        record = owner.parent / f"{RECORD_PREFIX}{owner.stem}-{spec.instance_id}.json"
+        try:
+            write_record(record, {"owner": str(owner), "owner_pid": os.getpid(),
+                                  "owner_start": proc_start(os.getpid())[0], "pid": pid,
+                                  "start": proc_start(pid)[0], "instance": spec.instance_id,
+                                  "route": spec.route.name})
+        except OSError as exc:  # pdeathsig still covers the child itself
+            log.warning("cannot record instance %s in %s: %s", spec.instance_id, record.parent, exc)
+            return
+        self.records[spec.instance_id] = record
 
     def _on_exit(self, instance_id: str) -> None:
         child = self.children.get(instance_id)
@@ -149,13 +185,64 @@ class ProcessBackend:
                 while not child.reap():
                     await asyncio.sleep(0.01)
         self._close_pidfd(child)
+        record = self.records.pop(handle.instance_id, None)
+        if record is not None:
+            record.unlink(missing_ok=True)
         if not child.exited.done():
             child.exited.set_result("stopped")
 
     async def reap_orphans(self) -> list[str]:
-        return []  # pdeathsig: the kernel already killed them with their parent
+        """Kill the process groups of recorded instances whose owner is dead; return their
+        ids. Runs at start-up and then periodically (`Summoner.reap_orphans`)."""
+        claim(self.owner_dir)  # our own records must look owned
+        return await asyncio.to_thread(reap_records, self.owner_dir)
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
         for iid in list(self.children):
             await self.stop(Handle(iid, Address("127.0.0.1", 0), loop.create_future()))
+
+
+def reap_records(directory: Path) -> list[str]:
+    """Reap every record in `directory` whose owner is dead: SIGKILL its process group,
+    remove the record. An instance is reported only by the reaper that removed its
+    record (several may run at once) and only if something of it was still running."""
+    reaped: list[str] = []
+    for path in sorted(directory.glob(f"{RECORD_PREFIX}*.json")):
+        try:
+            rec = json.loads(path.read_text())
+            owner, pid, start = str(rec["owner"]), int(rec["pid"]), str(rec.get("start", ""))
+            owner_pid, owner_start = int(rec.get("owner_pid", 0)), str(rec.get("owner_start", ""))
+        except FileNotFoundError:
+            continue  # stopped, or reaped by another summon, meanwhile
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("ignoring unreadable instance record %s", path)
+            continue
+        alive = owner_alive(owner)
+        if alive is None:  # the lock file is gone: the pid is all there is
+            alive = pid_alive(owner_pid, owner_start)
+        if alive:
+            continue
+        killed = _kill_group(pid, start)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        if killed:
+            reaped.append(str(rec.get("instance", path.stem)))
+    sweep(directory, set())
+    return reaped
+
+
+def _kill_group(pid: int, start: str) -> bool:
+    """SIGKILL the process group an instance leads (it was started with setsid). Not if
+    its pid now belongs to another process (a pgid in use is never reused as a pid, so a
+    group whose leader is gone is still the instance's)."""
+    now_start, _state = proc_start(pid)
+    if now_start and start and now_start != start:
+        return False
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True

@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 
 from ..backends.base import Backend
+from ..backends.owner import claim, owners_dir
 from ..backends.process import ProcessBackend
 from ..cluster.store import Store
 from ..config import Config, key_line
-from ..errors import ConfigError, HostUnavailable, Problem
-from ..observe.events import Event, EventLog
+from ..errors import BackendError, ConfigError, HostUnavailable, Problem
+from ..observe.events import EventLog
 from .summoner import Summoner
 
 log = logging.getLogger("summon.bootstrap")
@@ -24,9 +25,15 @@ def make_backends(config: Config) -> dict[str, Backend]:
     backends: dict[str, Backend] = {}
     by_uri: dict[tuple[str, bool, str, tuple[int, int]], Backend] = {}
     process: Backend | None = None
+    owner_dir = owners_dir(config.events_path)
+    try:
+        claim(owner_dir)  # this process's owner lock, held for its life (proxy.backends.owner)
+    except BackendError as exc:  # beside the event log: a problem of [events] path
+        raise ConfigError([Problem(config.path, key_line(config.path, "events", 0, "path"),
+                                   f"[events].path: {exc.detail}")]) from exc
     for i, host in enumerate(config.hosts):
         if host.backend == "process":
-            process = process or ProcessBackend()
+            process = process or ProcessBackend(owner_dir=owner_dir)
             backends[host.name] = process
         elif host.backend == "libvirt":
             key = (host.uri, host.kvm_probe, host.address, host.ports)
@@ -35,7 +42,7 @@ def make_backends(config: Config) -> dict[str, Backend]:
 
                 try:
                     by_uri[key] = LibvirtBackend(host.uri, probe_kvm=host.kvm_probe, address=host.address,
-                                                 ports=host.ports)
+                                                 ports=host.ports, owner_dir=owner_dir)
                 except HostUnavailable as exc:  # libvirt-python missing: `summon check` says the same
                     raise ConfigError([Problem(config.path, key_line(config.path, "host", i, "backend"),
                                                f"[[host]] {host.name}: {exc.detail}")]) from exc
@@ -53,14 +60,6 @@ async def start_summoner(config: Config, events: EventLog, backends: dict[str, B
     `store`: the fleet's shared state when this engine is one of several."""
     summoner = Summoner(config, events, backends, store=store,
                         local_share=config.cluster.local_share if config.cluster is not None else 1)
-    for backend in set(backends.values()):
-        try:
-            reaped = await backend.reap_orphans()
-        except Exception as exc:  # a host that is down must not stop the proxy
-            log.warning("could not reap orphans on %s: %s", backend.name, exc)
-            continue
-        for name in reaped:
-            events.record(Event(kind="reaped", instance=name, detail={"backend": backend.name}))
-            log.warning("reaped orphan instance %s left by an earlier run", name)
-    summoner.start()
+    await summoner.reap_orphans("startup")
+    summoner.start()  # and again every REAP_INTERVAL_S
     return summoner

@@ -21,6 +21,10 @@ other engines' instances current (see `proxy.runtime.coordinator`).
 Drivers that watch their host (a remote libvirt host: `LibvirtBackend.watch_health`)
 say when it stops answering: the host leaves placement (`host_down`) until it answers
 again (`host_up`); its instances come back through their `exited` futures as dead.
+
+Every `reap_interval_s` (and once before the first tick) each driver reaps the
+instances whose owning summon process is dead (`proxy.backends.owner`): a restart that
+came before the kernel was done with the old process finds them on a later round.
 """
 
 from __future__ import annotations
@@ -49,6 +53,10 @@ from .readiness import probe_once, wait_ready
 log = logging.getLogger("summon.summoner")
 # a host its driver reported down stays out of placement until the driver says it is up
 HOST_DOWN_HOLD_S = 24 * 3600.0
+
+# Reaping asks every driver for its instances (one libvirt list call, a directory
+# listing): cheap at this pace, and a leaked VM lives at most this long past its owner.
+REAP_INTERVAL_S = 2.0
 
 
 class SummonedLease:
@@ -128,6 +136,7 @@ class Summoner:
         tick_s: float = 0.1,
         store: Store | None = None,
         local_share: int = 1,
+        reap_interval_s: float = REAP_INTERVAL_S,
     ) -> None:
         self.config = config
         self.events = events
@@ -149,7 +158,9 @@ class Summoner:
         self.digests: dict[str, str] = {}
         self.request_seq = 0
         self.tick_s = tick_s
+        self.reap_interval_s = reap_interval_s
         self._ticker: asyncio.TimerHandle | None = None
+        self._reaper: asyncio.Task[None] | None = None
         self._region_cache: dict[str, str] = {}
         self.probing: set[str] = set()
         self.last_probe: dict[str, float] = {}
@@ -181,6 +192,7 @@ class Summoner:
 
     def start(self) -> None:
         self._ticker = self.loop.call_later(self.tick_s, self._tick)
+        self._reaper = self.loop.create_task(self._reap_periodically(), name="summon reaper")
         self._watch_hosts()
         if self.coordinator is not None:
             self.coordinator.start()
@@ -210,6 +222,30 @@ class Summoner:
                 self.events.record(Event(kind="reaped", instance=name, host=",".join(hosts),
                                          detail={"when": "host returned"}))
             log.warning("reaped orphan instance %s on %s, which answers again", name, ",".join(hosts))
+
+    async def reap_orphans(self, when: str = "periodic") -> list[str]:
+        """Ask every driver to destroy what dead summon processes left running; one
+        `reaped` event per instance. A driver that fails (libvirtd down) is retried
+        on the next round and never stops the proxy."""
+        reaped: list[str] = []
+        for backend in set(self.backends.values()):
+            try:
+                names = await backend.reap_orphans()
+            except Exception as exc:  # noqa: BLE001 - a host that is down must not stop the proxy
+                log.warning("could not reap orphans on %s: %s", backend.name, exc)
+                continue
+            for name in names:
+                if self.events is not None:
+                    self.events.record(Event(kind="reaped", instance=name,
+                                             detail={"backend": backend.name, "when": when}))
+                log.warning("reaped orphan instance %s left by a summon process that is gone", name)
+            reaped += names
+        return reaped
+
+    async def _reap_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.reap_interval_s)
+            await self.reap_orphans()
 
     def _tick(self) -> None:
         try:
@@ -460,6 +496,9 @@ class Summoner:
         """Stop every instance (drain has already let requests finish)."""
         if self._ticker is not None:
             self._ticker.cancel()
+        if self._reaper is not None:
+            self._reaper.cancel()
+            await asyncio.gather(self._reaper, return_exceptions=True)
         for fut, _pool in list(self.waiting.values()):
             if not fut.done():
                 fut.set_exception(Unavailable("shutting down", retry_after_s=5))

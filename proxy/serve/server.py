@@ -76,7 +76,7 @@ from ..routing.table import RouteTable
 from ..runtime.bootstrap import make_backends, start_summoner
 from ..runtime.summoner import Summoner
 from .preflight import events_error, listen_error
-from .workers import PeerServer, ask, merge_metrics, merge_status, metric_samples, socket_path
+from .workers import PeerServer, ask, die_with_parent, merge_metrics, merge_status, metric_samples, socket_path
 
 log = logging.getLogger("summon.server")
 BACKLOG = 4096
@@ -676,11 +676,13 @@ def serve(config: Config, redis_password: str | None = None) -> int:
         return uvloop.run(run_worker(config, sockets, 0, redis_password=redis_password))
     children: list[int] = []
     peer_dir = tempfile.mkdtemp(prefix="summon-workers-")  # 0700: worker 0 asks the others here
+    parent = os.getpid()
     for i in range(workers):
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
+                die_with_parent(parent)  # a SIGKILLed parent must not leave workers behind
                 sockets = bind_listeners(config, True)
                 code = uvloop.run(run_worker(config, sockets, i, peer_dir, redis_password))
             except ConfigError as exc:

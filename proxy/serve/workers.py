@@ -16,14 +16,20 @@ with its own:
 
 A worker that does not answer within `ASK_TIMEOUT_S` (stuck, or gone) is named in
 `totals.unreachable_workers` and left out rather than holding the admin API up.
+
+Workers end with their parent (`die_with_parent`): a parent killed with SIGKILL would
+otherwise leave them serving the port beside the next summon, their instances owned by
+processes nobody runs any more. They get SIGTERM and drain like on any other stop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import logging
 import os
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +43,22 @@ log = logging.getLogger("summon.workers")
 ASK_TIMEOUT_S = 1.0
 _SAME_IN_EVERY_WORKER = frozenset({"summon_instance_cap"})  # one fleet, one cap: not a sum
 _MAX_ANSWER = 64 * 1024 * 1024
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
+    """Have the kernel send `sig` to this (forked) process when `parent` dies; if it
+    died already, before the request was made, act on it now."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    except (OSError, AttributeError) as exc:
+        log.warning("cannot ask to die with the parent: %s", exc)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)
 
 
 def socket_path(directory: str, worker: int) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.test_orphans import get_through_outside_destroys, reaped_events, restart_storm, start_at_once
 from tests.e2e.test_vm_boot import _missing
 from tests.helpers.paths import REPO
 from tests.helpers.summon_proc import Summon, http_get
@@ -117,6 +118,49 @@ def test_cold_request_is_answered_by_a_vm_and_orphans_are_reaped(tmp_path: Path,
     finally:
         s2.stop()
     assert "reaped" in kinds(s2.events)
+
+
+@pytest.mark.timeout(900)
+def test_twenty_sigkill_restarts_leave_no_domain_behind(tmp_path: Path, vm_images: Path) -> None:
+    """The issue's race with VMs: summon killed with SIGKILL while its VM serves (or boots)
+    and started again at once, before the killed process is reaped (a zombie, whose pid
+    an orphan check by pid takes for alive), 20 times. Every VM the killed summons left is
+    destroyed, each with a `reaped` event, and only the running summon's VM is left."""
+    prefix = f"summon-orphans-{os.getpid()}-"
+
+    summon = make_summon(tmp_path, vm_images)  # one config, restarted as is: the same ports
+    summon.config.write_text(summon.config.read_text().replace('name = "decks"', f'name = "orphans-{os.getpid()}"'))
+
+    def up() -> Summon:
+        return start_at_once(summon)
+
+    def started() -> set[str]:
+        return {n for n in summon_domains() if n.startswith(prefix)}
+
+    t0 = time.monotonic()
+    s, served, left, zombies = restart_storm(20, up, started, lambda i: i % 4 == 3)
+    try:
+        assert len(served) == 15 and len(left) == 20, (served, left)
+        assert get_through_outside_destroys(s.port)[0] == 200
+        deadline = time.monotonic() + 60
+        while started() & left and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not started() & left, "domains of killed summons still run"
+        assert len(started()) == len(s.instances()) == 1
+        print(f"20 SIGKILL restarts with a VM up or booting: {time.monotonic() - t0:.0f}s")
+    finally:
+        s.stop()
+        for z in zombies:
+            z.wait(10)
+    assert not started(), "the last summon's SIGTERM stops its VM"
+    reaped = [r for r in reaped_events(s.events) if str(r["instance"]).startswith(prefix)]
+    # A summon killed inside createXML makes libvirtd fail that start and destroy the
+    # domain itself (measured: "shutting down, reason=failed"): those may be no one's to
+    # reap. Every VM that had served was reaped, each reaping one event.
+    assert served <= {str(r["instance"]) for r in reaped} <= left, reaped
+    assert len(reaped) == len({r["instance"] for r in reaped}), reaped
+    qemu = subprocess.run(["pgrep", "-f", f"guest={prefix}"], capture_output=True, text=True).stdout
+    assert not qemu.split(), f"qemu processes left: {qemu}"
 
 
 def test_tampered_initrd_is_refused_with_a_clear_message(tmp_path: Path, vm_images: Path) -> None:

@@ -47,6 +47,8 @@ class Summon:
         self.tmp = tmp
         self.port = free_port()
         self.admin_port = free_port()
+        while self.admin_port == self.port:  # the kernel may hand out the same free port twice
+            self.admin_port = free_port()
         self.config = tmp / "summon.toml"
         self.events = tmp / "events.db"
         self.config.write_text(

@@ -146,3 +146,39 @@ def test_invalid_reload_keeps_the_old_config_serving(tmp_path: Path) -> None:
             await drain(rt, 1.0)
 
     uvloop.run(scenario())
+
+
+def test_orphans_are_reaped_at_start_up_and_then_periodically(tmp_path: Path) -> None:
+    """Each instance a driver reaps is one `reaped` event, saying when; a driver that
+    fails to reap (its host down) is asked again on the next round."""
+    from proxy.errors import HostUnavailable
+    from proxy.observe.events import EventLog
+    from proxy.runtime.summoner import Summoner
+
+    answers: list[list[str] | Exception] = [["a"], HostUnavailable("libvirtd is restarting"), ["b", "c"]]
+
+    class Reaping(FakeBackend):
+        async def reap_orphans(self) -> list[str]:
+            answer = answers.pop(0) if answers else []
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    config = load(write_config(tmp_path, ROUTE.format(name="r", path="/", interval="1h")))
+
+    async def main() -> list[tuple[str, str]]:
+        events = EventLog(tmp_path / "events.db")
+        summoner = Summoner(config, events, {"h": Reaping()}, reap_interval_s=0.01)
+        assert await summoner.reap_orphans("startup") == ["a"]
+        summoner.start()
+        for _ in range(500):  # bounded: the periodic rounds come every 10 ms
+            if not answers:
+                break
+            await asyncio.sleep(0.01)
+        await summoner.close()
+        events.flush(timeout=5)
+        got = [(e.instance, e.detail["when"]) for e in events.query(kinds=["reaped"])]
+        events.close()
+        return got
+
+    assert uvloop.run(main()) == [("a", "startup"), ("b", "periodic"), ("c", "periodic")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,11 @@ from proxy.backends.libvirt_xml import (
     read_save_xml,
     retarget_xml,
 )
+from proxy.backends.owner import proc_start
 from proxy.config import Host, Route
 from proxy.errors import BackendError, ImageError
 from proxy.images.manifest import content_digest, load_image
+from tests.helpers.owners import holder
 
 libvirt = pytest.importorskip("libvirt")
 from proxy.backends.libvirt import LibvirtBackend  # noqa: E402
@@ -70,13 +73,15 @@ def test_domain_name_is_sanitised() -> None:
 
 def test_xml_metadata_round_trip() -> None:
     p = DomainParams("summon-a-1", "qemu", Path("/k"), Path("/i"), "console=ttyS0", 128, 80, 40001,
-                     "a&b", "1", "sha256:" + "0" * 64, 123, "456", "host1", Path("/tmp/x.log"))
+                     "a&b", "1", "sha256:" + "0" * 64, 123, "456", "host1", Path("/tmp/x.log"),
+                     owner="/var/lib/summon/summon-owners/ab<c.lock")
     xml = domain_xml(p)
     assert "hostfwd=tcp:127.0.0.1:40001-:80" in xml and "addr=0x10" in xml
     assert "<memballoon model='none'/>" in xml
     meta = parse_metadata(xml)
     assert meta == {"route": "a&b", "id": "1", "image": "sha256:" + "0" * 64, "pid": "123",
-                    "pid_start": "456", "pid_host": "host1", "port": "40001"}
+                    "pid_start": "456", "pid_host": "host1", "port": "40001",
+                    "owner": "/var/lib/summon/summon-owners/ab<c.lock"}
     q = DomainParams(**{**p.__dict__, "name": "summon-a-2", "instance_id": "2", "host_port": 40002,
                         "console_log": Path("/tmp/y.log")})
     re_xml = retarget_xml(xml.replace("<name>", "<uuid>00000000-0000-0000-0000-000000000000</uuid><name>"), q)
@@ -145,25 +150,51 @@ def test_tampered_image_refuses_to_start(tmp_path: Path) -> None:
 
 
 def test_reap_orphans(tmp_path: Path) -> None:
-    """Domains recorded as started by a dead pid are reaped; ours (alive) are kept unless all_summon."""
+    """A domain is reaped once its owner's lock is free: a zombie owner (killed, not yet
+    waited for) counts as dead, a live one in another process does not; domains of an
+    older summon (no owner lock) fall back to the pid; all_summon takes every one."""
     image_dir = make_image(tmp_path)
+    live_proc, live_lock = holder(tmp_path / "owners")
+    dead_proc, dead_lock = holder(tmp_path / "owners")
+    dead_proc.kill()  # and no wait(): it stays a zombie, its pid and start time in /proc
+    deadline = time.monotonic() + 10
+    while proc_start(dead_proc.pid)[1] != "Z" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc_start(dead_proc.pid)[1] == "Z"
 
     async def main() -> None:
-        b = LibvirtBackend(URI)
+        b = LibvirtBackend(URI, owner_dir=tmp_path / "owners")
         h = await b.start(spec(image_dir, "live"))
         conn = b._connection()
-        p = b._params(spec(image_dir, "x").image, "summon-dead-1", "dead", "test", 40999, "dead")
-        dead = DomainParams(**{**p.__dict__, "pid": 2**22 + 7, "pid_start": "1"})
-        conn.createXML(domain_xml(dead), 0)
-        other = LibvirtBackend(URI)  # a second driver in this process: its own handles are not "ours"
-        assert await other.reap_orphans() == ["summon-dead-1"]
+        p = b._params(spec(image_dir, "x").image, "summon-x", "x", "test", 40999, "x")
+        variants = {
+            "summon-zombie-owner": {"owner": dead_lock, "pid": dead_proc.pid,
+                                    "pid_start": proc_start(dead_proc.pid)[0]},
+            "summon-live-owner": {"owner": live_lock, "pid": live_proc.pid, "pid_start": proc_start(live_proc.pid)[0]},
+            "summon-old-dead-pid": {"owner": "", "pid": 2**22 + 7, "pid_start": "1"},
+            "summon-lock-gone-dead-pid": {"owner": str(tmp_path / "owners" / "gone.lock"), "pid": 2**22 + 7,
+                                          "pid_start": "1"},
+        }
+        for name, fields in variants.items():
+            conn.createXML(domain_xml(DomainParams(**{**p.__dict__, "name": name, **fields})), 0)
+        other = LibvirtBackend(URI, owner_dir=tmp_path / "owners")  # same process: b's domains look owned
+        assert sorted(await other.reap_orphans()) == ["summon-lock-gone-dead-pid", "summon-old-dead-pid",
+                                                      "summon-zombie-owner"]
         names = {d.name() for d in conn.listAllDomains()}
-        assert "summon-dead-1" not in names and h.detail["domain"] in names
-        assert await other.reap_orphans(all_summon=True) == [h.detail["domain"]]
+        assert {"summon-live-owner", h.detail["domain"]} <= names
+        assert await other.reap_orphans() == []
+        # the dead owner's lock file goes once no domain names it; the live one's stays
+        assert not Path(dead_lock).exists() and Path(live_lock).exists()
+        assert sorted(await other.reap_orphans(all_summon=True)) == sorted([h.detail["domain"], "summon-live-owner"])
         await other.close()
         await b.close()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        for proc in (live_proc, dead_proc):
+            proc.kill()
+            proc.communicate()
 
 
 def test_unreachable_uri_is_host_unavailable(tmp_path: Path) -> None:
