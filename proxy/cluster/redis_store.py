@@ -18,6 +18,7 @@ Keys (all under the `{summon}` hash tag, so they live in one slot):
     {summon}:usage-of:<node> SET  the usage fields a node wrote last time (replaced each sync)
     {summon}:demand         HASH  node -> JSON {route: {client region: recent requests}}
     {summon}:demand:exp     ZSET  node -> lease end
+    {summon}:nodes          ZSET  node -> lease end               a boot lock's holder is alive
 
 A Redis failover can cost the cap: writes the old primary acknowledged but had not yet
 sent to the replica are lost, so for up to one lease after a failover the new primary may
@@ -46,6 +47,7 @@ USAGE = PREFIX + "usage"
 USAGE_EXP = PREFIX + "usage:exp"
 DEMAND = PREFIX + "demand"
 DEMAND_EXP = PREFIX + "demand:exp"
+NODES = PREFIX + "nodes"
 STREAM = PREFIX + "events"  # the fleet's event log (proxy.observe.fleetlog)
 
 _NOW = """
@@ -53,16 +55,19 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: permits, lock, instances   ARGV: instance, node, cold, cap, lease_ms, lock_ms, route
+# KEYS: permits, lock, instances, nodes   ARGV: instance, node, cold, cap, lease_ms, lock_ms, route
 CLAIM = _NOW + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[4], now + tonumber(ARGV[5]), ARGV[2])
 if ARGV[3] == '1' then
   local holder = redis.call('GET', KEYS[2])
   if holder then
     local owner = string.match(holder, '^(.-)|') or holder
-    if owner ~= ARGV[2] then
+    local alive = tonumber(redis.call('ZSCORE', KEYS[4], owner) or '0')
+    if owner ~= ARGV[2] and alive >= now then
       return {0, 'lock', owner, redis.call('PTTL', KEYS[2])}
     end
+    -- (a holder that stopped renewing its lease was killed mid-boot: its lock is not waited for)
   end
   local all = redis.call('HGETALL', KEYS[3])
   for i = 2, #all, 2 do
@@ -103,7 +108,7 @@ end
 return 1
 """
 
-# KEYS: permits, instances, instances:exp, usage, usage:exp, usage-of:<node>, demand, demand:exp
+# KEYS: permits, instances, instances:exp, usage, usage:exp, usage-of:<node>, demand, demand:exp, nodes
 # ARGV: node, lease_ms, mine [[id, entry JSON], ...], usage [[id, in flight, idle s], ...], demand JSON
 SYNC = _NOW + """
 local node = ARGV[1]
@@ -136,6 +141,8 @@ for _, f in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now)) do
 end
 redis.call('HSET', KEYS[7], node, ARGV[5])
 redis.call('ZADD', KEYS[8], lease_end, node)
+redis.call('ZADD', KEYS[9], lease_end, node)
+redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', now)
 for _, n in ipairs(redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', now)) do
   redis.call('HDEL', KEYS[7], n)
   redis.call('ZREM', KEYS[8], n)
@@ -185,7 +192,7 @@ class RedisStore:
 
     async def claim(self, route: str, instance_id: str, cold: bool, cap: int, lock_s: float) -> Claim:
         ok, why, who, ttl_ms = await self._call(
-            self._claim, [PERMITS, _lock(route), INSTANCES],
+            self._claim, [PERMITS, _lock(route), INSTANCES, NODES],
             [instance_id, self.node, "1" if cold else "0", cap, self.lease_ms, int(lock_s * 1000), route])
         if int(ok):
             return Claim(True)
@@ -209,7 +216,7 @@ class RedisStore:
         usage_json = json.dumps([[iid, n, round(idle, 3)] for iid, (n, idle) in usage.items()])
         raw_entries, raw_usage, permits, now_ms, raw_demand = await self._call(
             self._sync, [PERMITS, INSTANCES, INSTANCES_EXP, USAGE, USAGE_EXP, f"{PREFIX}usage-of:{self.node}",
-                         DEMAND, DEMAND_EXP],
+                         DEMAND, DEMAND_EXP, NODES],
             [self.node, self.lease_ms, mine_json if mine else "[]", usage_json if usage else "[]",
              json.dumps(demand or {})])
         entries = []

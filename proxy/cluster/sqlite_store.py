@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS instances (instance_id TEXT PRIMARY KEY, node TEXT NO
 CREATE TABLE IF NOT EXISTS usage (node TEXT NOT NULL, instance_id TEXT NOT NULL, inflight INTEGER NOT NULL,
                                   idle_s REAL NOT NULL, at REAL NOT NULL, PRIMARY KEY (node, instance_id));
 CREATE TABLE IF NOT EXISTS demand (node TEXT PRIMARY KEY, demand TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes (node TEXT PRIMARY KEY, expires REAL NOT NULL);
 """
 
 
@@ -84,6 +85,9 @@ class SqliteStore:
         def claim(db: sqlite3.Connection, now: float) -> Claim:
             db.execute("DELETE FROM permits WHERE expires < ?", (now,))
             db.execute("DELETE FROM locks WHERE expires < ?", (now,))
+            # a lock whose holder stopped renewing its lease (killed mid-boot) is not waited for
+            db.execute("DELETE FROM locks WHERE node NOT IN (SELECT node FROM nodes WHERE expires >= ?)", (now,))
+            db.execute("INSERT OR REPLACE INTO nodes VALUES (?, ?)", (node, now + lease_s))
             if cold:
                 row = db.execute("SELECT node, expires FROM locks WHERE route = ?", (route,)).fetchone()
                 if row is not None and row[0] != node:
@@ -128,6 +132,8 @@ class SqliteStore:
 
         def sync(db: sqlite3.Connection, now: float) -> Snapshot:
             expires = now + lease_s
+            db.execute("INSERT OR REPLACE INTO nodes VALUES (?, ?)", (node, expires))
+            db.execute("DELETE FROM nodes WHERE expires < ?", (now,))
             db.executemany("INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                            [(e.instance_id, node, e.route, e.image, e.host, e.region, e.address, e.state, expires,
                              e.machine) for e in mine])

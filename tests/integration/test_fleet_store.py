@@ -179,3 +179,19 @@ def test_each_engines_demand_by_region_reaches_the_others_added_up(make_store: M
             await s.close()
 
     run(t)
+
+
+def test_a_boot_lock_whose_holder_died_is_not_waited_for_past_its_lease(make_store: MakeStore) -> None:
+    async def t() -> None:
+        a, b = make_store("a", 1.0), make_store("b", 1.0)
+        assert (await a.claim("site", "a-1", True, 3, 30.0)).granted  # a takes the lock for 30 s, then dies
+        refused = await b.claim("site", "b-1", True, 3, 30.0)
+        assert not refused.granted and "node a is booting" in refused.reason
+        await asyncio.sleep(1.3)  # a's lease is over; its lock's 30 s are not
+        assert (await b.claim("site", "b-2", True, 3, 30.0)).granted
+        again = await a.claim("site", "a-3", True, 3, 30.0)  # a back from the dead: b holds it now
+        assert not again.granted and "node b is booting" in again.reason
+        await a.close()
+        await b.close()
+
+    run(t)
