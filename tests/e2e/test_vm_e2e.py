@@ -156,8 +156,10 @@ def test_twenty_sigkill_restarts_leave_no_domain_behind(tmp_path: Path, vm_image
     reaped = [r for r in reaped_events(s.events) if str(r["instance"]).startswith(prefix)]
     # A summon killed inside createXML makes libvirtd fail that start and destroy the
     # domain itself (measured: "shutting down, reason=failed"): those may be no one's to
-    # reap. Every VM that had served was reaped, each reaping one event.
-    assert served <= {str(r["instance"]) for r in reaped} <= left, reaped
+    # reap. Every VM that had served was reaped, each reaping one event; at most one per
+    # killed summon (a domain made just before the kill may never have been seen in `left`).
+    assert served <= {str(r["instance"]) for r in reaped}, reaped
+    assert len({r["instance"] for r in reaped}) <= 20, reaped
     assert len(reaped) == len({r["instance"] for r in reaped}), reaped
     qemu = subprocess.run(["pgrep", "-f", f"guest={prefix}"], capture_output=True, text=True).stdout
     assert not qemu.split(), f"qemu processes left: {qemu}"
@@ -181,6 +183,8 @@ def test_tampered_initrd_is_refused_with_a_clear_message(tmp_path: Path, vm_imag
         finally:
             s.stop()
         assert "failed" in kinds(s.events)
-        assert set(summon_domains()) <= before, "a tampered image must not get as far as a domain"
+        pid = f"{s.proc.pid:x}" if s.proc is not None else "?"  # instance ids (so domain names) begin with it
+        made = [d for d in set(summon_domains()) - before if pid in d]  # other summons may share libvirtd
+        assert not made, "a tampered image must not get as far as a domain"
     finally:
         shutil.rmtree(tampered, ignore_errors=True)
