@@ -72,7 +72,7 @@ class Phase(enum.IntEnum):
 NEXT: dict[Phase, frozenset[Phase]] = {
     Phase.QUEUED: frozenset({Phase.BUFFERING, Phase.ACQUIRING}),
     Phase.BUFFERING: frozenset({Phase.ACQUIRING}),
-    Phase.ACQUIRING: frozenset({Phase.ATTACHED, Phase.HANDED_OVER}),
+    Phase.ACQUIRING: frozenset({Phase.ATTACHED}),
     Phase.HANDED_OVER: frozenset({Phase.ACQUIRING}),
     Phase.ATTACHED: frozenset({Phase.ACQUIRING, Phase.HANDED_OVER, Phase.RESPONDING, Phase.TUNNEL}),
     Phase.RESPONDING: frozenset(),
