@@ -11,8 +11,13 @@ makes the instance ready without a probe's own round trip. The health probe runs
 when there is no trial (the first requests cannot be retried), or once the trial's
 client left or its answer was a 5xx (`hand_over`: the probe decides, and the request
 is sent again when the instance is ready). A tick every 100 ms drives timeouts, idling
-and scaling. All engine calls happen on the event loop thread, so the engine needs no
-locks.
+and scaling, and runs the health probes `proxy.engine.health` says are due (their
+outcome goes back to it; a dead instance is reported to the fleet). All engine calls
+happen on the event loop thread, so the engine needs no locks.
+
+What is decided here: nothing a fake-clock test could reach. Back-off, probe schedules,
+miss counts, regions and which request is a trial are the engine's; the shell holds the
+asyncio objects (futures, tasks, leases, driver handles) that carry them out.
 
 In a shared fleet (`workers = N`, or `[cluster]`), a `Coordinator` claims a permit (and
 a cold route's boot lock) before each driver start, and keeps the engine's copy of the
@@ -316,6 +321,9 @@ class Summoner:
                     # the request went away in the meantime: give the slot back
                     route = self.fleet.instances[cmd.instance_id].route if cmd.instance_id in self.fleet.instances else ""
                     self.execute(self.fleet.request_finished(route, cmd.instance_id, True, self.now()))
+                    trial = self.trials.get(cmd.instance_id) if cmd.trial else None
+                    if trial is not None:
+                        trial.settle(False)  # no trial after all: the boot task probes
                     continue
                 fut, pool = entry
                 if cmd.trial:
