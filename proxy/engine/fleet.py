@@ -113,6 +113,8 @@ BACKOFF_MAX_S = 60.0
 # request, short enough that a restarted one is back in use within minutes.
 HOST_BACKOFF_BASE_S = 5.0
 HOST_BACKOFF_MAX_S = 300.0
+# A host its driver reported down stays out of placement until the driver says it is up.
+HOST_DOWN_HOLD_S = 24 * 3600.0
 # In a shared fleet a draining instance is stopped only this long after it left rotation
 # (and once no engine reports a request on it): the others' copies of the registry lag by
 # up to a sync or two, and a request they send meanwhile must still find it up.
@@ -461,6 +463,19 @@ class Fleet:
         reported apart, as `boot_failed`."""
         n = self.host_failures[host] = self.host_failures.get(host, 0) + 1
         return self.host_failed(host, now, min(HOST_BACKOFF_MAX_S, HOST_BACKOFF_BASE_S * 2 ** (n - 1)))
+
+    def host_reported(self, host: str, up: bool, reason: str, reaped: list[str], now: float) -> list[Command]:
+        """A driver that watches its host (a remote libvirt host) says it stopped or started
+        answering. Down: out of placement until the word "up" (`HOST_DOWN_HOLD_S` at most).
+        Up: placeable at once, with no back-off left; `reaped`: the instances its driver
+        destroyed on the host's return (for the log)."""
+        self.host_failures.pop(host, None)
+        self.host_down_until[host] = now + (0.0 if up else HOST_DOWN_HOLD_S)
+        h = self.hosts.get(host)
+        region = h.region if h is not None else ""
+        if up:
+            return [Record("host_up", host=host, region=region, detail={"reaped": reaped})]
+        return [Record("host_down", host=host, region=region, detail={"reason": reason})]
 
     def host_failed(self, host: str, now: float, retry_after_s: float) -> list[Command]:
         """The host's hypervisor is unreachable: place elsewhere until `retry_after_s`."""

@@ -56,8 +56,6 @@ from .coordinator import Coordinator, CoordinatorSettings
 from .readiness import probe_once, wait_ready
 
 log = logging.getLogger("summon.summoner")
-# a host its driver reported down stays out of placement until the driver says it is up
-HOST_DOWN_HOLD_S = 24 * 3600.0
 
 # Reaping asks every driver for its instances (one libvirt list call, a directory
 # listing): cheap at this pace, and a leaked VM lives at most this long past its owner.
@@ -227,14 +225,8 @@ class Summoner:
     def _host_health(self, hosts: tuple[str, ...], up: bool, reason: str, reaped: list[str]) -> None:
         """A driver's word on its host. Down: out of placement (the fleet's own back-off,
         held until the word "up"). Up: placeable at once; what it reaped is logged."""
-        now = self.now()
         for host in hosts:
-            self.host_failures.pop(host, None)
-            held = self.fleet.host_failed(host, now, 0.0 if up else HOST_DOWN_HOLD_S)
-            self.execute([c for c in held if not isinstance(c, Record)])  # our own event instead:
-            kind, detail = ("host_up", {"reaped": reaped}) if up else ("host_down", {"reason": reason})
-            self.execute([Record(kind, host=host, region=self.hosts[host].region if host in self.hosts else "",
-                                 detail=detail)])
+            self.execute(self.fleet.host_reported(host, up, reason, reaped, self.now()))
         for name in reaped:
             if self.events is not None:
                 self.events.record(Event(kind="reaped", instance=name, host=",".join(hosts),

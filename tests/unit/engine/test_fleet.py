@@ -518,3 +518,14 @@ def test_a_cold_request_that_cannot_boot_is_told_why() -> None:
     assert reject.reason == "no host has a free slot"
     refused = h._boot(h.pools["site"], "local", 0.0, "test", out := [])
     assert not refused and refused.reason == "no host has a free slot" and not of(Boot, out)
+
+
+def test_a_host_its_driver_reports_down_is_out_of_placement_until_reported_up() -> None:
+    f = fleet(hosts=(Host("h1", "eu", slots=4), Host("h2", "eu", slots=4)))
+    f.host_unreachable("h1", 0.0)
+    [down] = f.host_reported("h1", False, "keepalive lost", [], 1.0)
+    assert (down.kind, down.host, down.region, down.detail) == ("host_down", "h1", "eu", {"reason": "keepalive lost"})
+    assert of(Boot, f.request_arrived("site", 1, "k", None, 3600.0))[0].host == "h2"  # held, not a back-off
+    [up] = f.host_reported("h1", True, "", ["old-1"], 4000.0)
+    assert (up.kind, up.detail) == ("host_up", {"reaped": ["old-1"]})
+    assert f.host_down_until["h1"] <= 4000.0 and "h1" not in f.host_failures  # at once, no back-off left
