@@ -95,8 +95,26 @@ class Record:
 
 Command = Boot | Forward | Reject | Stop | Record
 
+
+@dataclass(frozen=True)
+class Refused:
+    """Why `Fleet._boot` could not boot (cap, max_replicas, slots, budget): what a cold
+    request refused at once is told. Falsy, as a boot that did not happen."""
+
+    reason: str
+
+    def __bool__(self) -> bool:
+        return False
+
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 60.0
+# A host whose hypervisor did not answer (HostUnavailable) is tried again after 5 s, 10 s,
+# 20 s ... at most 5 minutes: long enough not to hammer a dead libvirtd with every cold
+# request, short enough that a restarted one is back in use within minutes.
+HOST_BACKOFF_BASE_S = 5.0
+HOST_BACKOFF_MAX_S = 300.0
+# A host its driver reported down stays out of placement until the driver says it is up.
+HOST_DOWN_HOLD_S = 24 * 3600.0
 # In a shared fleet a draining instance is stopped only this long after it left rotation
 # (and once no engine reports a request on it): the others' copies of the registry lag by
 # up to a sync or two, and a request they send meanwhile must still find it up.
@@ -207,6 +225,8 @@ class Fleet:
         self.instances: dict[str, Instance] = {}
         self.host_used: dict[str, int] = {h: 0 for h in self.hosts}
         self.host_down_until: dict[str, float] = {}
+        self.host_failures: dict[str, int] = {}  # HostUnavailable in a row, per host (`host_unreachable`)
+        self._cap_recorded = False  # "cap_reached" is in the log for this episode at the cap
         self._counter = 0
         self._new_id = new_id or self._default_id
         self.instance_seconds: dict[str, float] = {}  # per route, closed instances only
@@ -285,13 +305,12 @@ class Fleet:
         if now < pool.awaiting_until:
             return out  # another engine is booting this route: its instance will serve the queue
         if not pool.count(State.BOOTING) and not pool.reclaim_pending:
-            self._boot(pool, region, now, "cold request", out)
-            if not pool.count(State.BOOTING) and not pool.reclaim_pending:
+            booted = self._boot(pool, region, now, "cold request", out)
+            if isinstance(booted, Refused) and not pool.reclaim_pending:
                 # could not boot (cap, slots, budget): tell the client now, not later
                 del pool.queue[request_id]
-                reason = self._last_refusal or "no capacity"
-                out.append(Reject(request_id, 2, reason))
-                out.append(Record("rejected", route, detail={"reason": reason}))
+                out.append(Reject(request_id, 2, booted.reason))
+                out.append(Record("rejected", route, detail={"reason": booted.reason}))
         return out
 
     def request_finished(self, route: str, instance_id: str, ok: bool, now: float) -> list[Command]:
@@ -339,6 +358,8 @@ class Fleet:
         instance answers, and reports `instance_ready` on its first answer)."""
         inst = self.instances.get(instance_id)
         out: list[Command] = []
+        if inst is not None:
+            self.host_failures.pop(inst.host, None)  # its hypervisor answers again: no back-off left
         if inst is None or inst.state is not State.BOOTING or inst.trial is not None:
             return out
         pool = self.pools[inst.route]
@@ -431,9 +452,30 @@ class Fleet:
         if inst.state is not State.STOPPED:
             inst.move("stop")
         self._forget(inst, now, out)
-        self._at_cap = False
+        self._cap_recorded = False
         out.extend(self._serve_waiting(now))
         return out
+
+    def host_unreachable(self, host: str, now: float) -> list[Command]:
+        """A boot on `host` failed with HostUnavailable: place elsewhere, and try this host
+        again after an exponential back-off (`HOST_BACKOFF_BASE_S` doubling up to
+        `HOST_BACKOFF_MAX_S`), reset when it next starts an instance. The boot itself is
+        reported apart, as `boot_failed`."""
+        n = self.host_failures[host] = self.host_failures.get(host, 0) + 1
+        return self.host_failed(host, now, min(HOST_BACKOFF_MAX_S, HOST_BACKOFF_BASE_S * 2 ** (n - 1)))
+
+    def host_reported(self, host: str, up: bool, reason: str, reaped: list[str], now: float) -> list[Command]:
+        """A driver that watches its host (a remote libvirt host) says it stopped or started
+        answering. Down: out of placement until the word "up" (`HOST_DOWN_HOLD_S` at most).
+        Up: placeable at once, with no back-off left; `reaped`: the instances its driver
+        destroyed on the host's return (for the log)."""
+        self.host_failures.pop(host, None)
+        self.host_down_until[host] = now + (0.0 if up else HOST_DOWN_HOLD_S)
+        h = self.hosts.get(host)
+        region = h.region if h is not None else ""
+        if up:
+            return [Record("host_up", host=host, region=region, detail={"reaped": reaped})]
+        return [Record("host_down", host=host, region=region, detail={"reason": reason})]
 
     def host_failed(self, host: str, now: float, retry_after_s: float) -> list[Command]:
         """The host's hypervisor is unreachable: place elsewhere until `retry_after_s`."""
@@ -641,52 +683,45 @@ class Fleet:
             return self.default_region
         return max(counts.items(), key=lambda kv: kv[1])[0]
 
-    _last_refusal: str | None = None
-    _at_cap: bool = False
-
-    def _boot(self, pool: PoolState, region: str, now: float, reason: str, out: list[Command]) -> bool:
+    def _boot(self, pool: PoolState, region: str, now: float, reason: str, out: list[Command]) -> Boot | Refused:
+        """Boot one instance for `pool`: the Boot (also appended to `out`), or why not."""
         route = pool.route
-        self._last_refusal = None
         if len(pool.live()) >= route.max_replicas:
-            self._last_refusal = f"route at max_replicas ({route.max_replicas})"
-            return False
+            return Refused(f"route at max_replicas ({route.max_replicas})")
         if self.live_count() >= self.limits.max_instances:
             if not self._reclaim(pool, now, out):
-                self._last_refusal = f"instance cap reached ({self.limits.max_instances})"
-                if not self._at_cap:  # recorded once per episode, not every tick
-                    self._at_cap = True
+                if not self._cap_recorded:  # recorded once per episode, not every tick
+                    self._cap_recorded = True
                     out.append(Record("cap_reached", route.name, detail={"cap": self.limits.max_instances}))
-                return False
+                return Refused(f"instance cap reached ({self.limits.max_instances})")
             if self.live_count() >= self.limits.max_instances:
                 # the boot happens when the reclaimed instance has stopped (_serve_waiting)
-                self._last_refusal = "waiting for a reclaimed instance to stop"
                 pool.reclaim_pending = True
-                return False
+                return Refused("waiting for a reclaimed instance to stop")
         if self._over_budget(now):
-            self._last_refusal = "instance-seconds budget spent"
             out.append(Record("budget_spent", route.name))
-            return False
+            return Refused("instance-seconds budget spent")
         host = self._place(region, now)
         if host is None:
-            self._last_refusal = "no host has a free slot"
-            return False
+            return Refused("no host has a free slot")
         pool.reclaim_pending = False
         if self.live_count() + 1 < self.limits.max_instances:
-            self._at_cap = False
+            self._cap_recorded = False
         cold = not pool.instances
         inst = Instance(self._new_id(route.name), route.name, host.name, host.region, State.BOOTING, now,
                         last_used=now)
         self.instances[inst.id] = inst
         pool.instances[inst.id] = inst
         self.host_used[host.name] += 1
-        out.append(Boot(inst.id, route.name, host.name, host.region, cold))
+        boot = Boot(inst.id, route.name, host.name, host.region, cold)
+        out.append(boot)
         summoned = Record("summoned", route.name, inst.id, host.name, host.region,
                           detail={"reason": reason, "client_region": region})
         if self.shared:
             self._unclaimed[inst.id] = summoned
         else:
             out.append(summoned)
-        return True
+        return boot
 
     def _place(self, region: str, now: float) -> Host | None:
         """Client's region first, then its nearest-first fallbacks, then anywhere."""

@@ -19,19 +19,36 @@ the lease, which makes the instance ready. That saves the cold request one extra
 trip into a guest that has only just woken up. A 5xx may mean "still warming up" or "this
 URL fails anyway": the lease is handed over to the health probe, and the request is sent
 again once the probe finds the instance ready.
+
+Phases (`Phase`, in the order an exchange goes through them; `NEXT` is the table):
+
+    QUEUED -> BUFFERING -> ACQUIRING -> ATTACHED -> RESPONDING
+       |                   ^  |   ^        |  |
+       +-------------------+  |   +--------+  +--> TUNNEL     (101)
+                              +-> HANDED_OVER <----+          (a trial's 5xx)
+
+QUEUED: parsed, waiting its turn behind earlier requests on the connection. BUFFERING:
+reading a small body whole before asking for a replica. ACQUIRING: asking for a lease
+(a cold pool answers with a future) and then an upstream connection; ATTACHED goes back
+here for a retry. ATTACHED: on an upstream connection, the request going out.
+HANDED_OVER: a trial got a 5xx, the health probe decides. RESPONDING / TUNNEL: the
+response head went to the client. An exchange can end (`finished`) in any phase, and
+its phase then still says how far it got (an answer already begun means the client
+must see a cut, not an error page).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 
 from ..config import Route
 from ..errors import BadGateway, GatewayTimeout, PayloadTooLarge, SummonError, Unavailable
 from ..routing.contracts import Lease
 from .message import RequestHead, outbound_head, response_head
 from .responses import continue_response
-from .state import Client
-from .upstream import UpstreamConnection
+from .state import Client, ResponseMemo
+from .upstream import Framing, UpstreamConnection
 
 _BUFFER_HIGH = 256 * 1024  # body bytes held while no upstream is attached
 TRIAL_ATTEMPT_S = 0.1  # a connection QEMU accepted for a guest not yet up can hang: give up on it
@@ -39,14 +56,44 @@ TRIAL_FIRST_DELAY_S = 0.0005  # between trial attempts, doubling up to the next
 TRIAL_MAX_DELAY_S = 0.005
 
 
+class Phase(enum.IntEnum):
+    """Where an exchange is (see the module docstring). Ordered, so that "the response
+    has begun" is `phase >= RESPONDING`: an int comparison, as cheap as a flag."""
+
+    QUEUED = 0
+    BUFFERING = 1
+    ACQUIRING = 2
+    HANDED_OVER = 3
+    ATTACHED = 4
+    RESPONDING = 5
+    TUNNEL = 6
+
+
+NEXT: dict[Phase, frozenset[Phase]] = {
+    Phase.QUEUED: frozenset({Phase.BUFFERING, Phase.ACQUIRING}),
+    Phase.BUFFERING: frozenset({Phase.ACQUIRING}),
+    Phase.ACQUIRING: frozenset({Phase.ATTACHED}),
+    Phase.HANDED_OVER: frozenset({Phase.ACQUIRING}),
+    Phase.ATTACHED: frozenset({Phase.ACQUIRING, Phase.HANDED_OVER, Phase.RESPONDING, Phase.TUNNEL}),
+    Phase.RESPONDING: frozenset(),
+    Phase.TUNNEL: frozenset(),
+}
+
+# module globals: a global load is cheaper than Phase.X's attribute lookup on the hot path
+_QUEUED, _BUFFERING, _ACQUIRING, _HANDED_OVER = Phase.QUEUED, Phase.BUFFERING, Phase.ACQUIRING, Phase.HANDED_OVER
+_ATTACHED, _RESPONDING, _TUNNEL = Phase.ATTACHED, Phase.RESPONDING, Phase.TUNNEL
+_F_NONE, _F_LENGTH, _F_CHUNKED, _F_CLOSE, _F_TUNNEL = (Framing.NONE, Framing.LENGTH, Framing.CHUNKED, Framing.CLOSE,
+                                                     Framing.TUNNEL)
+
+
 class Exchange:
     __slots__ = (
-        "waiting_for_body",
+        "phase",
         "client", "head", "route", "method", "lease", "upstream", "out_head", "body_buf", "body_buf_bytes",
-        "body_done", "body_bytes", "body_sent", "attached", "response_started", "client_framing",
-        "keep_alive", "finished", "response_deadline", "retries", "continue_sent", "tunnel",
+        "body_done", "body_bytes", "body_sent", "client_framing",
+        "keep_alive", "finished", "response_deadline", "retries", "continue_sent",
         "started_at", "cold", "status", "tunnel_buf", "error", "counted", "trial_timer", "trial_attempts",
-        "handed_over", "body_chunks", "stall_mark",
+        "body_chunks", "stall_mark",
     )
 
     def __init__(self, client: Client, head: RequestHead, route: Route | None,
@@ -55,6 +102,7 @@ class Exchange:
         self.head = head
         self.route = route
         self.method = head.method
+        self.phase = _QUEUED
         self.lease: Lease | None = None
         self.upstream: UpstreamConnection | None = None
         state = client.state
@@ -63,28 +111,29 @@ class Exchange:
         self.body_buf_bytes = 0
         self.body_done = not head.has_body and head.upgrade is None
         self.body_bytes = 0
-        self.body_sent = False
-        self.attached = False
-        self.response_started = False
-        self.client_framing = ""
+        self.body_sent = False  # a byte of the body went upstream: never retried after that
+        self.client_framing = _F_NONE  # set with the response head
         self.keep_alive = head.keep_alive
-        self.finished = False
+        self.finished = False  # ended, in whatever phase (see the module docstring)
         self.response_deadline: float | None = None  # checked by ServerState.sweep
         self.retries = 0
         self.continue_sent = False
-        self.tunnel = False
         self.started_at = state.loop.time()
         self.cold = False
         self.status = 0
         self.tunnel_buf: list[bytes] = []
         self.error = error  # answered with this instead of being forwarded (404, shed)
         self.counted = False
-        self.waiting_for_body = False
         self.trial_timer: asyncio.TimerHandle | None = None
         self.trial_attempts = 0
-        self.handed_over = False  # a trial got a 5xx: waiting for the health probe (see response_head)
         self.body_chunks = 0  # response body reads, so the deadline can tell a stall from a long body
         self.stall_mark = -1
+
+    @property
+    def response_started(self) -> bool:
+        """The response head went to the client: from now on a failure is a cut, not an
+        error page (still true once finished)."""
+        return self.phase >= _RESPONDING
 
     # --- getting a replica ---------------------------------------------------------
 
@@ -103,8 +152,9 @@ class Exchange:
                 # and a chunked body whose framing turns bad later is refused with nothing
                 # forwarded. A chunked body that outgrows the buffer starts streaming then
                 # (`client_body`).
-                self.waiting_for_body = True
+                self.phase = _BUFFERING
                 return
+        self.phase = _ACQUIRING
         try:
             client = self.client
             region = client.region(self.head) if client.trusted else None  # only trusted proxies may say
@@ -168,7 +218,7 @@ class Exchange:
 
     def _attach(self, conn: UpstreamConnection) -> None:
         self.upstream = conn
-        self.attached = True
+        self.phase = _ATTACHED
         conn.start(self, self.out_head)
         if self.lease is not None and self.lease.trial:
             self.trial_timer = self.client.state.loop.call_later(TRIAL_ATTEMPT_S, self._trial_timeout)
@@ -199,16 +249,16 @@ class Exchange:
         if self.body_bytes > self.client.state.config.max_body_bytes:
             self.fail(PayloadTooLarge(f"body over {self.client.state.config.max_body_bytes} bytes"))
             return
-        if self.attached and self.upstream is not None:
+        if self.phase >= _ATTACHED and self.upstream is not None:
             self.body_sent = True
             self.upstream.write(self._frame(data))
         else:
             self.body_buf.append(data)
             self.body_buf_bytes += len(data)
-            if self.waiting_for_body and self.head.chunked and self.body_bytes > min(
+            if self.phase is _BUFFERING and self.head.chunked and self.body_bytes > min(
                     self.client.state.config.request_buffer_bytes, _BUFFER_HIGH - 1):
                 # too big to hold whole: take a replica and stream, once this read is parsed
-                self.waiting_for_body = False
+                self.phase = _ACQUIRING
                 self.client.start_soon(self)
             elif self.body_buf_bytes >= _BUFFER_HIGH:
                 self.client.set_reading_for_body(False)
@@ -217,18 +267,17 @@ class Exchange:
         if self.body_done:
             return
         self.body_done = True
-        if self.waiting_for_body:
-            self.waiting_for_body = False
+        if self.phase is _BUFFERING:
             if not self.finished:
                 self.start()
             return
-        if self.attached:
+        if self.phase >= _ATTACHED:
             self._request_sent()
 
     def _request_sent(self) -> None:
         if self.head.chunked and self.upstream is not None:
             self.upstream.write(b"0\r\n\r\n")  # trailers are never forwarded
-        if self.response_deadline is None and not self.response_started:
+        if self.response_deadline is None and self.phase < _RESPONDING:
             self.response_deadline = self.client.state.loop.time() + self.client.state.config.upstream_timeout_s
 
     def response_timeout(self) -> None:
@@ -238,7 +287,7 @@ class Exchange:
         is hung mid-response and the client is cut off (it must see a truncated answer)."""
         if self.finished:
             return
-        if self.response_started:
+        if self.phase >= _RESPONDING:
             self._check_body_stall()
             return
         if self.upstream is not None:
@@ -249,7 +298,8 @@ class Exchange:
 
     # --- response, called by UpstreamConnection ------------------------------------------
 
-    def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: str) -> None:
+    def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                      framing: Framing) -> None:
         # the deadline stays armed: after the head it watches for a stalled body
         if self.finished:
             return
@@ -259,59 +309,61 @@ class Exchange:
             if status >= 500:
                 # warming up, or this URL fails anyway? the health probe decides, and the
                 # request goes again once the instance is ready (`_ready_after_hand_over`)
-                self.handed_over = True
+                self.phase = _HANDED_OVER
                 lease.hand_over(self._ready_after_hand_over)
                 raise BadGateway(f"instance answered {status} while starting")
             lease.confirm()
-        if framing == "tunnel" and self.head.upgrade is None:
+        tunnel = framing is _F_TUNNEL
+        if tunnel and self.head.upgrade is None:
             # checked before anything is sent, so the client still gets a clean 502
             raise BadGateway("upstream switched protocols without being asked")
-        self.response_started = True
         self.status = status
         client_http11 = self.head.version == "1.1"
         keep = self.keep_alive and not self.client.state.draining
         line = b""
         copy_length = False  # declare the upstream's own Content-Length (response_head finds it)
-        if framing == "tunnel":
-            self.tunnel = True
+        if tunnel:
+            self.phase = _TUNNEL
             self.response_deadline = None  # an idle tunnel is not a stalled response
-            self.client_framing = "tunnel"
+            self.client_framing = framing
             keep = False  # the client connection ends with the tunnel
-        elif framing == "none":
-            self.client_framing = "none"
-            copy_length = self.method == "HEAD" or status == 304
-        elif framing == "length":
-            self.client_framing = "length"
-            copy_length = True
-        elif client_http11:
-            self.client_framing = "chunked"
-            line = b"Transfer-Encoding: chunked\r\n"
         else:
-            self.client_framing = "close"  # HTTP/1.0 client: the end of the body is the close
-            keep = False
-        if self.head.upgrade is not None and not self.tunnel:
-            keep = False  # the client may already be speaking the new protocol
+            self.phase = _RESPONDING
+            if framing is _F_NONE:
+                self.client_framing = framing
+                copy_length = self.method == "HEAD" or status == 304
+            elif framing is _F_LENGTH:
+                self.client_framing = framing
+                copy_length = True
+            elif client_http11:
+                self.client_framing = _F_CHUNKED
+                line = b"Transfer-Encoding: chunked\r\n"
+            else:
+                self.client_framing = _F_CLOSE  # HTTP/1.0 client: the end of the body is the close
+                keep = False
+            if self.head.upgrade is not None:
+                keep = False  # the client may already be speaking the new protocol
         self.keep_alive = keep
         # Responses on a connection tend to repeat their head (only Date changes, once a
         # second): keep the last one built and reuse it when everything that goes in matches.
         client = self.client
-        key = (status, reason, line, keep, self.tunnel, client_http11, copy_length)
+        key = (status, reason, line, keep, tunnel, client_http11, copy_length)
         last = client.last_response
-        if last is not None and last[0] == key and last[1] == headers:
-            out = last[2]
+        if last is not None and last.key == key and last.headers == headers:
+            out = last.out
         else:
-            out = response_head(status, reason, headers, client.state.via, line, keep, tunnel=self.tunnel,
+            out = response_head(status, reason, headers, client.state.via, line, keep, tunnel=tunnel,
                                 http10=not client_http11, copy_length=copy_length)
-            client.last_response = (key, headers, out)
+            client.last_response = ResponseMemo(key, headers, out)
         client.write(out)
-        if self.tunnel:
+        if tunnel:
             self.client.start_tunnel(self)
 
     def response_body(self, data: bytes) -> None:
         if self.finished:
             return
         self.body_chunks += 1
-        if self.client_framing == "chunked":
+        if self.client_framing is _F_CHUNKED:
             self.client.write(b"%x\r\n%b\r\n" % (len(data), data))
         else:
             self.client.write(data)
@@ -320,7 +372,7 @@ class Exchange:
         self.response_deadline = None
         if self.finished:
             return
-        if self.client_framing == "chunked":
+        if self.client_framing is _F_CHUNKED:
             self.client.write(b"0\r\n\r\n")
         conn, self.upstream = self.upstream, None
         if conn is not None:
@@ -355,10 +407,13 @@ class Exchange:
         conn, self.upstream = self.upstream, None
         if conn is not None:
             conn.close()
-        self.attached = False
-        if not self.response_started and self._trial_again():
-            return
-        if (not got_bytes and not self.response_started and self.retries < 1 and not self.body_sent
+        started = self.phase >= _RESPONDING
+        if not started:
+            if self.phase is _ATTACHED:
+                self.phase = _ACQUIRING  # off the connection: a retry, or an error page
+            if self._trial_again():
+                return
+        if (not got_bytes and not started and self.retries < 1 and not self.body_sent
                 and self.head.idempotent):
             # Nothing of the response reached us, no body byte left and the method is
             # idempotent (the head did reach the replica, which may have acted on it):
@@ -368,7 +423,7 @@ class Exchange:
             self._retry_elsewhere()
             return
         self._release_lease(False)
-        if self.response_started:
+        if started:
             self.finished = True
             self.client.abort()  # the client must see a truncated response, not a clean one
             return
@@ -388,7 +443,7 @@ class Exchange:
         """A trial attempt got no answer: True when another attempt has been scheduled.
         Attempts go on until the pool gives up on the instance (its boot timeout, in the
         engine's tick) and abandons the lease."""
-        if self.handed_over:
+        if self.phase is _HANDED_OVER:
             return not self.finished  # `_ready_after_hand_over` sends it again
         lease = self.lease
         if lease is None or not lease.trial or self.finished:
@@ -400,7 +455,8 @@ class Exchange:
         return True
 
     def _ready_after_hand_over(self) -> None:
-        self.handed_over = False
+        if self.phase is _HANDED_OVER:
+            self.phase = _ACQUIRING
         self._connect()
 
     def _trial_reconnect(self) -> None:
@@ -412,17 +468,18 @@ class Exchange:
         Start over on a fresh one (a safe method: a duplicate is harmless)."""
         self.trial_timer = None
         conn = self.upstream
-        if self.finished or self.response_started or conn is None:
+        if self.finished or self.phase >= _RESPONDING or conn is None:
             return
         self.upstream = None
-        self.attached = False
+        self.phase = _ACQUIRING
         conn.abort()
         self._trial_again()  # still a trial: confirm and hand_over cancel this timer
 
     def _trial_abandoned(self, error: SummonError) -> None:
         """The pool gave up on the instance (boot failed, route removed) and took the
         lease back: answer with its error."""
-        self.handed_over = False
+        if self.phase is _HANDED_OVER:
+            self.phase = _ACQUIRING
         self._cancel_trial_timer()
         self.lease = None
         self.fail(error)
@@ -442,7 +499,7 @@ class Exchange:
 
     def client_tunnel_data(self, data: bytes) -> None:
         # Before the 101 nothing may reach the upstream: held until the switch.
-        if self.tunnel and self.upstream is not None:
+        if self.phase is _TUNNEL and self.upstream is not None:
             self.upstream.write(data)
         else:
             self.tunnel_buf.append(data)
@@ -455,7 +512,7 @@ class Exchange:
 
     def client_closed(self) -> None:
         """The client went away: give back the replica, drop the upstream connection."""
-        self._finish(ok=self.response_started)
+        self._finish(ok=self.phase >= _RESPONDING)
 
     # --- ending ------------------------------------------------------------------------
 
@@ -478,7 +535,7 @@ class Exchange:
         self._cancel_trial_timer()
         conn, self.upstream = self.upstream, None
         if conn is not None:
-            if self.attached and not self.body_done and self.head.has_body:
+            if self.phase >= _ATTACHED and not self.body_done and self.head.has_body:
                 conn.reset()
             else:
                 conn.close()
@@ -490,7 +547,7 @@ class Exchange:
             return
         err = exc if isinstance(exc, SummonError) else BadGateway(str(exc))
         self.status = err.status
-        if self.response_started:
+        if self.phase >= _RESPONDING:
             self.client.abort()
         else:
             self.client.send_error(self, err)

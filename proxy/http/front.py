@@ -9,17 +9,27 @@ where the next request starts.
 
 Timers (one handle, re-armed): header_timeout from the first byte of a head (slowloris),
 body_timeout between reads of a body, keepalive_timeout while idle between requests.
+
+Reading goes IDLE -> HEAD -> BODY -> IDLE per request (`Reading`): IDLE until the first
+byte of a head, HEAD until the head is complete, BODY until the message is (a bodiless
+request passes through it at once). Reads are paused for any of a few reasons at once
+(`Pause`) and resumed when none is left. Three flags stay apart because they cross
+those phases: `closing` (a connection may close in any of them, while the parser is
+still running callbacks for the rest of a read), `write_paused` (the client's side of
+flow control) and `feeding` (inside a parser feed: starts wait until it returns).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 import logging
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import cast
 
 import httptools
 
@@ -36,12 +46,49 @@ from ..errors import (
     VersionNotSupported,
 )
 from ..routing.contracts import Lease
+from ..routing.table import RouteTable
 from .exchange import Exchange
 from .message import RequestHead, client_trusted, parse_head
 from .responses import error_response
-from .state import ServerState
+from .state import ResponseMemo, ServerState
 
 log = logging.getLogger("summon.front")
+
+
+class Reading(enum.Enum):
+    """Where the request parser is (see the module docstring)."""
+
+    IDLE = "idle"  # between requests: nothing of the next head yet
+    HEAD = "head"  # inside a head: header_timeout runs, head bytes are counted
+    BODY = "body"  # the head is complete: its body (if any) until the message ends
+
+
+class Pause(enum.Enum):
+    """Why reading from the client is paused; it resumes once no reason is left."""
+
+    PIPELINE = "pipeline"  # a pipelined request waits behind the one being answered
+    BODY = "body"  # the upstream (or the body buffer) is full
+    UPGRADE = "upgrade"  # bytes after an Upgrade request wait for the upstream's answer
+    ERROR = "error"  # a bad request waits until the ones before it are answered
+
+
+@dataclass(slots=True, eq=False)
+class HeadMemo:
+    """The previous request head on this connection and what it came to (see
+    `on_headers_complete`): a keep-alive client repeating it skips validation and routing."""
+
+    url: bytes
+    headers: list[tuple[bytes, bytes]]
+    method: str
+    version: str
+    keep_alive: bool
+    head: RequestHead
+    route: Route | None
+    table: RouteTable  # the route table it was routed with: a reload makes the memo stale
+    out_head: bytes
+
+
+_IDLE, _HEAD, _BODY = Reading.IDLE, Reading.HEAD, Reading.BODY  # globals: cheaper than attribute lookups
 
 
 class ClientConnection(asyncio.Protocol):
@@ -56,8 +103,7 @@ class ClientConnection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_bytes = 0
         self.head_size = 0  # parsed bytes of the current head (a whole head can come in one read)
-        self.in_head = True  # between requests or inside a head
-        self.head_started = False
+        self.reading = _IDLE
         self.incoming: Exchange | None = None  # the exchange whose body is being read
         self.active: Exchange | None = None  # the exchange being answered
         self.pending: collections.deque[Exchange] = collections.deque()
@@ -67,13 +113,13 @@ class ClientConnection(asyncio.Protocol):
         self.on_deadline: Callable[[], None] | None = None
         self.closing = False
         self.tunnel: Exchange | None = None
-        self.read_paused_by: set[str] = set()
+        self.read_paused_by: set[Pause] = set()
         self.write_paused = False
         self.write_paused_at = 0.0
         self.waiting: set[asyncio.Future[Lease]] = set()
         self.deferred_error: ClientError | None = None
-        self.last_head: tuple[Any, ...] | None = None  # see on_headers_complete
-        self.last_response: tuple[Any, ...] | None = None  # see Exchange.response_head
+        self.last_head: HeadMemo | None = None  # see on_headers_complete
+        self.last_response: ResponseMemo | None = None  # see Exchange.response_head
         # Exchanges made active while the parser was being fed; started once the whole
         # read has been parsed (see `start_soon`).
         self.feeding = False
@@ -122,9 +168,10 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.client_tunnel_data(data)
             return
-        if self.in_head:
-            if not self.head_started:
-                self.head_started = True
+        reading = self.reading
+        if reading is not _BODY:
+            if reading is _IDLE:
+                self.reading = _HEAD
                 self._arm(self.cfg.header_timeout_s, self._on_header_timeout)
             self.head_bytes += len(data)
         elif self.incoming is not None:
@@ -175,7 +222,7 @@ class ClientConnection(asyncio.Protocol):
             except httptools.HttpParserError as exc:
                 self._client_error(_parser_error(exc))
                 return
-        if self.in_head and self.head_bytes > self.cfg.max_header_bytes:
+        if self.reading is not _BODY and self.head_bytes > self.cfg.max_header_bytes:
             self._client_error(HeadersTooLarge(f"request head over {self.cfg.max_header_bytes} bytes"))
 
     def pause_writing(self) -> None:
@@ -206,8 +253,7 @@ class ClientConnection(asyncio.Protocol):
         self.url = b""
         self.headers = []
         self.head_size = 0
-        self.in_head = True
-        self.head_started = True
+        self.reading = _HEAD
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -216,7 +262,7 @@ class ClientConnection(asyncio.Protocol):
             raise HeadersTooLarge("request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.in_head:
+        if self.reading is _BODY:
             return  # trailer fields: dropped, never merged into the head
         self.headers.append((name, value))
         if len(self.headers) > self.cfg.max_header_count:
@@ -227,8 +273,7 @@ class ClientConnection(asyncio.Protocol):
             raise HeadersTooLarge(f"request head over {self.cfg.max_header_bytes} bytes")
 
     def on_headers_complete(self) -> None:
-        self.in_head = False
-        self.head_started = False
+        self.reading = _BODY
         self.head_bytes = 0
         p = self.parser
         raw_method = p.get_method()
@@ -237,12 +282,12 @@ class ClientConnection(asyncio.Protocol):
         keep_alive = p.should_keep_alive()
         last = self.last_head
         dispatcher = self.state.dispatcher
-        if (last is not None and last[0] == self.url and last[1] == self.headers and last[2] is method
-                and last[3] == version and last[4] == keep_alive and last[7] is dispatcher.table
+        if (last is not None and last.url == self.url and last.headers == self.headers and last.method is method
+                and last.version == version and last.keep_alive == keep_alive and last.table is dispatcher.table
                 and not self.state.draining):
             # The same head as the previous request on this connection (keep-alive clients
             # repeat themselves): same validation result, route and outbound bytes.
-            self._open_exchange(last[5], last[6], None, last[8])
+            self._open_exchange(last.head, last.route, None, last.out_head)
             return
         if version not in ("1.1", "1.0"):
             raise VersionNotSupported(f"HTTP/{version} is not supported: summon speaks HTTP/1.1 and HTTP/1.0")
@@ -261,8 +306,8 @@ class ClientConnection(asyncio.Protocol):
             route, error = None, exc  # answered in order, like any other request
         ex = self._open_exchange(head, route, error, None)
         if error is None and not self.state.draining:
-            self.last_head = (self.url, self.headers, method, version, keep_alive, head, route,
-                              dispatcher.table, ex.out_head)
+            self.last_head = HeadMemo(self.url, self.headers, method, version, keep_alive, head, route,
+                                      dispatcher.table, ex.out_head)
 
     def _open_exchange(self, head: RequestHead, route: Route | None, error: SummonError | None,
                        out_head: bytes | None) -> Exchange:
@@ -285,7 +330,7 @@ class ClientConnection(asyncio.Protocol):
             self.start_soon(ex)
         else:
             self.pending.append(ex)
-            self._set_reading("pipeline", False)
+            self._set_reading(Pause.PIPELINE, False)
         return ex
 
     def on_body(self, body: bytes) -> None:
@@ -295,7 +340,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         ex, self.incoming = self.incoming, None
-        self.in_head = True
+        self.reading = _IDLE
         if ex is not None:
             ex.client_body_done()
             if ex.finished and ex is self.active:
@@ -327,7 +372,7 @@ class ClientConnection(asyncio.Protocol):
             nxt = self.pending.popleft()
             self.active = nxt
             if not self.pending:
-                self._set_reading("pipeline", True)
+                self._set_reading(Pause.PIPELINE, True)
             self.start_soon(nxt)
             return
         if self.deferred_error is not None:
@@ -373,13 +418,13 @@ class ClientConnection(asyncio.Protocol):
         """The client asked to upgrade: hold its next bytes until the upstream answers."""
         if rest:
             ex.client_tunnel_data(rest)
-        self._set_reading("upgrade", False)
+        self._set_reading(Pause.UPGRADE, False)
 
     def start_tunnel(self, ex: Exchange) -> None:
         self.tunnel = ex
         self._disarm()
         ex.flush_tunnel()
-        self._set_reading("upgrade", True)
+        self._set_reading(Pause.UPGRADE, True)
 
     # --- output ------------------------------------------------------------------------
 
@@ -420,7 +465,7 @@ class ClientConnection(asyncio.Protocol):
         if active is not None and not active.finished and active is not self.incoming:
             # An earlier request is still being answered: finish it first.
             self.deferred_error = exc
-            self._set_reading("error", False)
+            self._set_reading(Pause.ERROR, False)
             return
         if active is not None and active.response_started and not active.finished:
             self.abort()
@@ -455,9 +500,9 @@ class ClientConnection(asyncio.Protocol):
     # --- flow control and timers ---------------------------------------------------------
 
     def set_reading_for_body(self, on: bool) -> None:
-        self._set_reading("body", on)
+        self._set_reading(Pause.BODY, on)
 
-    def _set_reading(self, reason: str, on: bool) -> None:
+    def _set_reading(self, reason: Pause, on: bool) -> None:
         if self.transport is None or self.transport.is_closing():
             return
         was_paused = bool(self.read_paused_by)
@@ -493,7 +538,7 @@ class ClientConnection(asyncio.Protocol):
             self.abort()
 
     def _on_header_timeout(self) -> None:
-        if self.active is None and not self.head_started:
+        if self.active is None and self.reading is not _HEAD:
             self.close()  # nothing was asked: just close
             return
         self._client_error(RequestTimeout("request head not received in time"))

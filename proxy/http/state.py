@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..config import ProxySettings
 from ..errors import SummonError
@@ -28,6 +28,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("summon.front")
 
 
+@dataclass(slots=True, eq=False)
+class ResponseMemo:
+    """The previous response head a connection sent, reused when the next one repeats it
+    (see `Exchange.response_head`)."""
+
+    key: tuple[int, bytes, bytes, bool, bool, bool, bool]  # what else goes into the bytes
+    headers: list[tuple[bytes, bytes]]  # the upstream's header lines
+    out: bytes  # the head as sent
+
+
 class Client(Writer, Protocol):
     """One client connection, as its exchanges see it."""
 
@@ -36,7 +46,7 @@ class Client(Writer, Protocol):
     trusted: bool  # a configured proxy: its X-Forwarded-For and X-Client-Region count
     write_paused: bool  # the client stopped reading: pause the upstream
     waiting: set[asyncio.Future[Lease]]  # leases still being summoned, cancelled on close
-    last_response: tuple[Any, ...] | None  # the previous response head, reused when repeated
+    last_response: ResponseMemo | None  # the previous response head, reused when repeated
 
     def region(self, head: RequestHead) -> str | None: ...
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 import functools
 import socket
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol, cast
 
 import httptools
@@ -26,6 +28,32 @@ import httptools
 from ..config import Address
 from ..errors import BadGateway
 from .message import transfer_coding
+
+
+class Framing(enum.Enum):
+    """How a response body is delimited (RFC 9112 6.3): the upstream's, as parsed here,
+    and the one the exchange uses towards its client (CHUNKED or CLOSE where the
+    upstream's own cannot be passed on)."""
+
+    NONE = "none"  # no body: HEAD, 204, 304
+    LENGTH = "length"  # Content-Length
+    CHUNKED = "chunked"
+    CLOSE = "close"  # the end of the body is the end of the connection
+    TUNNEL = "tunnel"  # 101 Switching Protocols: bytes both ways from here on
+
+
+@dataclass(slots=True, eq=False)
+class FramingMemo:
+    """The last response head's framing on a connection (see `on_headers_complete`)."""
+
+    status: int
+    is_head: bool
+    headers: list[tuple[bytes, bytes]]
+    framing: Framing
+
+
+# module globals: a global load is cheaper than Framing.X's attribute lookup on the hot path
+_NONE, _CLOSE, _TUNNEL = Framing.NONE, Framing.CLOSE, Framing.TUNNEL
 
 
 class Writer(Protocol):
@@ -41,7 +69,8 @@ class Sink(Protocol):
         """Where the response goes: its writes are held around each upstream read."""
         ...
 
-    def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: str) -> None: ...
+    def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                      framing: Framing) -> None: ...
     def response_body(self, data: bytes) -> None: ...
     def response_complete(self, reusable: bool) -> None: ...
     def upstream_failed(self, exc: Exception, got_bytes: bool) -> None: ...
@@ -77,7 +106,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.slot = pool.slot(address)  # the pool's state for `address`: no lookup per request
         # (status, HEAD?, headers, framing) of the last response: an upstream repeats its
         # head (only Date changes, once a second), and then the framing checks are done
-        self.last_framing: tuple[int, bool, list[tuple[bytes, bytes]], str] | None = None
+        self.last_framing: FramingMemo | None = None
 
     # --- asyncio.Protocol ---------------------------------------------------------
 
@@ -163,21 +192,21 @@ class UpstreamConnection(asyncio.Protocol):
         headers = self.headers
         is_head = sink.method == "HEAD"
         last = self.last_framing
-        if last is not None and last[0] == status and last[1] is is_head and last[2] == headers:
-            framing = last[3]
+        if last is not None and last.status == status and last.is_head is is_head and last.headers == headers:
+            framing = last.framing
         else:
             framing = self._framing(status, is_head, headers)
-            self.last_framing = (status, is_head, headers, framing)
-        if framing == "tunnel":
+            self.last_framing = FramingMemo(status, is_head, headers, framing)
+        if framing is _TUNNEL:
             self.tunnel = True
-        elif framing == "close":
+        elif framing is _CLOSE:
             self.until_close = True
         sink.response_head(status, self.reason or b"OK", headers, framing)
-        if framing == "none" and not self.done:
+        if framing is _NONE and not self.done:
             self._complete()
 
     @staticmethod
-    def _framing(status: int, is_head: bool, headers: list[tuple[bytes, bytes]]) -> str:
+    def _framing(status: int, is_head: bool, headers: list[tuple[bytes, bytes]]) -> Framing:
         """How the response body is delimited; BadGateway for framings we refuse."""
         cl = te = 0
         for k, v in headers:
@@ -194,12 +223,12 @@ class UpstreamConnection(asyncio.Protocol):
         if cl and te:
             raise BadGateway("upstream sent both Content-Length and Transfer-Encoding")
         if status == 101:
-            return "tunnel"
+            return Framing.TUNNEL
         if is_head or status in (204, 304):
-            return "none"
+            return Framing.NONE
         if te:
-            return "chunked"
-        return "length" if cl else "close"
+            return Framing.CHUNKED
+        return Framing.LENGTH if cl else Framing.CLOSE
 
     def on_body(self, body: bytes) -> None:
         if self.sink is not None and not self.done:

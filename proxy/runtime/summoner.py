@@ -11,8 +11,13 @@ makes the instance ready without a probe's own round trip. The health probe runs
 when there is no trial (the first requests cannot be retried), or once the trial's
 client left or its answer was a 5xx (`hand_over`: the probe decides, and the request
 is sent again when the instance is ready). A tick every 100 ms drives timeouts, idling
-and scaling. All engine calls happen on the event loop thread, so the engine needs no
-locks.
+and scaling, and runs the health probes `proxy.engine.health` says are due (their
+outcome goes back to it; a dead instance is reported to the fleet). All engine calls
+happen on the event loop thread, so the engine needs no locks.
+
+What is decided here: nothing a fake-clock test could reach. Back-off, probe schedules,
+miss counts, regions and which request is a trial are the engine's; the shell holds the
+asyncio objects (futures, tasks, leases, driver handles) that carry them out.
 
 In a shared fleet (`workers = N`, or `[cluster]`), a `Coordinator` claims a permit (and
 a cold route's boot lock) before each driver start, and keeps the engine's copy of the
@@ -31,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -40,7 +44,8 @@ from ..backends.base import Backend, Handle, InstanceSpec
 from ..cluster.store import Store
 from ..config import Address, Config, Host, Route
 from ..engine.fleet import Boot, Command, Fleet, Forward, Record, Reject, Stop
-from ..engine.lifecycle import State
+from ..engine.health import HealthChecks, Probe
+from ..engine.regions import RegionMap
 from ..errors import BackendError, HostUnavailable, SummonError, Unavailable
 from ..http.message import RequestHead
 from ..images.manifest import load_image
@@ -51,8 +56,6 @@ from .coordinator import Coordinator, CoordinatorSettings
 from .readiness import probe_once, wait_ready
 
 log = logging.getLogger("summon.summoner")
-# a host its driver reported down stays out of placement until the driver says it is up
-HOST_DOWN_HOLD_S = 24 * 3600.0
 
 # Reaping asks every driver for its instances (one libvirt list call, a directory
 # listing): cheap at this pace, and a leaked VM lives at most this long past its owner.
@@ -75,8 +78,7 @@ class SummonedLease:
     def release(self, ok: bool) -> None:
         s = self.pool.summoner
         self.trial = False
-        if s.trials.pop(self.request_id, None) is self:
-            s.trial_ended(self, answered=False)
+        s.trial_left(self)
         s.execute(s.fleet.request_finished(self.pool.route.name, self.instance_id, ok, s.now()))
 
     def confirm(self) -> None:
@@ -91,7 +93,7 @@ class SummonedLease:
         if self.trial:
             self.trial = False
             self.on_ready = on_ready
-            self.pool.summoner.trial_ended(self, answered=False)
+            self.pool.summoner.trial_handed_over(self)
 
     def abandon(self, error: SummonError) -> None:
         """The instance will never answer (boot failed, route removed)."""
@@ -112,7 +114,7 @@ class SummonedPool:
         s.request_seq += 1
         rid = s.request_seq
         key = hash_key(self.route, head, client_ip)
-        commands = s.fleet.request_arrived(self.route.name, rid, key, s.region_of(client_ip, region), s.now(),
+        commands = s.fleet.request_arrived(self.route.name, rid, key, s.regions.region_of(client_ip, region), s.now(),
                                            getattr(avoid, "instance_id", None),
                                            trial_ok=s.trials_enabled and head.safe and not head.has_body
                                            and head.upgrade is None)
@@ -125,6 +127,24 @@ class SummonedPool:
         fut.add_done_callback(functools.partial(s.request_done_waiting, rid))
         s.execute(commands)
         return fut
+
+
+class _Trial:
+    """What the shell holds of one booting instance's trial (the engine's `Instance.trial`
+    says which request it is and what became of it): the lease the trial went out on, kept
+    after a hand-over until the probe finds the instance ready, and the future the boot
+    task waits on before it runs a readiness probe of its own (True: the trial was
+    answered, the instance is ready)."""
+
+    __slots__ = ("lease", "answered")
+
+    def __init__(self, answered: asyncio.Future[bool]) -> None:
+        self.lease: SummonedLease | None = None
+        self.answered = answered
+
+    def settle(self, answered: bool) -> None:
+        if not self.answered.done():
+            self.answered.set_result(answered)
 
 
 class Summoner:
@@ -151,8 +171,7 @@ class Summoner:
         self.waiting: dict[int, tuple[asyncio.Future[Lease], SummonedPool]] = {}
         self.handles: dict[str, Handle] = {}
         self.boot_tasks: dict[str, asyncio.Task[None]] = {}
-        self.trials: dict[int, SummonedLease] = {}  # request id -> lease of a trial, until ready or released
-        self.trial_outcome: dict[str, asyncio.Future[bool]] = {}  # instance id -> did its trial get an answer
+        self.trials: dict[str, _Trial] = {}  # booting instance id -> its trial's lease and outcome
         self.trials_enabled = True  # only for fronts that retry a trial (the native one)
         self.stop_tasks: set[asyncio.Task[None]] = set()
         self.digests: dict[str, str] = {}
@@ -161,11 +180,8 @@ class Summoner:
         self.reap_interval_s = reap_interval_s
         self._ticker: asyncio.TimerHandle | None = None
         self._reaper: asyncio.Task[None] | None = None
-        self._region_cache: dict[str, str] = {}
-        self.probing: set[str] = set()
-        self.last_probe: dict[str, float] = {}
-        self.health_misses: dict[str, int] = {}
-        self.host_failures: dict[str, int] = {}
+        self.regions = RegionMap(config.regions, config.default_region)
+        self.health = HealthChecks()
         self._ids = 0
         import os
         import secrets
@@ -209,14 +225,8 @@ class Summoner:
     def _host_health(self, hosts: tuple[str, ...], up: bool, reason: str, reaped: list[str]) -> None:
         """A driver's word on its host. Down: out of placement (the fleet's own back-off,
         held until the word "up"). Up: placeable at once; what it reaped is logged."""
-        now = self.now()
         for host in hosts:
-            self.host_failures.pop(host, None)
-            held = self.fleet.host_failed(host, now, 0.0 if up else HOST_DOWN_HOLD_S)
-            self.execute([c for c in held if not isinstance(c, Record)])  # our own event instead:
-            kind, detail = ("host_up", {"reaped": reaped}) if up else ("host_down", {"reason": reason})
-            self.execute([Record(kind, host=host, region=self.hosts[host].region if host in self.hosts else "",
-                                 detail=detail)])
+            self.execute(self.fleet.host_reported(host, up, reason, reaped, self.now()))
         for name in reaped:
             if self.events is not None:
                 self.events.record(Event(kind="reaped", instance=name, host=",".join(hosts),
@@ -256,36 +266,22 @@ class Summoner:
         self._ticker = self.loop.call_later(self.tick_s, self._tick)
 
     def _health_checks(self) -> None:
-        """Probe ready instances every `health_interval`; `health_failures` misses in a
-        row and the instance is treated as dead (replaced on demand)."""
-        now = self.now()
-        for inst in list(self.fleet.instances.values()):
-            if inst.state is not State.READY or inst.address is None or inst.id in self.probing or inst.owner:
-                continue  # (another engine's instance: its owner probes it)
-            route = self.routes.get(inst.route)
-            if route is None or route.health_interval_s <= 0:
-                continue
-            if now - self.last_probe.get(inst.id, inst.ready_at or now) < route.health_interval_s:
-                continue
-            self.probing.add(inst.id)
-            self.last_probe[inst.id] = now
-            task = self.loop.create_task(self._health_check(inst.id, inst.address, route))
-            task.add_done_callback(functools.partial(self._probed, inst.id))
+        """Run the probes the engine says are due (`proxy.engine.health`)."""
+        for probe in self.health.due(self.fleet, self.now()):
+            task = self.loop.create_task(self._health_check(probe))
+            task.add_done_callback(functools.partial(self._probed, probe.instance_id))
 
     def _probed(self, instance_id: str, _task: asyncio.Task[None]) -> None:
-        self.probing.discard(instance_id)
+        self.health.dropped(instance_id)
 
-    async def _health_check(self, instance_id: str, address: Address, route: Route) -> None:
-        status = await probe_once(address, route.health_path, min(2.0, route.health_interval_s))
-        if status is not None and status < 500:
-            self.health_misses.pop(instance_id, None)
-            return
-        misses = self.health_misses.get(instance_id, 0) + 1
-        self.health_misses[instance_id] = misses
-        log.warning("health check of %s failed (%d/%d)", instance_id, misses, route.health_failures)
-        if misses >= route.health_failures:
-            self.health_misses.pop(instance_id, None)
-            self.execute(self.fleet.instance_died(instance_id, f"failed {misses} health checks", self.now()))
+    async def _health_check(self, probe: Probe) -> None:
+        status = await probe_once(probe.address, probe.path, probe.timeout_s)
+        verdict = self.health.finished(probe, status)
+        if verdict.misses:
+            log.warning("health check of %s failed (%d/%d)", probe.instance_id, verdict.misses,
+                        probe.failures_allowed)
+        if verdict.dead is not None:
+            self.execute(self.fleet.instance_died(probe.instance_id, verdict.dead, self.now()))
 
     def set_routes(self, routes: tuple[Route, ...]) -> None:
         """Reload: unchanged routes keep their instances, removed ones drain."""
@@ -300,27 +296,6 @@ class Summoner:
         if pool is None or pool.route != route:
             pool = self.pools[route.name] = SummonedPool(self, route)
         return pool
-
-    def region_of(self, client_ip: str, header_region: str | None) -> str:
-        if header_region and header_region in self.fleet.regions:
-            return header_region
-        cached = self._region_cache.get(client_ip)
-        if cached is not None:
-            return cached
-        region = self.config.default_region
-        try:
-            addr = ipaddress.ip_address(client_ip)
-        except ValueError:
-            addr = None
-        if addr is not None:
-            for r in self.config.regions:
-                if any(addr in net for net in r.cidrs):
-                    region = r.name
-                    break
-        if len(self._region_cache) > 65536:
-            self._region_cache.clear()
-        self._region_cache[client_ip] = region
-        return region
 
     def request_done_waiting(self, rid: int, fut: asyncio.Future[Lease]) -> None:
         entry = self.waiting.pop(rid, None)
@@ -338,11 +313,16 @@ class Summoner:
                     # the request went away in the meantime: give the slot back
                     route = self.fleet.instances[cmd.instance_id].route if cmd.instance_id in self.fleet.instances else ""
                     self.execute(self.fleet.request_finished(route, cmd.instance_id, True, self.now()))
+                    trial = self.trials.get(cmd.instance_id) if cmd.trial else None
+                    if trial is not None:
+                        trial.settle(False)  # no trial after all: the boot task probes
                     continue
                 fut, pool = entry
                 if cmd.trial:
                     lease = SummonedLease(pool, cmd.instance_id, cmd.address, True, cmd.request_id)
-                    self.trials[cmd.request_id] = lease
+                    trial = self.trials.get(cmd.instance_id)
+                    if trial is not None:  # (always: the boot task made it before `instance_started`)
+                        trial.lease = lease
                     fut.set_result(lease)
                 else:
                     fut.set_result(SummonedLease(pool, cmd.instance_id, cmd.address))
@@ -364,32 +344,52 @@ class Summoner:
                 fn(cmd)
 
     def _reject_trial(self, cmd: Reject) -> None:
-        lease = self.trials.pop(cmd.request_id, None)
-        if lease is not None:
-            self.trial_ended(lease, answered=False)
-            lease.abandon(Unavailable(cmd.reason, retry_after_s=cmd.retry_after_s))
+        """The engine gave up on a booting instance: its trial request gets the answer."""
+        for trial in self.trials.values():
+            lease = trial.lease
+            if lease is not None and lease.request_id == cmd.request_id:
+                trial.lease = None
+                trial.settle(False)
+                lease.abandon(Unavailable(cmd.reason, retry_after_s=cmd.retry_after_s))
+                return
+
+    def _trial(self, lease: SummonedLease) -> _Trial | None:
+        trial = self.trials.get(lease.instance_id)
+        return trial if trial is not None and trial.lease is lease else None
 
     def trial_answered(self, lease: SummonedLease) -> None:
         """Ready now, not when the boot task next runs: the trial's client may ask again
         before that, and must find a warm pool."""
-        self.trials.pop(lease.request_id, None)
+        trial = self._trial(lease)
+        if trial is not None:
+            trial.lease = None
         self.execute(self.fleet.instance_ready(lease.instance_id, lease.address, self.now(), by="request"))
-        self.trial_ended(lease, answered=True)
+        if trial is not None:
+            trial.settle(True)
 
-    def trial_ended(self, lease: SummonedLease, answered: bool) -> None:
-        """The boot task waits on this before it runs its own health probe."""
-        fut = self.trial_outcome.get(lease.instance_id)
-        if fut is not None and not fut.done():
-            fut.set_result(answered)
+    def trial_handed_over(self, lease: SummonedLease) -> None:
+        """The trial got a 5xx: the boot task's readiness probe decides now; the lease
+        stays, to be sent again once the instance is ready (`_trials_ready`)."""
+        trial = self._trial(lease)
+        if trial is not None:
+            trial.settle(False)
+
+    def trial_left(self, lease: SummonedLease) -> None:
+        """The trial's lease is given back (its client left): the probe decides."""
+        trial = self._trial(lease)
+        if trial is not None:
+            trial.lease = None
+            trial.settle(False)
 
     def _trials_ready(self, instance_id: str) -> None:
-        """The health probe found the instance ready: requests handed over go again."""
-        for rid, lease in list(self.trials.items()):
-            if lease.instance_id == instance_id:
-                del self.trials[rid]
-                on_ready, lease.on_ready = lease.on_ready, None
-                if on_ready is not None:
-                    on_ready()
+        """The health probe found the instance ready: a request handed over goes again."""
+        trial = self.trials.get(instance_id)
+        lease = trial.lease if trial is not None else None
+        if trial is not None and lease is not None:
+            trial.lease = None
+            on_ready, lease.on_ready = lease.on_ready, None
+            if on_ready is not None:
+                on_ready()
 
     def _record(self, cmd: Record) -> None:
         level = logging.WARNING if cmd.kind in ("failed", "rejected", "cap_reached", "host_down", "host_up") else logging.INFO
@@ -414,7 +414,7 @@ class Summoner:
         try:
             await self._start_and_probe(cmd, route, host, backend, deadline)
         finally:
-            self.trial_outcome.pop(cmd.instance_id, None)
+            self.trials.pop(cmd.instance_id, None)
 
     async def _start_and_probe(self, cmd: Boot, route: Route, host: Host, backend: Backend, deadline: float) -> None:
         loop = self.loop
@@ -434,9 +434,8 @@ class Summoner:
         except asyncio.CancelledError:
             raise
         except HostUnavailable as exc:
-            # fail fast, place elsewhere, retry this host with exponential back-off
-            n = self.host_failures[host.name] = self.host_failures.get(host.name, 0) + 1
-            self.execute(self.fleet.host_failed(host.name, self.now(), min(300.0, 5.0 * 2 ** (n - 1))))
+            # fail fast, place elsewhere, retry this host after a back-off (the engine's)
+            self.execute(self.fleet.host_unreachable(host.name, self.now()))
             self.execute(self.fleet.boot_failed(cmd.instance_id, str(exc.detail), self.now()))
             return
         except SummonError as exc:
@@ -451,9 +450,9 @@ class Summoner:
             self.execute(self.fleet.boot_failed(cmd.instance_id, f"driver error: {exc}", self.now()))
             return
         self.handles[cmd.instance_id] = handle
-        self.host_failures.pop(host.name, None)
         handle.exited.add_done_callback(functools.partial(self._exited, cmd.instance_id))
-        outcome = self.trial_outcome[cmd.instance_id] = loop.create_future()
+        outcome: asyncio.Future[bool] = loop.create_future()
+        self.trials[cmd.instance_id] = _Trial(outcome)
         started = self.fleet.instance_started(cmd.instance_id, handle.address, self.now())
         self.execute(started)
         if any(isinstance(c, Forward) and c.trial for c in started):
@@ -479,7 +478,7 @@ class Summoner:
         self.execute(self.fleet.instance_died(instance_id, reason, self.now()))
 
     async def _stop(self, cmd: Stop) -> None:
-        self.last_probe.pop(cmd.instance_id, None)
+        self.health.forget(cmd.instance_id)
         task = self.boot_tasks.pop(cmd.instance_id, None)
         if task is not None and not task.done():
             task.cancel()

@@ -486,3 +486,46 @@ def test_a_trial_whose_client_left_does_not_count_once_ready() -> None:
     f.instance_ready(boot.instance_id, addr(1), 1.0)
     assert f.pools["site"].balancer.load[boot.instance_id] == 0
 
+
+
+def test_an_unreachable_host_backs_off_exponentially_until_it_starts_an_instance() -> None:
+    hosts = (Host("h1", "local", slots=4), Host("h2", "local", slots=4))
+    f = fleet(hosts=hosts)
+    delays = [of(Record, f.host_unreachable("h1", 0.0))[0].detail["retry_in_s"] for _ in range(8)]
+    assert delays == [5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 300.0, 300.0]
+    assert f.host_down_until["h1"] == 300.0
+    boot = of(Boot, f.request_arrived("site", 1, "k", None, 1.0))[0]
+    assert boot.host == "h2"  # placed elsewhere meanwhile
+    f.instance_started(boot.instance_id, addr(1), 2.0)
+    assert f.host_failures == {"h1": 8}  # only h1's own success resets h1
+    f2 = fleet(hosts=(Host("h1", "local", slots=4),))
+    f2.host_unreachable("h1", 0.0)
+    f2.host_unreachable("h1", 0.0)
+    b = of(Boot, f2.request_arrived("site", 1, "k", None, 100.0))[0]
+    f2.instance_started(b.instance_id, addr(1), 101.0)
+    assert of(Record, f2.host_unreachable("h1", 102.0))[0].detail["retry_in_s"] == 5.0
+
+
+def test_a_cold_request_that_cannot_boot_is_told_why() -> None:
+    f = fleet(ROUTE, replace(ROUTE, name="b", image="b"), cap=1)
+    boot = of(Boot, f.request_arrived("site", 1, "k", None, 0.0))[0]
+    f.instance_ready(boot.instance_id, addr(1), 0.5)  # busy with request 1: nothing to reclaim
+    [reject] = of(Reject, f.request_arrived("b", 2, "k", None, 1.0))
+    assert reject.reason == "instance cap reached (1)" and not f.pools["b"].queue
+    h = fleet(hosts=(Host("h1", "local", slots=1),))
+    h.host_used["h1"] = 1
+    [reject] = of(Reject, h.request_arrived("site", 1, "k", None, 0.0))
+    assert reject.reason == "no host has a free slot"
+    refused = h._boot(h.pools["site"], "local", 0.0, "test", out := [])
+    assert not refused and refused.reason == "no host has a free slot" and not of(Boot, out)
+
+
+def test_a_host_its_driver_reports_down_is_out_of_placement_until_reported_up() -> None:
+    f = fleet(hosts=(Host("h1", "eu", slots=4), Host("h2", "eu", slots=4)))
+    f.host_unreachable("h1", 0.0)
+    [down] = f.host_reported("h1", False, "keepalive lost", [], 1.0)
+    assert (down.kind, down.host, down.region, down.detail) == ("host_down", "h1", "eu", {"reason": "keepalive lost"})
+    assert of(Boot, f.request_arrived("site", 1, "k", None, 3600.0))[0].host == "h2"  # held, not a back-off
+    [up] = f.host_reported("h1", True, "", ["old-1"], 4000.0)
+    assert (up.kind, up.detail) == ("host_up", {"reaped": ["old-1"]})
+    assert f.host_down_until["h1"] <= 4000.0 and "h1" not in f.host_failures  # at once, no back-off left
