@@ -37,8 +37,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     _where(images, top=True)
     sub = images.add_subparsers(dest="images_command", required=True)
 
-    build = sub.add_parser("build", help="build the x86_64 microVM (kernel + initramfs) of an image")
+    build = sub.add_parser("build", help="build the microVM (kernel + initramfs) of an image")
     build.add_argument("name", help="image name under the images dir, or a path to an image dir")
+    build.add_argument("--arch", default="x86_64", metavar="ARCH",
+                       help="x86_64 (default), aarch64 (from Debian's arm64 packages: `make image-arm64` "
+                            "enables them), a comma list, or all")
     _where(build)
     build.set_defaults(func=cmd_build)
 
@@ -118,10 +121,15 @@ def _source_date_epoch() -> int | None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from ..images.build import build_image
+    from ..images.build import build_image, parse_arches
 
     if rc := _resolve_where(args):
         return rc
+    try:
+        arches = parse_arches(args.arch)
+    except ValueError as exc:
+        print(f"summon images build: --arch: {exc}", file=sys.stderr)
+        return 2
     epoch = _source_date_epoch()
     if epoch is None:
         print(f"summon images build: SOURCE_DATE_EPOCH={os.environ['SOURCE_DATE_EPOCH']!r} is not a whole number "
@@ -130,7 +138,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     image_dir = _image_dir(args.images_dir, args.name)
     try:
-        build_image(image_dir, lambda line: print(f"  {line}", flush=True), store=args.store, source_date_epoch=epoch)
+        build_image(image_dir, lambda line: print(f"  {line}", flush=True), store=args.store, source_date_epoch=epoch,
+                    arches=arches)
         image = load_image(args.images_dir, args.name, store=args.store)
     except ImageError as exc:
         print(f"summon images build: {exc}", file=sys.stderr)
