@@ -124,11 +124,9 @@ def _with_timeout(check: Callable[[], str | None], timeout_s: float, late: str) 
 
 def target_for(host: Host) -> str | None:
     """The image target a host's driver boots (None: the driver needs no image files)."""
-    if host.backend == "process":
-        return "unix"
-    if host.backend == "libvirt":
-        return host.arch  # x86_64 or aarch64 (proxy/backends/libvirt.py)
-    return None
+    from ..backends.base import image_target
+
+    return image_target(host)
 
 
 def image_problems(config: Config) -> list[Problem]:
