@@ -56,6 +56,7 @@ from .libvirt_host import (
     reachable,
     remote_endpoint,
 )
+from .libvirt_pool import verified_paths
 from .libvirt_xml import NS, DomainParams, copy_save_with_xml, domain_name, domain_xml, parse_metadata, retarget_xml
 from .owner import claim, default_dir, owner_alive, pid_alive, proc_start, sweep
 
@@ -229,6 +230,7 @@ class LibvirtBackend:
         self._watcher: asyncio.Task[None] | None = None
         self._type_lock: asyncio.Lock | None = None
         self._snap_locks: dict[str, asyncio.Lock] = {}
+        self._pool_checked: dict[tuple[str, str], str] = {}  # (pool, sha256) -> volume path, hashed there
         self._hostname = socket.gethostname()
         self.owner_dir = owner_dir or default_dir()
 
@@ -360,13 +362,13 @@ class LibvirtBackend:
     # --- start / stop -----------------------------------------------------------------
 
     def _params(self, image: Image, name: str, instance_id: str, dtype: str, port: int, route: str = "",
-                arch: str = "x86_64") -> DomainParams:
+                arch: str = "x86_64", paths: dict[str, str] | None = None) -> DomainParams:
         t = image.target(arch)
         return DomainParams(
             name=name,
             domain_type=dtype,
-            kernel=image.path(arch, "kernel"),
-            initrd=image.path(arch, "initrd"),
+            kernel=Path(paths["kernel"]) if paths else image.path(arch, "kernel"),
+            initrd=Path(paths["initrd"]) if paths else image.path(arch, "initrd"),
             cmdline=str(t.get("cmdline", "console=ttyAMA0 quiet panic=-1" if arch == "aarch64"
                               else "console=ttyS0 quiet panic=-1")),
             memory_mib=int(t.get("memory_mib", 128)),
@@ -422,7 +424,7 @@ class LibvirtBackend:
             raise HostUnavailable(f"{self.uri}: {self._down}")  # fail fast: placement goes elsewhere
         image, arch = spec.image, spec.host.arch
         await self._resolve_address()
-        await asyncio.to_thread(image.verify, arch)
+        paths = await self._artefacts(spec)
         dtype = await self.domain_type(image, arch)
         name = domain_name(spec.route.name, spec.instance_id)
         restore = spec.start == "restore" and dtype != "test"
@@ -433,7 +435,7 @@ class LibvirtBackend:
         for _attempt in range(3):  # a port picked as free can be taken before QEMU binds it
             port = await self._choose_port(tried)
             tried.add(port)
-            params = self._params(image, name, spec.instance_id, dtype, port, spec.route.name, arch)
+            params = self._params(image, name, spec.instance_id, dtype, port, spec.route.name, arch, paths)
             self._ports.add(port)
             try:
                 if snapshot is not None:
@@ -464,6 +466,17 @@ class LibvirtBackend:
             return handle
         assert last is not None
         raise last
+
+    async def _artefacts(self, spec: InstanceSpec) -> dict[str, str] | None:
+        """Check what the guest boots: the image's files here, or (a host with `pool`) the
+        volumes `summon images push` put there, hashed on the host once per digest."""
+        arch = spec.host.arch
+        if not spec.host.pool:
+            await asyncio.to_thread(spec.image.verify, arch)
+            return None
+        wanted = [(key, hexd) for key, _path, hexd in spec.image.artefacts(arch)]
+        return await self._call(f"pool {spec.host.pool}", lambda: verified_paths(
+            self._connection(), spec.host.pool, wanted, self._pool_checked))
 
     def _restore_sync(self, snapshot: Path, params: DomainParams) -> None:
         copy = snapshot.with_name(f".{params.name}.restore")
@@ -689,12 +702,12 @@ class LibvirtBackend:
         async with lock:
             if path.exists():
                 return path
-            await asyncio.to_thread(image.verify, arch)
+            paths = await self._artefacts(spec)
             path.parent.mkdir(parents=True, exist_ok=True)
             self.console_dir.mkdir(parents=True, exist_ok=True)
             port = await self._choose_port(set())
             name = domain_name(f"snapshot-{spec.route.name}", uuid.uuid4().hex[:8])
-            params = self._params(image, name, "snapshot", dtype, port, spec.route.name, arch)
+            params = self._params(image, name, "snapshot", dtype, port, spec.route.name, arch, paths)
             xml = domain_xml(params)
             t0 = time.monotonic()
             await self._call(f"create {name}", lambda: self._connection().createXML(xml, 0))

@@ -63,6 +63,13 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     _where(pull)
     pull.set_defaults(func=cmd_pull)
 
+    push = sub.add_parser("push", help="upload an image's microVM into a libvirt host's storage pool, verified there")
+    push.add_argument("ref", help="NAME (its current version) or NAME@sha256:<version> (from the store)")
+    push.add_argument("--host", required=True, help="a libvirt [[host]] of the config (-c): its uri and arch")
+    push.add_argument("--pool", help="the host's storage pool (default: the host's pool, else \"summon\")")
+    _where(push)
+    push.set_defaults(func=cmd_push)
+
     history = sub.add_parser("history", help="every version of an image built here, and when each served")
     history.add_argument("name")
     history.add_argument("--events", type=Path, help="the event log (default: the config's [events] path)")
@@ -425,6 +432,40 @@ def cmd_gc(args: argparse.Namespace) -> int:
     for v in result.kept_versions:
         why = [w for w, s in (("pinned", pinned), ("current", current)) if v in s]
         print(f"  kept {v}" + (f" ({', '.join(why)})" if why else " (recent)"))
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from ..backends.libvirt_pool import push
+    from ..errors import SummonError
+
+    if rc := _resolve_where(args):
+        return rc
+    config = args.routes_config
+    if config is None:
+        print("summon images push: give the config holding the host: -c summon.toml", file=sys.stderr)
+        return 2
+    host = next((h for h in config.hosts if h.name == args.host), None)
+    if host is None or host.backend != "libvirt":
+        known = ", ".join(h.name for h in config.hosts if h.backend == "libvirt") or "none"
+        print(f"{config.path}: --host {args.host!r}: no libvirt [[host]] of that name (libvirt hosts: {known})",
+              file=sys.stderr)
+        return 2
+    pool = args.pool or host.pool or "summon"
+    t0 = time.monotonic()
+    try:
+        image = load_image(args.images_dir, args.ref, store=args.store)
+        image.verify(host.arch)  # never send what does not match its digest here
+        artefacts = [(path, hexd) for _key, path, hexd in image.artefacts(host.arch)]
+        pushed = push(host.uri, pool, artefacts, lambda line: print(f"  {line}", flush=True))
+    except SummonError as exc:
+        print(f"summon images push: {exc.detail}", file=sys.stderr)
+        return 1
+    sent = sum(p.size for p in pushed if p.uploaded)
+    took = time.monotonic() - t0
+    print(f"pushed {image.ref} [{host.arch}] to {host.name} ({host.uri}, pool {pool}): "
+          f"{sum(p.uploaded for p in pushed)} of {len(pushed)} artefact(s) uploaded, {sent // 1024} KiB in {took:.1f}s"
+          f" ({sent / max(took, 1e-6) / 1e6:.0f} MB/s, verified on arrival)")
     return 0
 
 
