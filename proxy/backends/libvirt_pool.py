@@ -27,6 +27,9 @@ try:
 except ImportError:  # pragma: no cover - exercised only where libvirt-python is missing
     libvirt = None
 
+if libvirt is not None:  # translated into our errors instead of printed (as in libvirt.py)
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
 CHUNK = 1 << 20
 VOLUME_PREFIX = "sha256-"
 

@@ -465,7 +465,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     took = time.monotonic() - t0
     print(f"pushed {image.ref} [{host.arch}] to {host.name} ({host.uri}, pool {pool}): "
           f"{sum(p.uploaded for p in pushed)} of {len(pushed)} artefact(s) uploaded, {sent // 1024} KiB in {took:.1f}s"
-          f" ({sent / max(took, 1e-6) / 1e6:.0f} MB/s, verified on arrival)")
+          + (f" ({sent / max(took, 1e-6) / 1e6:.0f} MB/s, read back and verified)" if sent else
+             ", every volume already there and intact"))
     return 0
 
 
