@@ -543,6 +543,9 @@ class Summoner:
         for r in snap["routes"]:
             for i in r["instances"]:
                 i["image_digest"] = self.digests.get(i["id"], "")
+                host = self.hosts.get(i["host"])
+                if host is not None and host.backend == "libvirt":
+                    i["arch"] = host.arch  # which of the image's microVM targets it runs
         if self.coordinator is not None:
             snap["totals"]["cluster"] = self.coordinator.view()
         return snap

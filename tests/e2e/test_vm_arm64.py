@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -112,7 +113,10 @@ def test_a_cold_request_is_answered_by_an_arm64_microvm(tmp_path: Path, arm_imag
         assert b"served-by-arm64" in body
         print(f"arm64 (TCG) cold request, boot to first 200 through summon: {cold:.1f}s")
         (inst,) = s.instances()
-        assert inst["host"] == "board"
+        assert inst["host"] == "board" and inst["arch"] == "aarch64"
+        shown = subprocess.run([sys.executable, "-m", "proxy.cli", "status", "-c", str(s.config)],
+                               capture_output=True, text=True, timeout=30, cwd=REPO).stdout
+        assert any("board" in line and "aarch64" in line for line in shown.splitlines()), shown
         mine = [d for d in set(summon_domains()) - before if d.endswith(inst["id"])]
         assert len(mine) == 1
         xml = subprocess.run(["virsh", "-c", URI, "dumpxml", mine[0]], capture_output=True, text=True,
