@@ -57,6 +57,16 @@ idle_timeout = "10m"
 @pytest.fixture(scope="module")
 def arm_images() -> Iterator[Path]:
     """decks built for aarch64 only, with a marker only the VM's copy of the site carries."""
+    yield from _built(("aarch64",))
+
+
+@pytest.fixture(scope="module")
+def both_images() -> Iterator[Path]:
+    """decks built for both arches."""
+    yield from _built(("x86_64", "aarch64"))
+
+
+def _built(arches: tuple[str, ...]) -> Iterator[Path]:
     from proxy.backends.libvirt import libvirt_available, start_libvirt_daemons
     from proxy.errors import ImageError
     from proxy.images.build import build_image
@@ -79,7 +89,7 @@ def arm_images() -> Iterator[Path]:
         write_manifest(root / "decks", manifest)
         t0 = time.monotonic()
         try:
-            build_image(root / "decks", print, arches=("aarch64",))
+            build_image(root / "decks", print, arches=arches)
         except ImageError as exc:
             if "architecture" in str(exc) or "apt" in str(exc):
                 pytest.skip(f"cannot fetch Debian's arm64 packages: {exc}")
@@ -132,3 +142,69 @@ def test_a_cold_request_is_answered_by_an_arm64_microvm(tmp_path: Path, arm_imag
     while time.monotonic() < deadline and set(summon_domains()) - before:
         time.sleep(0.5)
     assert not (set(summon_domains()) - before) & set(mine), "summon's stop must destroy its arm64 domain"
+
+
+SPILL_HOSTS = f"""
+[[region]]
+name = "edge"
+nearest = ["eu", "us"]
+[[region]]
+name = "us"
+[[region]]
+name = "eu"
+[[host]]
+name = "board"
+region = "edge"
+backend = "libvirt"
+uri = "{URI}"
+arch = "aarch64"
+slots = 1
+kvm_probe = false
+[[host]]
+name = "far"
+region = "us"
+backend = "libvirt"
+uri = "{URI}"
+slots = 2
+kvm_probe = false
+[[host]]
+name = "near"
+region = "eu"
+backend = "libvirt"
+uri = "{URI}"
+slots = 2
+kvm_probe = false
+"""
+
+
+def test_an_image_with_both_arches_spills_from_the_full_board_to_the_nearest_x86_host(
+        tmp_path: Path, both_images: Path) -> None:
+    """Two warm replicas wanted, the board has one slot: the second goes to eu (edge's
+    nearest), not us, and boots the image's x86_64 target there."""
+    s = Summon(tmp_path, ROUTE.replace('idle_timeout = "10m"', 'idle_timeout = "10m"\nmin_replicas = 2'))
+    text = s.config.read_text().replace('dir = "images"', f'dir = "{both_images}"')
+    s.config.write_text(text.replace('[[host]]\nname = "local"\nbackend = "process"\nslots = 16\n', SPILL_HOSTS))
+    before = set(summon_domains())
+    s.start()
+    try:
+        t0 = time.monotonic()
+        deadline = t0 + 200
+        while time.monotonic() < deadline:
+            insts = s.instances()
+            if len(insts) == 2 and all(i["state"] == "ready" for i in insts):
+                break
+            time.sleep(0.5)
+        print(f"both replicas ready in {time.monotonic() - t0:.1f}s")
+        placed = sorted((i["host"], i["arch"], i["region"], i["state"]) for i in s.instances())
+        assert placed == [("board", "aarch64", "edge", "ready"), ("near", "x86_64", "eu", "ready")], placed
+        for inst in s.instances():  # each answers on its own forwarded port
+            host, port = inst["address"].rsplit(":", 1)
+            status, _, body = http_get(int(port), "/", timeout=30)
+            assert status == 200 and b"served-by-arm64" in body
+        status, _, _ = http_get(s.port, "/", timeout=30)
+        assert status == 200
+    finally:
+        s.stop(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and set(summon_domains()) - before:
+        time.sleep(0.5)
