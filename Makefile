@@ -3,10 +3,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo demo-per-url test test-fast bench loadtest lint fuzz clean
+.PHONY: setup image-arm64 demo demo-per-url test test-fast bench loadtest lint fuzz clean
 
 setup:
 	bash scripts/setup.sh
+
+# the arm64 microVM of the demo image (and x86_64's): enables Debian's arm64 packages for apt
+# (nothing arm64 is installed: the kernel and busybox are unpacked from their .debs) and
+# qemu-system-arm to run them. Only this target does: `make demo` and `make test` never need it.
+IMAGE ?= decks
+image-arm64: setup
+	bash scripts/setup-arm64.sh
+	$(VENV)/bin/summon images build $(IMAGE) --arch all
 
 demo: setup
 	bash scripts/demo.sh

@@ -100,6 +100,9 @@ class Host:
     # them ("" = the remote URI's host, or 127.0.0.1 for a local libvirtd) ...
     address: str = ""
     ports: tuple[int, int] = (24000, 24999)  # ... and, on a remote host, the ports they take
+    # libvirt: boot from this storage pool's volumes (`summon images push`), checked there
+    # once per digest, instead of the image's files at the same path on the host ("" = files)
+    pool: str = ""
 
 
 class Route(NamedTuple):
@@ -463,6 +466,7 @@ _HOST_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "kvm_probe": ("kvm_probe", _boolean),
     "address": ("address", _ipv4),
     "ports": ("ports", _port_range),
+    "pool": ("pool", _string),
 }
 _ROUTE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "name": ("name", _string),

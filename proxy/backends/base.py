@@ -66,3 +66,13 @@ class Backend(Protocol):
     async def close(self) -> None:
         """Stop everything this driver started and release connections."""
         ...
+
+
+def image_target(host: Host) -> str | None:
+    """The image target a host's driver boots: ``unix`` for processes, the host's arch
+    (``x86_64``, ``aarch64``) for microVMs; None for a driver that needs no image files."""
+    if host.backend == "process":
+        return "unix"
+    if host.backend == "libvirt":
+        return host.arch
+    return None

@@ -56,6 +56,7 @@ from .libvirt_host import (
     reachable,
     remote_endpoint,
 )
+from .libvirt_pool import verified_paths
 from .libvirt_xml import NS, DomainParams, copy_save_with_xml, domain_name, domain_xml, parse_metadata, retarget_xml
 from .owner import claim, default_dir, owner_alive, pid_alive, proc_start, sweep
 
@@ -129,8 +130,11 @@ def _is_no_domain(exc: Exception) -> bool:
     return hasattr(exc, "get_error_code") and exc.get_error_code() == getattr(libvirt, "VIR_ERR_NO_DOMAIN", -1)
 
 
-def libvirt_available(uri: str) -> str | None:
-    """None if `uri` can be used to run domains, else a human reason (for skips and `check`)."""
+QEMU_PACKAGE = {"x86_64": "qemu-system-x86", "aarch64": "qemu-system-arm"}
+
+
+def libvirt_available(uri: str, arch: str = "x86_64") -> str | None:
+    """None if `uri` can be used to run `arch` domains, else a human reason (for skips and `check`)."""
     if libvirt is None:
         return "libvirt-python is not installed (pip install summon[libvirt])"
     try:
@@ -138,8 +142,11 @@ def libvirt_available(uri: str) -> str | None:
     except libvirt.libvirtError as exc:
         return f"cannot connect to {uri}: {exc} (is libvirtd running? scripts/start-libvirt.sh)"
     try:
-        if conn.getType() == "QEMU" and "hvm" not in conn.getCapabilities():
-            return f"{uri}: QEMU cannot run x86_64 hvm guests (install qemu-system-x86)"
+        if conn.getType() == "QEMU":
+            caps = conn.getCapabilities()
+            if "hvm" not in caps or f"<arch name='{arch}'>" not in caps:
+                return (f"{uri}: QEMU cannot run {arch} hvm guests (install {QEMU_PACKAGE.get(arch, 'qemu')}, "
+                        "then restart libvirtd so it sees the new emulator)")
     finally:
         conn.close()
     return None
@@ -223,6 +230,7 @@ class LibvirtBackend:
         self._watcher: asyncio.Task[None] | None = None
         self._type_lock: asyncio.Lock | None = None
         self._snap_locks: dict[str, asyncio.Lock] = {}
+        self._pool_checked: dict[tuple[str, str], str] = {}  # (pool, sha256) -> volume path, hashed there
         self._hostname = socket.gethostname()
         self.owner_dir = owner_dir or default_dir()
 
@@ -283,10 +291,19 @@ class LibvirtBackend:
 
     # --- domain type ----------------------------------------------------------------
 
-    async def domain_type(self, image: Image) -> str:
-        """"kvm" if a KVM guest really boots here, else "qemu" (TCG); "test" for test:///."""
+    async def domain_type(self, image: Image, arch: str = "x86_64") -> str:
+        """"kvm" if a KVM guest really boots here, else "qemu" (TCG); "test" for test:///.
+
+        An aarch64 guest is KVM only where libvirt offers KVM for aarch64 (an arm64 host);
+        it is not boot-probed (the probe's initramfs holds this machine's busybox)."""
         if self._is_test_driver():
             return "test"
+        if arch != "x86_64":
+            key = f"{self.uri}#{arch}"
+            if key not in _kvm_answers:
+                _kvm_answers[key] = self.probe_kvm and await self._call(
+                    "domain capabilities", lambda: self._kvm_offered(arch))
+            return "kvm" if _kvm_answers[key] else "qemu"
         if self._type_lock is None:
             self._type_lock = asyncio.Lock()
         async with self._type_lock:
@@ -300,20 +317,20 @@ class LibvirtBackend:
                         remember_kvm_answer(self.uri, _kvm_answers[self.uri])
         return "kvm" if _kvm_answers[self.uri] else "qemu"
 
+    def _kvm_offered(self, arch: str = "x86_64") -> bool:
+        try:
+            self._connection().getDomainCapabilities(None, arch, None, "kvm")
+            return True
+        except libvirt.libvirtError:
+            return False
+
     async def _probe_kvm(self, image: Image) -> bool:
         """Boot the image's kernel under KVM with an /init that exits at once.
 
         init exiting panics the kernel; panic=-1 reboots; on_reboot=destroy removes the
         domain. So "the domain vanished in time" means Linux reached userspace under KVM.
         """
-        def kvm_offered() -> bool:
-            try:
-                self._connection().getDomainCapabilities(None, "x86_64", None, "kvm")
-                return True
-            except libvirt.libvirtError:
-                return False
-
-        if not await self._call("domain capabilities", kvm_offered):
+        if not await self._call("domain capabilities", self._kvm_offered):
             return False
         from ..images.build import BUSYBOX, S_IFREG, Entry, write_initramfs
 
@@ -344,14 +361,16 @@ class LibvirtBackend:
 
     # --- start / stop -----------------------------------------------------------------
 
-    def _params(self, image: Image, name: str, instance_id: str, dtype: str, port: int, route: str = "") -> DomainParams:
-        t = image.target("x86_64")
+    def _params(self, image: Image, name: str, instance_id: str, dtype: str, port: int, route: str = "",
+                arch: str = "x86_64", paths: dict[str, str] | None = None) -> DomainParams:
+        t = image.target(arch)
         return DomainParams(
             name=name,
             domain_type=dtype,
-            kernel=image.path("x86_64", "kernel"),
-            initrd=image.path("x86_64", "initrd"),
-            cmdline=str(t.get("cmdline", "console=ttyS0 quiet panic=-1")),
+            kernel=Path(paths["kernel"]) if paths else image.path(arch, "kernel"),
+            initrd=Path(paths["initrd"]) if paths else image.path(arch, "initrd"),
+            cmdline=str(t.get("cmdline", "console=ttyAMA0 quiet panic=-1" if arch == "aarch64"
+                              else "console=ttyS0 quiet panic=-1")),
             memory_mib=int(t.get("memory_mib", 128)),
             guest_port=int(t.get("guest_port", 80)),
             host_port=port,
@@ -364,6 +383,7 @@ class LibvirtBackend:
             console_log=None if dtype == "test" or self.endpoint is not None else self.console_dir / f"{name}.log",
             host_address=self._address or "127.0.0.1",
             owner=str(claim(self.owner_dir).path),  # this process's, also after a fork
+            arch=arch,
         )
 
     # --- where guests' ports go -----------------------------------------------------------
@@ -402,10 +422,10 @@ class LibvirtBackend:
     async def start(self, spec: InstanceSpec) -> Handle:
         if self._down is not None:
             raise HostUnavailable(f"{self.uri}: {self._down}")  # fail fast: placement goes elsewhere
-        image = spec.image
+        image, arch = spec.image, spec.host.arch
         await self._resolve_address()
-        await asyncio.to_thread(image.verify, "x86_64")
-        dtype = await self.domain_type(image)
+        paths = await self._artefacts(spec)
+        dtype = await self.domain_type(image, arch)
         name = domain_name(spec.route.name, spec.instance_id)
         restore = spec.start == "restore" and dtype != "test"
         snapshot = await self.save_snapshot(spec) if restore else None
@@ -415,7 +435,7 @@ class LibvirtBackend:
         for _attempt in range(3):  # a port picked as free can be taken before QEMU binds it
             port = await self._choose_port(tried)
             tried.add(port)
-            params = self._params(image, name, spec.instance_id, dtype, port, spec.route.name)
+            params = self._params(image, name, spec.instance_id, dtype, port, spec.route.name, arch, paths)
             self._ports.add(port)
             try:
                 if snapshot is not None:
@@ -446,6 +466,17 @@ class LibvirtBackend:
             return handle
         assert last is not None
         raise last
+
+    async def _artefacts(self, spec: InstanceSpec) -> dict[str, str] | None:
+        """Check what the guest boots: the image's files here, or (a host with `pool`) the
+        volumes `summon images push` put there, hashed on the host once per digest."""
+        arch = spec.host.arch
+        if not spec.host.pool:
+            await asyncio.to_thread(spec.image.verify, arch)
+            return None
+        wanted = [(key, hexd) for key, _path, hexd in spec.image.artefacts(arch)]
+        return await self._call(f"pool {spec.host.pool}", lambda: verified_paths(
+            self._connection(), spec.host.pool, wanted, self._pool_checked))
 
     def _restore_sync(self, snapshot: Path, params: DomainParams) -> None:
         copy = snapshot.with_name(f".{params.name}.restore")
@@ -662,21 +693,21 @@ class LibvirtBackend:
 
     async def save_snapshot(self, spec: InstanceSpec) -> Path:
         """Boot once, wait for HTTP, save; reused until the image digest changes."""
-        image = spec.image
-        dtype = await self.domain_type(image)
+        image, arch = spec.image, spec.host.arch
+        dtype = await self.domain_type(image, arch)
         if dtype == "test":
             raise BackendError("snapshots need QEMU; the test driver cannot run a guest")
-        path = self.snapshot_path(image, dtype)
+        path = self.snapshot_path(image, dtype if arch == "x86_64" else f"{dtype}-{arch}")
         lock = self._snap_locks.setdefault(str(path), asyncio.Lock())
         async with lock:
             if path.exists():
                 return path
-            await asyncio.to_thread(image.verify, "x86_64")
+            paths = await self._artefacts(spec)
             path.parent.mkdir(parents=True, exist_ok=True)
             self.console_dir.mkdir(parents=True, exist_ok=True)
             port = await self._choose_port(set())
             name = domain_name(f"snapshot-{spec.route.name}", uuid.uuid4().hex[:8])
-            params = self._params(image, name, "snapshot", dtype, port, spec.route.name)
+            params = self._params(image, name, "snapshot", dtype, port, spec.route.name, arch, paths)
             xml = domain_xml(params)
             t0 = time.monotonic()
             await self._call(f"create {name}", lambda: self._connection().createXML(xml, 0))

@@ -60,6 +60,15 @@ class DomainParams:
     console_log: Path | None = None  # None: a null serial (remote: the path would be the host's)
     host_address: str = "127.0.0.1"  # where the forwarded port binds, on the hypervisor host
     owner: str = ""  # the owner lock file (`proxy.backends.owner`): held while summon lives
+    arch: str = "x86_64"  # or "aarch64": QEMU's virt machine (qemu-system-aarch64)
+
+
+# Per guest arch: the machine, and what goes in <os>/<cpu>/<features>. aarch64 is QEMU's
+# `virt` board booted straight into the kernel (no UEFI, so no ACPI: the kernel reads the
+# device tree QEMU generates); under TCG a cortex-a57 is emulated faster than `max`, whose
+# pointer authentication costs every function return.
+MACHINES = {"x86_64": "pc", "aarch64": "virt"}
+AARCH64_CPU = "cortex-a57"
 
 
 def sanitise(text: str, limit: int = 40) -> str:
@@ -110,13 +119,21 @@ def domain_xml(p: DomainParams) -> str:
         f"<name>{escape(p.name)}</name>"
         f"<metadata>{metadata_xml(p)}</metadata>"
         f"<memory unit='MiB'>{p.memory_mib}</memory><vcpu>1</vcpu>"
-        "<os><type arch='x86_64' machine='pc'>hvm</type>"
+        f"<os><type arch={quoteattr(p.arch)} machine={quoteattr(MACHINES[p.arch])}>hvm</type>"
         f"<kernel>{escape(str(p.kernel))}</kernel><initrd>{escape(str(p.initrd))}</initrd>"
         f"<cmdline>{escape(p.cmdline)}</cmdline></os>"
-        "<features><acpi/></features>"
+        f"{_cpu_features(p)}"
         "<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>"
         f"<devices>{devices}</devices>{commandline}</domain>"
     )
+
+
+def _cpu_features(p: DomainParams) -> str:
+    if p.arch == "x86_64":
+        return "<features><acpi/></features>"
+    if p.domain_type == "kvm":
+        return "<cpu mode='host-passthrough'/><features><gic version='host'/></features>"
+    return f"<cpu mode='custom' match='exact'><model fallback='forbid'>{AARCH64_CPU}</model></cpu>"
 
 
 def parse_metadata(xml: str) -> dict[str, str]:

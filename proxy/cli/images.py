@@ -37,8 +37,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     _where(images, top=True)
     sub = images.add_subparsers(dest="images_command", required=True)
 
-    build = sub.add_parser("build", help="build the x86_64 microVM (kernel + initramfs) of an image")
+    build = sub.add_parser("build", help="build the microVM (kernel + initramfs) of an image")
     build.add_argument("name", help="image name under the images dir, or a path to an image dir")
+    build.add_argument("--arch", default="x86_64", metavar="ARCH",
+                       help="x86_64 (default), aarch64 (from Debian's arm64 packages: `make image-arm64` "
+                            "enables them), a comma list, or all")
     _where(build)
     build.set_defaults(func=cmd_build)
 
@@ -59,6 +62,13 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
                            "(its token, if it has one, from $SUMMON_ADMIN_TOKEN)")
     _where(pull)
     pull.set_defaults(func=cmd_pull)
+
+    push = sub.add_parser("push", help="upload an image's microVM into a libvirt host's storage pool, verified there")
+    push.add_argument("ref", help="NAME (its current version) or NAME@sha256:<version> (from the store)")
+    push.add_argument("--host", required=True, help="a libvirt [[host]] of the config (-c): its uri and arch")
+    push.add_argument("--pool", help="the host's storage pool (default: the host's pool, else \"summon\")")
+    _where(push)
+    push.set_defaults(func=cmd_push)
 
     history = sub.add_parser("history", help="every version of an image built here, and when each served")
     history.add_argument("name")
@@ -118,10 +128,15 @@ def _source_date_epoch() -> int | None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from ..images.build import build_image
+    from ..images.build import build_image, parse_arches
 
     if rc := _resolve_where(args):
         return rc
+    try:
+        arches = parse_arches(args.arch)
+    except ValueError as exc:
+        print(f"summon images build: --arch: {exc}", file=sys.stderr)
+        return 2
     epoch = _source_date_epoch()
     if epoch is None:
         print(f"summon images build: SOURCE_DATE_EPOCH={os.environ['SOURCE_DATE_EPOCH']!r} is not a whole number "
@@ -130,7 +145,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     image_dir = _image_dir(args.images_dir, args.name)
     try:
-        build_image(image_dir, lambda line: print(f"  {line}", flush=True), store=args.store, source_date_epoch=epoch)
+        build_image(image_dir, lambda line: print(f"  {line}", flush=True), store=args.store, source_date_epoch=epoch,
+                    arches=arches)
         image = load_image(args.images_dir, args.name, store=args.store)
     except ImageError as exc:
         print(f"summon images build: {exc}", file=sys.stderr)
@@ -416,6 +432,41 @@ def cmd_gc(args: argparse.Namespace) -> int:
     for v in result.kept_versions:
         why = [w for w, s in (("pinned", pinned), ("current", current)) if v in s]
         print(f"  kept {v}" + (f" ({', '.join(why)})" if why else " (recent)"))
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from ..backends.libvirt_pool import push
+    from ..errors import SummonError
+
+    if rc := _resolve_where(args):
+        return rc
+    config = args.routes_config
+    if config is None:
+        print("summon images push: give the config holding the host: -c summon.toml", file=sys.stderr)
+        return 2
+    host = next((h for h in config.hosts if h.name == args.host), None)
+    if host is None or host.backend != "libvirt":
+        known = ", ".join(h.name for h in config.hosts if h.backend == "libvirt") or "none"
+        print(f"{config.path}: --host {args.host!r}: no libvirt [[host]] of that name (libvirt hosts: {known})",
+              file=sys.stderr)
+        return 2
+    pool = args.pool or host.pool or "summon"
+    t0 = time.monotonic()
+    try:
+        image = load_image(args.images_dir, args.ref, store=args.store)
+        image.verify(host.arch)  # never send what does not match its digest here
+        artefacts = [(path, hexd) for _key, path, hexd in image.artefacts(host.arch)]
+        pushed = push(host.uri, pool, artefacts, lambda line: print(f"  {line}", flush=True))
+    except SummonError as exc:
+        print(f"summon images push: {exc.detail}", file=sys.stderr)
+        return 1
+    sent = sum(p.size for p in pushed if p.uploaded)
+    took = time.monotonic() - t0
+    print(f"pushed {image.ref} [{host.arch}] to {host.name} ({host.uri}, pool {pool}): "
+          f"{sum(p.uploaded for p in pushed)} of {len(pushed)} artefact(s) uploaded, {sent // 1024} KiB in {took:.1f}s"
+          + (f" ({sent / max(took, 1e-6) / 1e6:.0f} MB/s, read back and verified)" if sent else
+             ", every volume already there and intact"))
     return 0
 
 

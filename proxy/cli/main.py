@@ -84,8 +84,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         for i in route.get("instances", []):
             worker = f"   worker {i['worker']}" if "worker" in i else ""
             node = f"   node {i['node']}" if cluster and i.get("node") else ""
+            arch = f"   {i['arch']}" if i.get("arch") else ""
             print(f"  {i['id']:<24} {i['state']:<9} {i.get('host', ''):<10} {i.get('region', ''):<8}"
-                  f" {i.get('address') or ''}{worker}{node}")
+                  f" {i.get('address') or ''}{arch}{worker}{node}")
     return 0
 
 

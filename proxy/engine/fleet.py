@@ -207,7 +207,11 @@ class Fleet:
         node: str = "",
         shared: bool = False,
         drain_timeout_s: float = math.inf,
+        placeable: Callable[[Route, Host], bool] | None = None,
     ) -> None:
+        # Can `host` boot `route`'s image (has the image an artefact for the host's arch)? The
+        # shell answers from images it has already loaded, so placement stays free of I/O.
+        self.placeable = placeable
         self.node = node  # this engine's name in a shared fleet ("" alone)
         # in a shared fleet a boot is only real once the store granted it (`boot_claimed`):
         # "summoned" is recorded then, so the log never counts a boot that did not happen
@@ -701,7 +705,7 @@ class Fleet:
         if self._over_budget(now):
             out.append(Record("budget_spent", route.name))
             return Refused("instance-seconds budget spent")
-        host = self._place(region, now)
+        host = self._place(region, now, route)
         if host is None:
             return Refused("no host has a free slot")
         pool.reclaim_pending = False
@@ -723,8 +727,9 @@ class Fleet:
             out.append(summoned)
         return boot
 
-    def _place(self, region: str, now: float) -> Host | None:
-        """Client's region first, then its nearest-first fallbacks, then anywhere."""
+    def _place(self, region: str, now: float, route: Route | None = None) -> Host | None:
+        """Client's region first, then its nearest-first fallbacks, then anywhere; only hosts
+        that can boot the route's image (an arm64 edge full: the nearest x86_64 host)."""
         order = [region]
         r = self.regions.get(region)
         if r is not None:
@@ -734,7 +739,8 @@ class Fleet:
         for name in order:
             candidates = [h for h in self.hosts.values()
                           if h.region == name and self.host_used[h.name] < h.slots
-                          and self.host_down_until.get(h.name, 0.0) <= now]
+                          and self.host_down_until.get(h.name, 0.0) <= now
+                          and (route is None or self.placeable is None or self.placeable(route, h))]
             if candidates:
                 return min(candidates, key=lambda h: (self.host_used[h.name] / max(1, h.slots), h.name))
         return None

@@ -33,6 +33,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import ImageError
 from .manifest import BUILD_DIR, content_digest, manifest_digest, read_manifest, write_built_manifest
@@ -162,16 +163,7 @@ exec httpd -f -p {guest_port} -h /site
 def module_files(kernel: Kernel, names: Iterable[str] = VIRTIO_NET_MODULES) -> list[tuple[str, bytes]]:
     """(name, uncompressed .ko bytes) for each module, found through modules.dep."""
     dep = kernel.modules / "modules.dep"
-    try:
-        lines = dep.read_text().splitlines()
-    except OSError as exc:
-        raise ImageError(f"cannot read {dep}: is the kernel {kernel.release} installed? ({exc})") from exc
-    where: dict[str, str] = {}
-    for line in lines:
-        rel = line.split(":", 1)[0]
-        m = re.match(r"(.*/)?([^/]+)\.ko(\.xz|\.zst|\.gz)?$", rel)
-        if m:
-            where[m.group(2).replace("-", "_")] = rel
+    where = module_index(kernel)
     out = []
     for name in names:
         if name not in where:
@@ -187,13 +179,52 @@ def module_files(kernel: Kernel, names: Iterable[str] = VIRTIO_NET_MODULES) -> l
     return out
 
 
-def vm_entries(site: Path, kernel: Kernel | None, guest_port: int = 80, busybox: Path = BUSYBOX) -> list[Entry]:
+def module_index(kernel: Kernel) -> dict[str, str]:
+    """Module name -> path under /lib/modules/<release>, from modules.dep when the kernel is
+    installed, else from the tree itself: a kernel unpacked from its .deb (a foreign
+    architecture's) has no modules.dep, because depmod runs in the package's postinst."""
+    dep = kernel.modules / "modules.dep"
+    try:
+        rels = [line.split(":", 1)[0] for line in dep.read_text().splitlines()]
+    except FileNotFoundError:
+        if not (kernel.modules / "kernel").is_dir():
+            raise ImageError(f"cannot read {dep}: is the kernel {kernel.release} installed?") from None
+        rels = sorted(p.relative_to(kernel.modules).as_posix() for p in (kernel.modules / "kernel").rglob("*.ko*"))
+    except OSError as exc:
+        raise ImageError(f"cannot read {dep}: is the kernel {kernel.release} installed? ({exc})") from exc
+    where: dict[str, str] = {}
+    for rel in rels:
+        m = re.match(r"(.*/)?([^/]+)\.ko(\.xz|\.zst|\.gz)?$", rel)
+        if m:
+            where[m.group(2).replace("-", "_")] = rel
+    return where
+
+
+def module_depends(ko: bytes) -> list[str]:
+    """The ``depends=`` of a module's .modinfo (what modprobe would load first)."""
+    m = re.search(rb"(?:^|\0)depends=([^\0]*)\0", ko)
+    return [d.replace("-", "_") for d in m.group(1).decode().split(",") if d] if m else []
+
+
+def check_load_order(mods: list[tuple[str, bytes]]) -> None:
+    """busybox insmod resolves nothing: each module's dependencies must come before it."""
+    loaded: set[str] = set()
+    for name, raw in mods:
+        missing = [d for d in module_depends(raw) if d not in loaded]
+        if missing:
+            raise ImageError(f"kernel module {name} needs {', '.join(missing)} loaded before it")
+        loaded.add(name)
+
+
+def vm_entries(site: Path, kernel: Kernel | None, guest_port: int = 80, busybox: Path = BUSYBOX,
+               modules: Iterable[str] = VIRTIO_NET_MODULES) -> list[Entry]:
     """Everything in the microVM's root: busybox, /init, modules (if a kernel), /site."""
     try:
         bb = busybox.read_bytes()
     except OSError as exc:
         raise ImageError(f"cannot read {busybox}: install busybox-static ({exc})") from exc
-    mods = module_files(kernel) if kernel else []
+    mods = module_files(kernel, modules) if kernel else []
+    check_load_order(mods)
     entries = [
         Entry("bin/busybox", S_IFREG | 0o755, bb),
         Entry("init", S_IFREG | 0o755, init_script(guest_port, [n for n, _ in mods]).encode()),
@@ -247,6 +278,7 @@ class Inputs:
     site: Path
     guest_port: int = 80
     source_date_epoch: int = 0
+    modules: tuple[str, ...] = VIRTIO_NET_MODULES
 
 
 @dataclass(frozen=True)
@@ -272,7 +304,7 @@ def assemble(inputs: Inputs, out: Path) -> Artefacts:
     os.replace(tmp, vmlinuz)
     kernel_sha = hashlib.sha256(vmlinuz.read_bytes()).hexdigest()
     initrd = out / "initrd.cpio.gz"
-    entries = vm_entries(inputs.site, inputs.kernel, inputs.guest_port, inputs.busybox)
+    entries = vm_entries(inputs.site, inputs.kernel, inputs.guest_port, inputs.busybox, inputs.modules)
     initrd_sha, cpio_sha = _write_initramfs(initrd, entries, inputs.source_date_epoch)
     return Artefacts(vmlinuz, kernel_sha, initrd, initrd_sha, cpio_sha)
 
@@ -282,15 +314,128 @@ KERNEL_PACKAGE = "linux-image-{release}"  # the package holding vmlinuz and the 
 BUSYBOX_PACKAGE = "busybox-static"
 
 
+@dataclass(frozen=True)
+class Arch:
+    """One guest architecture: its manifest target, Debian's name for it, what /init loads."""
+
+    target: str  # the manifest's [targets.<target>] and a host's `arch`
+    debian: str  # dpkg's architecture name
+    modules: tuple[str, ...]  # in load order (checked against each module's depends=)
+    cmdline: str
+    build_dir: str  # under the image dir (x86_64 keeps build/ itself, as before arm64 existed)
+
+
+# QEMU's `virt` machine has both virtio-mmio slots and a PCIe host bridge (built in:
+# CONFIG_PCI_HOST_GENERIC); the NIC is virtio-net-pci as on x86, virtio_mmio is loaded too
+# so the same initramfs also finds an mmio NIC. Its console is the PL011 UART, ttyAMA0.
+AARCH64_MODULES = (
+    "virtio_ring",
+    "virtio",
+    "virtio_mmio",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
+    "failover",
+    "net_failover",
+    "virtio_net",
+)
+ARCHES = {
+    "x86_64": Arch("x86_64", "amd64", VIRTIO_NET_MODULES, CMDLINE, BUILD_DIR),
+    "aarch64": Arch("aarch64", "arm64", AARCH64_MODULES, "console=ttyAMA0 quiet panic=-1", f"{BUILD_DIR}/aarch64"),
+}
+
+
+def native_arch() -> str:
+    """The target this machine's own kernel and busybox are for."""
+    return {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64"}.get(os.uname().machine,
+                                                                                                  os.uname().machine)
+
+
+def parse_arches(value: str) -> list[str]:
+    """`--arch`: x86_64, aarch64, a comma list of them, or all."""
+    names = list(ARCHES) if value == "all" else [a.strip() for a in value.split(",") if a.strip()]
+    bad = [a for a in names if a not in ARCHES]
+    if bad or not names:
+        raise ValueError(f"unknown arch {', '.join(bad) or value!r}: use {', '.join(ARCHES)} or all")
+    return names
+
+
+def _run(argv: list[str], cwd: Path | None = None, timeout: float = 300) -> str:
+    try:
+        r = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ImageError(f"{argv[0]} failed: {exc}") from exc
+    if r.returncode != 0:
+        raise ImageError(f"`{' '.join(argv)}` failed: {(r.stderr or r.stdout).strip()[-400:]}")
+    return r.stdout
+
+
+@dataclass(frozen=True)
+class Foreign:
+    """A foreign architecture's kernel and busybox, unpacked from Debian's packages."""
+
+    kernel: Kernel
+    busybox: Path
+    packages: dict[str, str]  # package -> version
+
+
+def fetch_foreign(arch: Arch, cache: Path, progress: Callable[[str], None]) -> Foreign:
+    """`apt-get download` the cloud kernel and busybox-static of `arch` and `dpkg-deb -x` them.
+
+    Multiarch only lets apt *see* the packages; nothing is installed (no root needed once
+    the architecture is added, which `make image-arm64` does: a build never changes dpkg's
+    configuration). Each .deb is unpacked once, into a directory named by its file."""
+    if arch.debian not in _run(["dpkg", "--print-foreign-architectures"]).split():
+        raise ImageError(f"dpkg does not know the {arch.debian} architecture: run `make image-{arch.debian}` "
+                         f"(dpkg --add-architecture {arch.debian} && apt-get update) first")
+    meta = f"linux-image-cloud-{arch.debian}:{arch.debian}"
+    deps = re.findall(rf"Depends: (linux-image-\S+-cloud-{arch.debian})", _run(["apt-cache", "depends", meta]))
+    if not deps:
+        raise ImageError(f"apt knows no {meta} (apt-get update?)")
+    kernel_pkg = deps[0].split(":")[0]
+    debs = cache / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    progress(f"apt-get download {kernel_pkg}:{arch.debian} {BUSYBOX_PACKAGE}:{arch.debian} into {debs}")
+    for old in debs.glob("*.deb"):
+        old.unlink()  # apt-get download names files by version: only this run's may be picked below
+    _run(["apt-get", "download", f"{kernel_pkg}:{arch.debian}", f"{BUSYBOX_PACKAGE}:{arch.debian}"], cwd=debs)
+    roots: dict[str, Path] = {}
+    packages: dict[str, str] = {}
+    for deb in sorted(debs.glob("*.deb")):
+        pkg = _run(["dpkg-deb", "-f", str(deb), "Package"]).strip()
+        packages[pkg] = _run(["dpkg-deb", "-f", str(deb), "Version"]).strip()
+        root = cache / "roots" / deb.stem
+        if not root.is_dir():
+            tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            _run(["dpkg-deb", "-x", str(deb), str(tmp)])
+            os.replace(tmp, root)
+        roots[pkg] = root
+    if kernel_pkg not in roots or BUSYBOX_PACKAGE not in roots:
+        raise ImageError(f"apt-get download did not fetch {kernel_pkg} and {BUSYBOX_PACKAGE} for {arch.debian}")
+    release = kernel_pkg.removeprefix("linux-image-")
+    kroot = roots[kernel_pkg]
+    kernel = Kernel(release, kroot / "boot" / f"vmlinuz-{release}", kroot / "lib" / "modules" / release)
+    return Foreign(kernel, roots[BUSYBOX_PACKAGE] / "bin" / "busybox", packages)
+
+
 def build_image(image_dir: Path, progress: Callable[[str], None], store: Path | None = None,
-                source_date_epoch: int = 0, now: Callable[[], float] = time.time) -> str:
-    """Build the microVM into the image store and record it in build/image.toml.
+                source_date_epoch: int = 0, now: Callable[[], float] = time.time,
+                arches: Iterable[str] = ("x86_64",), packages_dir: Path | None = None) -> str:
+    """Build the microVM of each of `arches` into the image store; record them in build/image.toml.
 
     The artefacts go into the store (`store`, default ``<images dir>/.store``) by digest;
     build/ holds hard links to the latest build's objects and its manifest, so an
     unpinned route follows the latest build and every earlier one stays in the store.
     The recipe image.toml is only read, so building leaves a checkout as it was. Returns
     the version (the built manifest's digest).
+
+    The native arch's kernel and busybox are the installed ones; a foreign arch's come
+    from Debian's packages (`fetch_foreign`, unpacked under `packages_dir`, default
+    ``<images dir>/.packages``). Building some arches keeps the others' targets from the
+    previous build of the same recipe, so `--arch aarch64` after a plain build gives an
+    image with both.
     """
     from .store import Build, Store, default_store, link_into
 
@@ -299,55 +444,100 @@ def build_image(image_dir: Path, progress: Callable[[str], None], store: Path | 
     recipe_digest = manifest_digest(manifest)
     unix = manifest.get("targets", {}).get("unix", {})
     site = image_dir / unix.get("content", "site")
-    old_x86 = manifest.get("targets", {}).get("x86_64", {})
-    guest_port = int(old_x86.get("guest_port", 80))
-    memory = int(old_x86.get("memory_mib", MEMORY_MIB))
-    cmdline = str(old_x86.get("cmdline", CMDLINE))
     st = Store(store if store is not None else default_store(image_dir.parent))
-
+    wanted = list(dict.fromkeys(arches))
     st.put_artefacts(manifest, image_dir)  # the recipe's own (the site) must be as recorded before build/ changes
-    kernel = find_kernel()
-    progress(f"kernel {kernel.release} from {kernel.vmlinuz}")
-    progress(f"packing initramfs: busybox, {len(VIRTIO_NET_MODULES)} virtio modules, site {site}")
-    build = image_dir / BUILD_DIR
-    staging = build / f".staging.{os.getpid()}"
-    try:
-        art = assemble(Inputs(kernel, BUSYBOX, site, guest_port, source_date_epoch), staging)
-        for src, name in ((art.kernel, "vmlinuz"), (art.initrd, "initrd.cpio.gz")):
-            link_into(st.object_path(st.put_file(src)), build / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    progress(f"wrote {build / 'vmlinuz'} sha256:{art.kernel_sha256[:16]}... and {build / 'initrd.cpio.gz'} "
-             f"({(build / 'initrd.cpio.gz').stat().st_size // 1024} KiB) sha256:{art.initrd_sha256[:16]}...")
-
     targets = dict(manifest.get("targets", {}))
-    targets["x86_64"] = {
-        "kernel": f"{BUILD_DIR}/vmlinuz",
-        "kernel_sha256": art.kernel_sha256,
-        "initrd": f"{BUILD_DIR}/initrd.cpio.gz",
-        "initrd_sha256": art.initrd_sha256,
-        "cmdline": cmdline,
-        "memory_mib": memory,
-        "guest_port": guest_port,
-    }
-    packages = {p: package_version(p) for p in ("linux-image-cloud-amd64", KERNEL_PACKAGE.format(release=kernel.release),
-                                                BUSYBOX_PACKAGE)}
+    build_table = _carried_over(image_dir, manifest, recipe_digest, wanted, targets)
+    for name in wanted:
+        arch = ARCHES[name]
+        recipe_t = manifest.get("targets", {}).get(name, {})
+        guest_port = int(recipe_t.get("guest_port", 80))
+        memory = int(recipe_t.get("memory_mib", MEMORY_MIB))
+        cmdline = str(recipe_t.get("cmdline", arch.cmdline))
+        if name == native_arch():
+            kernel, busybox = find_kernel(), BUSYBOX
+            packages = {p: package_version(p) for p in (f"linux-image-cloud-{arch.debian}",
+                                                        KERNEL_PACKAGE.format(release=kernel.release), BUSYBOX_PACKAGE)}
+        else:
+            foreign = fetch_foreign(arch, packages_dir or image_dir.parent / ".packages" / arch.debian, progress)
+            kernel, busybox, packages = foreign.kernel, foreign.busybox, foreign.packages
+        progress(f"[{name}] kernel {kernel.release} from {kernel.vmlinuz}")
+        progress(f"[{name}] packing initramfs: busybox, {len(arch.modules)} virtio modules, site {site}")
+        out = image_dir / arch.build_dir
+        staging = image_dir / BUILD_DIR / f".staging.{os.getpid()}"
+        try:
+            art = assemble(Inputs(kernel, busybox, site, guest_port, source_date_epoch, arch.modules), staging)
+            for src, fname in ((art.kernel, "vmlinuz"), (art.initrd, "initrd.cpio.gz")):
+                out.mkdir(parents=True, exist_ok=True)
+                link_into(st.object_path(st.put_file(src)), out / fname)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        progress(f"[{name}] wrote {out / 'vmlinuz'} sha256:{art.kernel_sha256[:16]}... and {out / 'initrd.cpio.gz'} "
+                 f"({(out / 'initrd.cpio.gz').stat().st_size // 1024} KiB) sha256:{art.initrd_sha256[:16]}...")
+        targets[name] = {
+            "kernel": f"{arch.build_dir}/vmlinuz",
+            "kernel_sha256": art.kernel_sha256,
+            "initrd": f"{arch.build_dir}/initrd.cpio.gz",
+            "initrd_sha256": art.initrd_sha256,
+            "cmdline": cmdline,
+            "memory_mib": memory,
+            "guest_port": guest_port,
+        }
+        recorded = {
+            "packages": packages,
+            "kernel_release": kernel.release,
+            "modules": list(arch.modules),
+            "initrd_cpio_sha256": art.initrd_cpio_sha256,
+        }
+        if name == "x86_64":  # at the top of [build], where rebuild.py reads it
+            build_table.update(recorded)
+        else:
+            build_table[name] = recorded
     manifest["targets"] = targets
-    manifest["build"] = {
-        "packages": packages,
-        "kernel_release": kernel.release,
-        "modules": list(VIRTIO_NET_MODULES),
+    build_table.update({
         "site_sha256": content_digest(site),
-        "initrd_cpio_sha256": art.initrd_cpio_sha256,
         "source_date_epoch": source_date_epoch,
         "builder": BUILDER,
         "zlib": zlib.ZLIB_RUNTIME_VERSION,
         "built_with": f"summon {summon_version()}",
         "recipe_digest": recipe_digest,
-    }
+    })
+    manifest["build"] = build_table
     version = st.put_version(manifest, image_dir)  # the site's files and the manifest itself
     written = write_built_manifest(image_dir, manifest)
     st.record(Build(manifest["name"], version, recipe_digest, now(), "build"))
     progress(f"wrote {written} (from recipe {recipe_digest[:19]}...) in {time.monotonic() - t0:.2f}s")
     progress(f"stored {manifest['name']}@{version} in {st.root}")
     return version
+
+
+_X86_BUILD_KEYS = ("packages", "kernel_release", "modules", "initrd_cpio_sha256")
+
+
+def _carried_over(image_dir: Path, recipe: dict[str, Any], recipe_digest: str, wanted: list[str],
+                  targets: dict[str, Any]) -> dict[str, Any]:
+    """The previous build's microVM targets not rebuilt now (into `targets`) and what [build]
+    recorded of them; nothing when that build was of another recipe or another site."""
+    from .manifest import built_manifest_file, read_manifest_file
+
+    try:
+        old = read_manifest_file(built_manifest_file(image_dir))
+    except (ImageError, OSError):
+        return {}
+    old_build = old.get("build")
+    site = image_dir / recipe.get("targets", {}).get("unix", {}).get("content", "site")
+    if (not isinstance(old_build, dict) or old_build.get("recipe_digest") != recipe_digest
+            or old_build.get("site_sha256") != (content_digest(site) if site.is_dir() else None)):
+        return {}
+    kept: dict[str, Any] = {}
+    for name in ARCHES:
+        table = old.get("targets", {}).get(name)
+        if name in wanted or not isinstance(table, dict):
+            continue
+        targets[name] = table
+        if name == "x86_64":
+            kept.update({k: old_build[k] for k in _X86_BUILD_KEYS if k in old_build})
+        elif isinstance(old_build.get(name), dict):
+            kept[name] = old_build[name]
+    return kept

@@ -37,10 +37,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..backends.base import Backend, Handle, InstanceSpec
+from ..backends.base import Backend, Handle, InstanceSpec, image_target
 from ..cluster.store import Store
 from ..config import Address, Config, Host, Route
 from ..engine.fleet import Boot, Command, Fleet, Forward, Record, Reject, Stop
@@ -164,7 +164,9 @@ class Summoner:
         self.loop = asyncio.get_running_loop()
         self.fleet = Fleet(config.limits, config.hosts, config.regions, config.default_region,
                            new_id=self._new_id, node=store.node if store is not None else "",
-                           shared=store is not None, drain_timeout_s=config.proxy.drain_timeout_s)
+                           shared=store is not None, drain_timeout_s=config.proxy.drain_timeout_s,
+                           placeable=self._placeable)
+        self.image_targets: dict[str, frozenset[str]] = {}  # image ref -> its targets, for placement
         self.hosts: dict[str, Host] = {h.name: h for h in config.hosts}
         self.routes: dict[str, Route] = {r.name: r for r in config.routes if r.summoned}
         self.pools: dict[str, SummonedPool] = {}
@@ -193,7 +195,24 @@ class Summoner:
             settings = CoordinatorSettings(cap=config.limits.max_instances, local_share=local_share)
             self.coordinator = Coordinator(store, self.fleet, settings, self.execute, self.now, self._image_of)
             self.listeners.append(self.coordinator.observe)
+        self._learn_targets(self.routes.values())
         self.execute(self.fleet.set_routes(self.routes.values(), self.now()))
+
+    def _learn_targets(self, routes: Iterable[Route]) -> None:
+        """Which targets (arches) each route's image has, read once per (re)load so that
+        placement (`_placeable`) never touches the disk; a boot refreshes its image's."""
+        for route in routes:
+            if route.image is not None and route.image not in self.image_targets:
+                try:
+                    image = load_image(self.config.images_dir, route.image, store=self.config.images_store)
+                except SummonError:
+                    continue  # unknown: any host; the boot reports the image's problem
+                self.image_targets[route.image] = frozenset(image.targets())
+
+    def _placeable(self, route: Route, host: Host) -> bool:
+        targets = self.image_targets.get(route.image or "")
+        want = image_target(host)
+        return targets is None or want is None or want in targets
 
     def _image_of(self, route: str) -> str:
         r = self.routes.get(route)
@@ -286,6 +305,8 @@ class Summoner:
     def set_routes(self, routes: tuple[Route, ...]) -> None:
         """Reload: unchanged routes keep their instances, removed ones drain."""
         self.routes = {r.name: r for r in routes if r.summoned}
+        self.image_targets.clear()
+        self._learn_targets(self.routes.values())
         for name in list(self.pools):
             if self.pools[name].route != self.routes.get(name):
                 del self.pools[name]
@@ -422,6 +443,7 @@ class Summoner:
             assert route.image is not None
             image = load_image(self.config.images_dir, route.image, store=self.config.images_store)  # cached by mtime
             self.digests[cmd.instance_id] = image.digest
+            self.image_targets[route.image] = frozenset(image.targets())
             spec = InstanceSpec(cmd.instance_id, route, host, image, route.start)
             if self.coordinator is not None:
                 verdict = await self.coordinator.claim(cmd, route)
@@ -520,6 +542,9 @@ class Summoner:
         for r in snap["routes"]:
             for i in r["instances"]:
                 i["image_digest"] = self.digests.get(i["id"], "")
+                host = self.hosts.get(i["host"])
+                if host is not None and host.backend == "libvirt":
+                    i["arch"] = host.arch  # which of the image's microVM targets it runs
         if self.coordinator is not None:
             snap["totals"]["cluster"] = self.coordinator.view()
         return snap

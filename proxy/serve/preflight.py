@@ -78,12 +78,16 @@ def host_problems(config: Config) -> list[Problem]:
                                     f"[[host]].backend of {host.name!r}: \"libvirt\" needs libvirt-python, which "
                                     "this Python cannot import (pip install 'summon[libvirt]')"))
             continue
-        if host.uri not in answers:
-            answers[host.uri] = _with_timeout(functools.partial(driver.libvirt_available, host.uri), LIBVIRT_TIMEOUT_S,
-                                              f"cannot connect to {host.uri}: no answer in {LIBVIRT_TIMEOUT_S:g}s")
-        reason = answers[host.uri]
+        asked = f"{host.uri}#{host.arch}"
+        if asked not in answers:
+            answers[asked] = _with_timeout(functools.partial(driver.libvirt_available, host.uri, host.arch),
+                                           LIBVIRT_TIMEOUT_S,
+                                           f"cannot connect to {host.uri}: no answer in {LIBVIRT_TIMEOUT_S:g}s")
+        reason = answers[asked]
         if reason is not None:
             key = "uri" if "uri" in _written(config, "host", i) else "backend"
+            if "cannot run" in reason and "arch" in _written(config, "host", i):
+                key = "arch"
             problems.append(Problem(config.path, _host_line(config, i, key), f"[[host]].uri of {host.name!r}: {reason}"))
     return problems
 
@@ -120,19 +124,21 @@ def _with_timeout(check: Callable[[], str | None], timeout_s: float, late: str) 
 
 def target_for(host: Host) -> str | None:
     """The image target a host's driver boots (None: the driver needs no image files)."""
-    if host.backend == "process":
-        return "unix"
-    if host.backend == "libvirt":
-        return "x86_64"  # what the libvirt driver boots today (proxy/backends/libvirt.py)
-    return None
+    from ..backends.base import image_target
+
+    return image_target(host)
 
 
 def image_problems(config: Config) -> list[Problem]:
     """Each summoned route's image exists, matches its pin, has the target of every kind
-    of host it may be placed on, and every artefact of that target matches its digest."""
+    of host it may be placed on, and every artefact of that target matches its digest.
+
+    MicroVM targets are per arch, and placement only picks a host whose arch the image
+    has: an image needs one of the libvirt hosts' arches, not all of them."""
     from ..images.manifest import load_image
 
     targets = sorted({t for h in config.hosts if (t := target_for(h)) is not None})
+    vm_arches = [t for t in targets if t in {h.arch for h in config.hosts if h.backend == "libvirt"}]
     seen: dict[str, str | None] = {}  # image ref -> problem (the same image is checked once)
     problems: list[Problem] = []
     for route in config.routes:
@@ -141,7 +147,12 @@ def image_problems(config: Config) -> list[Problem]:
         if route.image not in seen:
             try:
                 image = load_image(config.images_dir, route.image, store=config.images_store)
+                have = [t for t in vm_arches if t in image.targets()]
+                if vm_arches and not have:
+                    image.target(vm_arches[0])  # raises, naming the targets it has
                 for target in targets:
+                    if target in vm_arches and target not in have:
+                        continue
                     image.target(target)
                     image.verify(target)
                 seen[route.image] = None

@@ -193,3 +193,31 @@ def test_serve_turns_an_event_log_failure_into_the_problem(tmp_path: Path) -> No
     (problem,) = info.value.problems
     assert problem.line == line_of(path, 'path = "var/events.db"') and "[events].path: cannot write" in problem.message
     assert json.dumps(str(problem))  # one printable line
+
+
+def test_image_not_built_for_an_aarch64_host(tmp_path: Path) -> None:
+    make_image(tmp_path / "images", "site", BUSYBOX)
+    path = write(tmp_path, '[[host]]\nname = "board"\nbackend = "libvirt"\nuri = "test:///default"\narch = "aarch64"\n'
+                           '[[route]]\npath = "/"\nimage = "site"\n')
+    assert_refused(path, 'image = "site"', "has no target 'aarch64'")
+
+
+def test_an_x86_only_image_passes_with_an_aarch64_host_beside_an_x86_one(tmp_path: Path) -> None:
+    """Placement skips hosts whose arch the image lacks: one of the arches is enough."""
+    import hashlib
+
+    from proxy.images.manifest import read_manifest, write_manifest
+
+    d = make_image(tmp_path / "images", "site", BUSYBOX)
+    manifest = read_manifest(d)
+    for name in ("vmlinuz", "initrd.cpio.gz"):
+        (d / name).write_bytes(name.encode())
+    manifest["targets"]["x86_64"] = {"kernel": "vmlinuz", "kernel_sha256": hashlib.sha256(b"vmlinuz").hexdigest(),
+                                     "initrd": "initrd.cpio.gz",
+                                     "initrd_sha256": hashlib.sha256(b"initrd.cpio.gz").hexdigest()}
+    write_manifest(d, manifest)
+    path = write(tmp_path, '[[host]]\nname = "vm"\nbackend = "libvirt"\nuri = "test:///default"\n'
+                           '[[host]]\nname = "board"\nbackend = "libvirt"\nuri = "test:///default"\narch = "aarch64"\n'
+                           '[[route]]\npath = "/"\nimage = "site"\n')
+    res = run("check", path)
+    assert res.returncode == 0, res.stdout + res.stderr

@@ -246,3 +246,16 @@ def test_kvm_probe_answer_is_remembered_until_the_machine_reboots(tmp_path: Path
     if os.getuid() == 0:
         os.chown(answers, 65534, 65534)  # planted by another user in /tmp: not believed
         assert remembered_kvm_answer("qemu:///system", answers, boot) is None
+
+
+def test_aarch64_domain_is_the_virt_machine_without_acpi() -> None:
+    """QEMU's virt board booted straight into the kernel: no UEFI, so no ACPI (libvirt
+    refuses ACPI on aarch64 without a loader); an emulated CPU model under TCG."""
+    p = DomainParams("summon-a-1", "qemu", Path("/k"), Path("/i"), "console=ttyAMA0", 128, 80, 40001,
+                     "a", "1", "sha256:" + "0" * 64, 123, "456", "host1", None, arch="aarch64")
+    xml = domain_xml(p)
+    assert '<type arch="aarch64" machine="virt">hvm</type>' in xml
+    assert "<acpi/>" not in xml and "<model fallback='forbid'>cortex-a57</model>" in xml
+    assert "hostfwd=tcp:127.0.0.1:40001-:80" in xml  # the same user-net port forward as x86
+    x86 = domain_xml(DomainParams(**{**p.__dict__, "arch": "x86_64"}))
+    assert '<type arch="x86_64" machine="pc">hvm</type>' in x86 and "<acpi/>" in x86 and "<cpu" not in x86
