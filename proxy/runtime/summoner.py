@@ -144,7 +144,8 @@ class Summoner:
         self.loop = asyncio.get_running_loop()
         self.fleet = Fleet(config.limits, config.hosts, config.regions, config.default_region,
                            new_id=self._new_id, node=store.node if store is not None else "",
-                           shared=store is not None, drain_timeout_s=config.proxy.drain_timeout_s)
+                           shared=store is not None, drain_timeout_s=config.proxy.drain_timeout_s,
+                           prefetch=config.prefetch)
         self.hosts: dict[str, Host] = {h.name: h for h in config.hosts}
         self.routes: dict[str, Route] = {r.name: r for r in config.routes if r.summoned}
         self.pools: dict[str, SummonedPool] = {}
