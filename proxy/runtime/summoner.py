@@ -48,6 +48,7 @@ from ..observe.events import Event, EventLog
 from ..routing.contracts import Lease
 from ..routing.dispatch import hash_key
 from .coordinator import Coordinator, CoordinatorSettings
+from .learning import Learning
 from .readiness import probe_once, wait_ready
 
 log = logging.getLogger("summon.summoner")
@@ -111,6 +112,8 @@ class SummonedPool:
         s = self.summoner
         s.request_seq += 1
         rid = s.request_seq
+        if self.route.name in s.learn_routes:  # predictive summoning learns what follows (learning.py)
+            s.learning.observe(self.route.name, client_ip)  # type: ignore[union-attr]
         key = hash_key(self.route, head, client_ip)
         commands = s.fleet.request_arrived(self.route.name, rid, key, s.region_of(client_ip, region), s.now(),
                                            getattr(avoid, "instance_id", None),
@@ -179,6 +182,19 @@ class Summoner:
             self.coordinator = Coordinator(store, self.fleet, settings, self.execute, self.now, self._image_of)
             self.listeners.append(self.coordinator.observe)
         self.execute(self.fleet.set_routes(self.routes.values(), self.now()))
+        self.learning: Learning | None = None
+        self.learn_routes: frozenset[str] = frozenset()  # routes whose requests `learning` records
+        self._update_learning()
+
+    def _update_learning(self) -> None:
+        """Learning runs once some route pre-summons (and `[prefetch].learn`), with an event log."""
+        if self.learning is None and self.events is not None and self.config.prefetch.learn and self.fleet.prefetch.on:
+            self.learning = Learning(self.config, self.events, self.fleet, self.loop)
+            if self._ticker is not None:
+                self.learning.start()
+        if self.learning is not None:
+            self.learning.set_routes()
+            self.learn_routes = self.learning.routes
 
     def _image_of(self, route: str) -> str:
         r = self.routes.get(route)
@@ -194,6 +210,8 @@ class Summoner:
     def start(self) -> None:
         self._ticker = self.loop.call_later(self.tick_s, self._tick)
         self._reaper = self.loop.create_task(self._reap_periodically(), name="summon reaper")
+        if self.learning is not None:
+            self.learning.start()
         self._watch_hosts()
         if self.coordinator is not None:
             self.coordinator.start()
@@ -295,6 +313,7 @@ class Summoner:
             if self.pools[name].route != self.routes.get(name):
                 del self.pools[name]
         self.execute(self.fleet.set_routes(self.routes.values(), self.now()))
+        self._update_learning()
 
     def pool(self, route: Route) -> SummonedPool:
         pool = self.pools.get(route.name)
@@ -500,6 +519,8 @@ class Summoner:
         if self._reaper is not None:
             self._reaper.cancel()
             await asyncio.gather(self._reaper, return_exceptions=True)
+        if self.learning is not None:
+            await self.learning.close()
         for fut, _pool in list(self.waiting.values()):
             if not fut.done():
                 fut.set_exception(Unavailable("shutting down", retry_after_s=5))
