@@ -744,12 +744,14 @@ class Fleet:
     def _presummon(self, route: str, region: str, now: float, out: list[Command]) -> None:
         """A request on `route` arrived: boot its cold followers now, beside its own boot.
         Only into free capacity: never past the cap or budget (nothing is reclaimed for a
-        guess), never while a real request waits for a slot."""
+        guess), never while a real request waits for a slot, and always leaving one slot
+        free under the cap, so that the next real request boots at once instead of
+        waiting for a pre-summon to be reclaimed."""
         chosen = self.prefetch.choose(route, lambda name: self._cold(name, now))
         if not chosen or self._someone_waits():
             return
         for name in chosen:
-            if self.live_count() >= self.limits.max_instances or self._over_budget(now):
+            if self.live_count() + 1 >= self.limits.max_instances or self._over_budget(now):
                 return
             pool = self.pools[name]
             refusal, at_cap = self._last_refusal, self._at_cap

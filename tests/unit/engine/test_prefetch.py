@@ -98,10 +98,12 @@ def test_a_request_wakes_at_most_max_followers() -> None:
 
 
 def test_pre_summons_stay_within_the_cap_and_take_no_slot_from_the_page() -> None:
-    f = fleet(cap=2)
+    f = fleet(cap=3)
     out = f.request_arrived("s:/", 1, "k", None, 0.0)
-    assert [b.route for b in of(Boot, out)] == ["s:/", "s:/style.css"]
+    assert [b.route for b in of(Boot, out)] == ["s:/", "s:/style.css"]  # one slot left free
     assert not records("cap_reached", out) and not of(Reject, out)
+    real = f.request_arrived("other", 2, "k", None, 0.1)  # the next real request boots at once
+    assert [b.route for b in of(Boot, real)] == ["other"] and not of(Stop, real)
 
 
 def test_pre_summons_respect_the_budget() -> None:
@@ -117,23 +119,29 @@ def test_pre_summons_respect_the_budget() -> None:
 def test_at_the_cap_a_real_request_reclaims_an_unused_pre_summon_first() -> None:
     f = fleet(cap=4)
     out = f.request_arrived("s:/", 1, "k", None, 0.0)
-    assert len(of(Boot, out)) == 4  # the page and three followers fill the cap
-    # a real request for another route: a booting, unused pre-summon is stopped for it
-    real = f.request_arrived("other", 2, "k", None, 0.1)
+    assert len(of(Boot, out)) == 3  # the page and two followers, one slot left free
+    assert len(of(Boot, f.request_arrived("other", 2, "k", None, 0.1))) == 1  # which a real request takes
+    # the cap is full: a real request for another route has a booting, unused pre-summon stopped for it
+    third = Route(name="third", url="/third", image="third")
+    f.set_routes((PAGE, CSS, LOGO, IMG, OTHER, third), 0.1)
+    real = f.request_arrived("third", 3, "k", None, 0.1)
     assert not of(Reject, real), real
     stops = of(Stop, real)
     assert len(stops) == 1 and f.instances[stops[0].instance_id].presummoned_by == "s:/"
     after = f.instance_stopped(stops[0].instance_id, 0.2)
-    assert [b.route for b in of(Boot, after)] == ["other"]
+    assert [b.route for b in of(Boot, after)] == ["third"]
 
 
 def test_a_pre_summon_a_request_waits_for_is_not_reclaimed() -> None:
-    f = fleet(PAGE, CSS, OTHER, cap=2)
+    f = fleet(PAGE, CSS, OTHER, cap=3)
     out = f.request_arrived("s:/", 1, "k", None, 0.0)
     assert [b.route for b in of(Boot, out)] == ["s:/", "s:/style.css"]
     f.request_arrived("s:/style.css", 2, "k", None, 0.1)  # the browser asks for it: it is used now
-    real = f.request_arrived("other", 3, "k", None, 0.2)
-    assert of(Reject, real) and not of(Stop, real)  # the cap, plainly: nothing of the page is taken
+    assert of(Boot, f.request_arrived("other", 3, "k", None, 0.2))  # the free slot
+    third = Route(name="third", url="/third", image="third")
+    f.set_routes((PAGE, CSS, OTHER, third), 0.2)
+    real = f.request_arrived("third", 4, "k", None, 0.3)
+    assert of(Reject, real) and not of(Stop, real)  # the cap, plainly: nothing the page uses is taken
 
 
 def test_no_pre_summon_while_a_real_request_waits_for_a_slot() -> None:
