@@ -9,12 +9,14 @@ cache). The load times are printed, never asserted (two shared cores). Asserted,
 event log of each "on" run: every resource the page fetched was booted by the page's own
 request (a `presummoned` event naming `decks:/`), before the page was even answered (its
 `summoned` event precedes the page's `first_request`, so the browser cannot have asked for
-it yet), once, and nothing else was booted; an "off" run pre-summons nothing.
+it yet), once, and nothing else was booted, and `summon stats` counts each as used; an
+"off" run pre-summons nothing.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import statistics
 import subprocess
 from pathlib import Path
@@ -127,3 +129,10 @@ def check(run: Path, mode: str) -> None:
         assert boot.ts <= page_first, (e.route, boot.ts, page_first)  # booting before the browser had the HTML
         firsts = [f.ts for f in events if f.kind == "first_request" and f.instance == e.instance]
         assert firsts and boot.ts <= min(firsts), e.route  # ... and then used by the browser
+    # `summon stats` counts them as used: the browser asked for every one
+    r = subprocess.run([str(SUMMON), "stats", "--db", str(run / "events.db"), "--json"], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    rows = {row["route"]: row for row in json.loads(r.stdout)["routes"]}
+    assert {name: (rows[name]["presummons_used"], rows[name]["presummons_wasted"]) for name in fetched} == {
+        name: (1, 0) for name in fetched}, rows
