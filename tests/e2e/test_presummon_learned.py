@@ -1,6 +1,6 @@
-"""Learned followers end to end: after a few visits that fetch /b.json after /a.html (by a
-script, which split-site cannot see), a cold /a.html also summons /b.json, and what was
-learned survives a restart (the table beside the event log)."""
+"""Learned followers end to end: after a few visits in headless Chromium to /a.html, whose
+script fetches /b.json (which split-site cannot see), a cold /a.html also summons /b.json,
+and what was learned survives a restart (the table beside the event log)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 
 from proxy.observe.events import open_readonly
-from tests.helpers.browser import SUMMON, http_get, start, stop, wait_port
+from tests.helpers.browser import SUMMON, Browser, http_get, needs_chromium, start, stop, wait_port
 from tests.helpers.summon_proc import free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.timeout(240), needs_chromium]
 
-PAGE = "<!doctype html><title>a</title><p>a</p><script>fetch('/b' + '.json')</script>\n"
+PAGE = ("<!doctype html><title>a</title><p>a</p>\n<script>fetch('/b' + '.json').then(r => r.json())"
+        ".then(j => { document.body.dataset.b = j.b })</script>\n")
 
 
 def serve(work: Path, run: str) -> tuple[subprocess.Popen[bytes], int]:
@@ -63,9 +64,10 @@ def test_a_learned_follower_is_summoned_with_its_page_after_a_restart(tmp_path: 
     proc, port = serve(tmp_path, "first")
     table = tmp_path / "events.db.prefetch.json"
     try:
-        for _ in range(4):  # a client loads the page, then its script fetches /b.json
-            assert http_get(f"http://127.0.0.1:{port}/a.html", timeout=30)[0] == 200
-            assert http_get(f"http://127.0.0.1:{port}/b.json", timeout=30)[0] == 200
+        for _ in range(4):  # a browser (a fresh profile: no cache) loads the page; its script fetches /b.json
+            with Browser(timeout=60) as b:
+                b.call("Page.navigate", {"url": f"http://127.0.0.1:{port}/a.html"}, session=True)
+                assert b.wait_for("document.body && document.body.dataset.b", timeout=60) == "1"
             time.sleep(3.5)  # past the window: the visits are separate
         deadline = time.monotonic() + 30
         learned: dict[str, list[str]] = {}
