@@ -128,6 +128,11 @@ class Route(NamedTuple):
     health_failures: int = 3  # misses in a row before an instance is replaced
     start: str = "boot"
     source: str = ""  # "file [[route]] #n", for messages and events
+    # Predictive summoning (proxy/engine/prefetch.py): the URL paths a page makes a browser
+    # fetch next (written by `summon routes split-site`), and whether a request here wakes
+    # them (None: as `[prefetch].enabled` says).
+    prefetch: tuple[str, ...] = ()
+    presummon: bool | None = None
 
     @property
     def summoned(self) -> bool:
@@ -162,6 +167,23 @@ class PluginSettings:
 
 
 @dataclass(frozen=True)
+class PrefetchSettings:
+    """`[prefetch]`: predictive summoning (proxy/engine/prefetch.py). A route pre-summons
+    when its own `presummon` says so, else when `enabled` does; split-site tables set
+    `presummon = true` on their routes, so the default is on there and off elsewhere."""
+
+    enabled: bool = False
+    max_followers: int = 8  # followers one request may wake
+    unused_idle_timeout_s: float = 15.0  # a pre-summoned instance no request used idles out after this
+    learn: bool = True  # learn followers from what clients request next (routes that pre-summon only)
+    learn_window_s: float = 2.0  # "next": the same client, within this long after the route
+    learn_threshold: float = 0.5  # share of a route's visits followed by the other route
+    learn_min_count: int = 3  # visits needed before a route's followers are believed
+    learn_interval_s: float = 30.0  # how often the learned table is rebuilt
+    learn_sample: float = 1.0  # share of clients whose requests are recorded (by client hash)
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     proxy: ProxySettings
@@ -177,6 +199,7 @@ class Config:
     default_region: str = "local"
     cluster: Cluster | None = None
     plugin: PluginSettings | None = None
+    prefetch: PrefetchSettings = PrefetchSettings()
 
 
 # --- parsing helpers ---------------------------------------------------------------
@@ -253,6 +276,21 @@ def _strings(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError("expected a list of strings")
     return tuple(value)
+
+
+def _url_paths(value: Any) -> tuple[str, ...]:
+    paths = _strings(value)
+    for p in paths:
+        if problem := _check_path(p):
+            raise ValueError(f"{p!r} {problem}")
+    return paths
+
+
+def _share(value: Any) -> float:
+    v = _number(value)
+    if not 0 < v <= 1:
+        raise ValueError("must be more than 0 and at most 1")
+    return v
 
 
 def _networks(value: Any) -> tuple[Network, ...]:
@@ -487,6 +525,19 @@ _ROUTE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "health_interval": ("health_interval_s", parse_duration),
     "health_failures": ("health_failures", _positive_int),
     "start": ("start", _choice("boot", "restore")),
+    "prefetch": ("prefetch", _url_paths),
+    "presummon": ("presummon", _boolean),
+}
+_PREFETCH_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "enabled": ("enabled", _boolean),
+    "max_followers": ("max_followers", _positive_int),
+    "unused_idle_timeout": ("unused_idle_timeout_s", parse_duration),
+    "learn": ("learn", _boolean),
+    "learn_window": ("learn_window_s", parse_duration),
+    "learn_threshold": ("learn_threshold", _share),
+    "learn_min_count": ("learn_min_count", _at_least_one),
+    "learn_interval": ("learn_interval_s", parse_duration),
+    "learn_sample": ("learn_sample", _share),
 }
 _CLUSTER_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "redis": ("redis", _redis_url),
@@ -502,7 +553,8 @@ _PLUGIN_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "lease_timeout": ("lease_timeout_s", parse_duration),
     "lease_estimate": ("lease_estimate_s", parse_duration),
 }
-_TOP_KEYS = {"include", "proxy", "limits", "region", "host", "route", "images", "events", "cluster", "plugin"}
+_TOP_KEYS = {"include", "proxy", "limits", "region", "host", "route", "images", "events", "cluster", "plugin",
+             "prefetch"}
 
 
 class LineIndex:
@@ -695,6 +747,11 @@ def _load(main: Path) -> Config:
     limit_vals = _section(data.get("limits", {}), _LIMIT_KEYS, "[limits]", file, index, "limits", 0, out) or {}
     proxy = ProxySettings(**proxy_vals)
     limits = Limits(**limit_vals)
+    prefetch_vals = _section(data.get("prefetch", {}), _PREFETCH_KEYS, "[prefetch]", file, index, "prefetch", 0, out) or {}
+    for key, attr in (("learn_window", "learn_window_s"), ("learn_interval", "learn_interval_s")):
+        if prefetch_vals.get(attr, 1.0) <= 0:
+            out.add(file, index.line("prefetch", 0, key), f"[prefetch].{key}: must be more than 0")
+    prefetch = PrefetchSettings(**prefetch_vals)
     if proxy.workers < 1:
         out.add(file, index.line("proxy", 0, "workers"), "[proxy].workers must be at least 1")
 
@@ -844,6 +901,7 @@ def _load(main: Path) -> Config:
         default_region=default_region,
         cluster=cluster,
         plugin=plugin,
+        prefetch=prefetch,
     )
 
 

@@ -42,9 +42,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import Address, Host, Limits, Region, Route
+from ..config import Address, Host, Limits, PrefetchSettings, Region, Route
 from .balancer import BoundedLoadBalancer
 from .lifecycle import LIVE, State, next_state
+from .prefetch import Prefetcher
 from .scaler import ScalerSettings, ScalerState, desired_replicas
 
 # --- commands (what the shell must do) ---------------------------------------------
@@ -144,6 +145,7 @@ class Instance:
     remote_inflight: int = 0  # other engines' requests on this (own) instance, from `remote_load`
     drained_at: float | None = None  # when it left rotation (a shared fleet stops it a grace later)
     stopping: bool = False  # its Stop has been sent (a shared fleet's tick sends it once)
+    presummoned_by: str = ""  # the route whose request pre-summoned it (see `_presummon`)
 
     def move(self, event: str) -> None:
         self.state = next_state(self.state, event)
@@ -208,6 +210,7 @@ class Fleet:
         shared: bool = False,
         drain_timeout_s: float = math.inf,
         placeable: Callable[[Route, Host], bool] | None = None,
+        prefetch: PrefetchSettings | None = None,
     ) -> None:
         # Can `host` boot `route`'s image (has the image an artefact for the host's arch)? The
         # shell answers from images it has already loaded, so placement stays free of I/O.
@@ -235,6 +238,8 @@ class Fleet:
         self._new_id = new_id or self._default_id
         self.instance_seconds: dict[str, float] = {}  # per route, closed instances only
         self.budget_spent: deque[tuple[float, float]] = deque()  # (end time, instance-seconds)
+        self.prefetch = Prefetcher(prefetch)
+        self._unclaimed_presummons: dict[str, Record] = {}  # shared fleet: logged once the boot is granted
 
     def _default_id(self, route: str) -> str:
         self._counter += 1
@@ -271,6 +276,7 @@ class Fleet:
                         elif inst.state is State.READY:
                             self._drain(pool, inst, now, "image changed", out)
                 pool.route = new
+        self.prefetch.set_routes(wanted.values())
         for name, route in wanted.items():
             if name not in self.pools:
                 self.pools[name] = PoolState(route=route, balancer=BoundedLoadBalancer(self.balance_factor))
@@ -292,9 +298,12 @@ class Fleet:
             inst_id = self._pick(pool, key, region, avoid)
             inst = self.instances[inst_id]
             self._assign(pool, inst, now, region)
+            warm: list[Command] = [Forward(request_id, inst.id, inst.address)]  # type: ignore[arg-type]
             if inst.first_request_at is None:
-                return [Forward(request_id, inst.id, inst.address), self._first(inst, now)]  # type: ignore[arg-type]
-            return [Forward(request_id, inst.id, inst.address)]  # type: ignore[arg-type]
+                warm.append(self._first(inst, now))
+            if route in self.prefetch.on:
+                self._presummon(route, region, now, warm)
+            return warm
         out: list[Command] = []
         if len(pool.queue) >= pool.route.queue_size:
             out.append(Reject(request_id, self._retry_after(pool, now), "boot queue full"))
@@ -315,6 +324,8 @@ class Fleet:
                 del pool.queue[request_id]
                 out.append(Reject(request_id, 2, booted.reason))
                 out.append(Record("rejected", route, detail={"reason": booted.reason}))
+        if route in self.prefetch.on:
+            self._presummon(route, region, now, out)
         return out
 
     def request_finished(self, route: str, instance_id: str, ok: bool, now: float) -> list[Command]:
@@ -489,7 +500,8 @@ class Fleet:
     def boot_claimed(self, instance_id: str, now: float) -> list[Command]:
         """The shared store granted the boot's permit: now it is a boot."""
         record = self._unclaimed.pop(instance_id, None)
-        return [record] if record is not None else []
+        presummoned = self._unclaimed_presummons.pop(instance_id, None)
+        return [r for r in (record, presummoned) if r is not None]
 
     def boot_refused(self, instance_id: str, reason: str, now: float, wait_s: float | None = None) -> list[Command]:
         """The shared store refused the boot before the driver started anything.
@@ -503,6 +515,7 @@ class Fleet:
         pool = self.pools[inst.route]
         inst.move("stop")  # never started: nothing to stop, nothing to charge
         self._unclaimed.pop(inst.id, None)
+        self._unclaimed_presummons.pop(inst.id, None)
         self.instances.pop(inst.id, None)
         pool.instances.pop(inst.id, None)
         self.host_used[inst.host] = max(0, self.host_used.get(inst.host, 1) - 1)
@@ -643,9 +656,10 @@ class Fleet:
         booting = pool.count(State.BOOTING)
         # scale to zero / down to min: idle instances (our own; another engine idles its own)
         for inst in list(ready):
+            idle_s = self._idle_timeout(route, inst)
             if (not inst.owner and inst.inflight == 0 and inst.remote_inflight == 0
-                    and now - inst.last_used >= route.idle_timeout_s and len(ready) > route.min_replicas):
-                self._drain(pool, inst, now, f"idle for {route.idle_timeout_s:g}s", out)
+                    and now - inst.last_used >= idle_s and len(ready) > route.min_replicas):
+                self._drain(pool, inst, now, f"idle for {idle_s:g}s", out)
                 ready.remove(inst)
         decision = desired_replicas(pool.scaler, self.scaler, now, pool.concurrency(), len(ready),
                                     route.target_concurrency)
@@ -746,7 +760,10 @@ class Fleet:
         return None
 
     def _reclaim(self, cold: PoolState, now: float, out: list[Command]) -> bool:
-        """At the cap, stop the least recently used idle instance of another route."""
+        """At the cap, stop the least recently used idle instance of another route
+        (a pre-summoned instance that no request has used goes first, booted or not)."""
+        if self._reclaim_presummoned(cold, now, out):
+            return True
         best: Instance | None = None
         for pool in self.pools.values():
             if pool is cold:
@@ -761,6 +778,63 @@ class Fleet:
         if best is None:
             return False
         self._drain(self.pools[best.route], best, now, f"reclaimed for {cold.route.name}", out)
+        return True
+
+    # --- predictive summoning (rules in proxy/engine/prefetch.py) ----------------------
+
+    def _presummon(self, route: str, region: str, now: float, out: list[Command]) -> None:
+        """A request on `route` arrived: boot its cold followers now, beside its own boot.
+        Only into free capacity: never past the cap or budget (nothing is reclaimed for a
+        guess), never while a real request waits for a slot, and always leaving one slot
+        free under the cap, so that the next real request boots at once instead of
+        waiting for a pre-summon to be reclaimed."""
+        chosen = self.prefetch.choose(route, lambda name: self._cold(name, now))
+        if not chosen or self._someone_waits():
+            return
+        for name in chosen:
+            if self.live_count() + 1 >= self.limits.max_instances or self._over_budget(now):
+                return
+            pool = self.pools[name]
+            booted = self._boot(pool, region, now, f"pre-summoned by {route}", out)
+            if isinstance(booted, Refused):
+                return  # (a guess refused is nobody's refusal: nothing to tell anyone)
+            inst = self.instances[booted.instance_id]
+            inst.presummoned_by = route
+            record = Record("presummoned", name, inst.id, inst.host, inst.region, detail={"by": route})
+            if self.shared:
+                self._unclaimed_presummons[inst.id] = record
+            else:
+                out.append(record)
+
+    def _cold(self, name: str, now: float) -> bool:
+        pool = self.pools.get(name)
+        return (pool is not None and not pool.instances and not pool.queue and not pool.removed
+                and now >= pool.backoff_until and now >= pool.awaiting_until and not pool.reclaim_pending)
+
+    def _someone_waits(self) -> bool:
+        """A real request waits for capacity: a slot that frees up is its, not a guess's."""
+        return any(p.reclaim_pending or (p.queue and not p.balancer.load and not p.count(State.BOOTING))
+                   for p in self.pools.values())
+
+    def _idle_timeout(self, route: Route, inst: Instance) -> float:
+        if inst.presummoned_by and inst.first_request_at is None:
+            return min(route.idle_timeout_s, self.prefetch.settings.unused_idle_timeout_s)
+        return route.idle_timeout_s
+
+    def _reclaim_presummoned(self, cold: PoolState, now: float, out: list[Command]) -> bool:
+        """Stop a pre-summoned instance nobody has used or waits for (oldest first)."""
+        unused = [i for i in self.instances.values()
+                  if i.presummoned_by and i.first_request_at is None and not i.owner and i.inflight == 0
+                  and i.route != cold.route.name and i.state in (State.BOOTING, State.READY)
+                  and not self.pools[i.route].queue]
+        if not unused:
+            return False
+        victim = min(unused, key=lambda i: i.summoned_at)
+        reason = f"reclaimed for {cold.route.name} (pre-summoned, unused)"
+        if victim.state is State.READY:
+            self._drain(self.pools[victim.route], victim, now, reason, out)
+        else:
+            self._stop(victim, reason, out)
         return True
 
     def _over_budget(self, now: float) -> bool:

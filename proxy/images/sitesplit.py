@@ -12,7 +12,10 @@ What `split_site` writes, for a site directory and a name (say ``blog``):
   size) and a ``[generated]`` marker. With ``vm=True`` also the x86_64 microVM: the shared
   kernel (hard-linked, one copy on disk) and an initramfs holding just that resource.
 * ``ROUTES/blog.toml``: one ``[[route]]`` per exact URL, plus ``/`` and ``/dir/`` for
-  ``index.html`` files (busybox serves index.html for a directory request).
+  ``index.html`` files (busybox serves index.html for a directory request). Every route
+  pre-summons (``presummon = true``), and an HTML page's routes list what a browser fetches
+  to render it (``prefetch = [...]``, from proxy/images/subresources.py), so a cold page
+  boots its resources in the same wave as itself.
 
 Output is stable: same input, same bytes (sorted order, no timestamps, files rewritten only
 when their content changes, so a running proxy's digest caches stay warm). Images of an
@@ -43,6 +46,7 @@ from typing import Any
 
 from ..errors import ImageError
 from .manifest import MANIFEST, content_digest, dump_manifest, file_digest
+from .subresources import page_subresources
 
 GENERATOR = "summon routes split-site"
 HTTPD_CONF = "httpd.conf"
@@ -292,8 +296,32 @@ def _q(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def followers(resources: list[Resource]) -> dict[str, list[str]]:
+    """Each HTML page's same-site subresources (URL paths), by the page's URL."""
+    by_url = {r.url: r for r in resources}
+    known = set(by_url) | {a for r in resources for a in r.aliases}
+
+    def read_css(path: str) -> str | None:
+        res = by_url.get(path)
+        if res is None or res.content_type != "text/css":
+            return None
+        return res.source.read_text(encoding="utf-8", errors="replace")
+
+    out: dict[str, list[str]] = {}
+    for r in resources:
+        if r.content_type != "text/html":
+            continue
+        html = r.source.read_text(encoding="utf-8", errors="replace")
+        for url in (r.url, *r.aliases):  # relative references resolve against the URL asked for
+            found = [p for p in page_subresources(html, url, known, read_css) if p not in (r.url, *r.aliases)]
+            if found:
+                out[url] = found
+    return out
+
+
 def render_routes(resources: list[Resource], opts: SplitOptions) -> str:
     """The route table: one [[route]] per URL (and per index alias), sorted by URL."""
+    follow = followers(resources)
     entries: list[tuple[str, Resource]] = []
     for r in resources:
         entries.append((r.url, r))
@@ -317,7 +345,10 @@ def render_routes(resources: list[Resource], opts: SplitOptions) -> str:
             f"max_replicas = {opts.max_replicas}",
             f"idle_timeout = {_q(opts.idle_timeout)}",
             f"boot_timeout = {_q(opts.boot_timeout)}",
+            "presummon = true",
         ]
+        if url in follow:
+            lines.append(f"prefetch = [{', '.join(_q(p) for p in follow[url])}]")
     return "\n".join(lines) + "\n"
 
 

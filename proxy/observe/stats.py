@@ -21,6 +21,10 @@ Definitions (the tests pin them down with hand-computed answers):
 * **instance-seconds**: for each instance, from its "summoned" to its "stopped"/"failed",
   or to ``now`` while it still runs, clipped to ``[since, now]``.
 * **failures** / **rejected**: "failed" and "rejected" events inside the window.
+* **pre-summons used / wasted**: instances of the route booted by "presummoned" events
+  inside the window (predictive summoning: another route's request woke them) that then
+  served a request ("first_request"), or that ended ("stopped"/"failed") without one.
+  Those still waiting for their first request are neither.
 
 To be right about instances that started before ``since``, pass their "summoned" events
 too (`proxy.observe.events.EventReader.running_at` finds them); events before ``since`` are used
@@ -51,6 +55,8 @@ class RouteStats:
     instance_seconds: float = 0.0
     failures: int = 0
     rejected: int = 0
+    presummons_used: int = 0
+    presummons_wasted: int = 0
 
 
 def percentile(values: Sequence[float], p: float) -> float | None:
@@ -85,6 +91,9 @@ class _Acc:
         self.peak = 0
         self.instance_seconds = 0.0
         self.seen = False
+        self.presummoned: set[str] = set()  # instances a pre-summon booted, not yet used or ended
+        self.pre_used = 0
+        self.pre_wasted = 0
 
     def result(self, route: str) -> RouteStats:
         return RouteStats(
@@ -98,6 +107,8 @@ class _Acc:
             instance_seconds=self.instance_seconds,
             failures=self.failures,
             rejected=self.rejected,
+            presummons_used=self.pre_used,
+            presummons_wasted=self.pre_wasted,
         )
 
 
@@ -143,13 +154,23 @@ def compute(events: Iterable[Event], *, now: float, since: float | None = None) 
                     a.boots += 1
             elif ev.kind in END_KINDS and ev.instance:
                 key = f"{ev.route}\0{ev.instance}" if a is total else ev.instance
+                if key in a.presummoned:
+                    a.presummoned.discard(key)
+                    a.pre_wasted += 1
                 began = a.running.pop(key, None)
                 a.node_of.pop(key, None)
                 if began is not None:
                     charge(a, began, ev.ts)
+            if ev.kind == "first_request" and ev.instance:
+                key = f"{ev.route}\0{ev.instance}" if a is total else ev.instance
+                if key in a.presummoned:
+                    a.presummoned.discard(key)
+                    a.pre_used += 1
             if not inside:
                 continue
-            if ev.kind == "ready":
+            if ev.kind == "presummoned" and ev.instance:
+                a.presummoned.add(f"{ev.route}\0{ev.instance}" if a is total else ev.instance)
+            elif ev.kind == "ready":
                 if ev.duration_s is not None:
                     a.ready.append(ev.duration_s)
                 a.cold += _cold(ev)
@@ -183,7 +204,8 @@ def _dur(seconds: float | None) -> str:
     return f"{seconds:.2f}s"
 
 
-_HEADERS = ("route", "boots", "ready p50", "p95", "max", "cold reqs", "peak", "inst-s", "failed", "rejected")
+_HEADERS = ("route", "boots", "ready p50", "p95", "max", "cold reqs", "peak", "inst-s", "failed", "rejected",
+            "pre used", "wasted")
 
 
 def format_table(rows: Sequence[RouteStats]) -> str:
@@ -191,7 +213,7 @@ def format_table(rows: Sequence[RouteStats]) -> str:
     cells = [
         (r.route, str(r.boots), _dur(r.ready_p50_s), _dur(r.ready_p95_s), _dur(r.ready_max_s),
          str(r.cold_requests), str(r.peak_instances), f"{r.instance_seconds:.1f}", str(r.failures),
-         str(r.rejected))
+         str(r.rejected), str(r.presummons_used), str(r.presummons_wasted))
         for r in rows
     ]
     widths = [max(len(c[i]) for c in [_HEADERS, *cells]) for i in range(len(_HEADERS))]

@@ -53,6 +53,7 @@ from ..observe.events import Event, EventLog
 from ..routing.contracts import Lease
 from ..routing.dispatch import hash_key
 from .coordinator import Coordinator, CoordinatorSettings
+from .learning import Learning
 from .readiness import probe_once, wait_ready
 
 log = logging.getLogger("summon.summoner")
@@ -113,6 +114,8 @@ class SummonedPool:
         s = self.summoner
         s.request_seq += 1
         rid = s.request_seq
+        if self.route.name in s.learn_routes:  # predictive summoning learns what follows (learning.py)
+            s.learning.observe(self.route.name, client_ip)  # type: ignore[union-attr]
         key = hash_key(self.route, head, client_ip)
         commands = s.fleet.request_arrived(self.route.name, rid, key, s.regions.region_of(client_ip, region), s.now(),
                                            getattr(avoid, "instance_id", None),
@@ -165,7 +168,7 @@ class Summoner:
         self.fleet = Fleet(config.limits, config.hosts, config.regions, config.default_region,
                            new_id=self._new_id, node=store.node if store is not None else "",
                            shared=store is not None, drain_timeout_s=config.proxy.drain_timeout_s,
-                           placeable=self._placeable)
+                           placeable=self._placeable, prefetch=config.prefetch)
         self.image_targets: dict[str, frozenset[str]] = {}  # image ref -> its targets, for placement
         self.hosts: dict[str, Host] = {h.name: h for h in config.hosts}
         self.routes: dict[str, Route] = {r.name: r for r in config.routes if r.summoned}
@@ -197,6 +200,19 @@ class Summoner:
             self.listeners.append(self.coordinator.observe)
         self._learn_targets(self.routes.values())
         self.execute(self.fleet.set_routes(self.routes.values(), self.now()))
+        self.learning: Learning | None = None
+        self.learn_routes: frozenset[str] = frozenset()  # routes whose requests `learning` records
+        self._update_learning()
+
+    def _update_learning(self) -> None:
+        """Learning runs once some route pre-summons (and `[prefetch].learn`), with an event log."""
+        if self.learning is None and self.events is not None and self.config.prefetch.learn and self.fleet.prefetch.on:
+            self.learning = Learning(self.config, self.events, self.fleet, self.loop)
+            if self._ticker is not None:
+                self.learning.start()
+        if self.learning is not None:
+            self.learning.set_routes()
+            self.learn_routes = self.learning.routes
 
     def _learn_targets(self, routes: Iterable[Route]) -> None:
         """Which targets (arches) each route's image has, read once per (re)load so that
@@ -228,6 +244,8 @@ class Summoner:
     def start(self) -> None:
         self._ticker = self.loop.call_later(self.tick_s, self._tick)
         self._reaper = self.loop.create_task(self._reap_periodically(), name="summon reaper")
+        if self.learning is not None:
+            self.learning.start()
         self._watch_hosts()
         if self.coordinator is not None:
             self.coordinator.start()
@@ -311,6 +329,7 @@ class Summoner:
             if self.pools[name].route != self.routes.get(name):
                 del self.pools[name]
         self.execute(self.fleet.set_routes(self.routes.values(), self.now()))
+        self._update_learning()
 
     def pool(self, route: Route) -> SummonedPool:
         pool = self.pools.get(route.name)
@@ -520,6 +539,8 @@ class Summoner:
         if self._reaper is not None:
             self._reaper.cancel()
             await asyncio.gather(self._reaper, return_exceptions=True)
+        if self.learning is not None:
+            await self.learning.close()
         for fut, _pool in list(self.waiting.values()):
             if not fut.done():
                 fut.set_exception(Unavailable("shutting down", retry_after_s=5))

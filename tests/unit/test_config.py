@@ -362,6 +362,8 @@ _ROUTE_VALUES = {
     "idle_timeout": st.sampled_from(["5m", "soon", 3]),
     "hash_key": st.sampled_from(["client", "header:X-User", "nope"]),
     "start": st.sampled_from(["boot", "restore", "later"]),
+    "prefetch": st.sampled_from([[], ["/a.css"], ["a.css"], "/a.css", ["/a/../b"], [1]]),
+    "presummon": st.sampled_from([True, False, "yes"]),
     "replicas": st.just(2),
 }
 assert set(_ROUTE_VALUES) - {"replicas"} <= set(_ROUTE_KEYS)
@@ -525,3 +527,40 @@ def test_plugin_problems_name_the_key(tmp_path: Path, body: str, needle: str, fr
     assert any(fragment in m for m in msgs), msgs
     if needle != 'listen = "127.0.0.1:18081"':  # the overlap is reported at [proxy] listen
         assert any(m.startswith(f"{path}:{line_of(path, needle)}: ") and fragment in m for m in msgs), msgs
+
+
+# --- predictive summoning -------------------------------------------------------------
+
+
+def test_prefetch_settings_and_route_keys_load(tmp_path):
+    main = VALID + '\n[prefetch]\nenabled = true\nmax_followers = 3\nunused_idle_timeout = "5s"\nlearn_window = "1s"\n'
+    routes = ROUTES.replace('upstreams = ["127.0.0.1:9004"]', 'image = "blog"\nprefetch = ["/blog/a.css"]\npresummon = false')
+    cfg = load(write(tmp_path, main, routes))
+    assert (cfg.prefetch.enabled, cfg.prefetch.max_followers, cfg.prefetch.unused_idle_timeout_s) == (True, 3, 5.0)
+    assert cfg.prefetch.learn_window_s == 1.0 and cfg.prefetch.learn_min_count == 3
+    blog = next(r for r in cfg.routes if r.name == "blog")
+    assert blog.prefetch == ("/blog/a.css",) and blog.presummon is False
+    assert load(write(tmp_path, VALID)).prefetch.enabled is False  # off unless a route or [prefetch] says
+
+
+@pytest.mark.parametrize(("value", "fragment"), [
+    ('["a.css"]', "'a.css' must start with /"),
+    ('"/a.css"', "expected a list of strings"),
+    ('["/a/../b"]', "must be a normalised path"),
+])
+def test_bad_route_prefetch_names_its_line(tmp_path, value, fragment):
+    path = write(tmp_path, VALID, ROUTES + f"prefetch = {value}\n")
+    inc = tmp_path / "routes" / "extra.toml"
+    (msg,) = problems(path)
+    assert msg.startswith(f"{inc}:{line_of(inc, 'prefetch = ')}: [[route]].prefetch: ") and fragment in msg, msg
+
+
+def test_bad_prefetch_section_names_its_lines(tmp_path):
+    path = write(tmp_path, VALID + '\n[prefetch]\nlearn_threshold = 2\nlearn_window = "0s"\nsoon = 1\n')
+    msgs = problems(path)
+    assert msgs == [
+        f"{path}:{line_of(path, 'learn_threshold')}: [prefetch].learn_threshold: must be more than 0 and at most 1",
+        f"{path}:{line_of(path, 'soon')}: [prefetch]: unknown key 'soon' (known: enabled, learn, learn_interval, "
+        "learn_min_count, learn_sample, learn_threshold, learn_window, max_followers, unused_idle_timeout)",
+        f"{path}:{line_of(path, 'learn_window')}: [prefetch].learn_window: must be more than 0",
+    ]

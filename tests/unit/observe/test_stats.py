@@ -123,8 +123,8 @@ def test_format_table_and_json() -> None:
     table = stats.format_table(rows)
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["route", "boots", "ready"]
-    assert lines[1].split() == ["api", "3", "2.00s", "4.00s", "4.00s", "4", "2", "115.0", "1", "0"]
-    assert lines[2].split() == ["web", "2", "500ms", "500ms", "500ms", "5", "1", "23.0", "1", "2"]
+    assert lines[1].split() == ["api", "3", "2.00s", "4.00s", "4.00s", "4", "2", "115.0", "1", "0", "0", "0"]
+    assert lines[2].split() == ["web", "2", "500ms", "500ms", "500ms", "5", "1", "23.0", "1", "2", "0", "0"]
     assert set(lines[3]) == {"-"}
     assert lines[4].startswith(TOTAL)
     assert len({len(x) for x in lines}) == 1  # aligned: every line as wide as the header
@@ -255,3 +255,22 @@ def test_a_restart_ends_the_instances_a_killed_run_left_open() -> None:
     assert row.route == "r"
     assert row.instance_seconds == 30.0 + 10.0  # not 900 s for "a" still running
     assert row.peak_instances == 1
+
+
+def test_pre_summons_used_and_wasted_per_route() -> None:
+    """css: p1 pre-summoned and then asked for (used), p2 pre-summoned and idled out unused
+    (wasted), p3 pre-summoned and not asked for yet (neither); c1 an ordinary boot."""
+    rows = [
+        (0, "summoned", "css", "p1", {}), (0, "presummoned", "css", "p1", {"by": "page"}),
+        (1, "first_request", "css", "p1", {}),
+        (2, "summoned", "css", "p2", {}), (2, "presummoned", "css", "p2", {"by": "page"}),
+        (17, "stopped", "css", "p2", {}),
+        (20, "summoned", "css", "c1", {}), (21, "first_request", "css", "c1", {}), (30, "stopped", "css", "c1", {}),
+        (40, "summoned", "css", "p3", {}), (40, "presummoned", "css", "p3", {"by": "page"}),
+    ]
+    events = [Event(kind=k, route=r, instance=i, detail=d, ts=t) for t, k, r, i, d in rows]
+    got = {s.route: s for s in compute(events, now=50)}
+    assert (got["css"].presummons_used, got["css"].presummons_wasted, got["css"].boots) == (1, 1, 4)
+    assert (got[TOTAL].presummons_used, got[TOTAL].presummons_wasted) == (1, 1)
+    table = stats.format_table(list(got.values()))
+    assert table.splitlines()[0].endswith("pre used  wasted")
