@@ -59,6 +59,7 @@ from proxy.errors import (  # noqa: E402
     Unavailable,
 )
 from proxy.http.message import RequestHead, client_trusted, outbound_head, parse_head  # noqa: E402
+from proxy.http.responses import error_parts  # noqa: E402
 from proxy.observe.events import Event, EventLog  # noqa: E402
 from proxy.routing.contracts import Lease, Pool  # noqa: E402
 from proxy.routing.dispatch import Dispatcher, StaticPool  # noqa: E402
@@ -104,14 +105,7 @@ def upstream_fields(req: http.Request, head: RequestHead, client_ip: str, truste
 
 def error_response(exc: SummonError, server: str = "summon", http2: bool = False) -> http.Response:
     """The native front's error answer (`proxy.http.responses`), as a mitmproxy Response."""
-    body = f"{exc.status} {exc.reason}: {exc.detail}\n".encode("utf-8", "replace")
-    headers = [
-        (b"Server", server.encode()),
-        (b"Content-Type", b"text/plain; charset=utf-8"),
-        (b"Cache-Control", b"no-store"),
-    ]
-    if isinstance(exc, Unavailable):
-        headers.append((b"Retry-After", str(exc.retry_after_s).encode()))
+    body, headers = error_parts(exc, server.encode())
     if isinstance(exc, ClientError) and not isinstance(exc, NotFound) and not http2:
         headers.append((b"Connection", b"close"))  # as the front: after a client error, close
     return http.Response.make(exc.status, body, headers)

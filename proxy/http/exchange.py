@@ -51,6 +51,7 @@ from .state import Client, ResponseMemo
 from .upstream import Framing, UpstreamConnection
 
 _BUFFER_HIGH = 256 * 1024  # body bytes held while no upstream is attached
+CONNECT_RETRIES = 3  # a refused connect reached no replica: always safe to try elsewhere, a few times
 TRIAL_ATTEMPT_S = 0.1  # a connection QEMU accepted for a guest not yet up can hang: give up on it
 TRIAL_FIRST_DELAY_S = 0.0005  # between trial attempts, doubling up to the next
 TRIAL_MAX_DELAY_S = 0.005
@@ -201,8 +202,9 @@ class Exchange:
         if isinstance(got, Exception):
             if self._trial_again():
                 return
-            if not self.finished and self.retries < 1 and self.lease is not None:
-                # nothing of the request reached that replica: try another one
+            if not self.finished and self.retries < CONNECT_RETRIES and self.lease is not None:
+                # nothing of the request reached that replica: try another one (more than once:
+                # while replicas die, the next pick may be one whose death is not known yet)
                 self.retries += 1
                 self._retry_elsewhere()
                 return
