@@ -46,6 +46,7 @@ from ..config import Address
 from ..errors import BackendError, HostUnavailable
 from ..images.manifest import Image
 from .base import Handle, InstanceSpec
+from .console import ConsoleTail, guest_marks
 from .libvirt_host import (
     KEEPALIVE_COUNT,
     KEEPALIVE_INTERVAL_S,
@@ -192,6 +193,21 @@ async def http_ok(port: int, path: str, timeout_s: float, host: str = "127.0.0.1
     return False
 
 
+QEMU_PID_DIR = Path("/run/libvirt/qemu")
+
+
+def qemu_exec_time(name: str, pid_dir: Path = QEMU_PID_DIR) -> float | None:
+    """When the QEMU process of local domain `name` started, on the monotonic clock (to the
+    kernel's clock tick, 10 ms), or None if that cannot be read."""
+    try:
+        pid = int((pid_dir / f"{name}.pid").read_text().strip())
+        ticks = int(proc_start(pid)[0])
+    except (OSError, ValueError):
+        return None
+    started_boottime = ticks / os.sysconf("SC_CLK_TCK")
+    return time.monotonic() - (time.clock_gettime(time.CLOCK_BOOTTIME) - started_boottime)
+
+
 def _close_quietly(conn: Any) -> None:
     try:
         conn.close()
@@ -231,6 +247,7 @@ class LibvirtBackend:
         self._type_lock: asyncio.Lock | None = None
         self._snap_locks: dict[str, asyncio.Lock] = {}
         self._pool_checked: dict[tuple[str, str], str] = {}  # (pool, sha256) -> volume path, hashed there
+        self._boots: dict[str, tuple[dict[str, float], ConsoleTail | None]] = {}  # domain -> (host marks, tail)
         self._hostname = socket.gethostname()
         self.owner_dir = owner_dir or default_dir()
 
@@ -437,6 +454,7 @@ class LibvirtBackend:
             tried.add(port)
             params = self._params(image, name, spec.instance_id, dtype, port, spec.route.name, arch, paths)
             self._ports.add(port)
+            create_at = time.monotonic()
             try:
                 if snapshot is not None:
                     await self._call(f"restore {name}", self._restore_sync, snapshot, params)
@@ -461,6 +479,7 @@ class LibvirtBackend:
                         "image": image.ref, "uri": self.uri},
             )
             self._handles[name] = (handle, spec.instance_id)
+            self._note_boot(name, params, create_at, time.monotonic(), restored=snapshot is not None)
             if self._watcher is None or self._watcher.done():
                 self._watcher = asyncio.create_task(self._watch(), name=f"libvirt-watch {self.uri}")
             return handle
@@ -478,6 +497,33 @@ class LibvirtBackend:
         return await self._call(f"pool {spec.host.pool}", lambda: verified_paths(
             self._connection(), spec.host.pool, wanted, self._pool_checked))
 
+    # --- where a boot's time goes (see `console`) ------------------------------------------
+
+    def _note_boot(self, name: str, params: DomainParams, create_at: float, running_at: float,
+                   restored: bool) -> None:
+        """Host-side marks, each the end of the phase it names, and the console's tail."""
+        if restored:
+            self._boots[name] = ({"prepare": create_at, "restore": running_at}, None)
+            return
+        marks = {"prepare": create_at}
+        exec_at = qemu_exec_time(name) if self.endpoint is None else None
+        if exec_at is not None and create_at <= exec_at <= running_at:
+            marks["libvirt_create"] = exec_at
+        marks["qemu_up"] = running_at
+        tail = ConsoleTail(params.console_log).start() if params.console_log is not None else None
+        self._boots[name] = (marks, tail)
+
+    def boot_marks(self, handle: Handle) -> dict[str, float]:
+        """When each phase of this instance's start ended (host monotonic clock, in order):
+        the driver's own, then the guest's from its console. Stops reading the console."""
+        marks, tail = self._boots.pop(str(handle.detail.get("domain", "")), ({}, None))
+        if tail is not None:
+            guest = guest_marks(tail.stop(), running_at=marks.get("qemu_up"))
+            renamed = {"kernel_entry": "firmware", "kernel_init": "kernel_init", "init": "init",
+                       "network": "network", "listening": "server"}
+            marks = {**marks, **{renamed[k]: v for k, v in guest.items()}}
+        return marks
+
     def _restore_sync(self, snapshot: Path, params: DomainParams) -> None:
         copy = snapshot.with_name(f".{params.name}.restore")
         try:
@@ -489,6 +535,9 @@ class LibvirtBackend:
     async def stop(self, handle: Handle) -> None:
         name = str(handle.detail.get("domain", ""))
         self._handles.pop(name, None)
+        _marks, tail = self._boots.pop(name, ({}, None))
+        if tail is not None:
+            tail.stop()
         try:
             if self._down is not None:
                 raise HostUnavailable(self._down)
@@ -532,6 +581,9 @@ class LibvirtBackend:
             for name, (handle, _iid) in list(self._handles.items()):
                 if name not in names:
                     self._handles.pop(name, None)
+                    _marks, tail = self._boots.pop(name, ({}, None))
+                    if tail is not None:
+                        tail.stop()
                     self._ports.discard(handle.address.port)
                     if not handle.exited.done():
                         handle.exited.set_result(f"domain {name} is no longer running{self._console_tail(name)}")

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,6 +194,21 @@ class PoolState:
 
     def concurrency(self) -> int:
         return sum(i.inflight for i in self.instances.values()) + len(self.queue)
+
+
+def boot_phases(summoned_at: float, marks: Mapping[str, float], ready_at: float) -> dict[str, float]:
+    """Seconds spent in each phase of a start: from the summons to the first mark, from
+    each mark to the next, and ``first_response`` from the last to ready. A mark earlier
+    than the one before it (clocks read at different resolutions) counts as that one, so
+    no phase is negative and the phases add up to the whole boot."""
+    out: dict[str, float] = {}
+    prev = summoned_at
+    for name, at in marks.items():
+        at = min(max(at, prev), ready_at)
+        out[name] = round(at - prev, 4)
+        prev = at
+    out["first_response"] = round(ready_at - prev, 4)
+    return out
 
 
 class Fleet:
@@ -392,8 +407,11 @@ class Fleet:
                 break
         return out
 
-    def instance_ready(self, instance_id: str, address: Address, now: float, by: str = "probe") -> list[Command]:
-        """`by`: what showed it ready, the readiness probe or a trial "request" (for the log)."""
+    def instance_ready(self, instance_id: str, address: Address, now: float, by: str = "probe",
+                       marks: Mapping[str, float] | None = None) -> list[Command]:
+        """`by`: what showed it ready, the readiness probe or a trial "request" (for the log).
+        `marks`: when each phase of the start ended, as the driver saw it (same clock as
+        `now`, in order; see `boot_phases`)."""
         inst = self.instances.get(instance_id)
         out: list[Command] = []
         if inst is None or inst.state is not State.BOOTING:
@@ -417,6 +435,8 @@ class Fleet:
         if inst.started_at is not None:  # how the boot divides: the driver, then the application
             # rounded down to 0.1 ms: the driver's share can never read as more than the whole
             detail["driver_s"] = math.floor((inst.started_at - inst.summoned_at) * 10_000) / 10_000
+        if marks:
+            detail["phases"] = boot_phases(inst.summoned_at, marks, now)
         out.append(Record("ready", inst.route, inst.id, inst.host, inst.region, now - inst.summoned_at, detail))
         if inst.inflight and inst.first_request_at is None:
             out.append(self._first(inst, now))

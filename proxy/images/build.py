@@ -136,11 +136,21 @@ def tree_entries(src: Path, prefix: str) -> list[Entry]:
 
 
 def init_script(guest_port: int, modules: Iterable[str]) -> str:
-    """PID 1: mount, load virtio-net, configure QEMU user networking, exec httpd."""
+    """PID 1: mount, load virtio-net, configure QEMU user networking, run httpd.
+
+    It marks its progress on the console (`proxy.backends.console` reads the marks): a
+    line written to /dev/kmsg at level 2 passes ``quiet`` and carries the kernel's
+    clock, so the marks and the kernel's own lines share one clock. ``init`` first,
+    ``network`` once eth0 is configured, ``listening`` once httpd holds its socket (seen
+    in /proc/net/tcp, read with shell builtins: no process per look); then the kernel's
+    hand-over line is copied from the ring buffer, off the request's path."""
     mods = " ".join(modules)
+    port_hex = f"{guest_port:04X}"
     return f"""#!/bin/busybox sh
-# PID 1 of a summon microVM. If httpd ever exits, the kernel panics (panic=-1 reboots,
-# libvirt's on_reboot=destroy removes the domain) and the proxy sees the instance die.
+# PID 1 of a summon microVM. If httpd ever exits, so does this script: the kernel panics
+# (panic=-1 reboots, libvirt's on_reboot=destroy removes the domain) and the proxy sees
+# the instance die.
+echo "<2>summon-mark: init" > /dev/kmsg
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
@@ -155,8 +165,23 @@ ip link set lo up
 ip addr add 10.0.2.15/24 dev eth0
 ip link set eth0 up
 ip route add default via 10.0.2.2
-echo "summon: httpd on :{guest_port}"
-exec httpd -f -p {guest_port} -h /site
+echo "<2>summon-mark: network" > /dev/kmsg
+httpd -f -p {guest_port} -h /site &
+httpd=$!
+listening() {{  # httpd listens on :: when the kernel has IPv6, else on 0.0.0.0
+  for f in /proc/net/tcp6 /proc/net/tcp; do
+    [ -e $f ] || continue
+    while read -r _ local _ state _; do
+      [ "$state" = 0A ] && [ "${{local##*:}}" = {port_hex} ] && return 0
+    done < $f
+  done
+  return 1
+}}
+i=0
+until listening || [ $i -ge 2000 ]; do sleep 0.002; i=$((i+1)); done
+echo "<2>summon-mark: listening" > /dev/kmsg
+(dmesg | grep -m1 "Run /init as init process") &
+wait $httpd
 """
 
 
@@ -229,6 +254,7 @@ def vm_entries(site: Path, kernel: Kernel | None, guest_port: int = 80, busybox:
         Entry("bin/busybox", S_IFREG | 0o755, bb),
         Entry("init", S_IFREG | 0o755, init_script(guest_port, [n for n, _ in mods]).encode()),
         Entry("dev/console", S_IFCHR | 0o600, rdev=(5, 1)),
+        Entry("dev/kmsg", S_IFCHR | 0o644, rdev=(1, 11)),  # PID 1's first mark, before devtmpfs
         Entry("proc", S_IFDIR | 0o755),
         Entry("sys", S_IFDIR | 0o755),
         Entry("tmp", S_IFDIR | 0o1777),
@@ -309,7 +335,7 @@ def assemble(inputs: Inputs, out: Path) -> Artefacts:
     return Artefacts(vmlinuz, kernel_sha, initrd, initrd_sha, cpio_sha)
 
 
-BUILDER = "summon-microvm/1"  # the layout `assemble` writes; bump when its bytes change
+BUILDER = "summon-microvm/2"  # the layout `assemble` writes; bump when its bytes change
 KERNEL_PACKAGE = "linux-image-{release}"  # the package holding vmlinuz and the modules
 BUSYBOX_PACKAGE = "busybox-static"
 

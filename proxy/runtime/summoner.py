@@ -403,7 +403,8 @@ class Summoner:
         trial = self._trial(lease)
         if trial is not None:
             trial.lease = None
-        self.execute(self.fleet.instance_ready(lease.instance_id, lease.address, self.now(), by="request"))
+        self.execute(self.fleet.instance_ready(lease.instance_id, lease.address, self.now(), by="request",
+                                               marks=self._boot_marks(lease.instance_id)))
         if trial is not None:
             trial.settle(True)
 
@@ -507,10 +508,24 @@ class Summoner:
         reason = await wait_ready(handle.address, route.health_path, deadline, handle.exited)
         self.boot_tasks.pop(cmd.instance_id, None)
         if reason is None:
-            self.execute(self.fleet.instance_ready(cmd.instance_id, handle.address, self.now()))
+            self.execute(self.fleet.instance_ready(cmd.instance_id, handle.address, self.now(),
+                                                   marks=self._boot_marks(cmd.instance_id)))
             self._trials_ready(cmd.instance_id)
         else:
             self.execute(self.fleet.boot_failed(cmd.instance_id, reason, self.now()))
+
+    def _boot_marks(self, instance_id: str) -> dict[str, float] | None:
+        """The driver's marks of this start (libvirt: its phases and the guest's console),
+        for the `ready` event's breakdown; None from drivers that keep none."""
+        handle, inst = self.handles.get(instance_id), self.fleet.instances.get(instance_id)
+        marks = getattr(self.backends.get(inst.host), "boot_marks", None) if inst is not None else None
+        if handle is None or marks is None:
+            return None
+        try:
+            return dict(marks(handle))
+        except Exception:  # noqa: BLE001 - a breakdown is worth less than the boot it describes
+            log.exception("boot marks of %s", instance_id)
+            return None
 
     def _exited(self, instance_id: str, fut: asyncio.Future[str]) -> None:
         if fut.cancelled() or instance_id not in self.handles:
