@@ -12,6 +12,16 @@ microVM are available): the same through summon for `start = "boot"` and
 measured directly with the driver, alternating with the cold requests through summon so
 both see the same machine, their ratio (goal: restore at most 0.3x boot), the
 summon overhead over raw libvirt (goal: under 20 ms) and the memory of an idle VM.
+
+Where each boot goes (`phases`): the p50 of each phase of the `ready` events' breakdown
+(libvirt create, QEMU up, firmware, kernel init, PID 1, network, server, first
+response; see proxy/backends/console.py), through summon and with the raw driver, next
+to the floor measured in the same run (`Floor`): the same libvirt + QEMU path for a
+guest that does nothing (the same kernel and command line, an initramfs whose PID 1
+marks itself and powers off at once), and a domain created paused and destroyed (libvirt
+and QEMU alone). Each phase's ratio to its floor says how far it is above what this
+machine allows; network, server and first response have no floor (the idle guest has
+none of them).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -184,19 +195,23 @@ class RawLibvirt:
             self.loop.run_until_complete(self.backend.save_snapshot(
                 InstanceSpec("snap", self.route, self.host, self.image, "boot")))
 
+        self.phases: list[dict[str, float]] = []
+
     def start_to_ready(self) -> float:
         return self.loop.run_until_complete(self._one())
 
     async def _one(self) -> float:
         from proxy.backends.base import InstanceSpec
+        from proxy.engine.fleet import boot_phases
 
         self.runs += 1
-        t0 = time.perf_counter()
+        t0, m0 = time.perf_counter(), time.monotonic()
         handle = await self.backend.start(InstanceSpec(f"raw{self.kind}{self.runs}", self.route, self.host,
                                                        self.image, self.kind))
         while _http_status(handle.address.port, timeout=0.1) != 200:  # short: a guest not up yet can hang a connection
             await asyncio.sleep(0.002)
         seconds = time.perf_counter() - t0
+        self.phases.append(boot_phases(m0, self.backend.boot_marks(handle), time.monotonic()))
         if self.rss_kib is None:
             await asyncio.sleep(2.0)
             self.rss_kib = _qemu_rss_kib(str(handle.detail.get("domain", "")))
@@ -206,6 +221,154 @@ class RawLibvirt:
     def close(self) -> None:
         self.loop.run_until_complete(self.backend.close())
         self.loop.close()
+
+
+class Floor:
+    """What this machine allows on the same path: a guest that does nothing, and QEMU alone.
+
+    `idle()` boots the image's kernel with its command line and an initramfs whose PID 1
+    marks itself, copies the kernel's hand-over line and powers off: its phases up to
+    ``init`` are the floor of a boot's; ``poweroff`` is from that mark until the domain is
+    gone. `paused()` creates the domain paused (no guest code runs) and destroys it:
+    libvirt and QEMU's own start. Uses the driver's own XML and console reading."""
+
+    INIT = (b"#!/bin/busybox sh\n"
+            b"echo '<2>summon-mark: init' > /dev/kmsg\n"
+            b"/bin/busybox mount -t proc proc /proc\n"
+            b"/bin/busybox dmesg | /bin/busybox grep -m1 'Run /init as init process'\n"
+            b"/bin/busybox poweroff -f\n")
+
+    def __init__(self) -> None:
+        from proxy.backends.libvirt import LibvirtBackend
+        from proxy.images.build import BUSYBOX, S_IFCHR, S_IFDIR, S_IFREG, Entry, write_initramfs
+
+        self.loop = asyncio.new_event_loop()
+        self.backend = LibvirtBackend("qemu:///system")
+        self.image = load_image(ROOT / "images", "decks")
+        self.initrd = self.image.dir / "build" / "floor.cpio.gz"  # where QEMU may read, like the KVM probe's
+        write_initramfs(self.initrd, [
+            Entry("bin/busybox", S_IFREG | 0o755, BUSYBOX.read_bytes()), Entry("init", S_IFREG | 0o755, self.INIT),
+            Entry("dev/console", S_IFCHR | 0o600, rdev=(5, 1)), Entry("dev/kmsg", S_IFCHR | 0o644, rdev=(1, 11)),
+            Entry("proc", S_IFDIR | 0o755),
+        ])
+        self.runs = 0
+
+    def idle(self) -> dict[str, float]:
+        return self.loop.run_until_complete(self._idle())
+
+    def paused(self) -> dict[str, float]:
+        return self.loop.run_until_complete(self._paused())
+
+    def _domain(self, kind: str) -> tuple[Any, str]:
+        from proxy.backends.libvirt_xml import domain_name
+
+        self.runs += 1
+        name = domain_name(f"floor-{kind}", f"{os.getpid()}-{self.runs}")
+        params = self.backend._params(self.image, name, name, "qemu", bl.free_port(), "floor")
+        return replace(params, initrd=self.initrd), name
+
+    async def _idle(self) -> dict[str, float]:
+        from proxy.backends.base import Handle
+        from proxy.backends.libvirt_xml import domain_xml
+        from proxy.engine.fleet import boot_phases
+
+        params, name = self._domain("idle")
+        self.backend.console_dir.mkdir(parents=True, exist_ok=True)
+        conn = self.backend._connection()
+        t0 = time.monotonic()
+        dom = conn.createXML(domain_xml(params), 0)
+        self.backend._note_boot(name, params, t0, time.monotonic(), restored=False)
+        try:
+            deadline = t0 + 60
+            while time.monotonic() < deadline:
+                try:
+                    if not dom.isActive():
+                        break
+                except Exception:  # noqa: BLE001 - gone: that is what we wait for
+                    break
+                await asyncio.sleep(0.002)
+            gone = time.monotonic()
+            marks = self.backend.boot_marks(Handle(name, _addr(params.host_port), self.loop.create_future(),
+                                                   {"domain": name}))
+        finally:
+            try:
+                dom.destroy()
+            except Exception:  # noqa: BLE001 - powered off already, as it should
+                pass
+            if params.console_log is not None:
+                params.console_log.unlink(missing_ok=True)
+        phases = boot_phases(t0, marks, gone)
+        phases["poweroff"] = phases.pop("first_response")
+        return phases
+
+    async def _paused(self) -> dict[str, float]:
+        import libvirt
+
+        from proxy.backends.libvirt import qemu_exec_time
+        from proxy.backends.libvirt_xml import domain_xml
+
+        params, name = self._domain("paused")
+        conn = self.backend._connection()
+        t0 = time.monotonic()
+        dom = conn.createXML(domain_xml(params), libvirt.VIR_DOMAIN_START_PAUSED)
+        t1 = time.monotonic()
+        exec_at = qemu_exec_time(name)
+        dom.destroy()
+        if params.console_log is not None:
+            params.console_log.unlink(missing_ok=True)
+        if exec_at is None or not t0 <= exec_at <= t1:
+            return {"create_paused": t1 - t0}
+        return {"libvirt_create": exec_at - t0, "qemu_up": t1 - exec_at, "create_paused": t1 - t0}
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.backend.close())
+        self.loop.close()
+
+
+def _addr(port: int) -> Any:
+    from proxy.config import Address
+
+    return Address("127.0.0.1", port)
+
+
+def phase_medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    """p50 (the median, as `summon stats` would show it: nearest rank) of each phase, in order."""
+    from proxy.observe.stats import percentile, phase_rank
+
+    names = sorted({n for r in runs for n in r}, key=phase_rank)
+    out = {}
+    for n in names:
+        p50 = percentile([r[n] for r in runs if n in r], 50)
+        if p50 is not None:
+            out[n] = round(p50 * 1000, 1)
+    return out
+
+
+def summon_phases(db: Path) -> list[dict[str, float]]:
+    from proxy.observe.events import EventReader
+
+    events = EventReader(db, readonly=True).query()
+    return [dict(e.detail["phases"]) for e in events if e.kind == "ready" and isinstance(e.detail.get("phases"), dict)]
+
+
+def phases_report(bench: Any, through: dict[str, float], raw: dict[str, float], floor: dict[str, float],
+                  paused: dict[str, float]) -> dict[str, Any]:
+    """One row per phase: through summon, raw, the floor and the ratio to it (ms)."""
+    floors = {**floor, **{k: v for k, v in paused.items() if k in ("libvirt_create", "qemu_up")}}
+    rows = {}
+    bench.log(f"  {'phase':<16}{'summon':>9}{'raw':>9}{'floor':>9}{'x floor':>9}")
+    for name in [*through, *(n for n in raw if n not in through)]:
+        f = floors.get(name)
+        r = bl.ratio(through.get(name), f) if f else None
+        rows[name] = {"summon_ms": through.get(name), "raw_ms": raw.get(name), "floor_ms": f, "over_floor": r}
+        bench.log(f"  {name:<16}{_ms(through.get(name)):>9}{_ms(raw.get(name)):>9}{_ms(f):>9}"
+                  f"{(f'{r:.2f}' if r is not None else '-'):>9}")
+    bench.log(f"  floor: idle guest {floor} ms; created paused {paused} ms")
+    return {"by_phase": rows, "floor_idle_ms": floor, "floor_paused_ms": paused}
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
 
 
 def _qemu_rss_kib(domain: str) -> int | None:
@@ -243,8 +406,11 @@ def section_cold_vm(bench: Any) -> dict[str, Any]:
         proc, port, admin = _start_summon(bench, f"summon-vm-{kind}", "libvirt", kind, "200ms",
                                           'uri = "qemu:///system"')
         raw_driver = RawLibvirt(kind)
+        floor = Floor() if kind == "boot" else None
         raw: list[float] = []
         through: list[float] = []
+        floor_idle: list[dict[str, float]] = []
+        floor_paused: list[dict[str, float]] = []
         try:
             for _ in range(runs):
                 # Each start, raw or through summon, begins with no other VM alive and a
@@ -258,8 +424,16 @@ def section_cold_vm(bench: Any) -> dict[str, Any]:
                 if status != 200:
                     raise RuntimeError(f"cold VM request answered {status}: {proc.output_tail()}")
                 through.append(seconds)
+                if floor is not None:  # the floor in the same run, between the same starts
+                    _wait_cold(admin, timeout=120)
+                    time.sleep(VM_SETTLE_S)
+                    floor_idle.append(floor.idle())
+                    time.sleep(VM_SETTLE_S)
+                    floor_paused.append(floor.paused())
         finally:
             raw_driver.close()
+            if floor is not None:
+                floor.close()
             bench.procs.stop(proc, grace=30)
         rss = raw_driver.rss_kib
         r, s = bl.median(raw), bl.median(through)
@@ -270,6 +444,9 @@ def section_cold_vm(bench: Any) -> dict[str, Any]:
             result[kind]["idle_vm_rss_mib"] = round(rss / 1024, 1)
         bench.log(f"  raw median {result[kind]['raw_median_ms']} ms, through summon {result[kind]['summon_median_ms']} ms,"
                   f" overhead {result[kind]['overhead_ms']} ms")
+        through_phases = phase_medians(summon_phases(bench.tmp / f"summon-vm-{kind}-events.db"))
+        result[kind]["phases"] = phases_report(bench, through_phases, phase_medians(raw_driver.phases),
+                                               phase_medians(floor_idle), phase_medians(floor_paused))
     ratio = bl.ratio(result["restore"]["summon_median_ms"], result["boot"]["summon_median_ms"])
     result["restore_over_boot"] = ratio
     result["goals"] = {

@@ -32,6 +32,11 @@ POLL_S = 0.003  # the arrival times' resolution; reading a small file is cheap
 MAX_WATCH_S = 300.0  # a tail nobody stopped ends by itself
 MAX_BYTES = 1 << 20  # a chatty guest cannot make us hold more than this
 
+# A start's phases in the order they happen, each named by what ends it (see
+# `LibvirtBackend.boot_marks`; `summon stats` and the dashboard show them in this order).
+PHASES = ("prepare", "libvirt_create", "qemu_up", "restore", "firmware", "kernel_init", "init", "network",
+          "server", "first_response")
+
 MARK = "summon-mark:"  # PID 1's lines: "summon-mark: NAME"
 GUEST_MARKS = ("init", "network", "listening")
 _LINE = re.compile(r"^\[\s*(\d+\.\d+)\]\s?(.*)$")
@@ -70,7 +75,7 @@ def guest_marks(lines: Iterable[Line], running_at: float | None = None) -> dict[
         return out
     first = names[0]
     zero = out[first] - guest[first]
-    out["kernel_entry"] = zero
+    out["kernel_entry"] = zero if running_at is None else max(zero, running_at)  # within SLACK_S: not before
     if "kernel_init" in guest and guest["kernel_init"] <= guest[first]:
         out["kernel_init"] = zero + guest["kernel_init"]
     return dict(sorted(out.items(), key=lambda kv: kv[1]))

@@ -191,5 +191,12 @@ def run_stats(args: argparse.Namespace) -> int:
     except (sqlite3.Error, RedisError) as exc:
         return _fail("stats", f"cannot read {_where(reader)}: {exc}", 1)
     rows = stats.compute(events, now=now, since=args.since)
-    print(stats.to_json(rows) if args.json else stats.format_table(rows))
+    phases = stats.phase_stats(events, since=args.since)
+    if args.json:
+        print(stats.to_json(rows, phases))
+    else:
+        print(stats.format_table(rows))
+        if phases:
+            print()
+            print(stats.format_phases(phases))
     return 0

@@ -437,6 +437,7 @@ class Fleet:
             detail["driver_s"] = math.floor((inst.started_at - inst.summoned_at) * 10_000) / 10_000
         if marks:
             detail["phases"] = boot_phases(inst.summoned_at, marks, now)
+            detail["image"] = pool.route.image or ""  # the breakdown is per image (`summon stats`)
         out.append(Record("ready", inst.route, inst.id, inst.host, inst.region, now - inst.summoned_at, detail))
         if inst.inflight and inst.first_request_at is None:
             out.append(self._first(inst, now))

@@ -142,8 +142,10 @@ def init_script(guest_port: int, modules: Iterable[str]) -> str:
     line written to /dev/kmsg at level 2 passes ``quiet`` and carries the kernel's
     clock, so the marks and the kernel's own lines share one clock. ``init`` first,
     ``network`` once eth0 is configured, ``listening`` once httpd holds its socket (seen
-    in /proc/net/tcp, read with shell builtins: no process per look); then the kernel's
-    hand-over line is copied from the ring buffer, off the request's path."""
+    in /proc/net/tcp, read with shell builtins: no process per look). The kernel's
+    hand-over line is copied from the ring buffer to the console in the background, as
+    soon as PID 1 runs: after the server starts it could land after the first response,
+    when the driver reads the console."""
     mods = " ".join(modules)
     port_hex = f"{guest_port:04X}"
     return f"""#!/bin/busybox sh
@@ -152,6 +154,7 @@ def init_script(guest_port: int, modules: Iterable[str]) -> str:
 # the instance die.
 echo "<2>summon-mark: init" > /dev/kmsg
 /bin/busybox --install -s /bin
+(dmesg | grep -m1 "Run /init as init process") &
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -180,7 +183,6 @@ listening() {{  # httpd listens on :: when the kernel has IPv6, else on 0.0.0.0
 i=0
 until listening || [ $i -ge 2000 ]; do sleep 0.002; i=$((i+1)); done
 echo "<2>summon-mark: listening" > /dev/kmsg
-(dmesg | grep -m1 "Run /init as init process") &
 wait $httpd
 """
 

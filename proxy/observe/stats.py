@@ -25,6 +25,11 @@ Definitions (the tests pin them down with hand-computed answers):
   inside the window (predictive summoning: another route's request woke them) that then
   served a request ("first_request"), or that ended ("stopped"/"failed") without one.
   Those still waiting for their first request are neither.
+* **boot phases** (`phase_stats`): per image and start kind ("boot" or "restore"), the
+  nearest-rank p50 of each phase in ``detail["phases"]`` of "ready" events inside the
+  window (where a driver's start went: libvirt create, QEMU up, firmware, the kernel,
+  PID 1, network, server, first response; see `proxy.engine.fleet.boot_phases`). The
+  p50s of the phases need not add up to the p50 of the whole.
 
 To be right about instances that started before ``since``, pass their "summoned" events
 too (`proxy.observe.events.EventReader.running_at` finds them); events before ``since`` are used
@@ -38,6 +43,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
+from ..backends.console import PHASES
 from .events import END_KINDS, RESET_KINDS, START_KINDS, Event
 
 TOTAL = "(all)"
@@ -192,6 +198,38 @@ def compute(events: Iterable[Event], *, now: float, since: float | None = None) 
     return rows
 
 
+@dataclass(frozen=True)
+class PhaseStats:
+    image: str
+    start: str  # "boot" or "restore"
+    boots: int
+    p50_s: dict[str, float]  # phase -> p50, in the order of the phases
+    ready_p50_s: float | None
+
+
+def phase_stats(events: Iterable[Event], *, since: float | None = None) -> list[PhaseStats]:
+    """p50 of each boot phase per (image, start kind), from "ready" events that carry them."""
+    groups: dict[tuple[str, str], tuple[dict[str, list[float]], list[float]]] = {}
+    for ev in events:
+        phases = ev.detail.get("phases")
+        if ev.kind != "ready" or not isinstance(phases, dict) or (since is not None and ev.ts < since):
+            continue
+        image = str(ev.detail.get("image") or ev.image_digest[:19] or ev.route)
+        start = "restore" if "restore" in phases else "boot"
+        by_phase, ready = groups.setdefault((image, start), ({}, []))
+        for name, seconds in phases.items():
+            if isinstance(seconds, int | float) and not isinstance(seconds, bool):
+                by_phase.setdefault(str(name), []).append(float(seconds))
+        if ev.duration_s is not None:
+            ready.append(ev.duration_s)
+    out = []
+    for (image, start), (by_phase, ready) in sorted(groups.items()):
+        p50 = {name: percentile(by_phase[name], 50) for name in sorted(by_phase, key=phase_rank)}
+        out.append(PhaseStats(image, start, len(ready), {k: v for k, v in p50.items() if v is not None},
+                              percentile(ready, 50)))
+    return out
+
+
 # --- output ---------------------------------------------------------------------------
 
 
@@ -231,8 +269,32 @@ def format_table(rows: Sequence[RouteStats]) -> str:
     return "\n".join(out)
 
 
-def to_json(rows: Sequence[RouteStats]) -> str:
-    """``{"routes": [...], "totals": {...}}`` with durations in seconds."""
+def phase_rank(name: str) -> tuple[int, str]:
+    """Known phases in the order they happen, others before the first response."""
+    if name in PHASES:
+        return (PHASES.index(name), "")
+    return (PHASES.index("first_response") - 1, name)
+
+
+def format_phases(rows: Sequence[PhaseStats]) -> str:
+    """Per image, the p50 of each phase in ms (a phase a start kind lacks: "-")."""
+    names: list[str] = []
+    for r in rows:
+        names += [n for n in r.p50_s if n not in names]
+    names.sort(key=phase_rank)
+    headers = ("image", "start", "boots", *names, "ready")
+    cells = [(r.image, r.start, str(r.boots), *(f"{r.p50_s[n] * 1000:.0f}" if n in r.p50_s else "-" for n in names),
+              f"{r.ready_p50_s * 1000:.0f}" if r.ready_p50_s is not None else "-") for r in rows]
+    widths = [max(len(c[i]) for c in [headers, *cells]) for i in range(len(headers))]
+    lines = ["boot phases, p50 in ms"]
+    for values in (headers, *cells):
+        lines.append("  ".join((values[0].ljust(widths[0]), values[1].ljust(widths[1]),
+                                *(v.rjust(w) for v, w in zip(values[2:], widths[2:], strict=True)))).rstrip())
+    return "\n".join(lines)
+
+
+def to_json(rows: Sequence[RouteStats], phases: Sequence[PhaseStats] = ()) -> str:
+    """``{"routes": [...], "totals": {...}, "phases": [...]}`` with durations in seconds."""
     routes = [asdict(r) for r in rows if r.route != TOTAL]
     totals = next((asdict(r) for r in rows if r.route == TOTAL), None)
-    return json.dumps({"routes": routes, "totals": totals}, indent=2)
+    return json.dumps({"routes": routes, "totals": totals, "phases": [asdict(p) for p in phases]}, indent=2)

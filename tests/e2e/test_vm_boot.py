@@ -101,6 +101,12 @@ def test_boot_fetch_stop(decks: Image) -> None:
         print(f"create {created:.2f}s, boot-to-HTTP {created + waited:.2f}s")
         assert body == index
         assert not h.exited.done()
+        marks = b.boot_marks(h)
+        print(f"marks: {marks}")
+        # the driver's, then PID 1's up to the network (httpd may answer before its mark lands)
+        assert list(marks)[:1] == ["prepare"] and {"qemu_up", "init", "network"} <= set(marks)
+        assert list(marks.values()) == sorted(marks.values())
+        assert b.boot_marks(h) == {}  # read once: the console's tail is stopped
         t0 = time.monotonic()
         await b.stop(h)
         print(f"stop {time.monotonic() - t0:.2f}s")

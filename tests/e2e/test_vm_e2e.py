@@ -3,6 +3,7 @@ after a SIGKILL, a tampered initrd refused. Slow (TCG boots take seconds); runs 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -83,6 +84,18 @@ def kinds(db: Path) -> list[str]:
         return [r[0] for r in c.execute("select kind from events order by id")]
 
 
+def ready_detail(db: Path, timeout_s: float = 10.0) -> dict:
+    """The first `ready` event's detail (it may land just after the response)."""
+    deadline = time.time() + timeout_s
+    while True:
+        with sqlite3.connect(db) as c:
+            row = c.execute("select detail from events where kind = 'ready' order by id limit 1").fetchone()
+        if row is not None or time.time() > deadline:
+            assert row is not None, "no ready event"
+            return dict(json.loads(row[0]))
+        time.sleep(0.1)
+
+
 def make_summon(tmp: Path, images: Path) -> Summon:
     s = Summon(tmp, ROUTE)
     text = s.config.read_text()
@@ -101,6 +114,16 @@ def test_cold_request_is_answered_by_a_vm_and_orphans_are_reaped(tmp_path: Path,
         assert status == 200, body[:300]
         assert b"served-by-microvm" in body  # only the VM's initramfs has this page
         print(f"cold request through a booted VM: {time.time() - t0:.1f}s")
+        ready = ready_detail(s.events)
+        phases = ready["phases"]
+        print(f"phases: {phases}")
+        # the driver's own and PID 1's marks are always there (the kernel's need a believable guest clock)
+        assert {"prepare", "qemu_up", "init", "network", "first_response"} <= set(phases)
+        assert all(v >= 0 for v in phases.values())
+        assert ready["image"] == "decks"
+        shown = subprocess.run([str(REPO / ".venv" / "bin" / "summon"), "stats", "-c", str(s.config)],
+                               capture_output=True, text=True, timeout=60)
+        assert "boot phases, p50 in ms" in shown.stdout and "network" in shown.stdout, shown.stdout + shown.stderr
         ids = [i["id"] for i in s.instances()]
         # only this summon's domains: other summons may share the machine's libvirtd
         mine = {d for d in set(summon_domains()) - before if any(d.endswith(i) for i in ids)}

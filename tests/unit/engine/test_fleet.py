@@ -529,3 +529,31 @@ def test_a_host_its_driver_reports_down_is_out_of_placement_until_reported_up() 
     [up] = f.host_reported("h1", True, "", ["old-1"], 4000.0)
     assert (up.kind, up.detail) == ("host_up", {"reaped": ["old-1"]})
     assert f.host_down_until["h1"] <= 4000.0 and "h1" not in f.host_failures  # at once, no back-off left
+def test_ready_carries_the_boot_phases_that_add_up_to_the_boot() -> None:
+    f = fleet()
+    boot = of(Boot, f.request_arrived("site", 1, "k", None, 10.0))[0]
+    f.instance_started(boot.instance_id, addr(1), 10.3)
+    # the driver's marks, each the end of the phase it names (same clock as `now`)
+    marks = {"prepare": 10.01, "libvirt_create": 10.02, "qemu_up": 10.3, "firmware": 10.8, "init": 12.2,
+             "network": 12.5, "server": 12.53}
+    ready = [r for r in of(Record, f.instance_ready(boot.instance_id, addr(1), 12.6, marks=marks)) if r.kind == "ready"]
+    phases = ready[0].detail["phases"]
+    assert list(phases) == [*marks, "first_response"]
+    assert phases["firmware"] == pytest.approx(0.5) and phases["first_response"] == pytest.approx(0.07)
+    assert sum(phases.values()) == pytest.approx(ready[0].duration_s, abs=1e-3)
+    assert ready[0].detail["image"] == "site"
+
+
+def test_boot_phases_never_go_negative() -> None:
+    from proxy.engine.fleet import boot_phases
+
+    # a mark read at a coarser resolution may land before the one before it, or after ready
+    got = boot_phases(0.0, {"a": 0.5, "b": 0.45, "c": 2.0}, 1.0)
+    assert got == {"a": 0.5, "b": 0.0, "c": 0.5, "first_response": 0.0}
+
+
+def test_ready_without_marks_has_no_phases() -> None:
+    f = fleet()
+    boot = of(Boot, f.request_arrived("site", 1, "k", None, 0.0))[0]
+    ready = [r for r in of(Record, f.instance_ready(boot.instance_id, addr(1), 1.0)) if r.kind == "ready"]
+    assert "phases" not in ready[0].detail

@@ -199,7 +199,8 @@ def test_initramfs_is_reproducible(tmp_path: Path) -> None:
     assert d1 == d2
     assert (tmp_path / "one.cpio.gz").read_bytes() == (tmp_path / "two.cpio.gz").read_bytes()
     raw = gzip.decompress((tmp_path / "one.cpio.gz").read_bytes())
-    assert b"site/sub/x.css" in raw and b"exec httpd -f -p 80 -h /site" in raw
+    assert b"site/sub/x.css" in raw and b"httpd -f -p 80 -h /site &" in raw
+    assert b"summon-mark: init" in raw and b"summon-mark: listening" in raw and b"dev/kmsg" in raw
     (site / "index.html").write_text("<h1>changed</h1>")
     assert build_site_initramfs(site, tmp_path / "three.cpio.gz") != d1
 

@@ -274,3 +274,45 @@ def test_pre_summons_used_and_wasted_per_route() -> None:
     assert (got[TOTAL].presummons_used, got[TOTAL].presummons_wasted) == (1, 1)
     table = stats.format_table(list(got.values()))
     assert table.splitlines()[0].endswith("pre used  wasted")
+# --- boot phases ------------------------------------------------------------------------
+
+
+def phased(ts: float, image: str, duration: float, **phases: float) -> Event:
+    return Event("ready", route="r", instance=f"i{ts}", duration_s=duration, ts=ts,
+                 detail={"cold_requests": 1, "image": image, "phases": phases})
+
+
+def test_phase_p50_per_image_and_start_kind() -> None:
+    events = [
+        phased(1, "decks", 2.0, prepare=0.01, qemu_up=0.2, firmware=0.5, network=0.3, first_response=0.09),
+        phased(2, "decks", 3.0, prepare=0.03, qemu_up=0.4, firmware=0.7, network=0.2, first_response=0.08),
+        phased(3, "decks", 2.5, prepare=0.02, qemu_up=0.3, firmware=0.6, network=0.1, first_response=0.07),
+        phased(4, "decks", 0.6, prepare=0.01, restore=0.5, first_response=0.09),
+        Event("ready", route="r", instance="old", duration_s=1.0, ts=5, detail={"cold_requests": 1}),  # no phases
+        Event("failed", route="r", instance="x", ts=6, detail={"phases": {"prepare": 9.0}}),  # not a ready
+    ]
+    rows = stats.phase_stats(events)
+    assert [(r.image, r.start, r.boots) for r in rows] == [("decks", "boot", 3), ("decks", "restore", 1)]
+    boot = rows[0]
+    assert boot.p50_s == {"prepare": 0.02, "qemu_up": 0.3, "firmware": 0.6, "network": 0.2, "first_response": 0.08}
+    assert boot.ready_p50_s == 2.5
+    assert [r.image for r in stats.phase_stats(events, since=3.5)] == ["decks"]  # the restore only
+
+    table = stats.format_phases(rows).splitlines()
+    assert table[0] == "boot phases, p50 in ms"
+    head = table[1].split()
+    # the phases in the order they happen, the first response last, then the whole
+    assert head == ["image", "start", "boots", "prepare", "qemu_up", "restore", "firmware", "network",
+                    "first_response", "ready"]
+    assert table[2].split() == ["decks", "boot", "3", "20", "300", "-", "600", "200", "80", "2500"]
+    assert table[3].split() == ["decks", "restore", "1", "10", "-", "500", "-", "-", "90", "600"]
+
+    obj = json.loads(stats.to_json(compute(events, now=10), rows))
+    assert obj["phases"][0]["p50_s"]["firmware"] == 0.6
+
+
+def test_malformed_phases_are_skipped() -> None:
+    ev = Event("ready", route="r", instance="i", duration_s=1.0, ts=1,
+               detail={"phases": {"prepare": "soon", "qemu_up": True, "firmware": 0.5}})
+    (row,) = stats.phase_stats([ev])
+    assert row.p50_s == {"firmware": 0.5} and row.image == "r"
