@@ -154,11 +154,11 @@ def init_script(guest_port: int, modules: Iterable[str]) -> str:
 # the instance die.
 echo "<2>summon-mark: init" > /dev/kmsg
 /bin/busybox --install -s /bin
-(dmesg | grep -m1 "Run /init as init process") &
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+(dmesg | grep -m1 "Run /init as init process") &
 for m in {mods}; do
   [ -f /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko
 done
