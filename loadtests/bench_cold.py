@@ -344,6 +344,20 @@ def phase_medians(runs: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def until_medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    """p50 of the time from the start to the end of each phase (ms): robust to a phase one
+    run lacks (the next one then covers it), where per-phase figures are not."""
+    from proxy.observe.stats import percentile, phase_rank
+
+    sums: dict[str, list[float]] = {}
+    for r in runs:
+        total = 0.0
+        for name in sorted(r, key=phase_rank):
+            total += r[name]
+            sums.setdefault(name, []).append(total)
+    return {n: round((percentile(v, 50) or 0.0) * 1000, 1) for n, v in sums.items()}
+
+
 def summon_phases(db: Path) -> list[dict[str, float]]:
     from proxy.observe.events import EventReader
 
@@ -351,18 +365,26 @@ def summon_phases(db: Path) -> list[dict[str, float]]:
     return [dict(e.detail["phases"]) for e in events if e.kind == "ready" and isinstance(e.detail.get("phases"), dict)]
 
 
-def phases_report(bench: Any, through: dict[str, float], raw: dict[str, float], floor: dict[str, float],
-                  paused: dict[str, float]) -> dict[str, Any]:
-    """One row per phase: through summon, raw, the floor and the ratio to it (ms)."""
+def phases_report(bench: Any, through_runs: list[dict[str, float]], raw_runs: list[dict[str, float]],
+                  floor_runs: list[dict[str, float]], paused_runs: list[dict[str, float]]) -> dict[str, Any]:
+    """One row per phase (p50, ms): through summon, raw, the floor and the ratio to it;
+    then the same from the start to the end of each phase."""
+    through, raw = phase_medians(through_runs), phase_medians(raw_runs)
+    floor, paused = phase_medians(floor_runs), phase_medians(paused_runs)
     floors = {**floor, **{k: v for k, v in paused.items() if k in ("libvirt_create", "qemu_up")}}
+    through_until, floor_until = until_medians(through_runs), until_medians(floor_runs)
     rows = {}
-    bench.log(f"  {'phase':<16}{'summon':>9}{'raw':>9}{'floor':>9}{'x floor':>9}")
+    bench.log(f"  {'phase':<16}{'summon':>9}{'raw':>9}{'floor':>9}{'x floor':>9}   {'until':>7}{'floor':>7}{'x floor':>9}")
     for name in [*through, *(n for n in raw if n not in through)]:
         f = floors.get(name)
         r = bl.ratio(through.get(name), f) if f else None
-        rows[name] = {"summon_ms": through.get(name), "raw_ms": raw.get(name), "floor_ms": f, "over_floor": r}
+        fu = floor_until.get(name)
+        ru = bl.ratio(through_until.get(name), fu) if fu else None
+        rows[name] = {"summon_ms": through.get(name), "raw_ms": raw.get(name), "floor_ms": f, "over_floor": r,
+                      "summon_until_ms": through_until.get(name), "floor_until_ms": fu, "until_over_floor": ru}
         bench.log(f"  {name:<16}{_ms(through.get(name)):>9}{_ms(raw.get(name)):>9}{_ms(f):>9}"
-                  f"{(f'{r:.2f}' if r is not None else '-'):>9}")
+                  f"{(f'{r:.2f}' if r is not None else '-'):>9}   {_ms(through_until.get(name)):>7}{_ms(fu):>7}"
+                  f"{(f'{ru:.2f}' if ru is not None else '-'):>9}")
     bench.log(f"  floor: idle guest {floor} ms; created paused {paused} ms")
     return {"by_phase": rows, "floor_idle_ms": floor, "floor_paused_ms": paused}
 
@@ -444,9 +466,8 @@ def section_cold_vm(bench: Any) -> dict[str, Any]:
             result[kind]["idle_vm_rss_mib"] = round(rss / 1024, 1)
         bench.log(f"  raw median {result[kind]['raw_median_ms']} ms, through summon {result[kind]['summon_median_ms']} ms,"
                   f" overhead {result[kind]['overhead_ms']} ms")
-        through_phases = phase_medians(summon_phases(bench.tmp / f"summon-vm-{kind}-events.db"))
-        result[kind]["phases"] = phases_report(bench, through_phases, phase_medians(raw_driver.phases),
-                                               phase_medians(floor_idle), phase_medians(floor_paused))
+        result[kind]["phases"] = phases_report(bench, summon_phases(bench.tmp / f"summon-vm-{kind}-events.db"),
+                                               raw_driver.phases, floor_idle, floor_paused)
     ratio = bl.ratio(result["restore"]["summon_median_ms"], result["boot"]["summon_median_ms"])
     result["restore_over_boot"] = ratio
     result["goals"] = {

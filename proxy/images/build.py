@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ImageError
+from .kernel import FORMATS, TOOL_PACKAGES, extract_vmlinux, payload
 from .manifest import BUILD_DIR, content_digest, manifest_digest, read_manifest, write_built_manifest
 
 # Load order matters: each module needs the ones before it (see modules.dep).
@@ -53,6 +54,8 @@ BUSYBOX = Path("/bin/busybox")
 KERNEL_GLOB = "vmlinuz-*-cloud-amd64"
 CMDLINE = "console=ttyS0 quiet panic=-1"
 MEMORY_MIB = 128
+KERNEL_FORMAT = "bzimage"  # the default `kernel_format` (see `kernel.FORMATS`)
+KERNEL_FILES = {"bzimage": "vmlinuz", "pvh": "vmlinux"}
 
 S_IFDIR, S_IFREG, S_IFCHR = 0o040000, 0o100000, 0o020000
 
@@ -307,6 +310,7 @@ class Inputs:
     guest_port: int = 80
     source_date_epoch: int = 0
     modules: tuple[str, ...] = VIRTIO_NET_MODULES
+    kernel_format: str = KERNEL_FORMAT  # "pvh": the ELF inside the bzImage (see `kernel`)
 
 
 @dataclass(frozen=True)
@@ -322,11 +326,16 @@ def assemble(inputs: Inputs, out: Path) -> Artefacts:
     """Write out/vmlinuz and out/initrd.cpio.gz from `inputs`; return their digests."""
     if not inputs.site.is_dir():
         raise ImageError(f"site directory {inputs.site} does not exist")
+    if inputs.kernel_format not in FORMATS:
+        raise ImageError(f"kernel_format {inputs.kernel_format!r}: use one of {', '.join(FORMATS)}")
     out.mkdir(parents=True, exist_ok=True)
-    vmlinuz = out / "vmlinuz"
-    tmp = out / ".vmlinuz.tmp"
+    vmlinuz = out / KERNEL_FILES[inputs.kernel_format]
+    tmp = out / f".{vmlinuz.name}.tmp"
     try:
-        shutil.copyfile(inputs.kernel.vmlinuz, tmp)
+        if inputs.kernel_format == "pvh":
+            tmp.write_bytes(extract_vmlinux(inputs.kernel.vmlinuz.read_bytes())[0])
+        else:
+            shutil.copyfile(inputs.kernel.vmlinuz, tmp)
     except OSError as exc:
         raise ImageError(f"cannot read the kernel {inputs.kernel.vmlinuz}: {exc.strerror or exc}") from exc
     os.replace(tmp, vmlinuz)
@@ -483,10 +492,16 @@ def build_image(image_dir: Path, progress: Callable[[str], None], store: Path | 
         guest_port = int(recipe_t.get("guest_port", 80))
         memory = int(recipe_t.get("memory_mib", MEMORY_MIB))
         cmdline = str(recipe_t.get("cmdline", arch.cmdline))
+        # the PVH entry is x86's; other arches boot the packaged file as it is
+        kernel_format = str(recipe_t.get("kernel_format", KERNEL_FORMAT if name == "x86_64" else "bzimage"))
         if name == native_arch():
             kernel, busybox = find_kernel(), BUSYBOX
-            packages = {p: package_version(p) for p in (f"linux-image-cloud-{arch.debian}",
-                                                        KERNEL_PACKAGE.format(release=kernel.release), BUSYBOX_PACKAGE)}
+            wanted_pkgs = [f"linux-image-cloud-{arch.debian}", KERNEL_PACKAGE.format(release=kernel.release),
+                           BUSYBOX_PACKAGE]
+            if kernel_format == "pvh":  # the tool that unpacked the kernel is an input too
+                how = payload(kernel.vmlinuz.read_bytes())[0]
+                wanted_pkgs += [TOOL_PACKAGES[how]] if how in TOOL_PACKAGES else []
+            packages = {p: package_version(p) for p in wanted_pkgs}
         else:
             foreign = fetch_foreign(arch, packages_dir or image_dir.parent / ".packages" / arch.debian, progress)
             kernel, busybox, packages = foreign.kernel, foreign.busybox, foreign.packages
@@ -495,17 +510,21 @@ def build_image(image_dir: Path, progress: Callable[[str], None], store: Path | 
         out = image_dir / arch.build_dir
         staging = image_dir / BUILD_DIR / f".staging.{os.getpid()}"
         try:
-            art = assemble(Inputs(kernel, busybox, site, guest_port, source_date_epoch, arch.modules), staging)
-            for src, fname in ((art.kernel, "vmlinuz"), (art.initrd, "initrd.cpio.gz")):
+            art = assemble(Inputs(kernel, busybox, site, guest_port, source_date_epoch, arch.modules, kernel_format),
+                           staging)
+            for src, fname in ((art.kernel, art.kernel.name), (art.initrd, "initrd.cpio.gz")):
                 out.mkdir(parents=True, exist_ok=True)
                 link_into(st.object_path(st.put_file(src)), out / fname)
+            for other in set(KERNEL_FILES.values()) - {art.kernel.name}:
+                (out / other).unlink(missing_ok=True)  # the other format's, from an earlier build
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        progress(f"[{name}] wrote {out / 'vmlinuz'} sha256:{art.kernel_sha256[:16]}... and {out / 'initrd.cpio.gz'} "
+        progress(f"[{name}] wrote {out / art.kernel.name} sha256:{art.kernel_sha256[:16]}... and {out / 'initrd.cpio.gz'} "
                  f"({(out / 'initrd.cpio.gz').stat().st_size // 1024} KiB) sha256:{art.initrd_sha256[:16]}...")
         targets[name] = {
-            "kernel": f"{arch.build_dir}/vmlinuz",
+            "kernel": f"{arch.build_dir}/{art.kernel.name}",
             "kernel_sha256": art.kernel_sha256,
+            "kernel_format": kernel_format,
             "initrd": f"{arch.build_dir}/initrd.cpio.gz",
             "initrd_sha256": art.initrd_sha256,
             "cmdline": cmdline,
@@ -515,6 +534,7 @@ def build_image(image_dir: Path, progress: Callable[[str], None], store: Path | 
         recorded = {
             "packages": packages,
             "kernel_release": kernel.release,
+            "kernel_format": kernel_format,
             "modules": list(arch.modules),
             "initrd_cpio_sha256": art.initrd_cpio_sha256,
         }

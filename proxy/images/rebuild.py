@@ -175,7 +175,7 @@ def rebuild(manifest: dict[str, Any], image_dir: Path, store: Store, out_dir: Pa
         return out
     kernel = ib.Kernel(release, kroot / "boot" / f"vmlinuz-{release}", kroot / "lib" / "modules" / release)
     inputs = ib.Inputs(kernel, broot / "bin" / "busybox", site, int(x86.get("guest_port", 80)),
-                       int(b.get("source_date_epoch", 0)))
+                       int(b.get("source_date_epoch", 0)), kernel_format=str(b.get("kernel_format", "bzimage")))
     art = out.artefacts = ib.assemble(inputs, out_dir / "artefacts")
     _compare(out, "kernel", str(x86.get("kernel_sha256")), art.kernel_sha256)
     _compare(out, "initrd", str(x86.get("initrd_sha256")), art.initrd_sha256)
