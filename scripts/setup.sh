@@ -18,6 +18,7 @@ DEB_PACKAGES=(
   libvirt-clients         # virsh, to look at what summon started
   libvirt-dev pkg-config  # to build libvirt-python
   linux-image-cloud-amd64 # a small virtio kernel for the microVM
+  lz4                     # unpacks that kernel (LZ4 inside its bzImage) for a PVH boot
   cpio                    # initramfs packing
   chromium                # browser tests (headless)
   redis-server            # shared state where an issue asks for it

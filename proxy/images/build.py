@@ -52,9 +52,16 @@ VIRTIO_NET_MODULES = (
 )
 BUSYBOX = Path("/bin/busybox")
 KERNEL_GLOB = "vmlinuz-*-cloud-amd64"
-CMDLINE = "console=ttyS0 quiet panic=-1"
+# The guest has one serial port, no PS/2 mouse or PnP devices, one PCI bus and a TSC it
+# can trust (TCG), and nothing that needs the crypto self-tests at boot: so the kernel is
+# told not to probe or test them. `quiet`: printing the boot log costs ~5% more QEMU CPU.
+# Kept because it pays (median of 7 alternating boots under TCG, create to the first 200,
+# wall / QEMU CPU: 2.98 / 2.69 s -> 2.53 / 2.24 s; with the PVH entry 2.39 / 2.26 s ->
+# 2.17 / 1.97 s), nearly all of it in the kernel's own init.
+CMDLINE = ("console=ttyS0 quiet panic=-1 8250.nr_uarts=1 i8042.noaux i8042.nopnp i8042.dumbkbd tsc=reliable"
+           " no_timer_check noreplace-smp pci=lastbus=0 cryptomgr.notests")
 MEMORY_MIB = 128
-KERNEL_FORMAT = "bzimage"  # the default `kernel_format` (see `kernel.FORMATS`)
+KERNEL_FORMAT = "pvh"  # the default `kernel_format` (see `kernel`): no decompressor per boot
 KERNEL_FILES = {"bzimage": "vmlinuz", "pvh": "vmlinux"}
 
 S_IFDIR, S_IFREG, S_IFCHR = 0o040000, 0o100000, 0o020000

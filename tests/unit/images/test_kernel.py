@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import gzip
 import struct
+from pathlib import Path
 
 import pytest
 
 from proxy.errors import ImageError
+from proxy.images.build import Inputs, Kernel, assemble
 from proxy.images.kernel import XEN_ELFNOTE_PHYS32_ENTRY, extract_vmlinux, has_pvh_entry, payload
 
 
@@ -73,3 +75,30 @@ def test_not_a_bzimage_or_unknown_compression() -> None:
         payload(bzimage(b"", version=0x206))
     with pytest.raises(ImageError, match="does not know"):
         payload(bzimage(b"BZh91AY"))
+
+
+def fake_kernel(tmp: Path, image: bytes) -> Kernel:
+    from proxy.images.build import VIRTIO_NET_MODULES
+
+    mods = tmp / "modules"
+    (mods / "kernel").mkdir(parents=True)
+    (mods / "modules.dep").write_text("".join(f"kernel/{m}.ko:\n" for m in VIRTIO_NET_MODULES))
+    for m in VIRTIO_NET_MODULES:
+        (mods / "kernel" / f"{m}.ko").write_bytes(b"\x7fELF module " + m.encode())
+    (tmp / "vmlinuz").write_bytes(image)
+    return Kernel("6.1.0-test", tmp / "vmlinuz", mods)
+
+
+def test_assemble_writes_the_pvh_elf_or_the_bzimage_as_asked(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("hi")
+    image = bzimage(gzip.compress(PVH, mtime=0))
+    kernel = fake_kernel(tmp_path, image)
+    pvh = assemble(Inputs(kernel, Path("/bin/busybox"), site, kernel_format="pvh"), tmp_path / "a")
+    assert pvh.kernel.name == "vmlinux" and pvh.kernel.read_bytes() == PVH
+    bz = assemble(Inputs(kernel, Path("/bin/busybox"), site, kernel_format="bzimage"), tmp_path / "b")
+    assert bz.kernel.name == "vmlinuz" and bz.kernel.read_bytes() == image
+    assert bz.initrd_sha256 == pvh.initrd_sha256  # the initramfs does not depend on the kernel's format
+    with pytest.raises(ImageError, match="kernel_format 'elf'"):
+        assemble(Inputs(kernel, Path("/bin/busybox"), site, kernel_format="elf"), tmp_path / "c")
