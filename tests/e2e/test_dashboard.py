@@ -136,7 +136,18 @@ def test_dashboard_one_shot_dump_dom(tmp_path: Path) -> None:
     # a long idle timeout: chromium's start-up must not race the instance's idle stop
     with Summon(tmp_path, ROUTE.replace('idle_timeout = "2s"', 'idle_timeout = "60s"')) as summon:
         assert http_get(summon.url + "/")[0] == 200  # summon one instance
+        # a VM's boot breakdown, as the libvirt driver's ready events carry it (the process driver keeps none)
+        from proxy.observe.events import Event, EventLog
+
+        with EventLog(tmp_path / "events.db") as log:
+            for n, firmware in enumerate((0.4, 0.5, 0.9)):
+                log.record(Event("ready", route="decks", instance=f"vm{n}", duration_s=2.0, detail={
+                    "cold_requests": 1, "image": "decks",
+                    "phases": {"prepare": 0.01, "qemu_up": 0.3, "firmware": firmware, "kernel_init": 1.1,
+                               "first_response": 0.05}}))
         dom = dump_dom(summon.admin_url + "/", virtual_time_ms=1500)
+        assert re.search(r'class="phase-row" data-image="decks" data-start="boot" data-boots="3"', dom), dom[:3000]
+        assert re.search(r'data-phase="firmware" data-ms="500"', dom)  # the p50 of 0.4, 0.5, 0.9 s
         assert re.search(r'<body[^>]*data-state="ok"', dom), dom[:2000]
         assert re.search(r'class="instance"[^>]*data-state="ready"', dom)
         assert 'class="pool" data-route="decks"' in dom
