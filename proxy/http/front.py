@@ -406,9 +406,11 @@ class ClientConnection(asyncio.Protocol):
         if ex.counted:
             return
         ex.counted = True
-        self.state.inflight -= 1
+        state = self.state
+        state.inflight -= 1
+        state.answered += 1
         try:
-            self.state.observe(ex)
+            state.observe(ex)
         except Exception:  # metrics must never break the data path
             log.exception("observe failed")
 

@@ -18,10 +18,10 @@ Drain, step by step (`drain()`):
 5. Whatever is left is aborted; every instance summon started is stopped.
 
 Overload (`OverloadWatch`): a timer every few milliseconds feeds `proxy.engine.overload.Shedder`
-with its own lateness, how long the last accepted connection sat in the backlog, and
-whether the loop slept. While it says summon's CPU is saturated, the listening sockets
+with its own lateness, how long the last accepted connection sat in the backlog,
+whether the loop slept and how many requests are in flight. While it says summon's CPU is saturated, the listening sockets
 stop listening (the kernel refuses new connections, at no cost to summon) and the front
-sheds requests on open connections at the pace it asks for; when it says the overload is
+sheds as many requests on open connections as it asks for; when it says the overload is
 over, they listen again.
 
 Reload (`reload()`): the file is read and validated off the event loop; if invalid, the
@@ -259,7 +259,8 @@ class OverloadWatch:
         switches = _voluntary_switches()
         self.slept = slept = switches != self.switches
         self.switches = switches
-        state.shed_budget = shedder.tick(self.due, now, waited, slept)  # drops nobody takes lapse, as in CoDel
+        # drops nobody takes lapse, as in CoDel
+        state.shed_budget = shedder.tick(self.due, now, waited, slept, state.inflight, state.answered)
         if shedder.shedding and not was and now - self.logged_at >= 10.0:  # episodes come in bursts
             self.logged_at = now
             log.warning("overloaded: requests wait %.0f ms before they are read; shedding (episode %d, "

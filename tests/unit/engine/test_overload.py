@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from proxy.engine.overload import IDLE_TICK_S, TICK_S, Shedder
+from proxy.engine.overload import IDLE_TICK_S, MIN_QUEUE, TICK_S, Shedder
 
 TARGET, INTERVAL, TICK = 0.05, 0.1, 0.01
 
@@ -181,3 +181,118 @@ def test_an_idle_proxy_is_sampled_ten_times_less_often() -> None:
     loop.shedder = shedder
     loop.run(INTERVAL * 2, late=0.06, slept=False)
     assert shedder.shedding and shedder.next_tick_s(slept=True, inflight=0) == TICK_S
+
+
+class BusyConnections:
+    """A loop serving `conns` busy keep-alive connections whose clients never let them go
+    idle (an open-loop load past saturation, new connections refused): every turn reads
+    and answers each of them once, so a turn, and the wait, grows with their number. A
+    request shed closes its connection for good (its client is refused when it comes back)."""
+
+    def __init__(self, conns: int, per_request_s: float = 0.001) -> None:
+        self.shedder = Shedder(target_s=TARGET, interval_s=INTERVAL)
+        self.conns = conns
+        self.per_request_s = per_request_s
+        self.now = 0.0
+        self.budget = 0
+        self.answered = 0
+        self.turns: list[float] = []
+
+    def turn(self) -> None:
+        """The turn before a tick answers every busy connection, the first `budget` of them
+        with a 503 that closes it (the budget lapses at the next tick, as in the shell)."""
+        shed = min(self.budget, self.conns)
+        turn = self.conns * self.per_request_s
+        self.answered += self.conns
+        self.conns -= shed
+        self.turns.append(turn)
+        due = self.now + TICK
+        self.now = due + turn
+        self.budget = self.shedder.tick(due, self.now, 0.0, slept=False, queued=self.conns, answered=self.answered)
+
+
+def test_drops_follow_the_standing_queue_not_codels_pace() -> None:
+    """200 busy connections at 1 ms each: a 200 ms wait, four times the target. CoDel's
+    pace alone would need hundreds of steps to clear that (one drop per interval/sqrt(n));
+    a cut brings the wait under the target within one interval of shedding."""
+    loop = BusyConnections(200)
+    while not loop.shedder.shedding:
+        loop.turn()
+        assert loop.now < 2.0
+    began = loop.now
+    while loop.now - began < INTERVAL:
+        loop.turn()
+    assert loop.conns * loop.per_request_s < TARGET, loop.turns
+    # and not far under it: what is left keeps the loop busy (goodput does not collapse)
+    assert loop.conns * loop.per_request_s >= 0.5 * 0.5 * TARGET, loop.turns
+    assert loop.shedder.cut > 0
+    for _ in range(50):  # and it stays there: no further cuts once the wait is at the setpoint
+        loop.turn()
+    assert 0.5 * 0.5 * TARGET <= loop.conns * loop.per_request_s < TARGET
+
+
+def _shedding_with(queued: int, rate: float) -> tuple[Shedder, float, int]:
+    """A shedder in an episode, told `queued` in flight answered at `rate` per second;
+    what the first tick of the episode asked for."""
+    shedder = Shedder(target_s=TARGET, interval_s=INTERVAL)
+    now, answered, first = 0.0, 0, 0
+    while not shedder.shedding:
+        now += TICK + 0.06
+        answered += round(rate * (TICK + 0.06))
+        first = shedder.tick(now - 0.06, now, 0.0, slept=False, queued=queued, answered=answered)
+        assert now < 2.0
+    return shedder, now, first
+
+
+def test_a_cut_sheds_the_surplus_over_littles_law() -> None:
+    """400 in flight answered at 1,000/s wait 400 ms: keep what is answered in half the
+    target (25), shed the rest, once; the next ticks see the same count (the dropped
+    connections are still being read) and must not cut again."""
+    shedder, now, first = _shedding_with(400, 1000.0)
+    assert 400 - 25 - 2 <= first <= 400 - 25 + 2
+    answered = 10**6
+    for _ in range(3):  # within interval / 2
+        now += TICK
+        assert shedder.tick(now - TICK, now, 0.0, slept=False, queued=400, answered=answered) <= 1
+
+
+def test_no_cut_while_what_is_in_flight_is_answered_promptly() -> None:
+    """Shedding because the backlog stood, the open connections answered within the
+    setpoint: they are not cut. And a cut never leaves the loop without work."""
+    shedder, _, first = _shedding_with(20, 1000.0)  # 20 ms
+    assert first == 1 and shedder.cut == 0  # CoDel's first drop only
+    shedder, _, first = _shedding_with(50, 100.0)  # 500 ms, but only 50 in flight
+    assert first == 50 - MIN_QUEUE
+
+
+def test_an_episode_soon_after_the_last_comes_back_at_the_first_late_sample() -> None:
+    """A sleep ended the episode; the backlog fills again at once. Waiting a whole interval
+    would let every connection accepted meanwhile wait past the target."""
+    loop = Loop()
+    loop.run(INTERVAL * 4, late=0.06, slept=False)
+    loop.tick(slept=True)
+    assert not loop.shedder.shedding
+    loop.run(INTERVAL * 0.5, late=0.001, waited=0.01, slept=False)
+    loop.tick(late=0.001, waited=0.06, slept=False)
+    assert loop.shedder.shedding and loop.shedder.episodes == 2
+    # long after, the interval is asked for again
+    loop.run(17 * INTERVAL + 0.2)  # the episode ends within an interval, then 16 more
+    assert loop.shedder.episodes == 2 and not loop.shedder.shedding
+    loop.tick(late=0.001, waited=0.06, slept=False)
+    assert not loop.shedder.shedding
+
+
+def test_a_sleep_ends_an_episode_only_once_it_has_lasted_an_interval() -> None:
+    """While connections are refused, a sleep says the open ones are served, not that
+    the demand outside has gone: ending at the first one flaps between refusing and
+    accepting every few ticks, a wave of new connections each time."""
+    loop = Loop()
+    loop.run(INTERVAL * 1.5, late=0.06, slept=False)
+    assert loop.shedder.shedding
+    began = loop.shedder.began
+    loop.tick(late=0.06, slept=True)
+    assert loop.shedder.shedding
+    while loop.now - began < INTERVAL:
+        loop.tick(late=0.06, slept=False)
+    loop.tick(late=0.06, slept=True)
+    assert not loop.shedder.shedding
