@@ -28,7 +28,8 @@ and nothing to accept: no queue stands anywhere) in an episode that has lasted a
 interval (while new connections are refused, a sleep says the open ones are served, not
 that the demand outside has gone; ending at the first one flaps between refusing and
 accepting every few ticks, a wave of new connections each time), or after a whole
-interval of samples under target (still saturated, but answering promptly: new clients may come in again).
+interval of samples under target (still saturated, but answering promptly: new clients
+may come in again).
 Not at the first sample under target, as CoDel would: while new connections are refused
 the backlog wait cannot be sampled, and ending at once lets a wave of them in every few
 ticks (measured: twice the p99 at 2x saturation).
@@ -51,15 +52,15 @@ What shedding does (carried out by the asyncio shell, `proxy.serve.server`) mean
   also follow the queue: by Little's law the wait on open connections is the requests
   in flight over the rate they are answered at, and the timer's lateness is no measure
   of it (under a CPU cap a request takes several turns). The shell reports both counts
-  (`queued`: requests in flight; `answered`: requests answered so far); the peak in
-  flight (over the last interval or two, since the last cut), over the rate of the last interval, is the wait, and when
-  it is above SETPOINT * target the surplus, all of it, is shed at once (never below
-  MIN_QUEUE in flight: the loop must keep work). Then no cut for `interval_s / 2`,
+  (`queued`: requests in flight; `answered`: requests answered so far, from the
+  metrics' counts); the peak in
+  flight (over the last interval or two, since the last cut) over the rate answered in
+  the last interval is the wait, and when it is above SETPOINT * target the surplus,
+  all of it, is shed at once (never below MIN_QUEUE in flight: the loop must keep work). Then no cut for `interval_s / 2`,
   while the peak is measured afresh: the turn after a cut still reads what it drops.
 - An episode that ended less than 16 intervals ago comes back at the first sample above
-  target, not after a whole interval of them: a sleep ends an episode as soon as the
-  loop once finds nothing to do, and meanwhile every connection accepted from the
-  backlog has waited (measured: episodes 100-200 ms apart, each preceded by 100 ms of
+  target, not after a whole interval of them: the demand that ended episode was refused,
+  not gone, and meanwhile every connection accepted from the backlog has waited (measured: episodes 100-200 ms apart, each preceded by 100 ms of
   backlog waits climbing to 200 ms, and those first requests were the 2xx p99).
 """
 

@@ -406,11 +406,9 @@ class ClientConnection(asyncio.Protocol):
         if ex.counted:
             return
         ex.counted = True
-        state = self.state
-        state.inflight -= 1
-        state.answered += 1
+        self.state.inflight -= 1
         try:
-            state.observe(ex)
+            self.state.observe(ex)
         except Exception:  # metrics must never break the data path
             log.exception("observe failed")
 

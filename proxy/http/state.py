@@ -85,13 +85,11 @@ class ServerState:
     # For the overload watch (proxy.serve.server, proxy.engine.overload): when `probe_accept` is set, the
     # next connection accepted reports how long it sat in the backlog; `shed_budget`
     # requests on open connections are to be shed now. `shed_requests` counts every
-    # request shed with a 503 (this and max_inflight); `answered`, every request done
-    # (with `inflight`, Little's law gives the overload watch the wait on open connections).
+    # request shed with a 503 (this and max_inflight).
     probe_accept: bool = False
     accept_waited_s: float = 0.0
     shed_budget: int = 0
     shed_requests: int = 0
-    answered: int = 0
     sweeper: asyncio.TimerHandle | None = None
 
     def start_sweeping(self, interval_s: float = 0.25) -> None:

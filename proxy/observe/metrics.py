@@ -62,6 +62,12 @@ class Metrics:
         hist.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # first bucket with bound >= value
         hist.sum += seconds
 
+    def answered(self) -> int:
+        """Requests answered so far, all routes and statuses: the overload watch's rate
+        (summed per tick from the counts `observe` keeps anyway, so the data path pays
+        nothing more)."""
+        return sum(self.requests.counts.values())
+
     def command(self, cmd: Command) -> None:
         if isinstance(cmd, Boot):
             self.boots.labels(cmd.route).inc()

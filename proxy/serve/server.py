@@ -260,7 +260,8 @@ class OverloadWatch:
         self.slept = slept = switches != self.switches
         self.switches = switches
         # drops nobody takes lapse, as in CoDel
-        state.shed_budget = shedder.tick(self.due, now, waited, slept, state.inflight, state.answered)
+        answered = self.rt.metrics.answered() if self.rt.metrics is not None else 0
+        state.shed_budget = shedder.tick(self.due, now, waited, slept, state.inflight, answered)
         if shedder.shedding and not was and now - self.logged_at >= 10.0:  # episodes come in bursts
             self.logged_at = now
             log.warning("overloaded: requests wait %.0f ms before they are read; shedding (episode %d, "
