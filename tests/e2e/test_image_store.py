@@ -52,7 +52,7 @@ def test_two_fresh_checkouts_build_and_rebuild_bit_for_bit(tmp_path: Path) -> No
         assert r.returncode == 0, r.stderr
     ma, mb = built(a), built(b)
     assert manifest_digest(ma) == manifest_digest(mb)
-    for key in ("vmlinuz", "initrd.cpio.gz"):
+    for key in (kernel_file(ma), "initrd.cpio.gz"):
         assert (a / "images/decks/build" / key).read_bytes() == (b / "images/decks/build" / key).read_bytes()
     for root in (a, b):
         for _ in range(2):
@@ -66,8 +66,13 @@ def test_two_fresh_checkouts_build_and_rebuild_bit_for_bit(tmp_path: Path) -> No
     assert summon(a, "build", "decks").returncode == 0
     assert sorted(p.name for p in store.objects.iterdir()) == before
     kernel = store.object_path(ma["targets"]["x86_64"]["kernel_sha256"])
-    assert (a / "images/decks/build/vmlinuz").stat().st_ino == kernel.stat().st_ino
+    assert (a / "images/decks/build" / kernel_file(ma)).stat().st_ino == kernel.stat().st_ino
     assert len(store.builds("decks")) == 2 and len({x.digest for x in store.builds("decks")}) == 1
+
+
+def kernel_file(manifest: dict) -> str:
+    """The built kernel's file name (vmlinuz, or vmlinux for a PVH entry), as the manifest says."""
+    return Path(manifest["targets"]["x86_64"]["kernel"]).name
 
 
 def test_check_names_a_changed_package_version_and_refuses(tmp_path: Path) -> None:
@@ -92,11 +97,11 @@ def test_a_changed_site_is_rebuilt_from_the_store_and_a_lost_kernel_restored(tmp
     assert summon(root, "build", "decks").returncode == 0
     m = built(root)
     (root / "images/decks/site/index.html").write_text("edited after the build")
-    (root / "images/decks/build/vmlinuz").unlink()
+    (root / "images/decks/build" / kernel_file(m)).unlink()
     r = summon(root, "rebuild", "decks")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "from the image store" in r.stdout and "restored" in r.stdout
-    assert (root / "images/decks/build/vmlinuz").is_file()
+    assert (root / "images/decks/build" / kernel_file(m)).is_file()
     assert built(root) == m
 
 
