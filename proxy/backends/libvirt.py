@@ -255,29 +255,40 @@ class LibvirtBackend:
 
     def _connection(self) -> Any:
         with self._conn_lock:
-            if self._conn is not None:
-                try:
-                    if self._conn.isAlive():
-                        return self._conn
-                except libvirt.libvirtError:
-                    pass
-                self._conn = None
-            if self.endpoint is not None:
-                why = reachable(self.endpoint)  # seconds, not the minutes libvirt.open would block
-                if why is not None:
-                    raise HostUnavailable(f"cannot connect to {self.uri}: {why}")
-                ensure_event_loop()
-            try:
-                conn = libvirt.open(self.uri)
-            except libvirt.libvirtError as exc:
-                raise HostUnavailable(f"cannot connect to {self.uri}: {exc}") from exc
-            if self.endpoint is not None:
-                try:  # calls on a dead TCP path then fail within seconds instead of hanging
-                    conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
-                except libvirt.libvirtError:
-                    pass
+            if self._alive(self._conn):
+                return self._conn
+            self._conn = None
+        # Opened without the lock: a connect stuck on a path that just died (TCP retries last
+        # minutes) must not hold up every other caller, the health probe above all.
+        if self.endpoint is not None:
+            why = reachable(self.endpoint)  # seconds, not the minutes libvirt.open would block
+            if why is not None:
+                raise HostUnavailable(f"cannot connect to {self.uri}: {why}")
+            ensure_event_loop()
+        try:
+            conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as exc:
+            raise HostUnavailable(f"cannot connect to {self.uri}: {exc}") from exc
+        if self.endpoint is not None:
+            try:  # calls on a dead TCP path then fail within seconds instead of hanging
+                conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
+            except libvirt.libvirtError:
+                pass
+        with self._conn_lock:
+            if self._alive(self._conn):  # another caller connected meanwhile: use one connection
+                _close_quietly(conn)
+                return self._conn
             self._conn = conn
             return conn
+
+    @staticmethod
+    def _alive(conn: Any) -> bool:
+        if conn is None:
+            return False
+        try:
+            return bool(conn.isAlive())
+        except libvirt.libvirtError:
+            return False
 
     def _lost(self) -> bool:
         """Is the connection gone (closed by keepalive, or never opened)? Local check, no RPC."""
