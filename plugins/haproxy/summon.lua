@@ -91,8 +91,13 @@ function Done:end_analyze(txn, chn)
   core.register_task(function()
     local headers = {}
     if TOKEN then headers["X-Summon-Token"] = { TOKEN } end
-    core.httpclient():get({ url = "http://" .. SUMMON .. "/done?lease=" .. lease .. "&status=" .. status,
-                            headers = headers, timeout = 5000 })
+    -- a /done that is lost would hold the lease until summon's lease_timeout: try again
+    for attempt = 1, 3 do
+      local res = core.httpclient():get({ url = "http://" .. SUMMON .. "/done?lease=" .. lease .. "&status=" .. status,
+                                          headers = headers, timeout = 5000 })
+      if res and res.status and res.status > 0 and res.status < 500 then return end
+      core.msleep(100 * attempt)
+    end
   end)
 end
 
