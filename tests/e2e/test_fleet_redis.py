@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.redis_server import RedisServer
-from tests.helpers.summon_proc import BUSYBOX, Summon, http_get, make_image
+from tests.helpers.summon_proc import BUSYBOX, Summon, http_get, make_image, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -99,16 +99,6 @@ def local_events(s: Summon, kind: str | None = None) -> list[dict]:
         rows = c.execute("select kind, route, instance, detail from events order by id").fetchall()
     return [{"kind": k, "route": r, "instance": i, "detail": json.loads(d or "{}")} for k, r, i, d in rows
             if kind is None or k == kind]
-
-
-def wait_for(cond, timeout: float = 15.0, step: float = 0.1):  # type: ignore[no-untyped-def]
-    end = time.time() + timeout
-    while time.time() < end:
-        value = cond()
-        if value:
-            return value
-        time.sleep(step)
-    return cond()
 
 
 @pytest.fixture

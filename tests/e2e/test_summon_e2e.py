@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.summon_proc import BUSYBOX, Summon, http_get, make_image, pids_matching
+from tests.helpers.summon_proc import BUSYBOX, Summon, http_get, make_image, pids_matching, wait_for
 
 ROUTE = """
 [[route]]
@@ -47,16 +47,6 @@ def events(db: Path, kind: str | None = None) -> list[tuple[str, str]]:
                 raise
             time.sleep(0.1)
     return [r for r in rows if kind is None or r[0] == kind]
-
-
-def wait_for(cond, timeout: float = 10.0, step: float = 0.1):  # type: ignore[no-untyped-def]
-    end = time.time() + timeout
-    while time.time() < end:
-        value = cond()
-        if value:
-            return value
-        time.sleep(step)
-    return cond()
 
 
 @pytest.fixture

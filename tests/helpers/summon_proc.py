@@ -113,3 +113,14 @@ def http_get(port: int, path: str = "/", host: str = "site", timeout: float = 30
 def pids_matching(text: str) -> list[int]:
     out = subprocess.run(["pgrep", "-f", text], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out if int(p) != os.getpid()]
+
+
+def wait_for(cond, timeout: float = 10.0, step: float = 0.1):  # type: ignore[no-untyped-def]
+    """`cond()`'s first truthy value within `timeout` seconds, else its last value."""
+    end = time.time() + timeout
+    while time.time() < end:
+        value = cond()
+        if value:
+            return value
+        time.sleep(step)
+    return cond()
