@@ -26,13 +26,20 @@ boot_timeout = "{boot_timeout}"
 queue_size = {queue}
 target_concurrency = {target}
 max_replicas = {max_replicas}
+max_conns = {max_conns}
 """
 
 
 def route(image: str = "site", idle: str = "60s", boot_timeout: str = "10s", queue: int = 1000,
-          target: int = 1000, max_replicas: int = 4) -> str:
+          target: int = 1000, max_replicas: int = 4, max_conns: int = 32) -> str:
     return ROUTE.format(image=image, idle=idle, boot_timeout=boot_timeout, queue=queue, target=target,
-                        max_replicas=max_replicas)
+                        max_replicas=max_replicas, max_conns=max_conns)
+
+
+# busybox httpd listens with a backlog of 9: a burst of hundreds on one instance at the
+# default max_conns (32 per worker) has its dropped SYNs retried after 1, 3, 7 s. The burst
+# tests keep the connections per worker within that backlog, as an operator would.
+BURST_CONNS = 4
 
 
 def events(db: Path, kind: str | None = None) -> list[tuple[str, str]]:
@@ -75,7 +82,7 @@ def test_cold_request_is_answered_by_a_freshly_summoned_instance(tmp_path: Path,
 def test_500_concurrent_requests_during_one_boot_all_succeed_with_one_instance(tmp_path: Path, images: Path) -> None:
     # the instance takes 0.5 s to come up, so all 500 requests arrive during its boot
     make_image(images, "site", ["sh", "-c", "sleep 0.5; exec busybox httpd -f -p 127.0.0.1:{port} -h {dir}/site"])
-    s = Summon(tmp_path, route(target=10_000)).start()
+    s = Summon(tmp_path, route(target=10_000, max_conns=BURST_CONNS)).start()
     try:
         with ThreadPoolExecutor(max_workers=500) as pool:
             results = list(pool.map(lambda _: http_get(s.port, "/")[0], range(500)))
@@ -277,7 +284,7 @@ def test_a_cold_burst_over_two_workers_boots_exactly_one_instance(tmp_path: Path
     (SO_REUSEPORT hashes each connection; all 300 on one worker has odds of 2**-299), and
     the instance takes 0.5 s to come up, so both workers hold cold requests at once."""
     make_image(images, "site", SLOW_SITE)
-    s = Summon(tmp_path, route(target=1000), extra="workers = 2\n").start()
+    s = Summon(tmp_path, route(target=1000, max_conns=BURST_CONNS), extra="workers = 2\n").start()
     try:
         with ThreadPoolExecutor(max_workers=300) as pool:
             statuses = list(pool.map(lambda _: http_get(s.port, "/", timeout=30)[0], range(300)))
