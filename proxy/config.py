@@ -152,6 +152,18 @@ class Cluster:
 
 
 @dataclass(frozen=True)
+class Follow:
+    """`[images] follow`: this node (an edge, perhaps behind NAT) takes new versions of these
+    images when the centre announces them in the cluster's Redis (proxy.images.announce),
+    pulling them by digest from the URL the announcement names (proxy.runtime.follower)."""
+
+    images: tuple[str, ...]
+    every_s: float = 2.0  # how often the announcements are read: one HMGET
+    token_env: str | None = None  # the environment variable holding the centre's admin_token
+    retry_s: float = 30.0  # a version that failed to pull (or was refused) is tried again after this
+
+
+@dataclass(frozen=True)
 class PluginSettings:
     """`[plugin]`: the decision endpoint for host proxies (nginx, Caddy, HAProxy; see
     proxy/plugin/). Off unless `listen` is given."""
@@ -198,6 +210,8 @@ class Config:
     events_max_rows: int = 1_000_000
     default_region: str = "local"
     cluster: Cluster | None = None
+    follow: Follow | None = None  # [images] follow: an edge that pulls announced versions
+    announce_urls: tuple[str, ...] = ()  # [images] announce_urls: where edges pull what this node announces
     plugin: PluginSettings | None = None
     prefetch: PrefetchSettings = PrefetchSettings()
 
@@ -391,6 +405,45 @@ def _env_name(value: Any) -> str:
     return name
 
 
+_IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def _image_names(value: Any) -> tuple[str, ...]:
+    names = _strings(value)
+    for n in names:
+        if not _IMAGE_NAME.match(n):
+            raise ValueError(f"{n!r} is not an image name (letters, digits, '.', '_', '-'; no @ pin: "
+                             "a followed image takes whichever version is announced)")
+    if not names:
+        raise ValueError("name at least one image (or leave the key out)")
+    return names
+
+
+def parse_base_urls(value: Any) -> tuple[str, ...]:
+    """http(s)://HOST[:PORT][/prefix]: the admin address an edge asks for /images/sha256/<hex>."""
+    import urllib.parse
+
+    urls = _strings(value)
+    for u in urls:
+        try:
+            parts = urllib.parse.urlsplit(u)
+            _ = parts.port  # raises on a bad port
+        except ValueError as exc:
+            raise ValueError(f"{u!r}: {exc}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError(f"{u!r}: expected http://HOST:PORT (a summon admin address), without query")
+    if not urls:
+        raise ValueError("name at least one URL (or leave the key out)")
+    return tuple(u.rstrip("/") for u in urls)
+
+
+def _positive_duration(value: Any) -> float:
+    v = parse_duration(value)
+    if v <= 0:
+        raise ValueError("must be more than 0")
+    return v
+
+
 def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= float(value) < math.inf:
         raise ValueError(f"expected a finite number >= 0, got {value!r}")
@@ -552,6 +605,12 @@ _PLUGIN_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "token": ("token", _token),
     "lease_timeout": ("lease_timeout_s", parse_duration),
     "lease_estimate": ("lease_estimate_s", parse_duration),
+}
+_FOLLOW_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "follow": ("images", _image_names),
+    "follow_every": ("every_s", _positive_duration),
+    "follow_retry": ("retry_s", _positive_duration),
+    "pull_token_env": ("token_env", _env_name),
 }
 _TOP_KEYS = {"include", "proxy", "limits", "region", "host", "route", "images", "events", "cluster", "plugin",
              "prefetch"}
@@ -774,16 +833,41 @@ def _load(main: Path) -> Config:
     images = data.get("images", {})
     images_dir = base / "images"
     images_store: Path | None = None  # default: <dir>/.store, the content-addressed image store
-    if isinstance(images, dict):
-        for key, value in images.items():
-            if key not in ("dir", "store"):
-                out.add(file, index.line("images", 0, key), f"[images]: unknown key '{key}' (known: dir, store)")
-            elif not isinstance(value, str) or not value:
-                out.add(file, index.line("images", 0, key), f"[images].{key}: expected a path string")
+    follow_vals: dict[str, Any] = {}
+    announce_urls: tuple[str, ...] = ()
+    if not isinstance(images, dict):
+        out.add(file, index.line("images", 0), "[images] must be a table")
+        images = {}
+    for key, value in images.items():
+        line = index.line("images", 0, key)
+        if key in ("dir", "store"):
+            if not isinstance(value, str) or not value:
+                out.add(file, line, f"[images].{key}: expected a path string")
             elif key == "dir":
                 images_dir = base / value
             else:
                 images_store = base / value
+        elif key in _FOLLOW_KEYS or key == "announce_urls":
+            try:
+                if key == "announce_urls":
+                    announce_urls = parse_base_urls(value)
+                else:
+                    attr, conv = _FOLLOW_KEYS[key]
+                    follow_vals[attr] = conv(value)
+            except ValueError as exc:
+                out.add(file, line, f"[images].{key}: {exc}")
+        else:
+            out.add(file, line, f"[images]: unknown key '{key}' "
+                    f"(known: {', '.join(sorted(('dir', 'store', 'announce_urls', *_FOLLOW_KEYS)))})")
+    follow: Follow | None = None
+    if "images" in follow_vals:
+        follow = Follow(**follow_vals)
+        if "cluster" not in data:
+            out.add(file, index.line("images", 0, "follow"),
+                    "[images].follow: announcements come through the cluster's Redis: add [cluster] redis = ...")
+    elif follow_vals:
+        key = next(k for k, (attr, _) in _FOLLOW_KEYS.items() if attr in follow_vals)
+        out.add(file, index.line("images", 0, key), f"[images].{key}: only with [images].follow (the images to follow)")
     events = data.get("events", {})
     events_path = base / "summon-events.db"
     retention_s = Config.events_retention_s
@@ -895,6 +979,8 @@ def _load(main: Path) -> Config:
         routes=tuple(routes),
         images_dir=images_dir,
         images_store=images_store if images_store is not None else images_dir / ".store",
+        follow=follow,
+        announce_urls=announce_urls,
         events_path=events_path,
         events_retention_s=retention_s,
         events_max_rows=max_rows,

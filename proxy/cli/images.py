@@ -1,4 +1,4 @@
-"""`summon images build|rebuild|verify|list|history|diff|gc`: the image commands.
+"""`summon images build|rebuild|verify|list|history|diff|gc|push|pull|announce`: the image commands.
 
 Why separate: they import the image builder (kernel lookup, cpio packing) that `serve`
 never needs. `add_parsers` registers them on the ``images`` sub-command; each parser
@@ -69,6 +69,15 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     push.add_argument("--pool", help="the host's storage pool (default: the host's pool, else \"summon\")")
     _where(push)
     push.set_defaults(func=cmd_push)
+
+    ann = sub.add_parser("announce", help="tell the fleet's edges (through [cluster] redis) to pull a version "
+                         "from this node's store")
+    ann.add_argument("ref", help="NAME (its current version) or NAME@sha256:<version> (from the store)")
+    ann.add_argument("--url", action="append", metavar="URL",
+                     help="where edges pull it from: a summon admin address serving /images/sha256/ "
+                          "(repeatable; default: [images] announce_urls, else http://<[proxy] admin>)")
+    _where(ann)
+    ann.set_defaults(func=cmd_announce)
 
     history = sub.add_parser("history", help="every version of an image built here, and when each served")
     history.add_argument("name")
@@ -487,4 +496,53 @@ def cmd_pull(args: argparse.Namespace) -> int:
         return 1
     print(f"pulled {name}@{got.version} from {args.source}: {got.objects} object(s), {got.bytes // 1024} KiB, "
           f"every digest checked ({time.monotonic() - t0:.1f}s); a route can pin image = \"{name}@{got.version}\"")
+    return 0
+
+
+def cmd_announce(args: argparse.Namespace) -> int:
+    """Put the version in this node's store (what edges pull from), then announce it."""
+    from redis.exceptions import RedisError
+
+    from ..cluster.redis_store import sync_client
+    from ..config import parse_base_urls
+    from ..images.announce import ANNOUNCED, Announcement, announce
+    from ..serve.preflight import redis_password
+
+    if rc := _resolve_where(args):
+        return rc
+    config = args.routes_config
+    if config is None or config.cluster is None:
+        print("summon images announce: give the centre's config, with [cluster] redis = ...: -c summon.toml",
+              file=sys.stderr)
+        return 2
+    if args.url:
+        try:
+            urls = parse_base_urls(args.url)
+        except ValueError as exc:
+            print(f"summon images announce: --url: {exc}", file=sys.stderr)
+            return 2
+    elif config.announce_urls:
+        urls = config.announce_urls
+    elif config.proxy.admin is not None:
+        urls = (f"http://{config.proxy.admin}",)
+    else:
+        print(f"{config.path}: no URL to announce: set [images] announce_urls (or [proxy] admin), or give --url",
+              file=sys.stderr)
+        return 2
+    store = Store(args.store)
+    try:
+        image = load_image(args.images_dir, args.ref, store=args.store)
+        if not store.has(image.digest):  # an edge asks this store for it: all of it must be there
+            store.put_version(image.manifest, image.dir)
+    except ImageError as exc:
+        print(f"summon images announce: {exc}", file=sys.stderr)
+        return 1
+    a = Announcement(image.name, image.digest, urls, config.cluster.node, time.time())
+    try:
+        announce(sync_client(config.cluster.redis, redis_password(config)), a)
+    except (RedisError, OSError) as exc:
+        print(f"summon images announce: {config.cluster.redis}: {exc}", file=sys.stderr)
+        return 1
+    print(f"announced {image.ref} in {ANNOUNCED} ({config.cluster.redis}); edges following {image.name} "
+          f"pull it from {', '.join(urls)}")
     return 0

@@ -35,11 +35,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    from ..serve.preflight import redis_password
+    from ..serve.preflight import pull_token, redis_password
     from ..serve.server import serve
 
     try:
-        return serve(config, redis_password(config))
+        return serve(config, redis_password(config), pull_token(config))
     except ConfigError as exc:  # what start-up met after the checks (a port taken in between)
         report(exc.problems)
         return 2

@@ -226,7 +226,8 @@ def load_image(images_dir: Path, ref: str, store: Path | None = None) -> Image:
     """Resolve ``NAME``, ``path/to/dir`` or either with ``@sha256:<hex>``; cached by mtime.
 
     Unpinned, or pinned to the current version: the latest build (or the recipe), as
-    `_load` says. Pinned to another version: that version from the image store (`store`,
+    `_load` says; on a node that follows NAME's announcements, the version it followed
+    last (``<store>/followed/NAME``). Pinned to another version: that version from the image store (`store`,
     default ``<images_dir>/.store``), laid out under its versions/ directory, so a route
     keeps the version it pins while newer ones are built."""
     pin: str | None = None
@@ -235,6 +236,12 @@ def load_image(images_dir: Path, ref: str, store: Path | None = None) -> Image:
         ref, pin = m.group("ref"), m.group("digest")
     elif "@" in ref:
         raise ImageError(f"{ref!r}: a pin must look like NAME@sha256:<64 hex digits>")
+    elif _NAME.match(ref):
+        # a node that follows announcements (proxy.runtime.follower): NAME means the version
+        # it last pulled and verified, whatever recipe or build its images dir may hold
+        from .store import Store
+
+        pin = Store(store if store is not None else images_dir / ".store").followed(ref)
     try:
         image_dir = _resolve(images_dir, ref).absolute()  # {dir} must not depend on a later cwd
     except ImageError:

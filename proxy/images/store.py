@@ -14,6 +14,9 @@ Layout (``[images] store``, default ``<images dir>/.store``, never committed)::
                               named by `manifest.content_digest` of the tree it lists;
                               each file is an object
     builds/<NAME>.jsonl       one line per build of NAME: version, recipe digest, time (appended)
+    followed/<NAME>           on a node that follows announcements (``[images] follow``): the
+                              version of NAME it last pulled and verified, which an unpinned
+                              ``image = "NAME"`` means there (written only after the pull)
     versions/<hex>/           a version laid out like an image dir (build/vmlinuz,
                               site/...), hard links to the objects: what `load_image`
                               hands to the backends for a pinned version
@@ -118,6 +121,7 @@ class Store:
         self.trees = root / "trees"
         self.builds_dir = root / "builds"
         self.versions = root / "versions"
+        self.followed_dir = root / "followed"
 
     # --- objects -----------------------------------------------------------------
 
@@ -280,6 +284,29 @@ class Store:
         if not self.builds_dir.is_dir():
             return []
         return sorted(p.stem for p in self.builds_dir.glob("*.jsonl"))
+
+    # --- followed versions (an edge's, proxy.runtime.follower) ---------------------------
+
+    def followed(self, name: str) -> str | None:
+        """The version of `name` this node follows, or None (never pulled, or a bad file)."""
+        try:
+            text = (self.followed_dir / name).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        try:
+            return "sha256:" + hex_of(text)
+        except ImageError:
+            return None
+
+    def set_followed(self, name: str, digest: str) -> None:
+        """Point `name` at a version this store holds whole (laid out and verified first)."""
+        self.materialize(digest)
+        write_atomic(self.followed_dir / name, f"sha256:{hex_of(digest)}\n".encode())
+
+    def followed_names(self) -> list[str]:
+        if not self.followed_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.followed_dir.iterdir() if not p.name.startswith("."))
 
     # --- versions laid out for the backends ------------------------------------------
 

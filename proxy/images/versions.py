@@ -86,8 +86,10 @@ def references(store: Store, version: str) -> set[str]:
 
 
 def plan_keep(store: Store, pinned: set[str], current: set[str], keep: int) -> list[str]:
-    """The versions gc keeps: pinned, current, and each image's last `keep` builds."""
+    """The versions gc keeps: pinned, current, followed (an edge's unpinned routes run
+    those), and each image's last `keep` builds."""
     kept = set(pinned) | set(current)
+    kept.update(v for n in store.followed_names() if (v := store.followed(n)) is not None)
     for name in store.names():
         seen: list[str] = []
         for b in reversed(store.builds(name)):

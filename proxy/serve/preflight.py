@@ -34,7 +34,7 @@ LIBVIRT_TIMEOUT_S = 10.0  # libvirt.open has no timeout of its own; a remote hos
 def environment_problems(config: Config) -> list[Problem]:
     """Every problem `serve` would meet with this config on this machine."""
     return [*host_problems(config), *image_problems(config), *listen_problems(config), *events_problems(config),
-            *cluster_problems(config)]
+            *cluster_problems(config), *follow_problems(config)]
 
 
 # --- the cluster ------------------------------------------------------------------------
@@ -55,6 +55,21 @@ def cluster_problems(config: Config) -> list[Problem]:
         return []
     return [Problem(config.path, key_line(config.path, "cluster", 0, "password_env"),
                     f"[cluster].password_env: the environment variable {c.password_env} is not set")]
+
+
+def pull_token(config: Config) -> str | None:
+    """The centre's admin token an edge pulls with (`[images] pull_token_env`), read once."""
+    if config.follow is None or config.follow.token_env is None:
+        return None
+    return os.environ.get(config.follow.token_env)
+
+
+def follow_problems(config: Config) -> list[Problem]:
+    f = config.follow
+    if f is None or f.token_env is None or pull_token(config) is not None:
+        return []
+    return [Problem(config.path, key_line(config.path, "images", 0, "pull_token_env"),
+                    f"[images].pull_token_env: the environment variable {f.token_env} is not set")]
 
 
 # --- hosts ---------------------------------------------------------------------------
@@ -157,12 +172,21 @@ def image_problems(config: Config) -> list[Problem]:
                     image.verify(target)
                 seen[route.image] = None
             except SummonError as exc:  # ImageError
-                seen[route.image] = exc.detail
+                seen[route.image] = None if _awaited(config, route.image) else exc.detail
         problem = seen[route.image]
         if problem is not None:
             file, i = route_place(route)
             problems.append(Problem(file, key_line(file, "route", i, "image"), f"[[route]].image of {route.name!r}: {problem}"))
     return problems
+
+
+def _awaited(config: Config, ref: str) -> bool:
+    """A followed image this node has no version of yet: it comes with the next
+    announcement (until then its route answers 503), so it does not stop the start."""
+    from ..images.store import Store
+
+    return (config.follow is not None and ref in config.follow.images
+            and Store(config.images_store).followed(ref) is None)
 
 
 # --- listen addresses ----------------------------------------------------------------

@@ -74,6 +74,7 @@ from ..routing.contracts import Pool
 from ..routing.dispatch import Dispatcher, StaticPool
 from ..routing.table import RouteTable
 from ..runtime.bootstrap import make_backends, start_summoner
+from ..runtime.follower import Follower
 from ..runtime.summoner import Summoner
 from .preflight import events_error, listen_error
 from .workers import PeerServer, ask, die_with_parent, merge_metrics, merge_status, metric_samples, socket_path
@@ -137,6 +138,7 @@ class Runtime:
     peer: PeerServer | None = None  # workers 1..N-1: answers worker 0's admin (proxy.serve.workers)
     shipper: Shipper | None = None  # [cluster], worker 0: the local log goes on to the fleet's stream
     fleet_log: FleetLog | None = None  # [cluster]: /events reads every node's events there
+    follower: Follower | None = None  # [images] follow, worker 0: announced versions pulled here
 
 
 def make_pool_factory(rt_ref: list[Runtime]) -> Callable[[Route], Pool]:
@@ -537,6 +539,8 @@ async def drain(rt: Runtime, deadline_s: float) -> None:
         plugin.close()
     if rt.summoner is not None:
         await rt.summoner.close()
+    if rt.follower is not None:
+        await rt.follower.close()
     if rt.shipper is not None:
         if rt.events is not None:
             rt.events.flush(timeout=2.0)
@@ -564,7 +568,7 @@ def fleet_store(config: Config, worker: int, peer_dir: str | None, redis_passwor
 
 
 async def run_worker(config: Config, sockets: list[socket.socket], worker: int, peer_dir: str | None = None,
-                     redis_password: str | None = None) -> int:
+                     redis_password: str | None = None, pull_token: str | None = None) -> int:
     """One worker. Its engine shares one fleet with other engines when there are any:
     with `[cluster]`, through Redis (`proxy.cluster.redis_store`), as node `[cluster].node`
     (or `NODE-wN` with several workers); otherwise, with `peer_dir` (workers = N), through
@@ -585,6 +589,11 @@ async def run_worker(config: Config, sockets: list[socket.socket], worker: int, 
                              config.cluster.node)
         rt.shipper.start()
         rt.fleet_log = FleetLog(sync_client(config.cluster.redis, redis_password))
+        if config.follow is not None:  # an edge: new versions come by announcement (one follower)
+            events = rt.events
+            rt.follower = Follower(config.follow, config.images_store, connect(config.cluster.redis, redis_password),
+                                   events.record, token=pull_token)
+            rt.follower.start()
     if peer_dir is not None:
         await join_workers(rt, worker, peer_dir)
     watch = OverloadWatch(rt, refuse_connections=all(a.port != 0 for a in config.proxy.listen))
@@ -659,9 +668,9 @@ async def join_workers(rt: Runtime, worker: int, peer_dir: str) -> None:
     rt.admin.metrics = metrics_all
 
 
-def serve(config: Config, redis_password: str | None = None) -> int:
+def serve(config: Config, redis_password: str | None = None, pull_token: str | None = None) -> int:
     """Run the proxy until SIGTERM; returns the exit code. `redis_password`: for
-    `[cluster]`, read from the environment by the caller."""
+    `[cluster]`, `pull_token`: for `[images] follow`, read from the environment by the caller."""
     import uvloop
 
     # Mark the start in the event log before any worker summons anything: instances an
@@ -675,7 +684,8 @@ def serve(config: Config, redis_password: str | None = None) -> int:
     reuse = workers > 1
     if workers == 1:
         sockets = bind_listeners(config, reuse)
-        return uvloop.run(run_worker(config, sockets, 0, redis_password=redis_password))
+        return uvloop.run(run_worker(config, sockets, 0, redis_password=redis_password,
+                                            pull_token=pull_token))
     children: list[int] = []
     peer_dir = tempfile.mkdtemp(prefix="summon-workers-")  # 0700: worker 0 asks the others here
     parent = os.getpid()
@@ -686,7 +696,7 @@ def serve(config: Config, redis_password: str | None = None) -> int:
             try:
                 die_with_parent(parent)  # a SIGKILLed parent must not leave workers behind
                 sockets = bind_listeners(config, True)
-                code = uvloop.run(run_worker(config, sockets, i, peer_dir, redis_password))
+                code = uvloop.run(run_worker(config, sockets, i, peer_dir, redis_password, pull_token))
             except ConfigError as exc:
                 print(exc, file=sys.stderr)
                 code = 2
