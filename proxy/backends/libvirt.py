@@ -585,12 +585,15 @@ class LibvirtBackend:
         """Resolve `exited` of every handle whose domain is no longer running."""
         while self._handles:
             await asyncio.sleep(POLL_S)
+            # Only the handles there before the list was asked for: a domain created while
+            # the call was on its way may be missing from the answer, and is not gone.
+            known = {name: h for name, (h, _iid) in self._handles.items()}
             try:
                 names = await self._call("list domains", self._active_names)
             except BackendError:
                 continue  # libvirtd restarting: domains keep running; try again
             for name, (handle, _iid) in list(self._handles.items()):
-                if name not in names:
+                if name not in names and known.get(name) is handle:
                     self._handles.pop(name, None)
                     _marks, tail = self._boots.pop(name, ({}, None))
                     if tail is not None:

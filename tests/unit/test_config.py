@@ -564,3 +564,54 @@ def test_bad_prefetch_section_names_its_lines(tmp_path):
         "learn_min_count, learn_sample, learn_threshold, learn_window, max_followers, unused_idle_timeout)",
         f"{path}:{line_of(path, 'learn_window')}: [prefetch].learn_window: must be more than 0",
     ]
+
+
+# --- [images] follow and announce_urls (an edge that follows the centre's announcements) --
+
+FOLLOW = """
+[images]
+follow = ["decks"]
+follow_every = "500ms"
+follow_retry = "1m"
+pull_token_env = "SUMMON_CENTRE_TOKEN"
+announce_urls = ["http://10.0.0.5:8081/", "https://centre.example"]
+"""
+
+
+def test_follow_keys_load(tmp_path):
+    cfg = load(write(tmp_path, VALID + CLUSTER + FOLLOW))
+    assert cfg.follow is not None
+    assert (cfg.follow.images, cfg.follow.every_s, cfg.follow.retry_s, cfg.follow.token_env) == (
+        ("decks",), 0.5, 60.0, "SUMMON_CENTRE_TOKEN")
+    assert cfg.announce_urls == ("http://10.0.0.5:8081", "https://centre.example")
+    plain = load(write(tmp_path, VALID))
+    assert plain.follow is None and plain.announce_urls == ()
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ('follow = ["decks@sha256:' + "0" * 64 + '"]', "[images].follow: 'decks@sha256:"),
+    ("follow = []", "[images].follow: name at least one image"),
+    ('follow = "decks"', "[images].follow: expected a list of strings"),
+    ('follow_every = "0s"', "[images].follow_every: must be more than 0"),
+    ('follow_retry = "soon"', "[images].follow_retry:"),
+    ('pull_token_env = "1BAD"', "[images].pull_token_env: '1BAD' is not an environment variable name"),
+    ('announce_urls = ["ftp://centre"]', "[images].announce_urls: 'ftp://centre': expected http://HOST:PORT"),
+    ('announce_urls = ["http://centre:99999"]', "[images].announce_urls: 'http://centre:99999'"),
+    ('colour = "red"', "[images]: unknown key 'colour'"),
+])
+def test_follow_problems_name_file_line_and_key(tmp_path, line, fragment):
+    key = line.split(" ")[0]
+    lines = [ln for ln in FOLLOW.splitlines() if not ln.startswith(key + " ")]
+    path = write(tmp_path, VALID + CLUSTER + "\n".join(lines) + "\n" + line + "\n")
+    got = problems(path)
+    assert any(p.startswith(f"{path}:{line_of(path, line)}:") and fragment in p for p in got), got
+
+
+def test_follow_needs_a_cluster_and_its_options_need_follow(tmp_path):
+    path = write(tmp_path, VALID + FOLLOW)
+    got = problems(path)
+    assert any(p.startswith(f"{path}:{line_of(path, 'follow = ')}:") and "add [cluster] redis" in p
+               for p in got), got
+    path = write(tmp_path, VALID + CLUSTER + '[images]\nfollow_every = "1s"\n')
+    got = problems(path)
+    assert any("[images].follow_every: only with [images].follow" in p for p in got), got
