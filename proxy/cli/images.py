@@ -52,6 +52,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
                          "store nothing")
     rebuild.add_argument("--allow-substitutes", action="store_true",
                          help="when a recorded package version cannot be had, use the one named instead")
+    rebuild.add_argument("--arch", default="x86_64", metavar="ARCH",
+                         help="the microVM target to rebuild: x86_64 (default), aarch64 (its arm64 packages "
+                              "are fetched as .debs), a comma list, or all (every one the manifest has)")
     _where(rebuild)
     rebuild.set_defaults(func=cmd_rebuild)
 
@@ -237,59 +240,79 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     except ImageError as exc:
         print(f"summon images rebuild: {exc}", file=sys.stderr)
         return 3
+    from ..images.build import parse_arches
     from ..images.manifest import manifest_digest
+    from ..images.rebuild import vm_targets
 
     digest = manifest_digest(manifest)
-    print(f"rebuilding {manifest['name']}@{digest} from {source}")
+    try:
+        targets = vm_targets(manifest) if args.arch == "all" else parse_arches(args.arch)
+    except ValueError as exc:
+        print(f"summon images rebuild: --arch: {exc}", file=sys.stderr)
+        return 2
+    if not targets:
+        print(f"summon images rebuild: {manifest['name']}@{digest} has no microVM target", file=sys.stderr)
+        return 3
+    print(f"rebuilding {manifest['name']}@{digest} [{', '.join(targets)}] from {source}")
     t0 = time.monotonic()
     with scratch_dir() as tmp:
-        try:
-            out = rebuild(manifest, image_dir, store, Path(tmp), allow_substitutes=args.allow_substitutes)
-        except ImageError as exc:
-            print(f"summon images rebuild: {exc}", file=sys.stderr)
-            return 3
-        for line in out.lines:
-            print(f"  {line}")
-        for u in out.unavailable:
-            print(f"  UNAVAILABLE {u}", file=sys.stderr)
-        for r in out.refused:
-            print(f"  CANNOT {r}", file=sys.stderr)
-        if out.refused or (out.unavailable and not args.allow_substitutes):
-            hint = " (--allow-substitutes to rebuild with the versions named, and see what differs)" \
-                if out.unavailable and not out.refused else ""
-            print(f"refused: {manifest['name']}@{digest} cannot be rebuilt as recorded{hint}", file=sys.stderr)
-            return 3
-        if out.artefacts is None:
-            return 3
-        if out.differences:
-            print(f"DIFFERS: {manifest['name']}@{digest} did not rebuild bit for bit:")
-            for d in out.differences:
-                print(f"  {d}")
-            return 1
-        if out.unavailable:
-            print(f"the digests match, but only with substituted packages ({'; '.join(map(str, out.unavailable))}): "
-                  f"{manifest['name']}@{digest} is not rebuildable as recorded; nothing stored")
-            return 1
+        outs = []
+        for target in targets:
+            try:
+                out = rebuild(manifest, image_dir, store, Path(tmp) / target, allow_substitutes=args.allow_substitutes,
+                              target=target)
+            except ImageError as exc:
+                print(f"summon images rebuild: {exc}", file=sys.stderr)
+                return 3
+            for line in out.lines:
+                print(f"  {line}")
+            for u in out.unavailable:
+                print(f"  UNAVAILABLE {u}", file=sys.stderr)
+            for r in out.refused:
+                print(f"  CANNOT {r}", file=sys.stderr)
+            if out.refused or (out.unavailable and not args.allow_substitutes):
+                hint = " (--allow-substitutes to rebuild with the versions named, and see what differs)" \
+                    if out.unavailable and not out.refused else ""
+                print(f"refused: {manifest['name']}@{digest} [{target}] cannot be rebuilt as recorded{hint}",
+                      file=sys.stderr)
+                return 3
+            if out.artefacts is None:
+                return 3
+            if out.differences:
+                print(f"DIFFERS: {manifest['name']}@{digest} [{target}] did not rebuild bit for bit:")
+                for d in out.differences:
+                    print(f"  {d}")
+                return 1
+            if out.unavailable:
+                print(f"the digests match, but only with substituted packages ({'; '.join(map(str, out.unavailable))}): "
+                      f"{manifest['name']}@{digest} is not rebuildable as recorded; nothing stored")
+                return 1
+            outs.append(out)
         if args.check:
-            print(f"ok: {manifest['name']}@{digest} rebuilds bit for bit ({time.monotonic() - t0:.1f}s)")
+            print(f"ok: {manifest['name']}@{digest} [{', '.join(targets)}] rebuilds bit for bit "
+                  f"({time.monotonic() - t0:.1f}s)")
             return 0
         try:
-            keep(out, store)
-            if _has_site(manifest, image_dir):
-                store.put_artefacts(manifest, image_dir, skip=("x86_64",))  # keep() stored the rebuilt ones
+            for out in outs:
+                keep(out, store)
+            if _has_site(manifest, image_dir, skip=tuple(targets)):
+                store.put_artefacts(manifest, image_dir, skip=tuple(targets))  # keep() stored the rebuilt ones
             version = store.put_manifest(manifest)
             store.record(Build(manifest["name"], version, str(manifest.get("build", {}).get("recipe_digest", "")),
                                time.time(), "rebuild"))
             store.materialize(version)
-            _relink_build(manifest, version, image_dir, store)
+            for target in targets:
+                _relink_build(manifest, version, image_dir, store, target)
         except ImageError as exc:
             print(f"summon images rebuild: {exc}", file=sys.stderr)
             return 1
-    print(f"rebuilt {manifest['name']}@{digest} bit for bit into {args.store} ({time.monotonic() - t0:.1f}s)")
+    print(f"rebuilt {manifest['name']}@{digest} [{', '.join(targets)}] bit for bit into {args.store} "
+          f"({time.monotonic() - t0:.1f}s)")
     return 0
 
 
-def _relink_build(manifest: dict, version: str, image_dir: Path, store: Store) -> None:  # type: ignore[type-arg]
+def _relink_build(manifest: dict, version: str, image_dir: Path, store: Store,  # type: ignore[type-arg]
+                  target: str = "x86_64") -> None:
     """When build/image.toml records this version, put back any of its artefacts that are
     missing or damaged there (a rebuild repairs the latest build in place)."""
     from ..images.manifest import artefact_digest, manifest_digest
@@ -298,26 +321,27 @@ def _relink_build(manifest: dict, version: str, image_dir: Path, store: Store) -
     built = built_manifest_file(image_dir)
     if not built.is_file() or manifest_digest(read_manifest_file(built)) != version:
         return
-    x86 = manifest["targets"]["x86_64"]
+    t = manifest["targets"][target]
     for key in ("kernel", "initrd"):
-        p = image_dir / x86[key]
+        p = image_dir / t[key]
         try:
-            ok = artefact_digest(p) == x86[f"{key}_sha256"]
+            ok = artefact_digest(p) == t[f"{key}_sha256"]
         except ImageError:
             ok = False
         if not ok:
-            link_into(store.object_path(x86[f"{key}_sha256"]), p)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            link_into(store.object_path(t[f"{key}_sha256"]), p)
             print(f"  restored {p}")
 
 
-def _has_site(manifest: dict, image_dir: Path) -> bool:  # type: ignore[type-arg]
-    """True when every artefact the manifest names outside the x86_64 target is on disk
-    as recorded (the site); else the store must already hold it."""
+def _has_site(manifest: dict, image_dir: Path, skip: tuple[str, ...] = ("x86_64",)) -> bool:  # type: ignore[type-arg]
+    """True when every artefact the manifest names outside the rebuilt targets (`skip`) is
+    on disk as recorded (the site, another arch's build); else the store must hold it."""
     from ..images.manifest import artefact_digest
     from ..images.store import artefact_refs
 
     for target, _key, rel, want in artefact_refs(manifest):
-        if target != "x86_64":
+        if target not in skip:
             p = image_dir / rel
             if not p.exists() or artefact_digest(p) != want:
                 return False

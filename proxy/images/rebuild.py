@@ -14,7 +14,12 @@ What a manifest records and where each input comes from:
 - the site: the image dir's site when its content digest is the recorded one, else the
   tree the image store kept;
 - the layout: `build.BUILDER` must be the recorded builder; the cpio mtimes are the
-  recorded ``source_date_epoch``; guest_port from ``[targets.x86_64]``.
+  recorded ``source_date_epoch``; guest_port from ``[targets.<arch>]``.
+
+Each microVM target is rebuilt on its own (`target`): x86_64's record is at the top of
+``[build]``, another arch's in ``[build].<arch>`` (aarch64: its arm64 packages, which are
+always fetched as ``PACKAGE:arm64`` .debs and unpacked, never taken from this machine's own
+installed ones, even at the same version).
 
 A recorded package version that apt can no longer supply is reported with the version
 that would be used instead (`Unavailable`); the rebuild refuses unless the caller allows
@@ -101,33 +106,37 @@ class Packages:
     run: Run = _run
     installed: Callable[[str], str] = ib.package_version
     notes: list[str] = field(default_factory=list)
+    foreign: str | None = None  # dpkg's name of a foreign arch (arm64): only its .debs will do
 
     def root(self, package: str, version: str, out: Outcome) -> Path | None:
-        have = self.installed(package)
+        have = "unknown" if self.foreign else self.installed(package)
         if have == version:
             self.notes.append(f"{package} {version}: installed")
             return Path("/")
-        available = apt_versions(package, self.run)
+        available = apt_versions(self._apt(package), self.run)
         use = version if version in available else None
         if use is None:
             instead = have if have != "unknown" else (available[0] if available else None)
-            out.unavailable.append(Unavailable(package, version, instead))
+            out.unavailable.append(Unavailable(self._apt(package), version, instead))
             if not self.allow_substitutes or instead is None:
                 return None
-            self.notes.append(f"{package}: SUBSTITUTED {instead} for the recorded {version}")
+            self.notes.append(f"{self._apt(package)}: SUBSTITUTED {instead} for the recorded {version}")
             if instead == have:
                 return Path("/")
             use = instead
         return self._unpack(package, use)
 
+    def _apt(self, package: str) -> str:
+        return f"{package}:{self.foreign}" if self.foreign else package
+
     def _unpack(self, package: str, version: str) -> Path | None:
-        dl = self.workdir / "debs"
+        dl = self.workdir / "debs" / (self.foreign or "native")
         dl.mkdir(parents=True, exist_ok=True)
-        r = self.run(["apt-get", "download", f"{package}={version}"], dl)
+        r = self.run(["apt-get", "download", f"{self._apt(package)}={version}"], dl)
         debs = sorted(dl.glob(f"{package}_*.deb"))
         if r.returncode != 0 or not debs:
-            raise ImageError(f"apt-get download {package}={version} failed: {(r.stderr or r.stdout).strip()[-300:]}")
-        root = self.workdir / "roots" / f"{package}_{version}".replace(":", "%3a")
+            raise ImageError(f"apt-get download {self._apt(package)}={version} failed: {(r.stderr or r.stdout).strip()[-300:]}")
+        root = self.workdir / "roots" / f"{package}_{version}_{self.foreign or 'native'}".replace(":", "%3a")
         root.mkdir(parents=True, exist_ok=True)
         x = self.run(["dpkg-deb", "-x", str(debs[-1]), str(root)], None)
         if x.returncode != 0:
@@ -141,51 +150,65 @@ class Packages:
 
 def rebuild(manifest: dict[str, Any], image_dir: Path, store: Store, out_dir: Path,
             allow_substitutes: bool = False, run: Run = _run,
-            installed: Callable[[str], str] = ib.package_version) -> Outcome:
-    """Recreate the x86_64 artefacts `manifest` records into `out_dir`; compare digests."""
+            installed: Callable[[str], str] = ib.package_version, target: str = "x86_64") -> Outcome:
+    """Recreate the artefacts of microVM target `target` (x86_64, aarch64) that `manifest`
+    records into `out_dir`; compare digests."""
     out = Outcome()
     b = manifest.get("build")
-    x86 = manifest.get("targets", {}).get("x86_64")
-    if not isinstance(b, dict) or not isinstance(x86, dict):
-        raise ImageError(f"image {manifest.get('name')!r}: the manifest has no [build] and [targets.x86_64] "
-                         "(it was never built: `summon images build` first)")
+    t = manifest.get("targets", {}).get(target)
+    arch = ib.ARCHES.get(target)
+    if arch is None:
+        raise ImageError(f"{target!r} is not a microVM target (use {', '.join(ib.ARCHES)})")
+    rec = b if target == "x86_64" else (b.get(target) if isinstance(b, dict) else None)
+    if not isinstance(b, dict) or not isinstance(t, dict) or not isinstance(rec, dict):
+        where = "[build]" if target == "x86_64" else f"[build].{target}"
+        raise ImageError(f"image {manifest.get('name')!r}: the manifest has no {where} and [targets.{target}] "
+                         f"(it was never built for {target}: `summon images build --arch {target}` first)")
     builder = str(b.get("builder", ib.BUILDER))  # manifests before `builder` was recorded used layout 1
     if builder != ib.BUILDER:
         out.refused.append(f"built by {builder}; this summon builds {ib.BUILDER} (use a summon of that version)")
     now_with = f"summon {ib.summon_version()}"
     if b.get("built_with") and b["built_with"] != now_with:
         out.lines.append(f"note: built with {b['built_with']}, rebuilding with {now_with} (both {builder})")
-    release = str(b.get("kernel_release", ""))
-    packages = b.get("packages", {}) if isinstance(b.get("packages"), dict) else {}
+    release = str(rec.get("kernel_release", ""))
+    packages = rec.get("packages", {}) if isinstance(rec.get("packages"), dict) else {}
     kpkg, bpkg = ib.KERNEL_PACKAGE.format(release=release), ib.BUSYBOX_PACKAGE
     for p in (kpkg, bpkg):
         if p not in packages:
-            out.refused.append(f"[build].packages does not record {p}")
-    modules = b.get("modules")
-    if modules is not None and list(modules) != list(ib.VIRTIO_NET_MODULES):
-        out.refused.append(f"[build].modules is {modules}; this builder loads {list(ib.VIRTIO_NET_MODULES)}")
+            out.refused.append(f"[build]{'' if target == 'x86_64' else '.' + target}.packages does not record {p}")
+    modules = rec.get("modules")
+    if modules is not None and list(modules) != list(arch.modules):
+        out.refused.append(f"[build].modules of {target} is {modules}; this builder loads {list(arch.modules)}")
     site = _site(manifest, image_dir, store, out_dir / "site-from-store", out)
     if out.refused:
         return out
-    pk = Packages(out_dir / "packages", allow_substitutes, run, installed)
+    foreign = None if target == ib.native_arch() else arch.debian
+    pk = Packages(out_dir / "packages", allow_substitutes, run, installed, foreign=foreign)
     kroot = pk.root(kpkg, str(packages[kpkg]), out)
     broot = pk.root(bpkg, str(packages[bpkg]), out)
     out.lines += pk.notes
     if kroot is None or broot is None or site is None:
         return out
     kernel = ib.Kernel(release, kroot / "boot" / f"vmlinuz-{release}", kroot / "lib" / "modules" / release)
-    inputs = ib.Inputs(kernel, broot / "bin" / "busybox", site, int(x86.get("guest_port", 80)),
-                       int(b.get("source_date_epoch", 0)), kernel_format=str(b.get("kernel_format", "bzimage")))
-    art = out.artefacts = ib.assemble(inputs, out_dir / "artefacts")
-    _compare(out, "kernel", str(x86.get("kernel_sha256")), art.kernel_sha256)
-    _compare(out, "initrd", str(x86.get("initrd_sha256")), art.initrd_sha256)
-    if "initrd_cpio_sha256" in b:
-        _compare(out, "initrd (the cpio inside the gzip)", str(b["initrd_cpio_sha256"]), art.initrd_cpio_sha256)
-    if art.initrd_sha256 != x86.get("initrd_sha256"):
-        old = _recorded_initrd(x86, image_dir, store)
+    inputs = ib.Inputs(kernel, broot / "bin" / "busybox", site, int(t.get("guest_port", 80)),
+                       int(b.get("source_date_epoch", 0)), modules=arch.modules,
+                       kernel_format=str(rec.get("kernel_format", "bzimage")))
+    art = out.artefacts = ib.assemble(inputs, out_dir / "artefacts" / target)
+    tag = "" if target == "x86_64" else f"{target} "
+    _compare(out, f"{tag}kernel", str(t.get("kernel_sha256")), art.kernel_sha256)
+    _compare(out, f"{tag}initrd", str(t.get("initrd_sha256")), art.initrd_sha256)
+    if "initrd_cpio_sha256" in rec:
+        _compare(out, f"{tag}initrd (the cpio inside the gzip)", str(rec["initrd_cpio_sha256"]), art.initrd_cpio_sha256)
+    if art.initrd_sha256 != t.get("initrd_sha256"):
+        old = _recorded_initrd(t, image_dir, store)
         if old is not None:
             out.differences += [f"  {d}" for d in diff_initrd(old, art.initrd.read_bytes())]
     return out
+
+
+def vm_targets(manifest: dict[str, Any]) -> list[str]:
+    """The microVM targets a manifest has (what `rebuild --arch all` rebuilds)."""
+    return [a for a in ib.ARCHES if isinstance(manifest.get("targets", {}).get(a), dict)]
 
 
 def _compare(out: Outcome, what: str, recorded: str, actual: str) -> None:

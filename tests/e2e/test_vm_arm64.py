@@ -208,3 +208,14 @@ def test_an_image_with_both_arches_spills_from_the_full_board_to_the_nearest_x86
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and set(summon_domains()) - before:
         time.sleep(0.5)
+
+
+def test_the_arm64_target_rebuilds_bit_for_bit_from_its_manifest(both_images: Path) -> None:
+    """`rebuild --arch aarch64 --check`: the arm64 .debs the manifest records, fetched again
+    (never this machine's amd64 busybox at the same version), give the same digests."""
+    r = subprocess.run([sys.executable, "-m", "proxy.cli", "images", "--images-dir", str(both_images), "rebuild",
+                        "decks", "--arch", "aarch64", "--check"], capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "busybox-static 1:" in r.stdout and "_arm64.deb" in r.stdout
+    assert "same     aarch64 kernel" in r.stdout and "same     aarch64 initrd" in r.stdout
+    assert "[aarch64] rebuilds bit for bit" in r.stdout

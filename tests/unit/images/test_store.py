@@ -270,4 +270,38 @@ def test_config_images_store(tmp_path: Path) -> None:
         load(cfg)
     text = [str(p) for p in info.value.problems]
     assert f"{cfg}:2: [images].store: expected a path string" in text
-    assert f"{cfg}:3: [images]: unknown key 'stor' (known: dir, store)" in text
+    assert f"{cfg}:3: [images]: unknown key 'stor' (known: announce_urls, dir, follow, follow_every, follow_retry, pull_token_env, store)" in text
+
+
+def test_a_foreign_arch_rebuild_takes_only_that_arch_s_debs(tmp_path: Path) -> None:
+    """arm64's busybox-static at the very version installed for amd64 is still not "/"."""
+    calls: list[list[str]] = []
+
+    def run(argv: list[str], cwd: Path | None) -> subprocess.CompletedProcess[str]:
+        calls.append(argv)
+        if argv[:2] == ["apt-cache", "madison"]:
+            return _madison({"busybox-static:arm64": ["1:1.35"]})(argv, cwd)
+        return subprocess.CompletedProcess(argv, 1, "", "no network in unit tests")
+
+    out = Outcome()
+    pk = Packages(tmp_path, run=run, installed=lambda p: "1:1.35", foreign="arm64")
+    with pytest.raises(ImageError, match=r"apt-get download busybox-static:arm64=1:1.35 failed"):
+        pk.root("busybox-static", "1:1.35", out)
+    assert ["apt-cache", "madison", "busybox-static:arm64"] in calls
+    out = Outcome()
+    assert Packages(tmp_path, run=run, foreign="arm64").root("busybox-static", "1:1.30", out) is None
+    assert str(out.unavailable[0]).startswith("busybox-static:arm64 1:1.30 is recorded")
+
+
+def test_rebuilding_an_arch_the_manifest_was_not_built_for_says_so(tmp_path: Path) -> None:
+    images = copy_decks(tmp_path)
+    fake_build(images, b"k" * 100)
+    built = read_manifest(images / "decks" / "build")
+    with pytest.raises(ImageError, match=r"no \[build\]\.aarch64 and \[targets\.aarch64\].*--arch aarch64"):
+        rebuild(built, images / "decks", Store(images / ".store"), tmp_path / "w", run=_madison({}), target="aarch64")
+    built["targets"]["aarch64"] = {"kernel": "build/aarch64/vmlinuz", "kernel_sha256": "0" * 64}
+    built["build"]["aarch64"] = {"kernel_release": "6.1.0-1-cloud-arm64", "packages": {}, "modules": ["virtio"]}
+    out = rebuild(built, images / "decks", Store(images / ".store"), tmp_path / "w2", run=_madison({}),
+                  target="aarch64")
+    assert any("[build].aarch64.packages does not record linux-image-6.1.0-1-cloud-arm64" in r for r in out.refused)
+    assert any("[build].modules of aarch64 is ['virtio']" in r for r in out.refused)
