@@ -273,13 +273,13 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
             if out.refused or (out.unavailable and not args.allow_substitutes):
                 hint = " (--allow-substitutes to rebuild with the versions named, and see what differs)" \
                     if out.unavailable and not out.refused else ""
-                print(f"refused: {manifest['name']}@{digest} [{target}] cannot be rebuilt as recorded{hint}",
+                print(f"refused: {manifest['name']}@{digest} cannot be rebuilt as recorded ({target}){hint}",
                       file=sys.stderr)
                 return 3
             if out.artefacts is None:
                 return 3
             if out.differences:
-                print(f"DIFFERS: {manifest['name']}@{digest} [{target}] did not rebuild bit for bit:")
+                print(f"DIFFERS: {manifest['name']}@{digest} did not rebuild bit for bit ({target}):")
                 for d in out.differences:
                     print(f"  {d}")
                 return 1
@@ -289,8 +289,8 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
                 return 1
             outs.append(out)
         if args.check:
-            print(f"ok: {manifest['name']}@{digest} [{', '.join(targets)}] rebuilds bit for bit "
-                  f"({time.monotonic() - t0:.1f}s)")
+            print(f"ok: {manifest['name']}@{digest} rebuilds bit for bit ({', '.join(targets)}; "
+                  f"{time.monotonic() - t0:.1f}s)")
             return 0
         try:
             for out in outs:
@@ -306,8 +306,8 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         except ImageError as exc:
             print(f"summon images rebuild: {exc}", file=sys.stderr)
             return 1
-    print(f"rebuilt {manifest['name']}@{digest} [{', '.join(targets)}] bit for bit into {args.store} "
-          f"({time.monotonic() - t0:.1f}s)")
+    print(f"rebuilt {manifest['name']}@{digest} bit for bit into {args.store} ({', '.join(targets)}; "
+          f"{time.monotonic() - t0:.1f}s)")
     return 0
 
 

@@ -430,6 +430,8 @@ def _swap(rt: Runtime, new: Config) -> list[str]:
              for name in _RESTART_ONLY_PROXY if getattr(old.proxy, name) != getattr(new.proxy, name)]
     if old.plugin != new.plugin:
         notes.append(f"{new.path}: [plugin] changed: takes effect after a restart")
+    if old.follow != new.follow:
+        notes.append(f"{new.path}: [images] follow changed: takes effect after a restart")
     if rt.summoner is not None and (old.hosts != new.hosts or old.regions != new.regions
                                     or old.limits != new.limits or old.images_dir != new.images_dir):
         notes.append(f"{new.path}: [[host]], [[region]], [limits] or [images] changed: take effect after a restart")

@@ -218,4 +218,4 @@ def test_the_arm64_target_rebuilds_bit_for_bit_from_its_manifest(both_images: Pa
     assert r.returncode == 0, r.stdout + r.stderr
     assert "busybox-static 1:" in r.stdout and "_arm64.deb" in r.stdout
     assert "same     aarch64 kernel" in r.stdout and "same     aarch64 initrd" in r.stdout
-    assert "[aarch64] rebuilds bit for bit" in r.stdout
+    assert "rebuilds bit for bit (aarch64;" in r.stdout
