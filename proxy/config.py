@@ -176,6 +176,10 @@ class PluginSettings:
     # A lease whose host proxy has no completion hook (Caddy) counts as in flight this long,
     # unless /done calls on the same route have measured how long its requests take.
     lease_estimate_s: float = 1.0
+    # How long a host proxy that caches decisions (nginx's shipped config, which asks with
+    # X-Summon-Cache: 1) may reuse one, where reusing it is correct (proxy.plugin.decide,
+    # `cache_s`); whole seconds, as nginx's X-Accel-Expires takes them. 0: never.
+    cache_s: int = 1
 
 
 @dataclass(frozen=True)
@@ -605,6 +609,7 @@ _PLUGIN_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "token": ("token", _token),
     "lease_timeout": ("lease_timeout_s", parse_duration),
     "lease_estimate": ("lease_estimate_s", parse_duration),
+    "cache": ("cache_s", parse_duration),
 }
 _FOLLOW_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "follow": ("images", _image_names),
@@ -1004,6 +1009,11 @@ def _plugin(data: dict[str, Any], file: str, index: LineIndex, out: _Collector) 
     for key, attr in (("lease_timeout", "lease_timeout_s"), ("lease_estimate", "lease_estimate_s")):
         if attr in vals and vals[attr] <= 0:
             out.add(file, index.line("plugin", 0, key), f"[plugin].{key}: must be more than 0")
+    if "cache_s" in vals:
+        cache = vals["cache_s"]
+        if cache < 0 or cache != int(cache):
+            out.add(file, index.line("plugin", 0, "cache"), "[plugin].cache: whole seconds, 0 or more (e.g. \"1s\")")
+        vals["cache_s"] = max(0, int(cache))
     settings = PluginSettings(**vals)
     if problem := token_rule(settings.listen, settings.token, "[plugin].listen", "[plugin].token",
                           "X-Summon-Token: <token>"):

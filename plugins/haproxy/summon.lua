@@ -8,6 +8,7 @@
 --   txn.summon_retry                 Retry-After of a 503
 --   txn.summon_lease                 the lease, given back by lua.summon_done
 -- `filter lua.summon_done` gives the lease back once the response has been sent.
+-- Load it with `lua-load-per-thread` (see the completion hook below).
 --
 -- Edit SUMMON below, or set the environment variables SUMMON_PLUGIN (HOST:PORT) and
 -- SUMMON_TOKEN ([plugin] token) for haproxy.
@@ -73,8 +74,18 @@ core.register_action("summon_decide", { "http-req" }, function(txn)
 end)
 
 -- The completion hook: a filter whose end_analyze on the response channel runs once the
--- response has been sent in full (also after an error HAProxy made itself). Filters cannot
--- wait on a socket, so the call to /done runs as a task.
+-- response has been sent in full (also after an error HAProxy made itself). It only
+-- queues the lease: one task per Lua state, started at load time, gives the queued
+-- leases back in batches (GET /done?leases=ID:STATUS,...), so a burst costs a few calls,
+-- not a task and a call per request. Load this file with lua-load-per-thread: HAProxy
+-- 2.6 runs the filters of a shared state (lua-load) without its lock, and with several
+-- threads a burst corrupted that state ("Lua filter 'summon_done': attempt to index a
+-- thread value"), losing the leases of those requests, once even aborting HAProxy.
+local BATCH = 64       -- leases per /done call (the URL stays under 2 kB)
+local IDLE_MS = 5      -- how often an empty queue is looked at
+local ATTEMPTS = 3     -- a batch that still fails is left to summon's lease_timeout
+local pending = {}     -- "ID:STATUS" strings, oldest first
+
 local Done = { id = "summon done", flags = filter.FLT_CFG_FL_HTX }
 Done.__index = Done
 
@@ -87,18 +98,32 @@ function Done:end_analyze(txn, chn)
   local lease = txn:get_var("txn.summon_lease")
   if lease == nil or lease == "" then return end
   txn:set_var("txn.summon_lease", "")
-  local status = txn.sf:status() or 0
-  core.register_task(function()
-    local headers = {}
-    if TOKEN then headers["X-Summon-Token"] = { TOKEN } end
-    -- a /done that is lost would hold the lease until summon's lease_timeout: try again
-    for attempt = 1, 3 do
-      local res = core.httpclient():get({ url = "http://" .. SUMMON .. "/done?lease=" .. lease .. "&status=" .. status,
-                                          headers = headers, timeout = 5000 })
-      if res and res.status and res.status > 0 and res.status < 500 then return end
-      core.msleep(100 * attempt)
-    end
-  end)
+  pending[#pending + 1] = lease .. ":" .. tostring(txn.sf:status() or 0)
 end
 
 core.register_filter("summon_done", Done, function(flt, args) return flt end)
+
+local function give_back(batch)
+  local headers = {}
+  if TOKEN then headers["X-Summon-Token"] = { TOKEN } end
+  local url = "http://" .. SUMMON .. "/done?leases=" .. table.concat(batch, ",")
+  for attempt = 1, ATTEMPTS do
+    local res = core.httpclient():get({ url = url, headers = headers, timeout = 5000 })
+    if res and res.status and res.status > 0 and res.status < 500 then return end
+    core.msleep(100 * attempt)
+  end
+end
+
+core.register_task(function()
+  while true do
+    if #pending == 0 then
+      core.msleep(IDLE_MS)
+    else
+      local batch = {}
+      local n = math.min(#pending, BATCH)
+      for i = 1, n do batch[i] = pending[i] end
+      table.move(pending, n + 1, #pending + n, 1)  -- drop the first n (the tail shifts down)
+      give_back(batch)
+    end
+  end
+end)

@@ -950,6 +950,17 @@ class Fleet:
 
     # --- views -------------------------------------------------------------------------
 
+    def steady(self, route: str) -> bool:
+        """Whether this pool's next decisions would all go the same way as the last: nothing
+        booting, draining or queued, and as many ready replicas as `max_replicas`, so no
+        scale-out can follow. A host proxy may then reuse a decision for a while (the
+        plugin's decision cache), although the engine no longer sees each request."""
+        pool = self.pools.get(route)
+        if pool is None or pool.removed or pool.queue:
+            return False
+        live = pool.live()
+        return bool(live) and all(i.state is State.READY for i in live) and len(live) >= pool.route.max_replicas
+
     def live_count(self) -> int:
         return sum(1 for i in self.instances.values() if i.state in LIVE)
 

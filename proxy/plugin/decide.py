@@ -25,6 +25,25 @@ The host proxy carries the bytes, so summon never sees a request end. Each grant
   `[plugin] lease_estimate` before any did. By Little's law the leases held at any time
   are then the decision rate times that duration, which is what the engine's scale-out
   and idle timers need.
+A host proxy that caches decisions (nginx's shipped config: `proxy_cache` on the
+decision's location, keyed by method, host, URI and client address, asking with
+`X-Summon-Cache: 1`) is told it may reuse a warm decision for `[plugin] cache` seconds
+(`X-Accel-Expires`) only where reusing it gives the same answer the engine would:
+- the pool is steady (`FleetEngine.steady`): all its replicas ready, none booting or
+  draining, none queued, and already `max_replicas` of them, so no scale-out can
+  follow (a static route always is). A pool that may still scale out is never
+  cached: its load has to be seen request by request;
+- the hash key is in the cache key: the client's address and the URI are, and a
+  `header:NAME` or `cookie:NAME` key adds `Vary: NAME` / `Vary: Cookie`, as the
+  region header does (`Vary: X-Client-Region`);
+- a cold decision (one that waited for a boot) and every refusal are not cached.
+Such a grant has no lease id (the host proxy calls no /done for it): summon holds its
+lease for the cache time plus the route's estimate, so the replica is neither drained
+nor idled out while the host proxy may still send to it, and a route whose traffic
+stops idles out as before. What is lost: the cached requests are not counted one by
+one (a steady pool needs no scale-out decision), and a replica that dies is still
+named for up to the cache time (the host proxy's 502 for that second).
+
 The clock is passed in; `expire(now)` is called by the server shell's timer.
 """
 
@@ -37,7 +56,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ..config import Config, PluginSettings
+from ..config import Config, PluginSettings, Route
 from ..errors import BadRequest, SummonError, Unavailable
 from ..http.message import RequestHead, client_trusted, parse_head
 from ..routing.contracts import Lease
@@ -46,7 +65,7 @@ from ..routing.dispatch import Dispatcher
 # Fields that describe the original request, or talk to summon: not the client's own.
 ORIGINAL = frozenset({b"x-original-method", b"x-original-uri", b"x-original-host", b"x-forwarded-for"})
 _OURS = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
-                   b"x-summon-token", b"x-summon-done", b"x-forwarded-method", b"x-forwarded-uri",
+                   b"x-summon-token", b"x-summon-done", b"x-summon-cache", b"x-forwarded-method", b"x-forwarded-uri",
                    b"x-forwarded-host", b"x-forwarded-proto"})
 _EWMA = 0.2  # weight of the newest duration in a route's mean
 
@@ -107,6 +126,8 @@ class Grant:
     instance: str
     lease: str
     route: str
+    cache_s: int = 0  # > 0: the host proxy may reuse this decision so long (no /done then)
+    vary: str = ""  # the request fields the decision depends on, besides the cache key
 
 
 @dataclass
@@ -127,23 +148,27 @@ class Decider:
     held: dict[str, Held] = field(default_factory=dict)
     durations: dict[str, float] = field(default_factory=dict)  # route -> mean seconds, from /done
     draining: bool = False
+    decisions: int = 0  # grants made, cached ones included: what a cache saves shows here
     _deadlines: list[tuple[float, str]] = field(default_factory=list)  # heap of (expires, lease id)
     _ids: itertools.count[int] = field(default_factory=itertools.count)
     _prefix: str = field(default_factory=lambda: secrets.token_hex(4))
 
-    async def decide(self, headers: list[tuple[bytes, bytes]], hooked: bool) -> Grant:
-        """A replica for the described request, or a `SummonError` (404, 503...)."""
+    async def decide(self, headers: list[tuple[bytes, bytes]], hooked: bool, cache: bool = False) -> Grant:
+        """A replica for the described request, or a `SummonError` (404, 503...).
+        `cache`: the host proxy caches decisions it is told it may (module docstring)."""
         if self.draining:
             raise Unavailable("shutting down", retry_after_s=1)
         orig = original_head(headers, self.config())
         route = self.dispatcher.lookup(orig.head)
         got = self.dispatcher.acquire(route, orig.head, orig.client_ip, orig.region)
-        if not isinstance(got, asyncio.Future):
-            return self._hold(got, route.name, hooked)  # warm: the common case, no wait
+        if not isinstance(got, asyncio.Future):  # warm: the common case, no wait
+            if cache and self.settings.cache_s > 0 and self._steady(route.name):
+                return self._cached(got, route)
+            return self._hold(got, route.name, hooked)
         lease = await _booted(got, route.boot_timeout_s)
         if lease.trial:
             lease = await _probed(lease, route.boot_timeout_s)
-        elif not await _answers(lease):
+        elif not await _answers_or_release(lease):
             # A trial can be abandoned (its instance died) before this coroutine ran and
             # could attach `on_abandon`; it then looks like a plain lease. Handing out a
             # dead address would be the host proxy's 502: the client gets summon's 503.
@@ -151,14 +176,32 @@ class Decider:
             raise Unavailable("the instance went away while it was summoned", retry_after_s=1)
         return self._hold(lease, route.name, hooked)
 
-    def _hold(self, lease: Lease, route: str, hooked: bool) -> Grant:
+    def _hold(self, lease: Lease, route: str, hooked: bool, ttl: float | None = None) -> Grant:
         now = self.clock()
+        self.decisions += 1
         lid = f"{self._prefix}{next(self._ids):x}"
-        ttl = self.settings.lease_timeout_s if hooked else self.estimate(route)
+        if ttl is None:
+            ttl = self.settings.lease_timeout_s if hooked else self.estimate(route)
         self.held[lid] = Held(lease, route, now, now + ttl, hooked)
         heapq.heappush(self._deadlines, (now + ttl, lid))
         instance = getattr(lease, "instance_id", None) or str(lease.address)
         return Grant(str(lease.address), instance, lid, route)
+
+    def _steady(self, route: str) -> bool:
+        steady = getattr(self.dispatcher.pools.get(route), "steady", None)
+        return bool(steady is not None and steady())
+
+    def _cached(self, lease: Lease, route: Route) -> Grant:
+        """A grant the host proxy may reuse for `cache_s`: its lease is held that long,
+        plus the route's estimate for the last request sent under it."""
+        grant = self._hold(lease, route.name, False, self.settings.cache_s + self.estimate(route.name))
+        vary = ["X-Client-Region"]
+        kind, _, name = route.hash_key.partition(":")
+        if kind == "header":
+            vary.append(name)
+        elif kind == "cookie":
+            vary.append("Cookie")
+        return Grant(grant.upstream, grant.instance, "", route.name, self.settings.cache_s, ", ".join(vary))
 
     def estimate(self, route: str) -> float:
         """How long an unhooked request on `route` counts as in flight."""
@@ -200,11 +243,21 @@ async def _booted(fut: asyncio.Future[Lease], boot_timeout_s: float) -> Lease:
     try:
         return await asyncio.wait_for(asyncio.shield(fut), boot_timeout_s + 1.0)
     except TimeoutError:
-        fut.cancel()  # leaves the boot queue
+        _give_up(fut)
         raise Unavailable("no instance became ready in time", retry_after_s=1) from None
     except asyncio.CancelledError:
-        fut.cancel()  # the host proxy hung up: leave the boot queue
+        _give_up(fut)  # the host proxy hung up
         raise
+
+
+def _give_up(fut: asyncio.Future[Lease]) -> None:
+    """Leave the boot queue; a lease granted in the moment before (the future is done but
+    this coroutine had not run yet) is given back, or it would be held forever."""
+    if fut.done():
+        if not fut.cancelled() and fut.exception() is None:
+            fut.result().release(True)
+    else:
+        fut.cancel()
 
 
 async def _answers(lease: Lease, timeout_s: float = 2.0) -> bool:
@@ -215,6 +268,15 @@ async def _answers(lease: Lease, timeout_s: float = 2.0) -> bool:
         return False
     writer.close()
     return True
+
+
+async def _answers_or_release(lease: Lease) -> bool:
+    """`_answers`, giving the lease back when the host proxy hangs up meanwhile."""
+    try:
+        return await _answers(lease)
+    except asyncio.CancelledError:
+        lease.release(True)
+        raise
 
 
 async def _probed(lease: Lease, boot_timeout_s: float) -> Lease:

@@ -2,20 +2,23 @@
 
     GET /decide   describe the client's request in X-Original-Method, X-Original-URI,
                   X-Original-Host, X-Forwarded-For (and X-Summon-Done: 1 when the host
-                  proxy will call /done). 204 with X-Summon-Upstream: HOST:PORT,
-                  X-Summon-Instance, X-Summon-Lease, X-Summon-Route. Refused: the
+                  proxy will call /done; X-Summon-Cache: 1 when it caches decisions).
+                  204 with X-Summon-Upstream: HOST:PORT, X-Summon-Instance,
+                  X-Summon-Lease, X-Summon-Route; or, a decision that may be reused,
+                  X-Accel-Expires: SECONDS and Vary instead of the lease. Refused: the
                   native front's status (404, 503 + Retry-After, 400...) with
                   X-Summon-Status; `?deny=403` (or 401) sends every refusal as that
                   status instead, for nginx's auth_request.
     GET /done     ?lease=ID[&status=NNN]: the request is over (204; 404 for a lease not
-                  held, e.g. already expired).
+                  held, e.g. already expired). ?leases=ID:NNN,ID:NNN,...: many at once
+                  (HAProxy's queue; always 204, an unknown lease has expired already).
 
 The logic is in `proxy.plugin.decide`; this is the socket side. Keep-alive, one request
 at a time per connection (a pipelined one waits for the one before), because host
 proxies keep a pool of connections to their auth upstream and each decision is one
 small exchange: a new TCP connection per call would cost more than the decision. A
 connection that closes while its call waits for a boot takes the request out of the
-boot queue. Access: loopback, or with `[plugin] token` every call must carry
+boot queue, and one that closes just as its lease is granted gives the lease back. Access: loopback, or with `[plugin] token` every call must carry
 `X-Summon-Token` (not Authorization: that field is the client's own, and nginx and Caddy
 pass it along to the decision).
 """
@@ -41,6 +44,11 @@ log = logging.getLogger("summon.plugin")
 SWEEP_S = 0.1  # how often expired leases are given back
 _MAX_HEAD = 32 * 1024
 _NO_CONTENT = b"HTTP/1.1 204 No Content\r\n"
+
+
+def _ok(status: str) -> bool:
+    """A response status the host proxy reports: a 5xx counts against the instance."""
+    return not (status.isdigit() and int(status) >= 500)
 
 
 def _plain(status: int, reason: str, message: str) -> bytes:
@@ -127,7 +135,11 @@ class _Connection(asyncio.Protocol):
         try:
             while self.calls and self.transport is not None:
                 call = self.calls.popleft()
-                answer = await self.endpoint.answer(call)
+                answer, lease = await self.endpoint.answer(call)
+                if self.transport is None and lease:
+                    # The host proxy hung up while the decision was made (its client gave
+                    # up, or its own timeout): nobody will call /done for this lease.
+                    self.endpoint.decider.done(lease)
                 if self.transport is not None:
                     self.transport.write(answer)
                     if not call.keep_alive:  # Connection: close, or HTTP/1.0 without keep-alive
@@ -177,33 +189,55 @@ class PluginEndpoint:
         given = [v for k, v in call.headers if k.lower() == b"x-summon-token"]
         return len(given) == 1 and hmac.compare_digest(given[0].strip(), self.token)
 
-    async def answer(self, call: _Call) -> bytes:
+    def _done(self, call: _Call) -> bytes:
+        batch = call.query.get("leases", [])
+        if batch:  # HAProxy's queue: many leases in one call, each with its status
+            if len(batch) != 1 or "lease" in call.query:
+                return _plain(400, "Bad Request", "give leases=ID:STATUS,... once, without lease=")
+            for item in batch[0].split(","):
+                lease, _, status = item.partition(":")
+                if lease:
+                    self.decider.done(lease, _ok(status))  # an unknown one has expired: nothing to do
+            return _NO_CONTENT + b"\r\n"
+        leases = call.query.get("lease", [])
+        if len(leases) != 1:
+            return _plain(400, "Bad Request", "give lease=ID once")
+        held = self.decider.done(leases[0], _ok(call.query.get("status", [""])[0]))
+        return _NO_CONTENT + b"\r\n" if held else _plain(404, "Not Found", "no such lease (expired?)")
+
+    async def answer(self, call: _Call) -> tuple[bytes, str | None]:
+        """The answer to one call, and the lease it grants (None when it grants none)."""
+        if call.path == "/decide" and self._allowed(call) and call.method == "GET":
+            return await self._decide(call)
+        return self._other(call), None
+
+    def _other(self, call: _Call) -> bytes:
         if not self._allowed(call):
             return _plain(401, "Unauthorized", "this endpoint needs its token: X-Summon-Token: <[plugin] token>")
         if call.path not in ("/decide", "/done"):
             return _plain(404, "Not Found", "not found: GET /decide or GET /done")
         if call.method != "GET":
             return _plain(405, "Method Not Allowed", "use GET")
-        if call.path == "/done":
-            leases = call.query.get("lease", [])
-            if len(leases) != 1:
-                return _plain(400, "Bad Request", "give lease=ID once")
-            statuses = call.query.get("status", [""])
-            ok = not (statuses[0].isdigit() and int(statuses[0]) >= 500)
-            held = self.decider.done(leases[0], ok)
-            return _NO_CONTENT + b"\r\n" if held else _plain(404, "Not Found", "no such lease (expired?)")
+        return self._done(call)
+
+    async def _decide(self, call: _Call) -> tuple[bytes, str | None]:
         deny = call.query.get("deny", [""])[0]
         sent_as = int(deny) if deny in ("401", "403") else None
         hooked = any(k.lower() == b"x-summon-done" and v.strip() == b"1" for k, v in call.headers)
+        cache = any(k.lower() == b"x-summon-cache" and v.strip() == b"1" for k, v in call.headers)
         try:
             if deny and sent_as is None:
                 raise BadRequest("deny= takes 401 or 403")
-            grant = await self.decider.decide(call.headers, hooked)
+            grant = await self.decider.decide(call.headers, hooked, cache)
         except SummonError as exc:
-            return decision_refused(exc, sent_as)
+            return decision_refused(exc, sent_as), None
         except Exception as exc:  # a bug must answer, not hang the host proxy's request
             log.exception("decision failed")
-            return decision_refused(SummonError(f"decision failed: {type(exc).__name__}"), sent_as)
+            return decision_refused(SummonError(f"decision failed: {type(exc).__name__}"), sent_as), None
+        if grant.cache_s:  # reusable: no lease id, so no /done (proxy.plugin.decide)
+            return (f"HTTP/1.1 204 No Content\r\nX-Summon-Upstream: {grant.upstream}\r\n"
+                    f"X-Summon-Instance: {grant.instance}\r\nX-Summon-Route: {grant.route}\r\n"
+                    f"X-Accel-Expires: {grant.cache_s}\r\nVary: {grant.vary}\r\n\r\n").encode("latin-1", "replace"), None
         return (f"HTTP/1.1 204 No Content\r\nX-Summon-Upstream: {grant.upstream}\r\n"
                 f"X-Summon-Instance: {grant.instance}\r\nX-Summon-Lease: {grant.lease}\r\n"
-                f"X-Summon-Route: {grant.route}\r\n\r\n").encode("latin-1", "replace")
+                f"X-Summon-Route: {grant.route}\r\n\r\n").encode("latin-1", "replace"), grant.lease

@@ -81,6 +81,10 @@ class StaticPool:
         self.balancer.acquire(node)
         return StaticLease(self, node, self.addresses[node])
 
+    def steady(self) -> bool:
+        """Fixed replicas: a decision may always be reused (see `SummonedPool.steady`)."""
+        return True
+
 
 class Dispatcher:
     def __init__(self, table: RouteTable, pool_for: Callable[[Route], Pool]) -> None:

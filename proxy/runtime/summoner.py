@@ -131,6 +131,10 @@ class SummonedPool:
         s.execute(commands)
         return fut
 
+    def steady(self) -> bool:
+        """See `FleetEngine.steady`: whether a decision on this pool may be reused."""
+        return self.summoner.fleet.steady(self.route.name)
+
 
 class _Trial:
     """What the shell holds of one booting instance's trial (the engine's `Instance.trial`

@@ -339,6 +339,7 @@ def status_of(rt: Runtime) -> dict[str, Any]:
     snap["totals"]["shed_requests"] = rt.state.shed_requests
     if rt.plugin is not None:
         snap["totals"]["plugin_leases"] = len(rt.plugin.decider.held)  # requests the host proxy carries now
+        snap["totals"]["plugin_decisions"] = rt.plugin.decider.decisions  # grants made since start
     snap["overload"] = {k: v for k, v in overload_of(rt).items() if k not in snap["totals"]}
     return snap
 

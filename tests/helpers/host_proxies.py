@@ -25,10 +25,14 @@ def nginx_config(tmp: Path, port: int, plugin: str) -> list[str]:
     site = (PLUGINS / "nginx" / "summon.conf").read_text()
     site = _replace(site, SHIPPED_PLUGIN, plugin)
     site = _replace(site, "listen 80;", f"listen 127.0.0.1:{port};")
+    site = _replace(site, "/var/cache/nginx/summon", str(tmp / "decisions"))
     (tmp / "site.conf").write_text(site)
+    # As root, nginx's workers run as nobody, who cannot enter pytest's 0700 tmp dirs to
+    # reach the decision cache: keep them as the test's user.
+    user = "user root;\n" if os.geteuid() == 0 else ""
     temp = "".join(f"    {kind}_temp_path {tmp}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     (tmp / "nginx.conf").write_text(
-        f"daemon off;\nworker_processes 1;\npid {tmp}/nginx.pid;\nerror_log {tmp}/error.log info;\n"
+        f"daemon off;\n{user}worker_processes 1;\npid {tmp}/nginx.pid;\nerror_log {tmp}/error.log info;\n"
         f"events {{ worker_connections 1024; }}\n"
         f"http {{\n    access_log {tmp}/access.log;\n{temp}    include {tmp}/site.conf;\n}}\n")
     return ["nginx", "-e", str(tmp / "error.log"), "-p", str(tmp), "-c", str(tmp / "nginx.conf")]

@@ -100,6 +100,54 @@ def test_done_gives_the_lease_back_once() -> None:
     run(test)
 
 
+def test_a_batch_of_done_gives_back_every_lease_named_and_marks_a_5xx() -> None:
+    """HAProxy's queue gives leases back many at once; an unknown one has expired already."""
+    async def test(endpoint: PluginEndpoint, fake: FakePool) -> None:
+        grants = []
+        for _ in range(2):
+            answer = asyncio.ensure_future(call(endpoint, "/decide", ASK.format(host="cold")))
+            for _ in range(200):
+                if len(fake.futures) > len(grants):
+                    break
+                await asyncio.sleep(0.01)
+            listening = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+            grants.append((FakeLease(Address("127.0.0.1", listening.sockets[0].getsockname()[1])), listening))
+            fake.futures[-1].set_result(grants[-1][0])
+            assert (await answer)[0] == 204
+        a, b = list(endpoint.decider.held)
+        assert (await call(endpoint, f"/done?leases={a}:200,{b}:502,gone:200"))[0] == 204
+        assert not endpoint.decider.held
+        assert sorted(g[0].released for g in grants) == [[False], [True]]
+        assert (await call(endpoint, f"/done?leases={a}:200&lease={b}"))[0] == 400
+        for _, listening in grants:
+            listening.close()
+
+    run(test)
+
+
+def test_a_caller_that_hangs_up_as_its_lease_is_granted_gives_it_back() -> None:
+    """The lease is granted while the connection is already gone: no /done will come."""
+    async def test(endpoint: PluginEndpoint, fake: FakePool) -> None:
+        listening = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        lease = FakeLease(Address("127.0.0.1", listening.sockets[0].getsockname()[1]))
+        reader, writer = await asyncio.open_connection(endpoint.address.host, endpoint.address.port)
+        writer.write(f"GET /decide HTTP/1.1\r\nHost: summon\r\n{ASK.format(host='cold')}\r\n".encode())
+        for _ in range(200):
+            if fake.futures:
+                break
+            await asyncio.sleep(0.01)
+        fake.futures[0].set_result(lease)  # granted, and in the same moment the caller goes
+        writer.transport.abort()
+        for _ in range(200):
+            if lease.released:
+                break
+            await asyncio.sleep(0.01)
+        assert lease.released == [True] and not endpoint.decider.held
+        listening.close()
+
+    run(test)
+
+
 @pytest.mark.parametrize("given,status", [(None, 401), ("wrong-token-wrong-token", 401), (TOKEN, 204)])
 def test_with_a_token_every_call_carries_it(given: str | None, status: int) -> None:
     async def test(endpoint: PluginEndpoint, _fake: FakePool) -> None:

@@ -557,3 +557,16 @@ def test_ready_without_marks_has_no_phases() -> None:
     boot = of(Boot, f.request_arrived("site", 1, "k", None, 0.0))[0]
     ready = [r for r in of(Record, f.instance_ready(boot.instance_id, addr(1), 1.0)) if r.kind == "ready"]
     assert "phases" not in ready[0].detail
+
+
+def test_a_pool_is_steady_only_when_ready_at_max_replicas_with_nothing_queued() -> None:
+    """What the plugin's decision cache relies on (proxy.plugin.decide): no scale-out can follow."""
+    f = fleet(replace(ROUTE, max_replicas=1))
+    assert not f.steady("site") and not f.steady("nowhere")  # cold
+    out = f.request_arrived("site", 1, "k", None, 0.0)
+    assert not f.steady("site")  # booting, one queued
+    boot_ready(f, out, 1.0)
+    assert f.steady("site")
+    wide = fleet(ROUTE)  # max_replicas 4: one ready replica may still be joined by more
+    boot_ready(wide, wide.request_arrived("site", 1, "k", None, 0.0), 1.0)
+    assert not wide.steady("site")

@@ -243,3 +243,71 @@ def test_while_draining_every_decision_is_a_503() -> None:
             await d.decide(described("static"), hooked=True)
 
     asyncio.run(go())
+
+
+# --- the decision cache -----------------------------------------------------------------
+
+
+def test_a_steady_pools_decision_may_be_reused_and_holds_its_lease_for_that_long() -> None:
+    async def go() -> None:
+        clock = Clock()
+        d = decider(config(STATIC), clock, lease_estimate_s=0.5, cache_s=2)
+        grant = await d.decide(described("static", X_User="ann"), hooked=True, cache=True)
+        assert (grant.cache_s, grant.lease) == (2, "")  # no lease id: the host proxy calls no /done
+        assert grant.vary == "X-Client-Region, x-user"  # the hash key's header varies the answer
+        assert len(d.held) == 1
+        assert d.expire(clock.now + 2.4) == 0 and d.expire(clock.now + 2.5) == 1  # cache time + estimate
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("cache,cache_s", [(False, 1), (True, 0)])
+def test_without_the_host_proxy_asking_or_with_cache_off_every_decision_is_a_lease(cache: bool, cache_s: int) -> None:
+    async def go() -> None:
+        d = decider(config(STATIC), Clock(), cache_s=cache_s)
+        grant = await d.decide(described("static"), hooked=True, cache=cache)
+        assert grant.cache_s == 0 and grant.lease
+
+    asyncio.run(go())
+
+
+class SteadyPool(FakePool):
+    def __init__(self, route: Route, steady: bool) -> None:
+        super().__init__(route)
+        self.is_steady = steady
+        self.lease = FakeLease(Address("127.0.0.1", 7000))
+
+    def acquire(self, head: RequestHead, client_ip: str, region: str | None,
+                avoid: Lease | None = None) -> Lease | asyncio.Future[Lease]:
+        return self.lease  # type: ignore[return-value]
+
+    def steady(self) -> bool:
+        return self.is_steady
+
+
+@pytest.mark.parametrize("steady", [True, False])
+def test_a_summoned_pool_is_cached_only_while_steady(steady: bool) -> None:
+    async def go() -> None:
+        d = decider(config(SUMMONED), Clock(), SteadyPool(SUMMONED, steady))
+        grant = await d.decide(described("cold"), hooked=True, cache=True)
+        assert bool(grant.cache_s) is steady and bool(grant.lease) is not steady
+
+    asyncio.run(go())
+
+
+def test_a_cold_decision_is_never_cached() -> None:
+    async def go() -> None:
+        listening = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        fake = SteadyPool(SUMMONED, steady=True)  # steady by the time the boot is over
+        fake.lease = FakeLease(Address("127.0.0.1", listening.sockets[0].getsockname()[1]))
+        fut: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        fake.acquire = lambda *a, **k: fut  # type: ignore[method-assign]
+        d = decider(config(SUMMONED), Clock(), fake, cache_s=5)
+        call = asyncio.ensure_future(d.decide(described("cold"), hooked=True, cache=True))
+        await asyncio.sleep(0)
+        fut.set_result(fake.lease)  # type: ignore[arg-type]
+        grant = await call
+        assert grant.cache_s == 0 and grant.lease in d.held
+        listening.close()
+
+    asyncio.run(go())
