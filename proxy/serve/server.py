@@ -76,6 +76,7 @@ from ..routing.table import RouteTable
 from ..runtime.bootstrap import make_backends, start_summoner
 from ..runtime.follower import Follower
 from ..runtime.summoner import Summoner
+from .notify import Notifier
 from .preflight import events_error, listen_error
 from .workers import PeerServer, ask, die_with_parent, merge_metrics, merge_status, metric_samples, socket_path
 
@@ -571,13 +572,16 @@ def fleet_store(config: Config, worker: int, peer_dir: str | None, redis_passwor
 
 
 async def run_worker(config: Config, sockets: list[socket.socket], worker: int, peer_dir: str | None = None,
-                     redis_password: str | None = None, pull_token: str | None = None) -> int:
+                     redis_password: str | None = None, pull_token: str | None = None,
+                     notifier: Notifier | None = None) -> int:
     """One worker. Its engine shares one fleet with other engines when there are any:
     with `[cluster]`, through Redis (`proxy.cluster.redis_store`), as node `[cluster].node`
     (or `NODE-wN` with several workers); otherwise, with `peer_dir` (workers = N), through
     `peer_dir/fleet.db` (`proxy.cluster.sqlite_store`): one cold boot per route, one cap,
-    and every engine routes to every engine's instances."""
+    and every engine routes to every engine's instances. `notifier`: systemd's readiness
+    protocol (`proxy.serve.notify`), spoken by worker 0 only."""
     loop = asyncio.get_running_loop()
+    notify = notifier if notifier is not None and worker == 0 else Notifier(None)
     # The admin port and the listeners open before start-up is over: a SIGHUP or SIGTERM
     # sent as soon as they answer must not meet the default action (which ends the
     # process). Signals that come while starting are kept and acted on once running.
@@ -612,6 +616,7 @@ async def run_worker(config: Config, sockets: list[socket.socket], worker: int, 
     def on_stop() -> None:
         signals["count"] += 1
         if signals["count"] == 1:
+            notify.stopping()
             log.info("draining (up to %.0fs); signal again to force", rt.config.proxy.drain_timeout_s)
             rt.stopping.set()
         elif signals["count"] == 2:
@@ -626,7 +631,11 @@ async def run_worker(config: Config, sockets: list[socket.socket], worker: int, 
 
     def on_hup() -> None:
         async def go() -> None:
-            ok, messages = await reload(rt)
+            notify.reloading()
+            try:
+                ok, messages = await reload(rt)
+            finally:
+                notify.ready("reloaded")  # applied or refused: the old config serves on
             if ok:
                 log.info("SIGHUP: reloaded %s", rt.config.path)
 
@@ -640,6 +649,7 @@ async def run_worker(config: Config, sockets: list[socket.socket], worker: int, 
     addrs = ", ".join(str(a) for a in config.proxy.listen)
     admin = f", admin on {config.proxy.admin}" if rt.admin else ""
     log.info("worker %d listening on %s%s", worker, addrs, admin)
+    notify.ready(f"listening on {addrs}")
     await rt.stopping.wait()
     watch.stop()
     await drain(rt, rt.config.proxy.drain_timeout_s)
@@ -676,6 +686,7 @@ def serve(config: Config, redis_password: str | None = None, pull_token: str | N
     `[cluster]`, `pull_token`: for `[images] follow`, read from the environment by the caller."""
     import uvloop
 
+    notifier = Notifier.from_environ()  # taken out of the environment: instances do not inherit it
     # Mark the start in the event log before any worker summons anything: instances an
     # earlier run left "running" there (it was killed) end here, for `summon stats`.
     try:
@@ -688,7 +699,7 @@ def serve(config: Config, redis_password: str | None = None, pull_token: str | N
     if workers == 1:
         sockets = bind_listeners(config, reuse)
         return uvloop.run(run_worker(config, sockets, 0, redis_password=redis_password,
-                                            pull_token=pull_token))
+                                     pull_token=pull_token, notifier=notifier))
     children: list[int] = []
     peer_dir = tempfile.mkdtemp(prefix="summon-workers-")  # 0700: worker 0 asks the others here
     parent = os.getpid()
@@ -699,7 +710,7 @@ def serve(config: Config, redis_password: str | None = None, pull_token: str | N
             try:
                 die_with_parent(parent)  # a SIGKILLed parent must not leave workers behind
                 sockets = bind_listeners(config, True)
-                code = uvloop.run(run_worker(config, sockets, i, peer_dir, redis_password, pull_token))
+                code = uvloop.run(run_worker(config, sockets, i, peer_dir, redis_password, pull_token, notifier))
             except ConfigError as exc:
                 print(exc, file=sys.stderr)
                 code = 2

@@ -59,9 +59,10 @@ class Summon:
         )
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = tmp / "summon.log"
+        self.env: dict[str, str] = {}  # added to summon's environment
 
     def start(self) -> Summon:
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env = dict(os.environ, PYTHONPATH=str(ROOT), **self.env)
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen([*SUMMON, "serve", "-c", str(self.config)], cwd=self.tmp, env=env,
                                          stdout=subprocess.DEVNULL, stderr=log)
