@@ -175,6 +175,7 @@ from bench_fleet import section_fleet  # noqa: E402
 from bench_hotpath import section_hotpath  # noqa: E402
 from bench_mitm import section_mitm  # noqa: E402
 from bench_overload import section_overload  # noqa: E402
+from bench_plugin import section_plugin  # noqa: E402
 from bench_routes import section_routes  # noqa: E402
 
 SECTIONS: dict[str, Callable[[Bench], dict]] = {
@@ -186,6 +187,7 @@ SECTIONS: dict[str, Callable[[Bench], dict]] = {
     "mitm": section_mitm,
     "overload": section_overload,
     "fleet": section_fleet,
+    "plugin": section_plugin,
 }
 
 
