@@ -502,6 +502,9 @@ def test_the_plugin_section_is_off_unless_given(tmp_path: Path) -> None:
     cfg = load(write(tmp_path, VALID + '\n[plugin]\nlisten = "127.0.0.1:18082"\nlease_estimate = "250ms"\n'))
     assert cfg.plugin is not None
     assert (cfg.plugin.listen, cfg.plugin.token, cfg.plugin.lease_estimate_s) == (Address("127.0.0.1", 18082), None, 0.25)
+    assert cfg.plugin.cache_s == 1  # nginx may reuse a steady pool's decision for a second
+    off = load(write(tmp_path, VALID + '\n[plugin]\nlisten = "127.0.0.1:18082"\ncache = "0"\n'))
+    assert off.plugin is not None and off.plugin.cache_s == 0
 
 
 def test_the_plugin_off_loopback_needs_a_token(tmp_path: Path) -> None:
@@ -519,6 +522,7 @@ def test_the_plugin_off_loopback_needs_a_token(tmp_path: Path) -> None:
     ('listen = "127.0.0.1:18082"\nlease = "1s"', "lease =", "[plugin]: unknown key 'lease'"),
     ('token = "short"\nlisten = "127.0.0.1:18082"', "token", "[plugin].token: must be at least 16"),
     ('lease_estimate = "1s"', "[plugin]", "[plugin]: missing key 'listen'"),
+    ('listen = "127.0.0.1:18082"\ncache = "1500ms"', "cache", "[plugin].cache: whole seconds"),
     ('listen = "127.0.0.1:18081"', "listen = \"127.0.0.1:18081\"", "listen addresses overlap"),
 ])
 def test_plugin_problems_name_the_key(tmp_path: Path, body: str, needle: str, fragment: str) -> None:
