@@ -33,7 +33,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup
-	$(PY) loadtests/bench.py
+	$(PY) loadtests/bench.py $(if $(ONLY),--only $(ONLY))
 
 # a few minutes of hypothesis (deep profile) and, where atheris installs, coverage-guided fuzzing;
 # `make test` runs the same properties with small example counts
