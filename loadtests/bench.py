@@ -175,8 +175,8 @@ from bench_fleet import section_fleet  # noqa: E402
 from bench_hotpath import section_hotpath  # noqa: E402
 from bench_mitm import section_mitm  # noqa: E402
 from bench_overload import section_overload  # noqa: E402
-from bench_plugin import section_plugin  # noqa: E402
 from bench_page import section_page  # noqa: E402
+from bench_plugin import section_plugin  # noqa: E402
 from bench_routes import section_routes  # noqa: E402
 
 SECTIONS: dict[str, Callable[[Bench], dict]] = {
