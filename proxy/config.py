@@ -103,6 +103,10 @@ class Host:
     # libvirt: boot from this storage pool's volumes (`summon images push`), checked there
     # once per digest, instead of the image's files at the same path on the host ("" = files)
     pool: str = ""
+    # `start = "resume"` routes: the guest memory (the image's `memory_mib`) that paused
+    # standbys on this host may hold in all. A paused VM uses no CPU but keeps its RAM, so
+    # memory, not slots, is what bounds them: 1 GiB keeps a few 128 MiB microVMs waiting.
+    standby_memory_mib: int = 1024
 
 
 class Route(NamedTuple):
@@ -127,6 +131,7 @@ class Route(NamedTuple):
     health_interval_s: float = 10.0  # probe ready instances this often (0: never)
     health_failures: int = 3  # misses in a row before an instance is replaced
     start: str = "boot"
+    standbys: int = 1  # `start = "resume"`: booted-then-paused instances kept for cold requests
     source: str = ""  # "file [[route]] #n", for messages and events
     # Predictive summoning (proxy/engine/prefetch.py): the URL paths a page makes a browser
     # fetch next (written by `summon routes split-site`), and whether a request here wakes
@@ -276,6 +281,15 @@ def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"expected a whole number >= 0, got {value!r}")
     return value
+
+
+def _mebibytes(value: Any) -> int:
+    """MiB as a whole number (``512``) or a size with a unit (``"512MiB"``, ``"2GiB"``)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        return parse_size(value) // 1024**2
+    raise ValueError(f"{value!r} is not a memory size (use e.g. 512 for MiB, or \"2GiB\")")
 
 
 def _boolean(value: Any) -> bool:
@@ -562,6 +576,7 @@ _HOST_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "address": ("address", _ipv4),
     "ports": ("ports", _port_range),
     "pool": ("pool", _string),
+    "standby_memory": ("standby_memory_mib", _mebibytes),
 }
 _ROUTE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "name": ("name", _string),
@@ -581,7 +596,8 @@ _ROUTE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "health_path": ("health_path", _health_path),
     "health_interval": ("health_interval_s", parse_duration),
     "health_failures": ("health_failures", _positive_int),
-    "start": ("start", _choice("boot", "restore")),
+    "start": ("start", _choice("boot", "restore", "resume")),
+    "standbys": ("standbys", _positive_int),
     "prefetch": ("prefetch", _url_paths),
     "presummon": ("presummon", _boolean),
 }

@@ -19,6 +19,13 @@ Rules kept here, and only here:
   and idleness counts from the end of the last one;
 - a draining instance stops when its last request ends, or at `drain_timeout` after the
   drain began, whatever is still open (long-lived tunnels) is cut then;
+- a `start = "resume"` route keeps up to `standbys` booted-then-paused instances
+  (PREPARING, then STANDBY), within its host's `standby_memory_mib`: a cold request
+  wakes one (`Resume`) instead of booting, and the pool boots a new standby in the
+  background once no start of its own is in flight (a standby's boot would only slow
+  a cold start down on the same cores). Standbys count against the cap and host slots
+  but not `max_replicas`, and are the first thing reclaimed when a real boot needs
+  their slot; they never reclaim anything themselves;
 - a cold pool's first safe bodiless request is its trial: forwarded as soon as the driver
   has the instance running (`instance_started`), before readiness is known, so the
   request itself is the readiness probe and a cold start costs no extra round trip
@@ -44,7 +51,7 @@ from typing import Any
 
 from ..config import Address, Host, Limits, PrefetchSettings, Region, Route
 from .balancer import BoundedLoadBalancer
-from .lifecycle import LIVE, State, next_state
+from .lifecycle import LIVE, STANDBYS, State, next_state
 from .prefetch import Prefetcher
 from .scaler import ScalerSettings, ScalerState, desired_replicas
 
@@ -58,6 +65,16 @@ class Boot:
     host: str
     region: str
     cold: bool = False  # the pool had no instance at all: fleet-wide, only one engine may boot it
+    standby: bool = False  # boot it, wait until it answers, pause it, report `standby_parked`
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Wake a paused standby; from here on it is a boot (`instance_started`, then ready)."""
+
+    instance_id: str
+    route: str
+    host: str
 
 
 @dataclass(frozen=True)
@@ -94,7 +111,7 @@ class Record:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-Command = Boot | Forward | Reject | Stop | Record
+Command = Boot | Resume | Forward | Reject | Stop | Record
 
 
 @dataclass(frozen=True)
@@ -108,6 +125,7 @@ class Refused:
         return False
 
 BACKOFF_BASE_S = 1.0
+DEFAULT_GUEST_MIB = 128  # a standby whose image's memory is unknown counts as the driver's default guest
 BACKOFF_MAX_S = 60.0
 # A host whose hypervisor did not answer (HostUnavailable) is tried again after 5 s, 10 s,
 # 20 s ... at most 5 minutes: long enough not to hammer a dead libvirtd with every cold
@@ -146,6 +164,13 @@ class Instance:
     drained_at: float | None = None  # when it left rotation (a shared fleet stops it a grace later)
     stopping: bool = False  # its Stop has been sent (a shared fleet's tick sends it once)
     presummoned_by: str = ""  # the route whose request pre-summoned it (see `_presummon`)
+    woken_at: float | None = None  # a standby woken by a cold request: its start counts from here
+    memory_mib: int = 0  # a standby's guest memory, counted against its host's standby budget
+
+    @property
+    def start_at(self) -> float:
+        """When the start a request waits for began: the summons, or a standby's wake-up."""
+        return self.summoned_at if self.woken_at is None else self.woken_at
 
     def move(self, event: str) -> None:
         self.state = next_state(self.state, event)
@@ -189,6 +214,10 @@ class PoolState:
     def live(self) -> list[Instance]:
         return [i for i in self.instances.values() if i.state in LIVE]
 
+    def replicas(self) -> int:
+        """Live instances that serve or are about to (standbys are not replicas yet)."""
+        return sum(1 for i in self.instances.values() if i.state in LIVE and i.state not in STANDBYS)
+
     def count(self, state: State) -> int:
         return sum(1 for i in self.instances.values() if i.state is state)
 
@@ -226,10 +255,14 @@ class Fleet:
         drain_timeout_s: float = math.inf,
         placeable: Callable[[Route, Host], bool] | None = None,
         prefetch: PrefetchSettings | None = None,
+        memory_of: Callable[[Route], int] | None = None,
     ) -> None:
         # Can `host` boot `route`'s image (has the image an artefact for the host's arch)? The
         # shell answers from images it has already loaded, so placement stays free of I/O.
         self.placeable = placeable
+        # The guest memory (MiB) one instance of the route takes, for standby budgets; the
+        # shell answers from the images it has loaded (None: every guest counts 128 MiB).
+        self.memory_of = memory_of
         self.node = node  # this engine's name in a shared fleet ("" alone)
         # in a shared fleet a boot is only real once the store granted it (`boot_claimed`):
         # "summoned" is recorded then, so the log never counts a boot that did not happen
@@ -279,6 +312,9 @@ class Fleet:
                     elif inst.state is State.BOOTING:
                         self._end_trial(inst, 1, "route removed", out)
                         self._stop(inst, "route removed", out)
+                    elif inst.state in STANDBYS and not inst.stopping:
+                        inst.stopping = True
+                        self._stop(inst, "route removed", out)
                 for rid in list(pool.queue):
                     out.append(Reject(rid, 1, "route removed"))
                 pool.queue.clear()
@@ -290,6 +326,9 @@ class Fleet:
                             self._drop_foreign(inst)
                         elif inst.state is State.READY:
                             self._drain(pool, inst, now, "image changed", out)
+                        elif inst.state in STANDBYS and not inst.stopping:
+                            inst.stopping = True
+                            self._stop(inst, "image changed", out)
                 pool.route = new
         self.prefetch.set_routes(wanted.values())
         for name, route in wanted.items():
@@ -333,7 +372,7 @@ class Fleet:
         if now < pool.awaiting_until:
             return out  # another engine is booting this route: its instance will serve the queue
         if not pool.count(State.BOOTING) and not pool.reclaim_pending:
-            booted = self._boot(pool, region, now, "cold request", out)
+            booted = self._summon(pool, region, now, "cold request", out)
             if isinstance(booted, Refused) and not pool.reclaim_pending:
                 # could not boot (cap, slots, budget): tell the client now, not later
                 del pool.queue[request_id]
@@ -407,6 +446,19 @@ class Fleet:
                 break
         return out
 
+    def standby_parked(self, instance_id: str, address: Address, now: float) -> list[Command]:
+        """A standby's boot answered and the driver paused it: it waits for a cold request."""
+        inst = self.instances.get(instance_id)
+        if inst is None or inst.state is not State.PREPARING:
+            return []
+        pool = self.pools[inst.route]
+        inst.move("park")
+        inst.address = address
+        pool.failures = 0
+        pool.backoff_until = 0.0
+        return [Record("standby", inst.route, inst.id, inst.host, inst.region, now - inst.summoned_at,
+                       {"memory_mib": inst.memory_mib})]
+
     def instance_ready(self, instance_id: str, address: Address, now: float, by: str = "probe",
                        marks: Mapping[str, float] | None = None) -> list[Command]:
         """`by`: what showed it ready, the readiness probe or a trial "request" (for the log).
@@ -434,11 +486,13 @@ class Fleet:
         detail: dict[str, Any] = {"cold_requests": waited, "ready_by": by}
         if inst.started_at is not None:  # how the boot divides: the driver, then the application
             # rounded down to 0.1 ms: the driver's share can never read as more than the whole
-            detail["driver_s"] = math.floor((inst.started_at - inst.summoned_at) * 10_000) / 10_000
+            detail["driver_s"] = math.floor((inst.started_at - inst.start_at) * 10_000) / 10_000
+        if inst.woken_at is not None:
+            detail["start"] = "resume"  # a paused standby, woken: duration_s is resume to first answer
         if marks:
-            detail["phases"] = boot_phases(inst.summoned_at, marks, now)
+            detail["phases"] = boot_phases(inst.start_at, marks, now)
             detail["image"] = pool.route.image or ""  # the breakdown is per image (`summon stats`)
-        out.append(Record("ready", inst.route, inst.id, inst.host, inst.region, now - inst.summoned_at, detail))
+        out.append(Record("ready", inst.route, inst.id, inst.host, inst.region, now - inst.start_at, detail))
         if inst.inflight and inst.first_request_at is None:
             out.append(self._first(inst, now))
         self._flush_queue(pool, now, out)
@@ -447,15 +501,16 @@ class Fleet:
     def boot_failed(self, instance_id: str, reason: str, now: float) -> list[Command]:
         inst = self.instances.get(instance_id)
         out: list[Command] = []
-        if inst is None or inst.state is not State.BOOTING:
+        if inst is None or inst.state not in (State.BOOTING, State.PREPARING):
             return out
         pool = self.pools[inst.route]
+        phase = "standby" if inst.state is State.PREPARING else "boot"
         inst.move("fail")
         pool.failures += 1
         backoff = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (pool.failures - 1))
         pool.backoff_until = now + backoff
-        out.append(Record("failed", inst.route, inst.id, inst.host, inst.region, now - inst.summoned_at,
-                          {"reason": reason, "phase": "boot", "backoff_s": backoff}))
+        out.append(Record("failed", inst.route, inst.id, inst.host, inst.region, now - inst.start_at,
+                          {"reason": reason, "phase": phase, "backoff_s": backoff}))
         self._end_trial(inst, max(1, math.ceil(backoff)), f"instance failed to boot: {reason}", out)
         out.append(Stop(inst.id, f"boot failed: {reason}"))
         if not pool.count(State.BOOTING) and not pool.balancer.load:
@@ -470,7 +525,7 @@ class Fleet:
         """A ready (or draining) instance stopped on its own: out of rotation, replaced on demand."""
         inst = self.instances.get(instance_id)
         out: list[Command] = []
-        if inst is None or inst.state not in (State.READY, State.DRAINING):
+        if inst is None or inst.state not in (State.READY, State.DRAINING, State.STANDBY):
             return out
         pool = self.pools[inst.route]
         pool.balancer.remove(inst.id)
@@ -643,7 +698,8 @@ class Fleet:
                     out.append(Reject(rid, self._retry_after(pool, now), "timed out waiting for an instance"))
                     out.append(Record("rejected", name, detail={"reason": "boot timeout"}))
             for inst in list(pool.instances.values()):
-                if inst.state is State.BOOTING and now - inst.summoned_at > pool.route.boot_timeout_s:
+                if (inst.state in (State.BOOTING, State.PREPARING)
+                        and now - inst.start_at > pool.route.boot_timeout_s):
                     out.extend(self.boot_failed(inst.id, f"not ready after {pool.route.boot_timeout_s:g}s", now))
                 elif (inst.state is State.DRAINING and not inst.owner and not inst.stopping
                       and now - (inst.drained_at or now) >= self.drain_timeout_s):
@@ -656,12 +712,13 @@ class Fleet:
                 pool.awaiting_until = 0.0  # the other engine's boot never showed up: try ourselves
                 if pool.queue and not pool.count(State.BOOTING) and not pool.balancer.load and not pool.removed:
                     first = next(iter(pool.queue.values()))
-                    self._boot(pool, first.region, now, "cold request (other node's boot did not arrive)", out)
+                    self._summon(pool, first.region, now, "cold request (other node's boot did not arrive)", out)
             if pool.removed:
                 if not pool.live() and not pool.instances:
                     del self.pools[name]
                 continue
             self._scale(pool, now, out)
+            self._keep_standbys(pool, now, out)
             demand = pool.scaler.region_demand
             for region in list(demand):
                 demand[region] *= 0.8  # recent demand by client region, for placement
@@ -698,7 +755,7 @@ class Fleet:
                 n = 0  # pools start cold; the first request boots
             for _ in range(max(0, n)):
                 region = self._busiest_region(pool)
-                if not self._boot(pool, region, now, decision.reason, out):
+                if not self._summon(pool, region, now, decision.reason, out):
                     break
                 out.append(Record("scale", route.name, detail={"from": live, "to": want, "reason": decision.reason,
                                                                 "panic": decision.panic}))
@@ -722,11 +779,62 @@ class Fleet:
             return self.default_region
         return max(counts.items(), key=lambda kv: kv[1])[0]
 
-    def _boot(self, pool: PoolState, region: str, now: float, reason: str, out: list[Command]) -> Boot | Refused:
-        """Boot one instance for `pool`: the Boot (also appended to `out`), or why not."""
+    # --- paused standbys (`start = "resume"`) -----------------------------------------------
+
+    def _summon(self, pool: PoolState, region: str, now: float, reason: str,
+                out: list[Command]) -> Boot | Resume | Refused:
+        """One more instance for `pool`: a paused standby woken if it has one, else a boot."""
+        return self._wake(pool, now, reason, out) or self._boot(pool, region, now, reason, out)
+
+    def _wake(self, pool: PoolState, now: float, reason: str, out: list[Command]) -> Resume | None:
+        parked = [i for i in pool.instances.values() if i.state is State.STANDBY and not i.owner and not i.stopping]
+        if not parked or pool.replicas() >= pool.route.max_replicas:
+            return None
+        inst = min(parked, key=lambda i: i.summoned_at)
+        inst.move("wake")
+        inst.woken_at = now
+        inst.last_used = now
+        inst.started_at = None
+        inst.memory_mib = 0  # no longer a standby: its memory leaves the standby budget
+        resume = Resume(inst.id, inst.route, inst.host)
+        out.append(resume)
+        out.append(Record("summoned", inst.route, inst.id, inst.host, inst.region,
+                          detail={"reason": reason, "start": "resume"}))
+        return resume
+
+    def standby_memory_mib(self, host: str) -> int:
+        """Guest memory held by this host's standbys (paused or being prepared)."""
+        return sum(i.memory_mib for i in self.instances.values() if i.host == host and i.state in STANDBYS)
+
+    def _keep_standbys(self, pool: PoolState, now: float, out: list[Command]) -> None:
+        """Top a resume route's standbys up to `standbys`, one boot at a time, into free
+        capacity only; stop any beyond it (the route changed)."""
         route = pool.route
-        if len(pool.live()) >= route.max_replicas:
+        want = route.standbys if route.start == "resume" and route.image is not None else 0
+        mine = [i for i in pool.instances.values() if i.state in STANDBYS and not i.owner and not i.stopping]
+        if len(mine) > want:
+            extra = sorted(mine, key=lambda i: (i.state is State.STANDBY, -i.summoned_at))[:len(mine) - want]
+            for inst in extra:
+                inst.stopping = True  # one Stop; its memory counts until `instance_stopped`
+                self._stop(inst, f"standbys = {want}", out)
+            return
+        if (len(mine) >= want or any(i.state is State.PREPARING for i in mine) or pool.count(State.BOOTING)
+                or now < pool.backoff_until or pool.queue or self._someone_waits()):
+            return
+        if self.live_count() >= self.limits.max_instances or self._over_budget(now):
+            return
+        self._boot(pool, self._busiest_region(pool), now, "standby", out, standby=True)
+
+    def _boot(self, pool: PoolState, region: str, now: float, reason: str, out: list[Command],
+              standby: bool = False) -> Boot | Refused:
+        """Boot one instance for `pool`: the Boot (also appended to `out`), or why not.
+        A standby's boot (`standby`) goes only into free capacity and within its host's
+        standby memory; it reclaims nothing."""
+        route = pool.route
+        if not standby and pool.replicas() >= route.max_replicas:
             return Refused(f"route at max_replicas ({route.max_replicas})")
+        if standby and self.live_count() >= self.limits.max_instances:
+            return Refused("no free capacity for a standby")
         if self.live_count() >= self.limits.max_instances:
             if not self._reclaim(pool, now, out):
                 if not self._cap_recorded:  # recorded once per episode, not every tick
@@ -740,19 +848,22 @@ class Fleet:
         if self._over_budget(now):
             out.append(Record("budget_spent", route.name))
             return Refused("instance-seconds budget spent")
-        host = self._place(region, now, route)
+        memory = (self.memory_of(route) if self.memory_of is not None else 0) or DEFAULT_GUEST_MIB
+        host = self._place(region, now, route, memory if standby else None)
         if host is None:
-            return Refused("no host has a free slot")
-        pool.reclaim_pending = False
+            return Refused("no host has a free slot" + (" and standby memory" if standby else ""))
+        if not standby:
+            pool.reclaim_pending = False
         if self.live_count() + 1 < self.limits.max_instances:
             self._cap_recorded = False
-        cold = not pool.instances
-        inst = Instance(self._new_id(route.name), route.name, host.name, host.region, State.BOOTING, now,
-                        last_used=now)
+        cold = not standby and not any(i.state not in STANDBYS for i in pool.instances.values())
+        inst = Instance(self._new_id(route.name), route.name, host.name, host.region,
+                        State.PREPARING if standby else State.BOOTING, now, last_used=now,
+                        memory_mib=memory if standby else 0)
         self.instances[inst.id] = inst
         pool.instances[inst.id] = inst
         self.host_used[host.name] += 1
-        boot = Boot(inst.id, route.name, host.name, host.region, cold)
+        boot = Boot(inst.id, route.name, host.name, host.region, cold, standby)
         out.append(boot)
         summoned = Record("summoned", route.name, inst.id, host.name, host.region,
                           detail={"reason": reason, "client_region": region})
@@ -762,9 +873,11 @@ class Fleet:
             out.append(summoned)
         return boot
 
-    def _place(self, region: str, now: float, route: Route | None = None) -> Host | None:
+    def _place(self, region: str, now: float, route: Route | None = None,
+               standby_mib: int | None = None) -> Host | None:
         """Client's region first, then its nearest-first fallbacks, then anywhere; only hosts
-        that can boot the route's image (an arm64 edge full: the nearest x86_64 host)."""
+        that can boot the route's image (an arm64 edge full: the nearest x86_64 host), and
+        for a standby (`standby_mib`) only hosts whose standby memory has room for it."""
         order = [region]
         r = self.regions.get(region)
         if r is not None:
@@ -775,14 +888,24 @@ class Fleet:
             candidates = [h for h in self.hosts.values()
                           if h.region == name and self.host_used[h.name] < h.slots
                           and self.host_down_until.get(h.name, 0.0) <= now
-                          and (route is None or self.placeable is None or self.placeable(route, h))]
+                          and (route is None or self.placeable is None or self.placeable(route, h))
+                          and (standby_mib is None
+                               or self.standby_memory_mib(h.name) + standby_mib <= h.standby_memory_mib)]
             if candidates:
                 return min(candidates, key=lambda h: (self.host_used[h.name] / max(1, h.slots), h.name))
         return None
 
     def _reclaim(self, cold: PoolState, now: float, out: list[Command]) -> bool:
         """At the cap, stop the least recently used idle instance of another route
-        (a pre-summoned instance that no request has used goes first, booted or not)."""
+        (a standby goes first, then a pre-summoned instance that no request has used,
+        booted or not)."""
+        standbys = [i for i in self.instances.values() if i.state in STANDBYS and not i.owner and not i.stopping]
+        if standbys:
+            # one still being prepared has cost least so far; then the oldest paused one
+            victim = min(standbys, key=lambda i: (i.state is State.STANDBY, i.summoned_at))
+            victim.stopping = True
+            self._stop(victim, f"reclaimed for {cold.route.name} (standby)", out)
+            return True
         if self._reclaim_presummoned(cold, now, out):
             return True
         best: Instance | None = None
@@ -898,7 +1021,7 @@ class Fleet:
 
     def _first(self, inst: Instance, now: float) -> Record:
         inst.first_request_at = now
-        return Record("first_request", inst.route, inst.id, inst.host, inst.region, now - inst.summoned_at)
+        return Record("first_request", inst.route, inst.id, inst.host, inst.region, now - inst.start_at)
 
     def _serve_waiting(self, now: float) -> list[Command]:
         """A slot freed up: cold pools that are waiting get their boot."""
@@ -907,7 +1030,7 @@ class Fleet:
             if pool.queue and not pool.count(State.BOOTING) and not pool.balancer.load and not pool.removed:
                 first = next(iter(pool.queue.values()))
                 pool.reclaim_pending = False
-                self._boot(pool, first.region, now, "cold request (after reclaim)", out)
+                self._summon(pool, first.region, now, "cold request (after reclaim)", out)
         return out
 
     def _drain(self, pool: PoolState, inst: Instance, now: float, reason: str, out: list[Command]) -> None:
@@ -992,4 +1115,11 @@ class Fleet:
                     for i in pool.instances.values()
                 ],
             })
-        return {"routes": routes, "totals": {"instances": self.live_count(), "cap": self.limits.max_instances}}
+        standbys = [i for i in self.instances.values() if i.state in STANDBYS and not i.owner]
+        return {"routes": routes, "totals": {
+            "instances": self.live_count(), "cap": self.limits.max_instances,
+            # paused standbys hold memory, not CPU: what each host keeps of its budget
+            "standby": {"instances": len(standbys), "memory_mib": sum(i.memory_mib for i in standbys),
+                        "hosts": {h: {"memory_mib": self.standby_memory_mib(h), "budget_mib": host.standby_memory_mib}
+                                  for h, host in sorted(self.hosts.items()) if self.standby_memory_mib(h)}},
+        }}
