@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ..config import Address, Host, Route
 
@@ -30,7 +30,7 @@ class InstanceSpec:
     route: Route
     host: Host
     image: Image
-    start: str = "boot"  # "boot" or "restore"
+    start: str = "boot"  # "boot" or "restore" (a standby of a "resume" route is booted)
 
 
 @dataclass
@@ -65,6 +65,24 @@ class Backend(Protocol):
 
     async def close(self) -> None:
         """Stop everything this driver started and release connections."""
+        ...
+
+
+@runtime_checkable
+class Pausable(Protocol):
+    """A driver that can keep an instance paused (`start = "resume"` standbys): its memory
+    stays, its CPUs stop, and `resume` has it running again in far less than a boot."""
+
+    async def pause(self, handle: Handle) -> None:
+        """Stop the instance's CPUs, keeping its memory. Raises BackendError."""
+        ...
+
+    async def resume(self, handle: Handle) -> None:
+        """Run a paused instance again. Raises BackendError."""
+        ...
+
+    def rss_mib(self, handle: Handle) -> float | None:
+        """The host memory the instance holds now (resident set), or None if unknown."""
         ...
 
 

@@ -43,6 +43,8 @@ class FakeBackend:
         self.running: dict[str, _Running] = {}
         self.started: list[str] = []
         self.stopped: list[str] = []
+        self.paused: set[str] = set()  # standbys (an in-process server keeps answering: a flag only)
+        self.resumed: list[str] = []
 
     async def start(self, spec: InstanceSpec) -> Handle:
         b = self.behaviour
@@ -109,6 +111,20 @@ class FakeBackend:
         for w in run.writers:
             w.close()
         self.stopped.append(handle.instance_id)
+
+    async def pause(self, handle: Handle) -> None:
+        if handle.instance_id not in self.running:
+            raise BackendError(f"{handle.instance_id} is not running")
+        self.paused.add(handle.instance_id)
+
+    async def resume(self, handle: Handle) -> None:
+        if handle.instance_id not in self.running:
+            raise BackendError(f"{handle.instance_id} is not running")
+        self.paused.discard(handle.instance_id)
+        self.resumed.append(handle.instance_id)
+
+    def rss_mib(self, handle: Handle) -> float | None:
+        return None
 
     async def reap_orphans(self) -> list[str]:
         return []

@@ -60,6 +60,7 @@ from .libvirt_host import (
 from .libvirt_pool import verified_paths
 from .libvirt_xml import NS, DomainParams, copy_save_with_xml, domain_name, domain_xml, parse_metadata, retarget_xml
 from .owner import claim, default_dir, owner_alive, pid_alive, proc_start, sweep
+from .process import vm_rss_mib
 
 try:
     import libvirt
@@ -542,6 +543,28 @@ class LibvirtBackend:
             self._connection().restore(str(copy))
         finally:
             copy.unlink(missing_ok=True)
+
+    # --- paused standbys (`start = "resume"`) ------------------------------------------------
+
+    async def pause(self, handle: Handle) -> None:
+        """virDomainSuspend: QEMU stops the vCPUs; guest RAM and the port forward stay."""
+        name = str(handle.detail.get("domain", ""))
+        await self._call(f"suspend {name}", lambda: self._connection().lookupByName(name).suspend())
+
+    async def resume(self, handle: Handle) -> None:
+        """virDomainResume: the guest runs on from where it was paused."""
+        name = str(handle.detail.get("domain", ""))
+        await self._call(f"resume {name}", lambda: self._connection().lookupByName(name).resume())
+
+    def rss_mib(self, handle: Handle) -> float | None:
+        """The QEMU process's resident memory (local domains only)."""
+        if self.endpoint is not None:
+            return None
+        try:
+            pid = int((QEMU_PID_DIR / f"{handle.detail.get('domain', '')}.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return vm_rss_mib(pid)
 
     async def stop(self, handle: Handle) -> None:
         name = str(handle.detail.get("domain", ""))

@@ -176,6 +176,7 @@ class ProcessBackend:
         if not child.reap():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(child.pid, signal.SIGTERM)
+                os.killpg(child.pid, signal.SIGCONT)  # a paused standby acts on its SIGTERM only once running
             end = asyncio.get_running_loop().time() + self.stop_grace_s
             while not child.reap() and asyncio.get_running_loop().time() < end:
                 await asyncio.sleep(0.01)
@@ -190,6 +191,27 @@ class ProcessBackend:
             record.unlink(missing_ok=True)
         if not child.exited.done():
             child.exited.set_result("stopped")
+
+    # --- paused standbys (`start = "resume"`): SIGSTOP / SIGCONT of the process group ------
+
+    async def pause(self, handle: Handle) -> None:
+        self._signal(handle, signal.SIGSTOP)
+
+    async def resume(self, handle: Handle) -> None:
+        self._signal(handle, signal.SIGCONT)
+
+    def _signal(self, handle: Handle, sig: signal.Signals) -> None:
+        child = self.children.get(handle.instance_id)
+        if child is None or child.reap():
+            raise BackendError(f"{handle.instance_id} is not running")
+        try:
+            os.killpg(child.pid, sig)
+        except OSError as exc:
+            raise BackendError(f"cannot {sig.name} {handle.instance_id}: {exc.strerror or exc}") from exc
+
+    def rss_mib(self, handle: Handle) -> float | None:
+        child = self.children.get(handle.instance_id)
+        return None if child is None else vm_rss_mib(child.pid)
 
     async def reap_orphans(self) -> list[str]:
         """Kill the process groups of recorded instances whose owner is dead; return their
@@ -246,3 +268,14 @@ def _kill_group(pid: int, start: str) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+def vm_rss_mib(pid: int) -> float | None:
+    """VmRSS of a process from /proc, in MiB (None if it is gone or unreadable)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

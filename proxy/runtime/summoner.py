@@ -27,6 +27,11 @@ Drivers that watch their host (a remote libvirt host: `LibvirtBackend.watch_heal
 say when it stops answering: the host leaves placement (`host_down`) until it answers
 again (`host_up`); its instances come back through their `exited` futures as dead.
 
+Paused standbys (`start = "resume"`): a `Boot` marked `standby` is started and probed
+like any boot, then paused by the driver (`Pausable.pause`) and reported as
+`standby_parked`; a `Resume` wakes one (`Pausable.resume`), after which it goes the way
+of every start: `instance_started`, its trial request or the readiness probe, ready.
+
 Every `reap_interval_s` (and once before the first tick) each driver reaps the
 instances whose owning summon process is dead (`proxy.backends.owner`): a restart that
 came before the kernel was done with the old process finds them on a later round.
@@ -40,10 +45,10 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..backends.base import Backend, Handle, InstanceSpec, image_target
+from ..backends.base import Backend, Handle, InstanceSpec, Pausable, image_target
 from ..cluster.store import Store
 from ..config import Address, Config, Host, Route
-from ..engine.fleet import Boot, Command, Fleet, Forward, Record, Reject, Stop
+from ..engine.fleet import Boot, Command, Fleet, Forward, Record, Reject, Resume, Stop
 from ..engine.health import HealthChecks, Probe
 from ..engine.regions import RegionMap
 from ..errors import BackendError, HostUnavailable, SummonError, Unavailable
@@ -172,8 +177,10 @@ class Summoner:
         self.fleet = Fleet(config.limits, config.hosts, config.regions, config.default_region,
                            new_id=self._new_id, node=store.node if store is not None else "",
                            shared=store is not None, drain_timeout_s=config.proxy.drain_timeout_s,
-                           placeable=self._placeable, prefetch=config.prefetch)
+                           placeable=self._placeable, prefetch=config.prefetch, memory_of=self._memory_of)
         self.image_targets: dict[str, frozenset[str]] = {}  # image ref -> its targets, for placement
+        self.image_memory: dict[str, int] = {}  # image ref -> its microVM guest memory (MiB), for standbys
+        self.resumed_at: dict[str, float] = {}  # woken standby -> when its driver had it running again
         self.hosts: dict[str, Host] = {h.name: h for h in config.hosts}
         self.routes: dict[str, Route] = {r.name: r for r in config.routes if r.summoned}
         self.pools: dict[str, SummonedPool] = {}
@@ -228,6 +235,10 @@ class Summoner:
                 except SummonError:
                     continue  # unknown: any host; the boot reports the image's problem
                 self.image_targets[route.image] = frozenset(image.targets())
+                self.image_memory[route.image] = _guest_memory_mib(image)
+
+    def _memory_of(self, route: Route) -> int:
+        return self.image_memory.get(route.image or "", 0)
 
     def _placeable(self, route: Route, host: Host) -> bool:
         targets = self.image_targets.get(route.image or "")
@@ -378,6 +389,8 @@ class Summoner:
                     self._reject_trial(cmd)
             elif isinstance(cmd, Boot):
                 self.boot_tasks[cmd.instance_id] = self.loop.create_task(self._boot(cmd))
+            elif isinstance(cmd, Resume):
+                self.boot_tasks[cmd.instance_id] = self.loop.create_task(self._resume(cmd))
             elif isinstance(cmd, Stop):
                 task = self.loop.create_task(self._stop(cmd))
                 self.stop_tasks.add(task)
@@ -468,7 +481,9 @@ class Summoner:
             image = load_image(self.config.images_dir, route.image, store=self.config.images_store)  # cached by mtime
             self.digests[cmd.instance_id] = image.digest
             self.image_targets[route.image] = frozenset(image.targets())
-            spec = InstanceSpec(cmd.instance_id, route, host, image, route.start)
+            spec = InstanceSpec(cmd.instance_id, route, host, image, "boot" if cmd.standby else route.start)
+            if cmd.standby and not isinstance(backend, Pausable):
+                raise BackendError(f"start = \"resume\": the {backend.name} driver cannot pause instances")
             if self.coordinator is not None:
                 verdict = await self.coordinator.claim(cmd, route)
                 if not verdict.granted:
@@ -497,9 +512,56 @@ class Summoner:
             return
         self.handles[cmd.instance_id] = handle
         handle.exited.add_done_callback(functools.partial(self._exited, cmd.instance_id))
+        if cmd.standby:
+            await self._park(cmd.instance_id, route, handle, backend, deadline)
+            return
+        await self._until_ready(cmd.instance_id, route, handle, deadline)
+
+    async def _park(self, instance_id: str, route: Route, handle: Handle, backend: Backend, deadline: float) -> None:
+        """A standby: once it answers, pause it; the fleet keeps it for a cold request."""
+        reason = await wait_ready(handle.address, route.health_path, deadline, handle.exited)
+        self.boot_tasks.pop(instance_id, None)
+        if reason is None:
+            self._boot_marks(instance_id)  # (stops reading its console: the boot's phases are not a cold start's)
+            try:
+                assert isinstance(backend, Pausable)
+                await backend.pause(handle)
+            except BackendError as exc:
+                reason = f"cannot pause: {exc.detail}"
+        if reason is None:
+            self.execute(self.fleet.standby_parked(instance_id, handle.address, self.now()))
+        else:
+            self.execute(self.fleet.boot_failed(instance_id, reason, self.now()))
+
+    async def _resume(self, cmd: Resume) -> None:
+        """A cold request took a paused standby: run it again, then as after any start."""
+        route = self.routes.get(cmd.route) or self.fleet.pools[cmd.route].route
+        backend, handle = self.backends[cmd.host], self.handles.get(cmd.instance_id)
+        deadline = self.loop.time() + route.boot_timeout_s
+        try:
+            if handle is None or not isinstance(backend, Pausable):
+                raise BackendError("no paused instance to resume")
+            await asyncio.wait_for(backend.resume(handle), max(0.001, deadline - self.loop.time()))
+        except asyncio.CancelledError:
+            raise
+        except (SummonError, TimeoutError) as exc:
+            self.boot_tasks.pop(cmd.instance_id, None)
+            why = str(exc.detail) if isinstance(exc, SummonError) else "driver did not resume the instance in time"
+            self.execute(self.fleet.boot_failed(cmd.instance_id, f"resume failed: {why}", self.now()))
+            return
+        self.resumed_at[cmd.instance_id] = self.now()
+        try:
+            await self._until_ready(cmd.instance_id, route, handle, deadline)
+        finally:
+            self.trials.pop(cmd.instance_id, None)
+            self.resumed_at.pop(cmd.instance_id, None)
+
+    async def _until_ready(self, instance_id: str, route: Route, handle: Handle, deadline: float) -> None:
+        """The driver has the instance running: its trial request or the probe makes it ready."""
+        loop = self.loop
         outcome: asyncio.Future[bool] = loop.create_future()
-        self.trials[cmd.instance_id] = _Trial(outcome)
-        started = self.fleet.instance_started(cmd.instance_id, handle.address, self.now())
+        self.trials[instance_id] = _Trial(outcome)
+        started = self.fleet.instance_started(instance_id, handle.address, self.now())
         self.execute(started)
         if any(isinstance(c, Forward) and c.trial for c in started):
             # The trial is the probe: a second prober would only compete with it for a
@@ -507,21 +569,23 @@ class Summoner:
             # client leaves or its answer is a 5xx.
             await asyncio.wait((outcome, handle.exited), return_when=asyncio.FIRST_COMPLETED)
             if outcome.done() and outcome.result():
-                self.boot_tasks.pop(cmd.instance_id, None)
+                self.boot_tasks.pop(instance_id, None)
                 return  # made ready by `trial_answered`
         reason = await wait_ready(handle.address, route.health_path, deadline, handle.exited)
-        self.boot_tasks.pop(cmd.instance_id, None)
+        self.boot_tasks.pop(instance_id, None)
         if reason is None:
-            self.execute(self.fleet.instance_ready(cmd.instance_id, handle.address, self.now(),
-                                                   marks=self._boot_marks(cmd.instance_id)))
-            self._trials_ready(cmd.instance_id)
+            self.execute(self.fleet.instance_ready(instance_id, handle.address, self.now(),
+                                                   marks=self._boot_marks(instance_id)))
+            self._trials_ready(instance_id)
         else:
-            self.execute(self.fleet.boot_failed(cmd.instance_id, reason, self.now()))
+            self.execute(self.fleet.boot_failed(instance_id, reason, self.now()))
 
     def _boot_marks(self, instance_id: str) -> dict[str, float] | None:
         """The driver's marks of this start (libvirt: its phases and the guest's console),
         for the `ready` event's breakdown; None from drivers that keep none."""
         handle, inst = self.handles.get(instance_id), self.fleet.instances.get(instance_id)
+        if instance_id in self.resumed_at:  # a woken standby: the driver's resume, then the first answer
+            return {"resume": self.resumed_at[instance_id]}
         marks = getattr(self.backends.get(inst.host), "boot_marks", None) if inst is not None else None
         if handle is None or marks is None:
             return None
@@ -585,6 +649,16 @@ class Summoner:
                 host = self.hosts.get(i["host"])
                 if host is not None and host.backend == "libvirt":
                     i["arch"] = host.arch  # which of the image's microVM targets it runs
+                if i["state"] == "standby":  # what a paused standby really holds, not its budget
+                    backend, handle = self.backends.get(i["host"]), self.handles.get(i["id"])
+                    if isinstance(backend, Pausable) and handle is not None:
+                        i["rss_mib"] = backend.rss_mib(handle)
         if self.coordinator is not None:
             snap["totals"]["cluster"] = self.coordinator.view()
         return snap
+
+
+def _guest_memory_mib(image: Any) -> int:
+    """The most guest memory any of the image's microVM targets asks for (0: none)."""
+    sizes = [int(image.target(t).get("memory_mib", 128)) for t in image.targets() if t != "unix"]
+    return max(sizes, default=0)
