@@ -115,6 +115,35 @@ def test_valid_config_loads(tmp_path):
     assert cfg.routes[1].upstreams == (Address("127.0.0.1", 9003),)
 
 
+STANDBY = """\
+[[host]]
+name = "vm"
+backend = "process"
+standby_memory = {memory}
+
+[[route]]
+path = "/"
+image = "decks"
+host = "*"
+start = "resume"
+standbys = {standbys}
+"""
+
+
+def test_standbys_and_their_memory_budget_load(tmp_path):
+    cfg = load(write(tmp_path, STANDBY.format(memory='"2GiB"', standbys=2), None))
+    assert cfg.hosts[0].standby_memory_mib == 2048
+    assert cfg.routes[0].start == "resume" and cfg.routes[0].standbys == 2
+    assert load(write(tmp_path, STANDBY.format(memory=512, standbys=1), None)).hosts[0].standby_memory_mib == 512
+
+
+def test_a_bad_standby_memory_or_count_is_named_with_its_line(tmp_path):
+    path = write(tmp_path, STANDBY.format(memory='"lots"', standbys=-1), None)
+    found = problems(path)
+    assert any(p.startswith(f"{path}:{line_of(path, 'standby_memory')}:") and "standby_memory" in p for p in found), found
+    assert any(p.startswith(f"{path}:{line_of(path, 'standbys =')}:") and "standbys" in p for p in found), found
+
+
 def test_cli_check_valid_exits_0(tmp_path):
     path = write(tmp_path, VALID)
     res = check(path)
@@ -361,7 +390,8 @@ _ROUTE_VALUES = {
     "target_concurrency": st.sampled_from([0, 1, 32]),
     "idle_timeout": st.sampled_from(["5m", "soon", 3]),
     "hash_key": st.sampled_from(["client", "header:X-User", "nope"]),
-    "start": st.sampled_from(["boot", "restore", "later"]),
+    "start": st.sampled_from(["boot", "restore", "resume", "later"]),
+    "standbys": st.sampled_from([0, 2, -1, "1"]),
     "prefetch": st.sampled_from([[], ["/a.css"], ["a.css"], "/a.css", ["/a/../b"], [1]]),
     "presummon": st.sampled_from([True, False, "yes"]),
     "replicas": st.just(2),
