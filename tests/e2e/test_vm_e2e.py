@@ -19,7 +19,7 @@ import pytest
 from tests.e2e.test_orphans import get_through_outside_destroys, reaped_events, restart_storm, start_at_once
 from tests.e2e.test_vm_boot import _missing
 from tests.helpers.paths import REPO
-from tests.helpers.summon_proc import Summon, http_get
+from tests.helpers.summon_proc import Summon, http_get, wait_for
 
 URI = "qemu:///system"
 
@@ -211,3 +211,47 @@ def test_tampered_initrd_is_refused_with_a_clear_message(tmp_path: Path, vm_imag
         assert not made, "a tampered image must not get as far as a domain"
     finally:
         shutil.rmtree(tampered, ignore_errors=True)
+
+
+def domain_state(name: str) -> str:
+    return subprocess.run(["virsh", "-c", URI, "domstate", name], capture_output=True, text=True).stdout.strip()
+
+
+def test_cold_request_on_a_resume_route_is_answered_by_a_resumed_standby(tmp_path: Path, vm_images: Path) -> None:
+    """`start = "resume"`: a booted-then-paused VM waits (virsh says paused); the cold
+    request wakes it instead of booting, the `ready` event says so with the measured
+    resume to first 200, and the pool boots its next standby in the background."""
+    s = make_summon(tmp_path, vm_images)
+    s.config.write_text(s.config.read_text().replace('idle_timeout = "10m"\n',
+                                                     'idle_timeout = "10m"\nstart = "resume"\nstandbys = 1\n'))
+    s.start()
+    parked: dict | None = None
+    try:
+        def standby() -> list[dict]:
+            return [i for i in s.instances() if i["state"] == "standby"]
+
+        (parked,) = wait_for(standby, timeout=180, step=0.5) or [None]
+        assert parked is not None, "no paused standby after 180 s"
+        (dom,) = [d for d in summon_domains() if d.endswith(parked["id"])]
+        assert domain_state(dom) == "paused"
+        totals = s.status()["totals"]["standby"]
+        assert totals["instances"] == 1 and totals["memory_mib"] > 0
+        print(f"paused standby RSS: {parked.get('rss_mib')} MiB")
+        t0 = time.monotonic()
+        status, _, body = http_get(s.port, "/", timeout=60)
+        took = time.monotonic() - t0
+        assert status == 200 and b"served-by-microvm" in body
+        assert domain_state(dom) == "running"
+        ready = ready_detail(s.events)
+        assert ready["start"] == "resume" and set(ready["phases"]) == {"resume", "first_response"}, ready
+        with sqlite3.connect(s.events) as c:
+            (instance, duration), = c.execute("select instance, duration_s from events where kind = 'ready'")
+        assert instance == parked["id"], "the standby answered, nothing was booted for the request"
+        print(f"resumed standby: first 200 after {took * 1000:.0f} ms at the client, "
+              f"{duration * 1000:.0f} ms resume to first 200 in the event, phases {ready['phases']}")
+        refilled = wait_for(lambda: [i for i in standby() if i["id"] != parked["id"]], timeout=180, step=0.5)
+        assert refilled, "the pool did not boot its next standby"
+    finally:
+        s.stop()
+    assert parked is None or not [d for d in summon_domains() if d.endswith(parked["id"])], \
+        "SIGTERM stops the VMs, paused ones too"
