@@ -1111,6 +1111,7 @@ class Fleet:
                         "inflight": i.inflight,
                         "summoned_at": i.summoned_at,
                         "ready_at": i.ready_at,
+                        "woken_at": i.woken_at,  # a standby woken by a cold request: its start
                     }
                     for i in pool.instances.values()
                 ],

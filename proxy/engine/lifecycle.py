@@ -49,6 +49,7 @@ TRANSITIONS: dict[State, dict[str, State]] = {
 # count against caps (a standby holds its slot until it is reclaimed; see `Fleet._reclaim`)
 LIVE = frozenset({State.BOOTING, State.READY, State.DRAINING, State.PREPARING, State.STANDBY})
 STANDBYS = frozenset({State.PREPARING, State.STANDBY})
+LIVE_STATES = frozenset(s.value for s in LIVE)  # the same, as /status spells them
 
 
 def next_state(state: State, event: str) -> State:

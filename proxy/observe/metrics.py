@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from ..engine.fleet import Boot, Command, Record
+from ..engine.lifecycle import LIVE_STATES
 from ..http.exchange import Exchange
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -140,7 +141,7 @@ class _FleetCollector(Collector):
         cap = GaugeMetricFamily("summon_instance_cap", "Global max_instances")
         cap.add_metric([], totals.get("cap", 0))
         used = GaugeMetricFamily("summon_instances_live", "Live instances counted against the cap (this node's own)")
-        used.add_metric([], sum(n for (_, state, _), n in counts.items() if state in ("booting", "ready", "draining")))
+        used.add_metric([], sum(n for (_, state, _), n in counts.items() if state in LIVE_STATES))
         yield inst
         yield queue
         yield cap

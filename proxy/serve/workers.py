@@ -38,6 +38,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from ..engine.lifecycle import LIVE_STATES
+
 log = logging.getLogger("summon.workers")
 
 ASK_TIMEOUT_S = 1.0
@@ -196,7 +198,7 @@ def merge_status(snapshots: list[tuple[int, dict[str, Any]]], unreachable: list[
         _add(overload, snap.get("overload", {}), largest=("wait_ms", "seconds"))
     if any("cluster" in snap.get("totals", {}) for _, snap in snapshots):  # one fleet: count each instance once
         totals["instances"] = sum(1 for r in routes.values() for i in r.get("instances", [])
-                                  if i.get("state") in ("booting", "ready", "draining"))
+                                  if i.get("state") in LIVE_STATES)
     totals["workers"] = len(snapshots) + len(unreachable)
     totals["unreachable_workers"] = unreachable
     return {"routes": list(routes.values()), "totals": totals, "overload": overload}
@@ -212,6 +214,10 @@ def _add(into: dict[str, Any], more: dict[str, Any], first: tuple[str, ...] = ()
             into[key] = value
         elif key in first:
             continue
+        elif isinstance(value, dict) and isinstance(old, dict):  # totals.standby: per worker, summed
+            merged = dict(old)
+            _add(merged, value, first=(*first, "budget_mib"), largest=largest)
+            into[key] = merged
         elif isinstance(value, bool):
             into[key] = bool(old) or value
         elif isinstance(value, (int, float)) and isinstance(old, (int, float)):
