@@ -55,3 +55,37 @@ def test_stop_and_death_take_the_whole_process_group(tmp_path: Path) -> None:
                 os.kill(int(pid), signal.SIGKILL)
 
     asyncio.run(main())
+
+
+def test_a_paused_instance_stops_its_whole_group_and_a_stop_still_ends_it(tmp_path: Path) -> None:
+    """`start = "resume"` standbys on the process driver: SIGSTOP of the group (the shell
+    and its server both), SIGCONT back; a paused one is still stopped within the grace."""
+    d = make_image(tmp_path / "images", "site", FORKING)
+    marker = str(d / "site")
+    route, host = Route(name="r", path="/", image="site"), Host("h", "local", "process")
+
+    def states() -> set[str]:
+        return {Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] for pid in running(marker)}
+
+    async def main() -> None:
+        b = ProcessBackend(owner_dir=tmp_path / "owners", stop_grace_s=30.0)
+        image = load_image(tmp_path / "images", "site")
+        try:
+            h = await b.start(InstanceSpec("p", route, host, image))
+            await asyncio.sleep(0.3)
+            await b.pause(h)
+            assert states() == {"T"}, states()
+            assert b.rss_mib(h) is not None
+            await b.resume(h)
+            assert "T" not in states()
+            await b.pause(h)
+            child = b.children["p"]
+            await b.stop(h)
+            assert child.returncode == -signal.SIGTERM, "a paused instance acts on its SIGTERM (no SIGKILL needed)"
+            assert await asyncio.to_thread(gone, marker), f"stop left {running(marker)}"
+        finally:
+            await b.close()
+            for pid in running(marker):
+                os.kill(int(pid), signal.SIGKILL)
+
+    asyncio.run(main())
