@@ -135,6 +135,27 @@ def test_start_stop_and_metadata(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_a_paused_standby_is_suspended_then_resumed_and_still_counts_as_running(tmp_path: Path) -> None:
+    image_dir = make_image(tmp_path)
+
+    async def main() -> None:
+        b = LibvirtBackend(URI)
+        h = await b.start(spec(image_dir, "p1"))
+        dom = b._connection().lookupByName(str(h.detail["domain"]))
+        await b.pause(h)
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+        await asyncio.sleep(1.2)  # two rounds of the driver's watch: a paused domain is not a dead one
+        assert not h.exited.done()
+        await b.resume(h)
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        await b.stop(h)
+        with pytest.raises(BackendError):
+            await b.resume(h)  # gone: a typed error, not libvirt's
+        await b.close()
+
+    asyncio.run(main())
+
+
 def test_tampered_image_refuses_to_start(tmp_path: Path) -> None:
     image_dir = make_image(tmp_path)
     s = spec(image_dir, "i1")
