@@ -528,6 +528,8 @@ class Summoner:
                 await backend.pause(handle)
             except BackendError as exc:
                 reason = f"cannot pause: {exc.detail}"
+        if reason is None and handle.exited.done():  # died meanwhile: a dead standby would fail its request
+            reason = "exited" if handle.exited.cancelled() else handle.exited.result()
         if reason is None:
             self.execute(self.fleet.standby_parked(instance_id, handle.address, self.now()))
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -151,6 +152,37 @@ def test_a_paused_standby_is_suspended_then_resumed_and_still_counts_as_running(
         await b.stop(h)
         with pytest.raises(BackendError):
             await b.resume(h)  # gone: a typed error, not libvirt's
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_a_domain_started_while_the_watch_lists_domains_is_not_taken_for_dead(tmp_path: Path) -> None:
+    """The list of running domains answers for the moment it was taken: a domain created
+    while that call is in flight is missing from it, and must not be reported gone."""
+    image_dir = make_image(tmp_path)
+
+    async def main() -> None:
+        b = LibvirtBackend(URI)
+        listed, go = threading.Event(), threading.Event()
+        original = b._active_names
+
+        def held() -> set[str]:
+            names = original()
+            listed.set()
+            go.wait(10)
+            return names
+
+        h1 = await b.start(spec(image_dir, "w1"))  # starts the watch
+        b._active_names = held  # type: ignore[method-assign]
+        assert await asyncio.to_thread(listed.wait, 10)
+        h2 = await b.start(spec(image_dir, "w2"))  # while that list call is in flight
+        b._active_names = original  # type: ignore[method-assign]
+        go.set()
+        for _ in range(3):  # this round, and two more of the watch
+            await asyncio.sleep(0.6)
+        assert not h2.exited.done(), h2.exited.result()
+        assert not h1.exited.done()
         await b.close()
 
     asyncio.run(main())
