@@ -125,8 +125,8 @@ class Refused:
         return False
 
 BACKOFF_BASE_S = 1.0
-DEFAULT_GUEST_MIB = 128  # a standby whose image's memory is unknown counts as the driver's default guest
 BACKOFF_MAX_S = 60.0
+DEFAULT_GUEST_MIB = 128  # a standby whose image's memory is unknown counts as the driver's default guest
 # A host whose hypervisor did not answer (HostUnavailable) is tried again after 5 s, 10 s,
 # 20 s ... at most 5 minutes: long enough not to hammer a dead libvirtd with every cold
 # request, short enough that a restarted one is back in use within minutes.
