@@ -97,6 +97,11 @@ class BadGateway(UpstreamError):
     pass
 
 
+class ClosedAtOnce(BadGateway):
+    """The upstream accepted a connection and closed it before any request was sent. Behind
+    a forwarder (QEMU's user networking) that is the guest's stack refusing: it is up."""
+
+
 class GatewayTimeout(UpstreamError):
     status = 504
     reason = "Gateway Timeout"

@@ -9,6 +9,7 @@ is claimed on: that is the process and libvirt drivers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 
 from ..config import Address
@@ -24,6 +25,10 @@ class FakeBehaviour:
     warming_answers: int = 0  # each instance answers its first N requests with 503 (still warming up)
     failing_paths: tuple[bytes, ...] = ()  # always answered with 503 (e.g. a health path)
     body: bytes = b"fake instance\n"
+    answer_delay_s: float = 0.0  # every answer takes this long (a slow page)
+    forwarder: bool = False  # behaves as QEMU's user networking: see `silent_connections`
+    silent_connections: int = 0  # the first N connections are accepted and never answered (a guest not up)
+    closed_connections: int = 0  # then N are closed at once unread (the guest's stack refusing)
 
 
 @dataclass
@@ -40,6 +45,8 @@ class FakeBackend:
 
     def __init__(self, behaviour: FakeBehaviour | None = None) -> None:
         self.behaviour = behaviour or FakeBehaviour()
+        self.forwards_connections = self.behaviour.forwarder
+        self.connections = 0
         self.running: dict[str, _Running] = {}
         self.started: list[str] = []
         self.stopped: list[str] = []
@@ -61,6 +68,14 @@ class FakeBackend:
             run = self.running.get(iid)
             if run is not None:
                 run.writers.add(writer)
+            self.connections += 1
+            n = self.connections
+            if n <= b.silent_connections:
+                with contextlib.suppress(ConnectionError):
+                    await reader.read()  # until the proxy gives up on it: nothing reaches the "guest"
+            if n <= b.silent_connections + b.closed_connections:
+                writer.close()
+                return
             try:
                 while True:
                     head = await reader.readuntil(b"\r\n\r\n")
@@ -75,6 +90,8 @@ class FakeBackend:
                             length = int(line.split(b":", 1)[1])
                     if length:
                         await reader.readexactly(length)
+                    if b.answer_delay_s:
+                        await asyncio.sleep(b.answer_delay_s)
                     failing = b.never_ready or warming or target in b.failing_paths
                     status = b"503 Service Unavailable" if failing else b"200 OK"
                     body = b.body + iid.encode() + b"\n"

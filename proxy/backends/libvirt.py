@@ -218,6 +218,7 @@ def _close_quietly(conn: Any) -> None:
 
 class LibvirtBackend:
     name = "libvirt"
+    forwards_connections = True  # QEMU's user networking accepts before the guest listens (`Lease.forwarder`)
 
     def __init__(self, uri: str, probe_kvm: bool = True, console_dir: Path = CONSOLE_DIR,
                  address: str = "", ports: tuple[int, int] = (24000, 24999),

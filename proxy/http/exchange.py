@@ -13,9 +13,16 @@ sent (or there is no body). Connect failures never reach the replica and are not
 
 Trials: a lease marked `trial` is on an instance that has started but is not known to be
 ready; this (safe method, no body) request is its readiness probe. Until the instance
-answers, every failure (refused, reset, closed, no answer within `TRIAL_ATTEMPT_S`) is
-retried on a fresh connection a few milliseconds later; an answer below 500 `confirm`s
-the lease, which makes the instance ready. That saves the cold request one extra round
+answers, every failure (refused, reset, closed) is retried on a fresh connection a few
+milliseconds later; an answer below 500 `confirm`s the lease, which makes the instance
+ready. Silence is a failure only behind a forwarder (`Lease.forwarder`: QEMU's user
+networking accepts for a guest whose network is not up yet, and that connection then
+hangs): there an attempt unanswered after `TRIAL_ATTEMPT_S` is given up and sent again,
+until the guest shows its network is up (a connection closed from its side: its stack
+answered) or, for a guest that never shows it, with twice the wait after every
+`TRIAL_ATTEMPTS_PER_STEP` give-ups. Elsewhere an accepted connection is the server's own,
+and a slow first answer is just slow: giving up on it every 100 ms would never see an
+answer that takes longer (a page that renders in 300 ms would fail at the boot timeout). That saves the cold request one extra round
 trip into a guest that has only just woken up. A 5xx may mean "still warming up" or "this
 URL fails anyway": the lease is handed over to the health probe, and the request is sent
 again once the probe finds the instance ready.
@@ -43,7 +50,7 @@ import asyncio
 import enum
 
 from ..config import Route
-from ..errors import BadGateway, GatewayTimeout, PayloadTooLarge, SummonError, Unavailable
+from ..errors import BadGateway, ClosedAtOnce, GatewayTimeout, PayloadTooLarge, SummonError, Unavailable
 from ..routing.contracts import Lease
 from .message import RequestHead, outbound_head, response_head
 from .responses import continue_response
@@ -53,6 +60,7 @@ from .upstream import Framing, UpstreamConnection
 _BUFFER_HIGH = 256 * 1024  # body bytes held while no upstream is attached
 CONNECT_RETRIES = 3  # a refused connect reached no replica: always safe to try elsewhere, a few times
 TRIAL_ATTEMPT_S = 0.1  # a connection QEMU accepted for a guest not yet up can hang: give up on it
+TRIAL_ATTEMPTS_PER_STEP = 30  # ... and after this many such give-ups, wait twice as long (a slow answer)
 TRIAL_FIRST_DELAY_S = 0.0005  # between trial attempts, doubling up to the next
 TRIAL_MAX_DELAY_S = 0.005
 
@@ -94,6 +102,7 @@ class Exchange:
         "body_done", "body_bytes", "body_sent", "client_framing",
         "keep_alive", "finished", "response_deadline", "retries", "continue_sent",
         "started_at", "cold", "status", "tunnel_buf", "error", "counted", "trial_timer", "trial_attempts",
+        "trial_timeouts", "trial_patient",
         "body_chunks", "stall_mark",
     )
 
@@ -127,6 +136,8 @@ class Exchange:
         self.counted = False
         self.trial_timer: asyncio.TimerHandle | None = None
         self.trial_attempts = 0
+        self.trial_timeouts = 0  # attempts given up unanswered (behind a forwarder)
+        self.trial_patient = False  # the guest's network answered: silence now means a slow answer
         self.body_chunks = 0  # response body reads, so the deadline can tell a stall from a long body
         self.stall_mark = -1
 
@@ -200,6 +211,8 @@ class Exchange:
 
     def _connected(self, got: UpstreamConnection | Exception) -> None:
         if isinstance(got, Exception):
+            if isinstance(got, ClosedAtOnce):
+                self.trial_patient = True  # behind a forwarder: the guest's stack refused, so it is up
             if self._trial_again():
                 return
             if not self.finished and self.retries < CONNECT_RETRIES and self.lease is not None:
@@ -222,8 +235,10 @@ class Exchange:
         self.upstream = conn
         self.phase = _ATTACHED
         conn.start(self, self.out_head)
-        if self.lease is not None and self.lease.trial:
-            self.trial_timer = self.client.state.loop.call_later(TRIAL_ATTEMPT_S, self._trial_timeout)
+        lease = self.lease
+        if lease is not None and lease.trial and lease.forwarder and not self.trial_patient:
+            wait = TRIAL_ATTEMPT_S * 2 ** min(self.trial_timeouts // TRIAL_ATTEMPTS_PER_STEP, 6)
+            self.trial_timer = self.client.state.loop.call_later(wait, self._trial_timeout)
         if self.head.expect_continue and not self.body_done and self.body_bytes == 0 and not self.continue_sent:
             # The replica is up: now invite the body (we stripped Expect upstream).
             self.continue_sent = True
@@ -413,6 +428,8 @@ class Exchange:
         if not started:
             if self.phase is _ATTACHED:
                 self.phase = _ACQUIRING  # off the connection: a retry, or an error page
+                if not got_bytes:
+                    self.trial_patient = True  # closed from the far side: behind a forwarder, the guest's stack
             if self._trial_again():
                 return
         if (not got_bytes and not started and self.retries < 1 and not self.body_sent
@@ -472,6 +489,7 @@ class Exchange:
         conn = self.upstream
         if self.finished or self.phase >= _RESPONDING or conn is None:
             return
+        self.trial_timeouts += 1
         self.upstream = None
         self.phase = _ACQUIRING
         conn.abort()

@@ -26,7 +26,7 @@ from typing import Protocol, cast
 import httptools
 
 from ..config import Address
-from ..errors import BadGateway
+from ..errors import BadGateway, ClosedAtOnce
 from .message import transfer_coding
 
 
@@ -410,7 +410,7 @@ class UpstreamPool:
         conn.checked_out = True  # counted in busy since the connect began
         if conn.lost:
             self._checkin(conn)
-            deliver(BadGateway(f"{slot.address} closed the connection at once"))
+            deliver(ClosedAtOnce(f"{slot.address} closed the connection at once"))
             return
         deliver(conn)
 

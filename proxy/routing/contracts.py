@@ -24,6 +24,7 @@ class Lease(Protocol):
 
     address: Address
     trial: bool  # the first request sent to a booting instance (proxy.http.exchange explains trials)
+    forwarder: bool  # the address accepts before the guest listens (QEMU user networking): a trial may hang
     on_abandon: Callable[[SummonError], None] | None
 
     def release(self, ok: bool) -> None: ...

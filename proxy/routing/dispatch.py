@@ -41,6 +41,7 @@ def hash_key(route: Route, head: RequestHead, client_ip: str) -> str:
 class StaticLease:
     __slots__ = ("address", "node", "pool")
     trial = False  # static upstreams are always-on: never a trial
+    forwarder = False
     on_abandon: Callable[[SummonError], None] | None = None
 
     def __init__(self, pool: StaticPool, node: str, address: Address) -> None:

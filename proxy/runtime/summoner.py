@@ -69,15 +69,16 @@ REAP_INTERVAL_S = 2.0
 
 
 class SummonedLease:
-    __slots__ = ("address", "instance_id", "pool", "trial", "on_abandon", "on_ready", "request_id")
+    __slots__ = ("address", "instance_id", "pool", "trial", "forwarder", "on_abandon", "on_ready", "request_id")
 
     def __init__(self, pool: SummonedPool, instance_id: str, address: Address, trial: bool = False,
-                 request_id: int = 0) -> None:
+                 request_id: int = 0, forwarder: bool = False) -> None:
         self.pool = pool
         self.request_id = request_id
         self.instance_id = instance_id
         self.address = address
         self.trial = trial  # the instance is not known to be ready: retry until it answers
+        self.forwarder = forwarder  # its driver's address accepts for the guest (`Lease.forwarder`)
         self.on_abandon: Callable[[SummonError], None] | None = None  # set by the exchange
         self.on_ready: Callable[[], None] | None = None  # see `hand_over`
 
@@ -374,7 +375,8 @@ class Summoner:
                     continue
                 fut, pool = entry
                 if cmd.trial:
-                    lease = SummonedLease(pool, cmd.instance_id, cmd.address, True, cmd.request_id)
+                    lease = SummonedLease(pool, cmd.instance_id, cmd.address, True, cmd.request_id,
+                                          self._forwarder(cmd.instance_id))
                     trial = self.trials.get(cmd.instance_id)
                     if trial is not None:  # (always: the boot task made it before `instance_started`)
                         trial.lease = lease
@@ -581,6 +583,13 @@ class Summoner:
             self._trials_ready(instance_id)
         else:
             self.execute(self.fleet.boot_failed(instance_id, reason, self.now()))
+
+    def _forwarder(self, instance_id: str) -> bool:
+        """Does the instance's driver hand out an address that accepts before the guest
+        listens (a backend's `forwards_connections`)? Then a trial may wait on a dead line."""
+        inst = self.fleet.instances.get(instance_id)
+        backend = self.backends.get(inst.host) if inst is not None else None
+        return bool(getattr(backend, "forwards_connections", False))
 
     def _boot_marks(self, instance_id: str) -> dict[str, float] | None:
         """The driver's marks of this start (libvirt: its phases and the guest's console),

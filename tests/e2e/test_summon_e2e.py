@@ -330,3 +330,23 @@ def test_the_cap_holds_across_two_workers_under_a_spike(tmp_path: Path, images: 
         assert status["totals"]["instances"] <= 3 and status["totals"]["cap"] == 3
     finally:
         assert s.stop() == 0
+
+
+def test_a_cold_page_that_takes_300_ms_to_render_is_answered_and_rendered_once(tmp_path: Path, images: Path) -> None:
+    """A real server's slow first answer is waited for: the connection is the server's own
+    (a process listens itself), so the request is not cut and sent again every 100 ms (it
+    was, until the boot timeout turned it into a 503)."""
+    cgi = images / "site" / "site" / "cgi-bin"
+    cgi.mkdir(parents=True)
+    runs = tmp_path / "renders"
+    (cgi / "slow").write_text(f"#!/bin/sh\necho x >> {runs}\nsleep 0.3\n"
+                              "printf 'Content-Type: text/plain\\r\\n\\r\\nrendered slowly\\n'\n")
+    (cgi / "slow").chmod(0o755)
+    make_image(images, "site", BUSYBOX)
+    s = Summon(tmp_path, route()).start()
+    try:
+        status, _, body = http_get(s.port, "/cgi-bin/slow", timeout=30)
+        assert status == 200 and b"rendered slowly" in body, (status, body[:200])
+        assert runs.read_text().count("x") == 1  # one cold request, one render
+    finally:
+        s.stop()

@@ -137,3 +137,39 @@ def test_a_trial_on_an_instance_that_never_answers_gets_503_at_the_boot_timeout(
     assert status == 503
     assert 0.9 <= took < 10  # not before the 1 s boot timeout; the upper bound is one noise cannot cross
     assert all(i["state"] != "ready" for r in snap["routes"] for i in r["instances"])
+
+
+def _cold_get(tmp_path: Path, backend: FakeBackend, boot_timeout: str = "10s") -> tuple[int, list[bytes]]:
+    async def scenario() -> tuple[int, list[bytes]]:
+        rt, port = await start(config(tmp_path, boot_timeout=boot_timeout), backend)
+        try:
+            status, _ = await get(port, "/page")
+            return status, list(next(iter(backend.running.values())).paths)
+        finally:
+            await drain(rt, 1.0)
+
+    return uvloop.run(scenario())
+
+
+def test_a_slow_first_answer_is_waited_for_not_sent_again(tmp_path: Path) -> None:
+    # 0.3 s, three times the attempt timeout a forwarder gets: a process's own socket
+    # accepted the connection, so silence is the page rendering, not a guest still down
+    status, paths = _cold_get(tmp_path, FakeBackend(FakeBehaviour(answer_delay_s=0.3)))
+    assert status == 200
+    assert paths.count(b"/page") == 1, paths
+
+
+def test_behind_a_forwarder_a_silent_connection_is_given_up_and_the_request_sent_again(tmp_path: Path) -> None:
+    backend = FakeBackend(FakeBehaviour(forwarder=True, silent_connections=2))
+    status, paths = _cold_get(tmp_path, backend)
+    assert status == 200
+    assert backend.connections == 3 and paths == [b"/page"]  # two hung lines given up, the third answered
+
+
+def test_behind_a_forwarder_once_the_guest_refused_a_slow_answer_is_waited_for(tmp_path: Path) -> None:
+    # a connection closed from the far side says the guest's network is up: the next
+    # attempt's silence is the application's, and it is not cut at 100 ms
+    backend = FakeBackend(FakeBehaviour(forwarder=True, closed_connections=1, answer_delay_s=0.3))
+    status, paths = _cold_get(tmp_path, backend)
+    assert status == 200
+    assert paths.count(b"/page") == 1, paths
