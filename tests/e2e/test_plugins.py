@@ -17,13 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.host_proxies import HostProxy
+from tests.helpers.host_proxies import HostProxy, nginx_lua_installed
 from tests.helpers.summon_proc import BUSYBOX, Summon, free_port, http_get, make_image
 
 pytestmark = pytest.mark.slow
 
 KINDS = [pytest.param(k, marks=pytest.mark.skipif(shutil.which(k) is None, reason=f"{k} is not installed"))
          for k in ("nginx", "caddy", "haproxy")]
+# nginx with plugins/nginx/summon-lua.conf: the same tests, keep-alive connections to instances
+KINDS.insert(1, pytest.param("nginx-lua", marks=pytest.mark.skipif(
+    shutil.which("nginx") is None or not nginx_lua_installed(),
+    reason="nginx or its Lua module (libnginx-mod-http-lua, lua-resty-core) is not installed")))
 BODY = "hello from the instance\n"
 
 
@@ -117,7 +121,7 @@ def test_a_cold_burst_boots_exactly_one(stack: Stack) -> None:
         assert "Lua" not in stack.proxy.log.read_text()  # no error in the completion hook
 
 
-NGINX = [p for p in stacks(route("site", "site", extra="max_replicas = 1\n")) if p.id == "nginx"]
+NGINX = [p for p in stacks(route("site", "site", extra="max_replicas = 1\n")) if p.id in ("nginx", "nginx-lua")]
 
 
 @pytest.mark.parametrize("stack", NGINX, indirect=True)
@@ -174,5 +178,5 @@ def test_summon_down_is_the_host_proxys_own_error_not_a_hang(stack: Stack) -> No
     stack.summon.stop()
     started = time.monotonic()
     status, _, _ = http_get(stack.proxy.port, "/", host="site", timeout=20)
-    assert status in (500, 502, 503), status  # nginx: 500 (auth_request), Caddy: 502, HAProxy: 503
+    assert status in (500, 502, 503), status  # nginx (both configs): 500 (auth_request), Caddy: 502, HAProxy: 503
     assert time.monotonic() - started < 15
