@@ -36,7 +36,8 @@ def nginx_config(tmp: Path, port: int, plugin: str, conf: str = "summon.conf") -
     site = (PLUGINS / "nginx" / conf).read_text()
     site = _replace(site, SHIPPED_PLUGIN, plugin)
     site = _replace(site, "listen 80;", f"listen 127.0.0.1:{port};")
-    site = _replace(site, "/var/cache/nginx/summon", str(tmp / "decisions"))
+    if conf == "summon.conf":  # summon-lua.conf keeps its decisions in memory
+        site = _replace(site, "/var/cache/nginx/summon", str(tmp / "decisions"))
     (tmp / "site.conf").write_text(site)
     # As root, nginx's workers run as nobody, who cannot enter pytest's 0700 tmp dirs to
     # reach the decision cache: keep them as the test's user.
