@@ -18,9 +18,16 @@ on every target alike):
   `[plugin] cache` (1 s): what a warm, steady pool gets;
 - `plugin_nocache`: the same config without its three proxy_cache lines and
   X-Summon-Cache, so every request asks /decide and calls /done: what a pool that may
-  still scale out gets.
+  still scale out gets;
+- `plugin_lua`, `plugin_lua_nocache`: the same two with plugins/nginx/summon-lua.conf
+  (Debian's Lua module loaded): the decided instance is reached through an upstream{}
+  whose peer balancer_by_lua sets, with `keepalive`, so connections to it are reused,
+  and a reusable decision is kept in the worker's memory (lua-resty-lrucache), not in
+  proxy_cache's files; `_nocache` without its X-Summon-Cache line. Skipped when the
+  module is not installed.
 Figures: req/s at c32 of each over nginx alone and over summon native (medians of the
-per-round ratios), the p50 the plugin adds at c1 over nginx alone, and the decision
+per-round ratios), the p50 the plugin adds at c1 over nginx alone (the goals are checked
+on `plugin_lua`, the faster config, when it ran, else on `plugin`), and the decision
 endpoint's own cost per call (wrk straight at /decide at c32, one summon worker:
 1e6 / calls per second is the CPU time of one call, HTTP parsing included).
 """
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 
 import benchlib as bl
 from targets import (
@@ -52,6 +60,8 @@ GOAL_OVER_NGINX = 0.8  # plugin req/s / nginx-alone req/s at c32 (issue: "the ai
 GOAL_OVER_SUMMON = 1.0  # plugin req/s / summon-native req/s at c32, at least
 GOAL_ADDED_P50_MS = 0.3  # plugin p50 - nginx-alone p50 at c1, below
 SHIPPED = ROOT / "plugins" / "nginx" / "summon.conf"
+SHIPPED_LUA = ROOT / "plugins" / "nginx" / "summon-lua.conf"
+LUA_MODULES = ("/usr/lib/nginx/modules/ndk_http_module.so", "/usr/lib/nginx/modules/ngx_http_lua_module.so")
 _CACHE_LINES = re.compile(r"^\s*(proxy_cache\b|proxy_cache_key\b|proxy_set_header X-Summon-Cache\b).*$\n", re.M)
 
 
@@ -69,18 +79,20 @@ def start_nginx_var(bench: Bench, upstream_port: int) -> tuple[bl.Proc, int]:
     return start_nginx(bench, "nginx-var", server)
 
 
-def plugin_server_block(bench: Bench, plugin: str, cache: bool) -> str:
-    """The shipped config, pointed at this run's summon and listening on @PORT@."""
-    text = SHIPPED.read_text()
-    for old, new in (("127.0.0.1:8082", plugin), ("listen 80;", f"listen {HOST}:@PORT@;"),
-                     ("/var/cache/nginx/summon", str(bench.tmp / ("decisions" if cache else "unused")))):
+def plugin_server_block(bench: Bench, plugin: str, cache: bool, shipped: Path = SHIPPED) -> str:
+    """A shipped config, pointed at this run's summon and listening on @PORT@."""
+    text = shipped.read_text()
+    changes = [("127.0.0.1:8082", plugin), ("listen 80;", f"listen {HOST}:@PORT@;")]
+    if shipped == SHIPPED:
+        changes.append(("/var/cache/nginx/summon", str(bench.tmp / ("decisions" if cache else "unused"))))
+    for old, new in changes:
         if old not in text:
-            raise HarnessError(f"{SHIPPED} no longer has {old!r}")
+            raise HarnessError(f"{shipped} no longer has {old!r}")
         text = text.replace(old, new)
-    if not cache:
+    if not cache:  # summon.conf: its proxy_cache lines; summon-lua.conf: X-Summon-Cache only
         text, n = _CACHE_LINES.subn("", text)
-        if n != 3:
-            raise HarnessError(f"{SHIPPED}: expected 3 proxy_cache lines to take out, found {n}")
+        if n != (3 if shipped == SHIPPED else 1):
+            raise HarnessError(f"{shipped}: unexpected number of decision-cache lines to take out: {n}")
     return text
 
 
@@ -128,6 +140,17 @@ def section_plugin(bench: Bench) -> dict:
     def without_cache(b: Bench, _up: int) -> tuple[bl.Proc, int]:
         return start_nginx(b, "nginx-plugin-nocache", plugin_server_block(b, plugin, cache=False))
 
+    def lua(cache: bool):
+        def start(b: Bench, _up: int) -> tuple[bl.Proc, int]:
+            missing = [m for m in LUA_MODULES if not Path(m).exists()]
+            if missing:
+                raise TargetUnavailable(f"{', '.join(missing)} missing (Debian: apt-get install libnginx-mod-http-lua"
+                                        " lua-resty-core lua-resty-lrucache; or run scripts/setup.sh)")
+            name = "nginx-plugin-lua" + ("" if cache else "-nocache")
+            main = "".join(f"load_module {m};\n" for m in LUA_MODULES)
+            return start_nginx(b, name, plugin_server_block(b, plugin, cache, SHIPPED_LUA), main=main)
+        return start
+
     def native(_b: Bench, _up: int) -> tuple[bl.Proc, int]:
         return summon_proc, summon_port  # already running; start_and_measure stops it at the end
 
@@ -137,16 +160,24 @@ def section_plugin(bench: Bench) -> dict:
         ("summon", native, bench.duration_s),
         ("plugin", with_cache, bench.duration_s),
         ("plugin_nocache", without_cache, bench.duration_s),
+        ("plugin_lua", lua(cache=True), bench.duration_s),
+        ("plugin_lua_nocache", lua(cache=False), bench.duration_s),
     ], up_port, [1, 32])
     if not up_proc.alive():
         raise HarnessError(f"the upstream nginx died during the run:\n{up_proc.output_tail()}")
     bench.procs.stop(up_proc)
 
-    over_nginx = bl.median(round_ratios(targets, "plugin", "nginx", 32))
-    over_summon = bl.median(round_ratios(targets, "plugin", "summon", 32))
-    nocache_over_nginx = bl.median(round_ratios(targets, "plugin_nocache", "nginx", 32))
-    added = bl.difference(figure(targets, "plugin", 1, "p50_ms"), figure(targets, "nginx", 1, "p50_ms"))
-    added_nocache = bl.difference(figure(targets, "plugin_nocache", 1, "p50_ms"), figure(targets, "nginx", 1, "p50_ms"))
+    best = "plugin_lua" if targets.get("plugin_lua", {}).get("available") else "plugin"
+
+    def over_nginx_of(name: str) -> float | None:
+        return bl.median(round_ratios(targets, name, "nginx", 32))
+
+    def added_of(name: str) -> float | None:
+        return bl.difference(figure(targets, name, 1, "p50_ms"), figure(targets, "nginx", 1, "p50_ms"))
+
+    over_nginx = over_nginx_of(best)
+    over_summon = bl.median(round_ratios(targets, best, "summon", 32))
+    added = added_of(best)
     goals = {
         "plugin_over_nginx_rps_c32": {"value": over_nginx, "goal": f">= {GOAL_OVER_NGINX}",
                                       "status": bl.check_goal(over_nginx, ">=", GOAL_OVER_NGINX)},
@@ -156,35 +187,39 @@ def section_plugin(bench: Bench) -> dict:
                                    "status": bl.check_goal(added, "<", GOAL_ADDED_P50_MS)},
     }
     reference = {
-        "plugin_over_nginx_var_rps_c32": bl.median(round_ratios(targets, "plugin", "nginx_var", 32)),
         "nginx_var_over_nginx_rps_c32": bl.median(round_ratios(targets, "nginx_var", "nginx", 32)),
-        "plugin_nocache_over_nginx_rps_c32": nocache_over_nginx,
-        "plugin_nocache_added_p50_ms_c1": added_nocache,
         "summon_over_nginx_rps_c32": bl.median(round_ratios(targets, "summon", "nginx", 32)),
     }
+    for name in ("plugin", "plugin_nocache", "plugin_lua", "plugin_lua_nocache"):
+        reference[f"{name}_over_nginx_rps_c32"] = over_nginx_of(name)
+        reference[f"{name}_over_summon_rps_c32"] = bl.median(round_ratios(targets, name, "summon", 32))
+        reference[f"{name}_added_p50_ms_c1"] = added_of(name)
+    reference["plugin_over_nginx_var_rps_c32"] = bl.median(round_ratios(targets, "plugin", "nginx_var", 32))
     print_table(targets, goals, reference, cost)
+    print(f"goals checked on: {best}")
     return {"settings": {"duration_s": bench.duration_s, "repeat": bench.args.repeat, "wrk_threads": 1,
-                         "concurrencies": [1, 32], "config": str(SHIPPED.relative_to(ROOT))},
-            "plugin_over_nginx_rps_c32_per_round": round_ratios(targets, "plugin", "nginx", 32),
+                         "concurrencies": [1, 32], "config": str(SHIPPED.relative_to(ROOT)),
+                         "config_lua": str(SHIPPED_LUA.relative_to(ROOT)), "goals_on": best},
+            "plugin_over_nginx_rps_c32_per_round": round_ratios(targets, best, "nginx", 32),
             "targets": targets, "goals": goals, "reference": reference, "decide": cost}
 
 
 def print_table(targets: dict, goals: dict, reference: dict, cost: dict) -> None:
     print()
-    print(f"{'target':<15} {'conc':>4} {'req/s':>11} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")
+    print(f"{'target':<19} {'conc':>4} {'req/s':>11} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")
     for name, t in targets.items():
         if not t.get("available"):
-            print(f"{name:<15} {'':>4} {'unavailable':>11}")
+            print(f"{name:<19} {'':>4} {'unavailable':>11}")
             continue
         for c in (1, 32):
             r = t["runs"].get(f"c{c}", {})
-            print(f"{name:<15} {c:>4} {fmt(r.get('requests_per_s'), 1):>11} {fmt(r.get('p50_ms'), 3):>9}"
+            print(f"{name:<19} {c:>4} {fmt(r.get('requests_per_s'), 1):>11} {fmt(r.get('p50_ms'), 3):>9}"
                   f" {fmt(r.get('p99_ms'), 3):>9} {r.get('errors', '-'):>7}")
     print()
     for key, g in goals.items():
-        print(f"{key:<36} {fmt(g['value'], 3):>8}   goal {g['goal']:<7} {g['status']}")
+        print(f"{key:<40} {fmt(g['value'], 3):>8}   goal {g['goal']:<7} {g['status']}")
     for key, value in reference.items():
-        print(f"{key:<36} {fmt(value, 3):>8}")
-    print(f"{'decide us per call (c32)':<36} {fmt(cost.get('us_per_call'), 1):>8}"
+        print(f"{key:<40} {fmt(value, 3):>8}")
+    print(f"{'decide us per call (c32)':<40} {fmt(cost.get('us_per_call'), 1):>8}"
           f"   ({fmt(cost.get('calls_per_s'), 0)} calls/s)")
     print()

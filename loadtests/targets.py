@@ -75,7 +75,8 @@ http {{
 """
 
 
-def start_nginx(bench: Bench, name: str, server_block: str) -> tuple[bl.Proc, int]:
+def start_nginx(bench: Bench, name: str, server_block: str, main: str = "") -> tuple[bl.Proc, int]:
+    """nginx with `server_block` inside http{} and `main` (load_module lines) above it all."""
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
     if nginx is None:
         raise TargetUnavailable("nginx not found (Debian: apt-get install nginx-light; or run scripts/setup.sh)")
@@ -83,7 +84,7 @@ def start_nginx(bench: Bench, name: str, server_block: str) -> tuple[bl.Proc, in
     d = bench.tmp / name
     conf = d / "nginx.conf"
     d.mkdir(parents=True, exist_ok=True)
-    conf.write_text(nginx_common(bench.tmp, name) + server_block.replace("@PORT@", str(port)) + "}\n")
+    conf.write_text(main + nginx_common(bench.tmp, name) + server_block.replace("@PORT@", str(port)) + "}\n")
     proc = bench.procs.start(name, [nginx, "-p", str(d), "-e", str(d / "error.log"), "-c", str(conf)])
     if not bl.wait_port(HOST, port, timeout=10, alive=proc.alive):
         why = proc.output_tail() or bl.tail(d / "error.log")

@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 DEB_PACKAGES=(
   busybox-static          # httpd for the demo site, and /init of the microVM
   nginx-light             # the reference reverse proxy in `make bench`; a host proxy of the plugin tests (has auth_request)
+  libnginx-mod-http-lua lua-resty-core lua-resty-lrucache # nginx's Lua module: plugins/nginx/summon-lua.conf (keep-alive to instances)
   caddy                   # a host proxy of the plugin tests (plugins/caddy)
   haproxy                 # a host proxy of the plugin tests (plugins/haproxy, Lua)
   wrk                     # load generator for `make bench`

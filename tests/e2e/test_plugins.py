@@ -9,7 +9,9 @@ instance idles out.
 
 from __future__ import annotations
 
+import http.server
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,13 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.host_proxies import HostProxy
+from tests.helpers.host_proxies import HostProxy, nginx_lua_installed
 from tests.helpers.summon_proc import BUSYBOX, Summon, free_port, http_get, make_image
 
 pytestmark = pytest.mark.slow
 
 KINDS = [pytest.param(k, marks=pytest.mark.skipif(shutil.which(k) is None, reason=f"{k} is not installed"))
          for k in ("nginx", "caddy", "haproxy")]
+# nginx with plugins/nginx/summon-lua.conf: the same tests, keep-alive connections to instances
+KINDS.insert(1, pytest.param("nginx-lua", marks=pytest.mark.skipif(
+    shutil.which("nginx") is None or not nginx_lua_installed(),
+    reason="nginx or its Lua module (libnginx-mod-http-lua, lua-resty-core) is not installed")))
 BODY = "hello from the instance\n"
 
 
@@ -117,7 +123,7 @@ def test_a_cold_burst_boots_exactly_one(stack: Stack) -> None:
         assert "Lua" not in stack.proxy.log.read_text()  # no error in the completion hook
 
 
-NGINX = [p for p in stacks(route("site", "site", extra="max_replicas = 1\n")) if p.id == "nginx"]
+NGINX = [p for p in stacks(route("site", "site", extra="max_replicas = 1\n")) if p.id in ("nginx", "nginx-lua")]
 
 
 @pytest.mark.parametrize("stack", NGINX, indirect=True)
@@ -174,5 +180,50 @@ def test_summon_down_is_the_host_proxys_own_error_not_a_hang(stack: Stack) -> No
     stack.summon.stop()
     started = time.monotonic()
     status, _, _ = http_get(stack.proxy.port, "/", host="site", timeout=20)
-    assert status in (500, 502, 503), status  # nginx: 500 (auth_request), Caddy: 502, HAProxy: 503
+    assert status in (500, 502, 503), status  # nginx (both configs): 500 (auth_request), Caddy: 502, HAProxy: 503
     assert time.monotonic() - started < 15
+
+
+class _Counted(http.server.BaseHTTPRequestHandler):
+    """A keep-alive upstream that counts the connections it accepts."""
+
+    protocol_version = "HTTP/1.1"
+    connections = 0
+
+    def setup(self) -> None:
+        type(self).connections += 1
+        super().setup()
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY.encode())
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("kind", [p for p in KINDS if p.values[0] == "nginx-lua"])
+def test_nginx_lua_reuses_connections_to_the_instance(tmp_path: Path, kind: str) -> None:
+    """summon-lua.conf's reason to be: nginx keeps connections to the decided instance open
+    (summon.conf's proxy_pass to a variable opens one per request)."""
+    _Counted.connections = 0
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Counted)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    plugin_port = free_port()
+    routes = f'[[route]]\nname = "static"\nhost = "site"\npath = "/"\nupstreams = ["127.0.0.1:{upstream.server_port}"]\n'
+    summon = Summon(tmp_path, routes, extra=f'[plugin]\nlisten = "127.0.0.1:{plugin_port}"\n')
+    summon.start()
+    proxy = HostProxy(kind, tmp_path, free_port(), f"127.0.0.1:{plugin_port}")
+    try:
+        proxy.start()
+        for _ in range(20):
+            status, _, body = http_get(proxy.port, "/", host="site")
+            assert (status, body.decode()) == (200, BODY)
+        assert _Counted.connections <= 2, _Counted.connections
+    finally:
+        proxy.stop()
+        summon.stop()
+        upstream.shutdown()
+        upstream.server_close()

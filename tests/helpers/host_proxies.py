@@ -21,18 +21,31 @@ def _replace(text: str, old: str, new: str) -> str:
     return text.replace(old, new)
 
 
-def nginx_config(tmp: Path, port: int, plugin: str) -> list[str]:
-    site = (PLUGINS / "nginx" / "summon.conf").read_text()
+# Debian's libnginx-mod-http-lua (and the NDK it needs), for plugins/nginx/summon-lua.conf;
+# Debian loads them from /etc/nginx/modules-enabled/, which the test's nginx.conf does not read.
+NGINX_MODULES = Path("/usr/lib/nginx/modules")
+LUA_MODULES = [NGINX_MODULES / "ndk_http_module.so", NGINX_MODULES / "ngx_http_lua_module.so"]
+
+
+def nginx_lua_installed() -> bool:
+    """The Lua module and resty.core, which the module refuses to start without."""
+    return all(m.exists() for m in LUA_MODULES) and Path("/usr/share/lua/5.1/resty/core.lua").exists()
+
+
+def nginx_config(tmp: Path, port: int, plugin: str, conf: str = "summon.conf") -> list[str]:
+    site = (PLUGINS / "nginx" / conf).read_text()
     site = _replace(site, SHIPPED_PLUGIN, plugin)
     site = _replace(site, "listen 80;", f"listen 127.0.0.1:{port};")
-    site = _replace(site, "/var/cache/nginx/summon", str(tmp / "decisions"))
+    if conf == "summon.conf":  # summon-lua.conf keeps its decisions in memory
+        site = _replace(site, "/var/cache/nginx/summon", str(tmp / "decisions"))
     (tmp / "site.conf").write_text(site)
     # As root, nginx's workers run as nobody, who cannot enter pytest's 0700 tmp dirs to
     # reach the decision cache: keep them as the test's user.
     user = "user root;\n" if os.geteuid() == 0 else ""
     temp = "".join(f"    {kind}_temp_path {tmp}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    modules = "".join(f"load_module {m};\n" for m in LUA_MODULES) if conf == "summon-lua.conf" else ""
     (tmp / "nginx.conf").write_text(
-        f"daemon off;\n{user}worker_processes 1;\npid {tmp}/nginx.pid;\nerror_log {tmp}/error.log info;\n"
+        f"{modules}daemon off;\n{user}worker_processes 1;\npid {tmp}/nginx.pid;\nerror_log {tmp}/error.log info;\n"
         f"events {{ worker_connections 1024; }}\n"
         f"http {{\n    access_log {tmp}/access.log;\n{temp}    include {tmp}/site.conf;\n}}\n")
     return ["nginx", "-e", str(tmp / "error.log"), "-p", str(tmp), "-c", str(tmp / "nginx.conf")]
@@ -55,7 +68,11 @@ def haproxy_config(tmp: Path, port: int, plugin: str) -> list[str]:
     return ["haproxy", "-db", "-f", str(tmp / "haproxy.cfg")]
 
 
-CONFIGS = {"nginx": nginx_config, "caddy": caddy_config, "haproxy": haproxy_config}
+def nginx_lua_config(tmp: Path, port: int, plugin: str) -> list[str]:
+    return nginx_config(tmp, port, plugin, conf="summon-lua.conf")
+
+
+CONFIGS = {"nginx": nginx_config, "nginx-lua": nginx_lua_config, "caddy": caddy_config, "haproxy": haproxy_config}
 
 
 class HostProxy:
