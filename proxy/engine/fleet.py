@@ -202,7 +202,7 @@ class Foreign:
 
     instance_id: str
     route: str
-    image: str  # the route's image as its owner runs it: a different one is not ours to use
+    image: str  # the image version its owner booted it from: another one than our pool's is not ours to use
     host: str
     region: str
     address: Address
@@ -417,14 +417,15 @@ class Fleet:
     def _roll(self, pool: PoolState, now: float, out: list[Command]) -> None:
         """One step of a pool's switch: the old instances leave rotation as soon as one of
         the new version is ready; until then the surge boots (see the module docstring)."""
-        stale = [i for i in pool.instances.values()
-                 if not i.owner and i.version != pool.version and i.state in LIVE]
-        fresh = [i for i in pool.instances.values() if not i.owner and i.version == pool.version]
+        stale = [i for i in pool.instances.values() if i.version != pool.version and i.state in LIVE]
+        fresh = [i for i in pool.instances.values() if i.version == pool.version]
         ro = pool.rollout
         if any(i.state is State.READY for i in fresh):
             drained = 0
             for inst in stale:
-                if inst.state is State.READY:
+                if inst.owner:
+                    self._drop_foreign(inst)  # another engine's old one: out of our rotation, its owner drains it
+                elif inst.state is State.READY:
                     self._drain(pool, inst, now, f"replaced by {pool.version}", out)
                     drained += 1
                 elif inst.state is State.BOOTING and inst.trial is None:
@@ -440,7 +441,7 @@ class Fleet:
         serving = [i for i in stale if i.state is State.READY]
         if not serving:
             return  # nothing of the old version serves: the new one boots on demand, as any cold pool
-        booting = sum(1 for i in fresh if i.state is State.BOOTING)
+        booting = sum(1 for i in fresh if i.state is State.BOOTING and not i.owner)
         for _ in range(max(1, ro.surge) - booting):
             booted = self._boot(pool, self._busiest_region(pool), now, f"deploy of {pool.version}", out, surge=True)
             if booted:
@@ -448,11 +449,13 @@ class Fleet:
             if (booting == 0 and not ro.making_room and not pool.reclaim_pending
                     and self.live_count() >= self.limits.max_instances):
                 # no room at all under the cap: one old replica makes way (the others serve on)
-                victim = min(serving, key=lambda i: (i.inflight, i.last_used))
+                own = [i for i in serving if not i.owner]
+                if not own:
+                    break
+                victim = min(own, key=lambda i: (i.inflight, i.last_used))
                 ro.making_room = victim.id
                 self._drain(pool, victim, now, f"making room for {pool.version} (instance cap)", out)
             break
-
 
     # --- facts ------------------------------------------------------------------------
 
@@ -595,7 +598,7 @@ class Fleet:
             self._drain(pool, inst, now, "route removed", out)
             return out
         if inst.version != pool.version and any(
-                i.state is State.READY and i.version == pool.version and not i.owner for i in pool.instances.values()):
+                i.state is State.READY and i.version == pool.version for i in pool.instances.values()):
             self._drain(pool, inst, now, f"replaced by {pool.version}", out)  # booted before a switch that is done
             return out
         pool.balancer.add(inst.id)
@@ -767,14 +770,16 @@ class Fleet:
                 self._drop_foreign(inst)
         for f in current.values():
             pool = self.pools.get(f.route)
-            if pool is None or pool.removed or f.image != pool.route.image:
+            if pool is None or pool.removed:
                 continue
             known = self.instances.get(f.instance_id)
-            if known is not None:
+            if known is not None:  # (of an old version: routed to until the switch, like ours; see `_roll`)
                 known.address = f.address
                 continue
+            if f.image != pool.version:
+                continue  # another version than ours: not ours to use
             inst = Instance(f.instance_id, f.route, f.host, f.region, State.READY, now, address=f.address,
-                            ready_at=now, last_used=now, first_request_at=now, owner=f.owner)
+                            ready_at=now, last_used=now, first_request_at=now, owner=f.owner, version=f.image)
             self.instances[inst.id] = inst
             pool.instances[inst.id] = inst
             pool.balancer.add(inst.id)
