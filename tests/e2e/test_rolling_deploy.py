@@ -9,6 +9,7 @@ second a build) and wrk.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -20,7 +21,8 @@ import pytest
 
 from proxy.images.manifest import content_digest, load_image, read_manifest_file
 from tests.e2e.test_image_store import checkout, summon
-from tests.helpers.summon_proc import Summon, http_get, wait_for
+from tests.helpers.paths import REPO
+from tests.helpers.summon_proc import SUMMON, Summon, http_get, wait_for
 
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
 
@@ -171,3 +173,44 @@ def test_deploy_and_rollback_under_load_answer_every_request(tmp_path: Path) -> 
     assert int(re.search(r"\((\d+) instance\(s\)\)", rows[v2[:24]]).group(1)) >= 2, rows[v2[:24]]  # type: ignore[union-attr]
     # v1 served, was replaced by v2, and served again after the rollback: two ranges at least
     assert len(ranges.findall(rows[v1[:24]])) >= 2, rows[v1[:24]]
+
+
+def test_a_reload_that_changes_a_pin_is_the_same_rolling_switch(tmp_path: Path) -> None:
+    root = checkout(tmp_path)
+    v1 = set_version(root, "version one")
+    v2 = set_version(root, "version two")
+    pinned = ROUTES.replace('image = "decks"', f'image = "decks@{v1}"')
+    s = Summon(root, pinned).start()
+    try:
+        assert wait_for(lambda: sum(i["state"] == "ready" for i in s.instances()) == 2, 30), s.instances()
+        assert http_get(s.port, "/v.txt")[2] == b"version one\n"
+        r = summon(root, "deploy", "decks", "-c", str(s.config))  # the config's pin wins
+        assert r.returncode == 1 and "no route follows image 'decks'" in r.stderr and "site" in r.stderr, r.stderr
+        s.config.write_text(s.config.read_text().replace(f"decks@{v1}", f"decks@{v2}"))
+        script = root / "count.lua"
+        script.write_text(LUA)
+        wrk = subprocess.Popen([WRK, "-t2", "-c32", "-d5s", "--timeout", "5s", "-s", str(script),
+                                f"http://127.0.0.1:{s.port}/v.txt"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+        try:
+            time.sleep(1.0)
+            env = dict(os.environ, PYTHONPATH=str(REPO))
+            reload = subprocess.run([*SUMMON, "reload", "-c", str(s.config)], cwd=root, env=env, capture_output=True,
+                                    text=True, timeout=60)
+            assert reload.returncode == 0, reload.stderr
+            out, _ = wrk.communicate(timeout=60)
+        finally:
+            if wrk.poll() is None:
+                wrk.kill()
+                wrk.wait()
+        m = re.search(r"COUNTS (.*)", out)
+        assert m, out
+        counts = {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split())}
+        print("reload", m.group(1))
+        assert counts["bad"] == 0 and counts["other"] == 0 and counts["one"] > 0 and counts["two"] > 0, counts
+        assert all(counts[k] == 0 for k in ("connect", "read", "write", "timeout", "status")), counts
+        assert wait_for(lambda: serving(s) == {v2}, 20), serving(s)
+        (started,) = events(s, "deploy_started")
+        assert started["detail"]["reason"] == "reload" and started["detail"]["to"] == v2
+    finally:
+        s.stop()
