@@ -612,7 +612,8 @@ def cmd_announce(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     name, sep, version = args.ref.partition("@")
-    if sep and not version.startswith("sha256:"):
+    if sep and not (version.startswith("sha256:") and len(version) == 71
+                    and all(c in "0123456789abcdef" for c in version[7:])):
         print(f"summon images deploy: {args.ref!r}: give NAME@sha256:<version> or NAME", file=sys.stderr)
         return 2
     return _switch(args, "deploy", {"image": name, **({"version": version} if sep else {})})

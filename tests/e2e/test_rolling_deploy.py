@@ -214,3 +214,26 @@ def test_a_reload_that_changes_a_pin_is_the_same_rolling_switch(tmp_path: Path) 
         assert started["detail"]["reason"] == "reload" and started["detail"]["to"] == v2
     finally:
         s.stop()
+
+
+def test_with_two_workers_both_switch(tmp_path: Path) -> None:
+    """Worker 0 takes the deploy and records it; the parent passes SIGUSR1 on, and the
+    other worker switches its own instances too."""
+    root = checkout(tmp_path)
+    v1 = set_version(root, "version one")
+    s = Summon(root, ROUTES.replace("min_replicas = 2", "min_replicas = 1"), "workers = 2").start()
+    try:
+        for _ in range(40):  # requests reach both workers (SO_REUSEPORT): each may boot its own
+            assert http_get(s.port, "/v.txt")[0] == 200
+        assert wait_for(lambda: serving(s) == {v1}, 20)
+        v2 = set_version(root, "version two")
+        counts, run = under_load(s, root, "deploy", f"decks@{v2}")
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert counts["bad"] == 0 and counts["other"] == 0 and counts["two"] > 0, counts
+        assert all(counts[k] == 0 for k in ("connect", "read", "write", "timeout", "status")), counts
+        assert wait_for(lambda: serving(s) == {v2}, 20), s.instances()
+        assert {http_get(s.port, "/v.txt")[2] for _ in range(40)} == {b"version two\n"}
+        workers = {i.get("worker") for i in s.instances()}
+        print("workers with instances after the switch:", workers)
+    finally:
+        s.stop()
