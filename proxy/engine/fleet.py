@@ -399,6 +399,20 @@ class Fleet:
             return []
         return self.deploy(route, pool.previous, now, "rollback")
 
+    def booted_other_version(self, instance_id: str, version: str, now: float) -> list[Command]:
+        """The shell could not boot the version asked for (a route following an image whose
+        recipe was edited in place: that version is gone) and booted `version`, what is
+        there now: the instance is of that version, and its pool switches to it."""
+        inst = self.instances.get(instance_id)
+        out: list[Command] = []
+        if inst is None or inst.owner or inst.version == version:
+            return out
+        inst.version = version
+        pool = self.pools.get(inst.route)
+        if pool is not None and not pool.removed and pool.version != version:
+            self._deploy(pool, version, now, "the version it served is gone: now the image's current one", out)
+        return out
+
     def _deploy(self, pool: PoolState, version: str, now: float, reason: str, out: list[Command]) -> None:
         old = pool.version
         ready = [i for i in pool.instances.values() if not i.owner and i.state is State.READY and i.version != version]

@@ -606,11 +606,7 @@ class Summoner:
         loop = self.loop
         try:
             assert route.image is not None
-            ref = route.image
-            if cmd.version.startswith("sha256:"):  # the version the engine boots (see "Versions")
-                ref = f"{ref.partition('@')[0]}@{cmd.version}"
-            image = load_image(self.config.images_dir, ref, store=self.config.images_store,
-                               prefer_store=True)  # cached by mtime; a stored version from the store
+            image = self._image_for(cmd, route)
             self.digests[cmd.instance_id] = image.digest
             self.image_targets[route.image] = frozenset(image.targets())
             spec = InstanceSpec(cmd.instance_id, route, host, image, "boot" if cmd.standby else route.start)
@@ -713,6 +709,27 @@ class Summoner:
             self._trials_ready(instance_id)
         else:
             self.execute(self.fleet.boot_failed(instance_id, reason, self.now()))
+
+    def _image_for(self, cmd: Boot, route: Route) -> Image:
+        """The image version the engine boots (see "Versions"), from the store when it is
+        there. A route that follows its image (no pin) whose version is gone (the recipe
+        edited in place, never built into the store) boots what the image is now, and the
+        engine hears of it (its pool switches)."""
+        assert route.image is not None
+        if not cmd.version.startswith("sha256:"):
+            return load_image(self.config.images_dir, route.image, store=self.config.images_store)
+        base = route.image.partition("@")[0]
+        try:
+            return load_image(self.config.images_dir, f"{base}@{cmd.version}", store=self.config.images_store,
+                              prefer_store=True)  # cached by mtime; a stored version from the store
+        except ImageError:
+            if "@" in route.image:
+                raise
+            image = load_image(self.config.images_dir, base, store=self.config.images_store)
+            log.warning("route %s: version %s of %s is gone; booting %s, what it is now", route.name, cmd.version,
+                        base, image.digest)
+            self.execute(self.fleet.booted_other_version(cmd.instance_id, image.digest, self.now()))
+            return image
 
     def _boot_marks(self, instance_id: str) -> dict[str, float] | None:
         """The driver's marks of this start (libvirt: its phases and the guest's console),

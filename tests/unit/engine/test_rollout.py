@@ -195,3 +195,16 @@ def test_status_shows_versions() -> None:
     assert route["version"] == V2 and route["previous_version"] == V1 and route["rollout"]["to"] == V2
     versions = {i["id"]: i["version"] for i in route["instances"]}
     assert versions[old[0]] == V1 and set(versions.values()) == {V1, V2}
+
+
+def test_a_boot_of_another_version_than_asked_switches_its_pool() -> None:
+    f, old = warm(replicas=1)
+    pool = f.pools["site"]
+    boot = f._boot(pool, "local", 2.0, "scale", [])
+    assert boot and boot.version == V1
+    out = f.booted_other_version(boot.instance_id, V2, 2.1)  # V1 was gone: the shell booted V2
+    assert records("deploy_started", out)[0].detail["to"] == V2 and pool.version == V2
+    assert not of(Boot, out), "the instance booting now is the surge"
+    assert forward(f, 1, 2.2).instance_id == old[0]
+    assert records("deployed", f.instance_ready(boot.instance_id, addr(3), 3.0))
+    assert f.instances[old[0]].state is not State.READY
