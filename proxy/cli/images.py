@@ -380,11 +380,20 @@ def cmd_history(args: argparse.Namespace) -> int:
         current = ""
     served = _served(args)
     pins = _pins(args)
+    from ..images.deployed import read_deployed
+
+    try:
+        deployed = read_deployed(args.store, args.name)
+    except ImageError as exc:
+        print(f"  ({exc})", file=sys.stderr)
+        deployed = None
     print(f"{'built (UTC)':20} {'how':8} {'version':24} {'recipe':24} served")
     for b in builds:
         marks = []
         if b.digest == current:
             marks.append("current")
+        if deployed is not None and b.digest == deployed.version:
+            marks.append(f"deployed ({deployed.how} {_utc(deployed.at)})")
         if b.digest in pins:
             marks.append("pinned by " + ", ".join(sorted(pins[b.digest])))
         if not store.has(b.digest):

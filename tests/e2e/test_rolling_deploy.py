@@ -173,6 +173,7 @@ def test_deploy_and_rollback_under_load_answer_every_request(tmp_path: Path) -> 
     assert int(re.search(r"\((\d+) instance\(s\)\)", rows[v2[:24]]).group(1)) >= 2, rows[v2[:24]]  # type: ignore[union-attr]
     # v1 served, was replaced by v2, and served again after the rollback: two ranges at least
     assert len(ranges.findall(rows[v1[:24]])) >= 2, rows[v1[:24]]
+    assert "deployed (rollback" in rows[v1[:24]] and "deployed" not in rows[v2[:24]], rows
 
 
 def test_a_reload_that_changes_a_pin_is_the_same_rolling_switch(tmp_path: Path) -> None:
