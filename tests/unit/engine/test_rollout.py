@@ -3,8 +3,12 @@ proxy/engine/fleet.py, "Rolling deploy")."""
 
 from __future__ import annotations
 
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
 from proxy.config import Address, Host, Limits, Route
-from proxy.engine.fleet import Boot, Fleet, Forward, Record, Stop
+from proxy.engine.fleet import Boot, Fleet, Forward, Record, Reject, Stop
 from proxy.engine.lifecycle import State
 
 V1, V2, V3 = "sha256:" + "1" * 64, "sha256:" + "2" * 64, "sha256:" + "3" * 64
@@ -208,3 +212,104 @@ def test_a_boot_of_another_version_than_asked_switches_its_pool() -> None:
     assert forward(f, 1, 2.2).instance_id == old[0]
     assert records("deployed", f.instance_ready(boot.instance_id, addr(3), 3.0))
     assert f.instances[old[0]].state is not State.READY
+
+
+class RolloutMachine(RuleBasedStateMachine):
+    """Random interleavings of requests, boots, failures and deploys back and forth over
+    three versions: the caps hold, every boot is of its pool's version, no request waits
+    while a replica serves, and once a replica of the wanted version takes requests no
+    other version does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.routes = tuple(Route(name=f"r{i}", image=f"r{i}", max_replicas=2, target_concurrency=1,
+                                  idle_timeout_s=5.0, queue_size=5, rollback_after_failures=2) for i in range(2))
+        self.fleet = Fleet(Limits(max_instances=5), (Host("h1", "local", slots=4), Host("h2", "local", slots=4)))
+        self.fleet.set_routes(self.routes, 0.0, versions={r.name: V1 for r in self.routes})
+        self.now = 0.0
+        self.rid = 0
+        self.inflight: list[tuple[str, str, int]] = []
+        self.booting: list[str] = []
+        self.stopping: list[str] = []
+
+    def _apply(self, out: list) -> None:  # type: ignore[type-arg]
+        for c in out:
+            if isinstance(c, Boot):
+                assert c.version == self.fleet.pools[c.route].version
+                self.booting.append(c.instance_id)
+            elif isinstance(c, Forward):
+                self.inflight.append((self.fleet.instances[c.instance_id].route, c.instance_id, c.request_id))
+            elif isinstance(c, Reject):
+                self.inflight = [x for x in self.inflight if x[2] != c.request_id]
+            elif isinstance(c, Stop):
+                self.stopping.append(c.instance_id)
+                if c.instance_id in self.booting:
+                    self.booting.remove(c.instance_id)
+            elif isinstance(c, Record) and c.kind == "rolled_back":
+                assert self.fleet.pools[c.route].version == c.detail["to"]
+
+    @rule(route=st.integers(0, 1))
+    def request(self, route: int) -> None:
+        self.rid += 1
+        pool = self.fleet.pools[f"r{route}"]
+        serving = bool(pool.balancer.load)
+        out = self.fleet.request_arrived(f"r{route}", self.rid, str(self.rid), None, self.now)
+        if serving:
+            assert any(isinstance(c, Forward) and c.request_id == self.rid for c in out), "no wait for a boot"
+        self._apply(out)
+
+    @precondition(lambda self: self.inflight)
+    @rule(i=st.integers(0, 1000))
+    def finish(self, i: int) -> None:
+        route, iid, _ = self.inflight.pop(i % len(self.inflight))
+        self._apply(self.fleet.request_finished(route, iid, True, self.now))
+
+    @precondition(lambda self: self.booting)
+    @rule(i=st.integers(0, 1000), ok=st.booleans())
+    def boot_done(self, i: int, ok: bool) -> None:
+        iid = self.booting.pop(i % len(self.booting))
+        if ok:
+            self._apply(self.fleet.instance_ready(iid, addr(i), self.now))
+        else:
+            self._apply(self.fleet.boot_failed(iid, "panic", self.now))
+
+    @precondition(lambda self: self.stopping)
+    @rule(i=st.integers(0, 1000))
+    def stopped(self, i: int) -> None:
+        iid = self.stopping.pop(i % len(self.stopping))
+        self._apply(self.fleet.instance_stopped(iid, self.now))
+
+    @rule(route=st.integers(0, 1), version=st.sampled_from([V1, V2, V3]), back=st.booleans())
+    def deploy(self, route: int, version: str, back: bool) -> None:
+        name = f"r{route}"
+        self._apply(self.fleet.rollback(name, self.now) if back else self.fleet.deploy(name, version, self.now))
+
+    @rule(dt=st.floats(0.01, 3.0))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+        self._apply(self.fleet.tick(self.now))
+
+    @invariant()
+    def caps_hold(self) -> None:
+        f = self.fleet
+        assert f.live_count() <= 5
+        for pool in f.pools.values():
+            assert sum(1 for i in pool.live() if i.version == pool.version) <= pool.route.max_replicas
+        for host in f.hosts.values():
+            assert f.host_used[host.name] == sum(1 for i in f.instances.values() if i.host == host.name) <= host.slots
+
+    @invariant()
+    def one_version_once_the_wanted_one_serves(self) -> None:
+        for pool in self.fleet.pools.values():
+            versions = {self.fleet.instances[i].version for i in pool.balancer.load}
+            if pool.version in versions:
+                assert versions == {pool.version}, versions
+
+    @invariant()
+    def inflight_adds_up(self) -> None:
+        for inst in self.fleet.instances.values():
+            assert inst.inflight == sum(1 for _, iid, _ in self.inflight if iid == inst.id)
+
+
+TestRollouts = RolloutMachine.TestCase
+TestRollouts.settings = settings(max_examples=80, stateful_step_count=60, deadline=None)
