@@ -639,10 +639,10 @@ def _switch(args: argparse.Namespace, action: str, body: dict) -> int:  # type: 
     import urllib.error
     import urllib.request
 
-    from .main import _admin_target
+    from .common import admin_target
 
     config_path = getattr(args, "config", None) or "summon.toml"
-    target = _admin_target(config_path, f"/images/{action}")
+    target = admin_target(config_path, f"/images/{action}")
     if isinstance(target, int):
         return target
     config, url = target

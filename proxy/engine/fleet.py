@@ -678,6 +678,7 @@ class Fleet:
         out.append(Record("rolled_back", pool.route.name, detail={
             "from": bad, "to": good, "reason": why, "failed_boots": ro.failed_boots, "automatic": True,
             "took_s": round(now - ro.started_at, 3)}))
+        self._roll(pool, now, out)  # an instance of a third version that served meanwhile leaves rotation
 
     def instance_died(self, instance_id: str, reason: str, now: float) -> list[Command]:
         """A ready (or draining) instance stopped on its own: out of rotation, replaced on demand."""

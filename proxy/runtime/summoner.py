@@ -35,7 +35,8 @@ of every start: `instance_started`, its trial request or the readiness probe, re
 Versions (rolling deploys, rules in `proxy.engine.fleet`): the shell resolves which image
 version each route serves (`resolve_versions`): its pin, else the version deployed for
 its image (`proxy.images.deployed`, written by `deploy`/`rollback` and by an automatic
-rollback), else the latest build. The engine boots that version and switches pools when
+rollback) or, on an edge, the version it followed last, whichever came later, else the
+latest build. The engine boots that version and switches pools when
 it changes (a reload, `deploy`, `rollback`); each Boot says which version to start.
 
 Every `reap_interval_s` (and once before the first tick) each driver reaps the
@@ -389,9 +390,20 @@ class Summoner:
         except ImageError as exc:
             log.warning("image %s: %s", ref, exc.detail)
             return None
-        if record is not None:
+        followed_at = self._followed_at(image.name)
+        if record is not None and record.at >= followed_at:
             return record.version, record.how
-        return image.digest, ""
+        return image.digest, "followed" if followed_at else ""
+
+    def _followed_at(self, name: str) -> float:
+        """When this node (an edge, `[images] follow`) last followed an announced version of
+        `name`, 0 if it follows none: the newer of that and a deploy decides what runs."""
+        from ..images.store import Store
+
+        try:
+            return (Store(self.config.images_store).followed_dir / name).stat().st_mtime
+        except OSError:
+            return 0.0
 
     def _image_name(self, ref: str) -> str:
         base = ref.partition("@")[0]

@@ -436,6 +436,15 @@ async def images_action(rt: Runtime, action: str, name: str, version: str | None
     return 200, result
 
 
+def versions_changed(rt: Runtime) -> None:
+    """The follower followed a new version: the routes switch to it here, and with several
+    workers in every worker (SIGUSR1 through the parent, as for a deploy)."""
+    if rt.summoner is not None and not rt.draining:
+        rt.summoner.refresh_versions()
+    if rt.config.proxy.workers > 1:
+        os.kill(os.getppid(), signal.SIGUSR1)
+
+
 def _refused(rt: Runtime, messages: list[str]) -> tuple[bool, list[str]]:
     for m in messages:
         log.error("reload refused: %s", m)
@@ -618,7 +627,7 @@ async def run_worker(config: Config, sockets: list[socket.socket], worker: int, 
         if config.follow is not None:  # an edge: new versions come by announcement (one follower)
             events = rt.events
             rt.follower = Follower(config.follow, config.images_store, connect(config.cluster.redis, redis_password),
-                                   events.record, token=pull_token)
+                                   events.record, token=pull_token, on_followed=lambda: versions_changed(rt))
             rt.follower.start()
     if peer_dir is not None:
         await join_workers(rt, worker, peer_dir)
