@@ -138,6 +138,10 @@ class Route(NamedTuple):
     # them (None: as `[prefetch].enabled` says).
     prefetch: tuple[str, ...] = ()
     presummon: bool | None = None
+    # Rolling deploys (proxy/engine/fleet.py, "Rolling deploy"): this many failed boots of a
+    # new version before the pool goes back to the version it served. 3: one failure can be
+    # bad luck (a host under load), three in a row, with back-off between them, is the version.
+    rollback_after_failures: int = 3
 
     @property
     def summoned(self) -> bool:
@@ -600,6 +604,7 @@ _ROUTE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "standbys": ("standbys", _positive_int),
     "prefetch": ("prefetch", _url_paths),
     "presummon": ("presummon", _boolean),
+    "rollback_after_failures": ("rollback_after_failures", _at_least_one),
 }
 _PREFETCH_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "enabled": ("enabled", _boolean),

@@ -19,6 +19,8 @@ The tree (one place turns any of these into a response: `proxy.http.responses`):
     ├── BackendError           503  a driver failed to start or stop an instance
     │   ├── ImageError             image missing, malformed, or a digest mismatch
     │   └── HostUnavailable        libvirtd / the hypervisor cannot be reached
+    ├── DeployError            409  a deploy or rollback that cannot be done (admin API)
+    │   └── UnknownVersion         404  the version is not in the image store
     └── ConfigError            not HTTP: `summon check` exit 2, one line per problem
 
 Foreign exceptions (OSError, httptools.HttpParserError, libvirt.libvirtError) are
@@ -131,6 +133,21 @@ class ImageError(BackendError):
 
 class HostUnavailable(BackendError):
     """The host (libvirtd, the hypervisor) cannot be reached: fail fast, place elsewhere."""
+
+
+class DeployError(SummonError):
+    """`summon images deploy|rollback` asked for what cannot be done: no route follows the
+    image, nothing to roll back to. Nothing changed."""
+
+    status = 409
+    reason = "Conflict"
+
+
+class UnknownVersion(DeployError):
+    """The version to deploy is not in the image store (build or pull it first)."""
+
+    status = 404
+    reason = "Not Found"
 
 
 @dataclass(frozen=True)

@@ -33,3 +33,15 @@ def environment_ok(config: Config) -> bool:
     problems = environment_problems(config)
     report(problems)
     return not problems
+
+
+def admin_target(config_path: str, path: str) -> tuple[Config, str] | int:
+    """The config and the admin API URL for `path`, or the exit code after a message."""
+    config = load_or_report(config_path)
+    if config is None:
+        return 2
+    if config.proxy.admin is None:
+        print("summon: [proxy] admin is disabled in this config", file=sys.stderr)
+        return 1
+    address = str(config.proxy.admin).replace("0.0.0.0:", "127.0.0.1:").replace("[::]:", "[::1]:")  # wildcards
+    return config, f"http://{address}{path}"

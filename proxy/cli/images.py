@@ -1,4 +1,4 @@
-"""`summon images build|rebuild|verify|list|history|diff|gc|push|pull|announce`: the image commands.
+"""`summon images build|rebuild|verify|list|history|diff|gc|push|pull|announce|deploy|rollback`: the image commands.
 
 Why separate: they import the image builder (kernel lookup, cpio packing) that `serve`
 never needs. `add_parsers` registers them on the ``images`` sub-command; each parser
@@ -7,7 +7,8 @@ check or build, 2 bad arguments or config, 3 a rebuild refused: an input is miss
 
 Where things are: ``--images-dir`` (default images/) and ``--store`` (default
 ``<images dir>/.store``), or both from a config's ``[images]`` with ``-c``; `gc` also
-reads the config's routes for the versions they pin.
+reads the config's routes for the versions they pin. `deploy` and `rollback` ask the
+running summon of the config (`-c`, default summon.toml) through its admin API.
 """
 
 from __future__ import annotations
@@ -99,6 +100,23 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     gcp.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
     _where(gcp)
     gcp.set_defaults(func=cmd_gc)
+
+    deploy = sub.add_parser("deploy", help="switch the routes that follow an image to a version, rolling "
+                                           "(a running summon, through its admin API)")
+    deploy.add_argument("ref", help="NAME@sha256:<version> (in the image store), or NAME: its latest build")
+    deploy.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="wait up to this long until the switch is over (deployed or rolled back)")
+    deploy.add_argument("-c", "--config", default=argparse.SUPPRESS, help="the running summon's config "
+                        "(default summon.toml): its admin address and token")
+    deploy.set_defaults(func=cmd_deploy)
+    rollback = sub.add_parser("rollback", help="switch the routes that follow an image back to the version they "
+                                               "served before, rolling")
+    rollback.add_argument("name")
+    rollback.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                          help="wait up to this long until the switch is over")
+    rollback.add_argument("-c", "--config", default=argparse.SUPPRESS, help="the running summon's config "
+                          "(default summon.toml)")
+    rollback.set_defaults(func=cmd_rollback)
 
     verify = sub.add_parser("verify", help="check every artefact of every target against its digest")
     verify.add_argument("names", nargs="*", help="default: every image")
@@ -362,17 +380,27 @@ def cmd_history(args: argparse.Namespace) -> int:
         current = ""
     served = _served(args)
     pins = _pins(args)
+    from ..images.deployed import read_deployed
+
+    try:
+        deployed = read_deployed(args.store, args.name)
+    except ImageError as exc:
+        print(f"  ({exc})", file=sys.stderr)
+        deployed = None
     print(f"{'built (UTC)':20} {'how':8} {'version':24} {'recipe':24} served")
     for b in builds:
         marks = []
         if b.digest == current:
             marks.append("current")
+        if deployed is not None and b.digest == deployed.version:
+            marks.append(f"deployed ({deployed.how} {_utc(deployed.at)})")
         if b.digest in pins:
             marks.append("pinned by " + ", ".join(sorted(pins[b.digest])))
         if not store.has(b.digest):
             marks.append("collected")
         span = served.get(b.digest)
-        when = f"{_utc(span[0])} .. {_utc(span[1])} ({span[2]} instance(s))" if span else "-"
+        when = (", ".join(f"{_utc(a)} .. {_utc(z)}" for a, z in span[0]) + f" ({span[1]} instance(s))"
+                if span else "-")
         print(f"{_utc(b.built_at):20} {b.how:8} {b.digest[:24]} {b.recipe_digest[:24]:24} {when}"
               + (f"  [{'; '.join(marks)}]" if marks else ""))
     return 0
@@ -382,8 +410,10 @@ def _utc(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts))
 
 
-def _served(args: argparse.Namespace) -> dict[str, tuple[float, float, int]]:
-    """version -> (first ready, last stopped or failed, instances) from the event log."""
+def _served(args: argparse.Namespace) -> dict[str, tuple[list[tuple[float, float]], int]]:
+    """version -> (the time ranges its instances served, how many instances) from the event
+    log: each instance from `ready` to `stopped` or `failed`, overlapping ones (or a second
+    apart) merged, so a version deployed, replaced and rolled back to shows two ranges."""
     path = args.events or (args.routes_config.events_path if args.routes_config is not None else None)
     if path is None:
         return {}
@@ -394,14 +424,27 @@ def _served(args: argparse.Namespace) -> dict[str, tuple[float, float, int]]:
     except (FileNotFoundError, OSError) as exc:
         print(f"  (no event log: {exc})", file=sys.stderr)
         return {}
-    spans: dict[str, tuple[float, float, set[str]]] = {}
+    lives: dict[tuple[str, str], list[float]] = {}  # (version, instance) -> [first, last]
     for e in events:
         if not e.image_digest:  # `summoned` comes before the image is resolved: `ready` has it
             continue
-        first, last, ids = spans.get(e.image_digest, (e.ts, e.ts, set()))
-        ids.add(e.instance)
-        spans[e.image_digest] = (min(first, e.ts), max(last, e.ts), ids)
-    return {d: (a, b, len(ids)) for d, (a, b, ids) in spans.items()}
+        span = lives.setdefault((e.image_digest, e.instance), [e.ts, e.ts])
+        span[0], span[1] = min(span[0], e.ts), max(span[1], e.ts)
+    by_version: dict[str, list[tuple[float, float]]] = {}
+    counts: dict[str, int] = {}
+    for (version, _instance), (a, z) in lives.items():
+        by_version.setdefault(version, []).append((a, z))
+        counts[version] = counts.get(version, 0) + 1
+    out: dict[str, tuple[list[tuple[float, float]], int]] = {}
+    for version, spans in by_version.items():
+        merged: list[tuple[float, float]] = []
+        for a, z in sorted(spans):
+            if merged and a <= merged[-1][1] + 1.0:  # a second apart reads as one range (the output's resolution)
+                merged[-1] = (merged[-1][0], max(merged[-1][1], z))
+            else:
+                merged.append((a, z))
+        out[version] = (merged, counts[version])
+    return out
 
 
 def _pins(args: argparse.Namespace) -> dict[str, set[str]]:
@@ -449,6 +492,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
         except ImageError:
             continue
     pinned = set(_pins(args))
+    from ..images.deployed import all_deployed
+
+    for rec in all_deployed(args.store):  # what routes following an image serve, and where rollback goes
+        pinned.update(v for v in (rec.version, rec.previous) if v)
     if args.config is None:
         print("summon images gc: no -c CONFIG: keeping only the current and the last "
               f"{args.keep} build(s) of each image (pins in routes are not known)", file=sys.stderr)
@@ -570,3 +617,86 @@ def cmd_announce(args: argparse.Namespace) -> int:
     print(f"announced {image.ref} in {ANNOUNCED} ({config.cluster.redis}); edges following {image.name} "
           f"pull it from {', '.join(urls)}")
     return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    name, sep, version = args.ref.partition("@")
+    if sep and not (version.startswith("sha256:") and len(version) == 71
+                    and all(c in "0123456789abcdef" for c in version[7:])):
+        print(f"summon images deploy: {args.ref!r}: give NAME@sha256:<version> or NAME", file=sys.stderr)
+        return 2
+    return _switch(args, "deploy", {"image": name, **({"version": version} if sep else {})})
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    return _switch(args, "rollback", {"image": args.name})
+
+
+def _switch(args: argparse.Namespace, action: str, body: dict) -> int:  # type: ignore[type-arg]
+    """POST /images/<action> to the running summon; with --wait, follow /status until the
+    routes serve one version again."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from .common import admin_target
+
+    config_path = getattr(args, "config", None) or "summon.toml"
+    target = admin_target(config_path, f"/images/{action}")
+    if isinstance(target, int):
+        return target
+    config, url = target
+    headers = {"Content-Type": "application/json"}
+    if config.proxy.admin_token:
+        headers["Authorization"] = f"Bearer {config.proxy.admin_token}"
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            answer = json.load(resp)
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            error = json.loads(raw).get("error", "")
+        except (ValueError, AttributeError):
+            error = raw.decode(errors="replace").strip()
+        print(f"summon images {action}: {error} ({exc.code})", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"summon images {action}: cannot reach the admin API at {url}: {exc} (is `summon serve` running?)",
+              file=sys.stderr)
+        return 1
+    routes = ", ".join(answer.get("routes", []))
+    print(f"{action} {answer['image']}: {answer.get('from') or '?'} -> {answer['to']} on route(s) {routes}")
+    if answer.get("pinned"):
+        print(f"  not switched (their config pins a version): {', '.join(answer['pinned'])}")
+    if args.wait <= 0:
+        print("  rolling: the old instances serve until one of the new version is ready "
+              "(`summon events` shows deploy_started, deployed or rolled_back)")
+        return 0
+    status_url = url.rsplit("/images/", 1)[0] + "/status"
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            sreq = urllib.request.Request(status_url, headers={k: v for k, v in headers.items() if k != "Content-Type"})
+            with urllib.request.urlopen(sreq, timeout=5) as resp:
+                status = json.load(resp)
+        except (urllib.error.URLError, OSError, ValueError):
+            continue
+        mine = [r for r in status.get("routes", []) if r.get("name") in answer.get("routes", [])]
+        if mine and all(_settled(r) for r in mine):
+            if all(r.get("version") == answer["to"] for r in mine):
+                print(f"  deployed: every instance of {routes} serves {answer['to']}")
+                return 0
+            print(f"  rolled back: {routes} serve(s) {mine[0].get('version')} again "
+                  "(`summon events` says why)", file=sys.stderr)
+            return 1
+    print(f"  still switching after {args.wait:g}s (see `summon status`)", file=sys.stderr)
+    return 1
+
+
+def _settled(route: dict) -> bool:  # type: ignore[type-arg]
+    """Every live instance is of the route's version (none of another left to drain; a
+    cold route switches at once, its next boot is of the new version)."""
+    live = [i for i in route.get("instances", []) if i.get("state") in ("booting", "ready", "draining")]
+    return all(i.get("version") == route.get("version") for i in live)

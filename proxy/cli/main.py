@@ -6,10 +6,9 @@ import argparse
 import logging
 import sys
 
-from ..config import Config
 from ..errors import ConfigError
 from ..observe.events import setup_json_logging
-from .common import environment_ok, load_or_report, report
+from .common import admin_target, environment_ok, load_or_report, report
 from .events import add_parsers as add_event_parsers
 from .images import add_parsers as add_image_parsers
 from .routes import add_parsers as add_route_parsers
@@ -51,7 +50,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    target = _admin_target(args.config, "/status")
+    target = admin_target(args.config, "/status")
     if isinstance(target, int):
         return target
     config, url = target
@@ -90,16 +89,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admin_target(config_path: str, path: str) -> tuple[Config, str] | int:
-    """The config and the admin API URL for `path`, or the exit code after a message."""
-    config = load_or_report(config_path)
-    if config is None:
-        return 2
-    if config.proxy.admin is None:
-        print("summon: [proxy] admin is disabled in this config", file=sys.stderr)
-        return 1
-    address = str(config.proxy.admin).replace("0.0.0.0:", "127.0.0.1:").replace("[::]:", "[::1]:")  # wildcards
-    return config, f"http://{address}{path}"
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -108,7 +97,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    target = _admin_target(args.config, "/reload")
+    target = admin_target(args.config, "/reload")
     if isinstance(target, int):
         return target
     config, url = target

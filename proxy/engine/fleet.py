@@ -31,6 +31,24 @@ Rules kept here, and only here:
   request itself is the readiness probe and a cold start costs no extra round trip
   into the guest (the shell retries it until the instance answers).
 
+Rolling deploy (`deploy`, or `set_routes` with another version for a route): a pool
+knows the version it should serve (`PoolState.version`, the image's manifest digest as the
+shell resolved it) and every instance the version it was booted from; every boot is of
+the pool's version. When the version changes:
+- the old instances keep serving until an instance of the new version is ready, so a
+  request never waits for a cold boot while an old replica is up; meanwhile the pool boots
+  as many new instances as it had old ones ready (the surge). The surge counts against the
+  fleet's `max_instances` and the hosts' slots, not against the route's `max_replicas` (the
+  old replicas are on their way out); at the cap it is smaller, and with no room at all
+  one old replica is drained to make room (the others keep serving);
+- once one is ready, the old instances take no new requests: they drain (in-flight
+  requests finish there) and stop; `deployed` is recorded;
+- `rollback_after_failures` failed boots of the new version before one is ready
+  (default 3, with the usual back-off between them) switch the pool back to the version
+  it served, recorded as `rolled_back` with the reason; the old instances never stopped
+  serving meanwhile.
+Every switch starts with `deploy_started` (from, to, why: deploy, rollback, reload).
+
 One fleet over several engines (workers, proxies): each engine owns the instances it
 booted; the others' ready instances come in as `foreign_seen` (from the shared registry)
 and are routed to like its own, but never stopped, drained or idled here. Their owners
@@ -66,6 +84,7 @@ class Boot:
     region: str
     cold: bool = False  # the pool had no instance at all: fleet-wide, only one engine may boot it
     standby: bool = False  # boot it, wait until it answers, pause it, report `standby_parked`
+    version: str = ""  # the image version to boot (the pool's, see "Rolling deploy"); "" = the route's image
 
 
 @dataclass(frozen=True)
@@ -166,6 +185,7 @@ class Instance:
     presummoned_by: str = ""  # the route whose request pre-summoned it (see `_presummon`)
     woken_at: float | None = None  # a standby woken by a cold request: its start counts from here
     memory_mib: int = 0  # a standby's guest memory, counted against its host's standby budget
+    version: str = ""  # the image version it was booted from
 
     @property
     def start_at(self) -> float:
@@ -182,11 +202,24 @@ class Foreign:
 
     instance_id: str
     route: str
-    image: str  # the route's image as its owner runs it: a different one is not ours to use
+    image: str  # the image version its owner booted it from: another one than our pool's is not ours to use
     host: str
     region: str
     address: Address
     owner: str
+
+
+@dataclass
+class Rollout:
+    """A switch of a pool's version under way (see "Rolling deploy")."""
+
+    from_version: str
+    to_version: str
+    started_at: float
+    reason: str  # "deploy", "rollback", "reload"
+    surge: int  # new instances to boot before the old ones leave: the old ones that were ready
+    failed_boots: int = 0
+    making_room: str = ""  # an old instance drained because the cap left no room for the surge
 
 
 @dataclass
@@ -210,13 +243,18 @@ class PoolState:
     reclaim_pending: bool = False  # at the cap, another route's idle instance is being stopped for us
     awaiting_until: float = 0.0  # another engine is booting this cold route: wait for its instance
     remote_demand: dict[str, float] = field(default_factory=dict)  # other engines' recent demand by client region
+    version: str = ""  # the image version new instances are booted from
+    previous: str = ""  # the version served before the last switch (what a rollback goes back to)
+    rollout: Rollout | None = None
 
     def live(self) -> list[Instance]:
         return [i for i in self.instances.values() if i.state in LIVE]
 
-    def replicas(self) -> int:
-        """Live instances that serve or are about to (standbys are not replicas yet)."""
-        return sum(1 for i in self.instances.values() if i.state in LIVE and i.state not in STANDBYS)
+    def replicas(self, version: str | None = None) -> int:
+        """Live instances that serve or are about to (standbys are not replicas yet); of
+        `version` only, if given (a rolling deploy's surge)."""
+        return sum(1 for i in self.instances.values() if i.state in LIVE and i.state not in STANDBYS
+                   and (version is None or i.version == version))
 
     def count(self, state: State) -> int:
         return sum(1 for i in self.instances.values() if i.state is state)
@@ -295,11 +333,17 @@ class Fleet:
 
     # --- configuration -------------------------------------------------------------
 
-    def set_routes(self, routes: Iterable[Route], now: float) -> list[Command]:
+    def set_routes(self, routes: Iterable[Route], now: float, versions: Mapping[str, str] | None = None,
+                   reasons: Mapping[str, str] | None = None) -> list[Command]:
         """Install the summoned routes (first start or reload). Pools of unchanged
-        routes keep their instances; pools of removed routes drain."""
+        routes keep their instances; pools of removed routes drain. `versions`: route name
+        -> the image version it should serve (the shell resolves pins, deployed versions
+        and latest builds; a route left out serves its `image` string as its version); a
+        pool whose version changes switches by a rolling deploy (`reasons[name]` says why,
+        default "reload")."""
         out: list[Command] = []
         wanted = {r.name: r for r in routes if r.summoned}
+        versions = versions or {}
         for name, pool in list(self.pools.items()):
             new = wanted.get(name)
             if new is None:
@@ -320,24 +364,112 @@ class Fleet:
                 pool.queue.clear()
             elif new != pool.route:
                 if new.image != pool.route.image:
-                    # a new image: the old instances drain, new ones boot on demand
                     for inst in list(pool.instances.values()):
-                        if inst.owner:
+                        if inst.owner:  # another engine's, of the image as it was
                             self._drop_foreign(inst)
-                        elif inst.state is State.READY:
-                            self._drain(pool, inst, now, "image changed", out)
-                        elif inst.state in STANDBYS and not inst.stopping:
-                            inst.stopping = True
-                            self._stop(inst, "image changed", out)
                 pool.route = new
         self.prefetch.set_routes(wanted.values())
         for name, route in wanted.items():
+            version = versions.get(name) or route.image or ""
             if name not in self.pools:
-                self.pools[name] = PoolState(route=route, balancer=BoundedLoadBalancer(self.balance_factor))
-            elif self.pools[name].removed:
-                self.pools[name].removed = False
+                self.pools[name] = PoolState(route=route, balancer=BoundedLoadBalancer(self.balance_factor),
+                                             version=version)
+                continue
+            pool = self.pools[name]
+            pool.removed = False
+            if version != pool.version:
+                self._deploy(pool, version, now, (reasons or {}).get(name, "reload"), out)
         out.extend(self.tick(now))
         return out
+
+    # --- rolling deploys (rules in the module docstring) -------------------------------
+
+    def deploy(self, route: str, version: str, now: float, reason: str = "deploy") -> list[Command]:
+        """Switch `route`'s pool to `version` (a rolling deploy); nothing if it serves it already."""
+        out: list[Command] = []
+        pool = self.pools.get(route)
+        if pool is not None and not pool.removed and version and version != pool.version:
+            self._deploy(pool, version, now, reason, out)
+        return out
+
+    def rollback(self, route: str, now: float) -> list[Command]:
+        """Switch `route` back to the version it served before its last switch."""
+        pool = self.pools.get(route)
+        if pool is None or not pool.previous:
+            return []
+        return self.deploy(route, pool.previous, now, "rollback")
+
+    def booted_other_version(self, instance_id: str, version: str, now: float) -> list[Command]:
+        """The shell could not boot the version asked for (a route following an image whose
+        recipe was edited in place: that version is gone) and booted `version`, what is
+        there now: the instance is of that version, and its pool switches to it."""
+        inst = self.instances.get(instance_id)
+        out: list[Command] = []
+        if inst is None or inst.owner or inst.version == version:
+            return out
+        inst.version = version
+        pool = self.pools.get(inst.route)
+        if pool is not None and not pool.removed and pool.version != version:
+            self._deploy(pool, version, now, "the version it served is gone: now the image's current one", out)
+        return out
+
+    def _deploy(self, pool: PoolState, version: str, now: float, reason: str, out: list[Command]) -> None:
+        old = pool.version
+        ready = [i for i in pool.instances.values() if not i.owner and i.state is State.READY and i.version != version]
+        pool.previous, pool.version = old, version
+        pool.failures, pool.backoff_until = 0, 0.0  # back-off was the old version's
+        pool.rollout = Rollout(old, version, now, reason, surge=len(ready))
+        for inst in list(pool.instances.values()):
+            if inst.state in STANDBYS and not inst.owner and not inst.stopping and inst.version != version:
+                inst.stopping = True  # a paused standby of the old version is never woken: stopped now
+                self._stop(inst, "image changed", out)
+        room = self.limits.max_instances - self.live_count()
+        out.append(Record("deploy_started", pool.route.name, detail={
+            "from": old, "to": version, "reason": reason, "surge": len(ready), "cap_room": max(0, room)}))
+        self._roll(pool, now, out)
+
+    def _roll(self, pool: PoolState, now: float, out: list[Command]) -> None:
+        """One step of a pool's switch: the old instances leave rotation as soon as one of
+        the new version is ready; until then the surge boots (see the module docstring)."""
+        stale = [i for i in pool.instances.values() if i.version != pool.version and i.state in LIVE]
+        fresh = [i for i in pool.instances.values() if i.version == pool.version]
+        ro = pool.rollout
+        if any(i.state is State.READY for i in fresh):
+            drained = 0
+            for inst in stale:
+                if inst.owner:
+                    self._drop_foreign(inst)  # another engine's old one: out of our rotation, its owner drains it
+                elif inst.state is State.READY:
+                    self._drain(pool, inst, now, f"replaced by {pool.version}", out)
+                    drained += 1
+                elif inst.state is State.BOOTING and inst.trial is None:
+                    self._stop(inst, f"replaced by {pool.version}", out)
+            if ro is not None:
+                pool.rollout = None
+                out.append(Record("deployed", pool.route.name, detail={
+                    "from": ro.from_version, "to": ro.to_version, "reason": ro.reason,
+                    "took_s": round(now - ro.started_at, 3), "drained": drained}))
+            return
+        if ro is None or pool.removed or now < pool.backoff_until:
+            return
+        serving = [i for i in stale if i.state is State.READY]
+        if not serving:
+            return  # nothing of the old version serves: the new one boots on demand, as any cold pool
+        booting = sum(1 for i in fresh if i.state is State.BOOTING and not i.owner)
+        for _ in range(max(1, ro.surge) - booting):
+            booted = self._boot(pool, self._busiest_region(pool), now, f"deploy of {pool.version}", out, surge=True)
+            if booted:
+                continue
+            if (booting == 0 and not ro.making_room and not pool.reclaim_pending
+                    and self.live_count() >= self.limits.max_instances):
+                # no room at all under the cap: one old replica makes way (the others serve on)
+                own = [i for i in serving if not i.owner]
+                if not own:
+                    break
+                victim = min(own, key=lambda i: (i.inflight, i.last_used))
+                ro.making_room = victim.id
+                self._drain(pool, victim, now, f"making room for {pool.version} (instance cap)", out)
+            break
 
     # --- facts ------------------------------------------------------------------------
 
@@ -479,6 +611,10 @@ class Fleet:
         if pool.removed:
             self._drain(pool, inst, now, "route removed", out)
             return out
+        if inst.version != pool.version and any(
+                i.state is State.READY and i.version == pool.version for i in pool.instances.values()):
+            self._drain(pool, inst, now, f"replaced by {pool.version}", out)  # booted before a switch that is done
+            return out
         pool.balancer.add(inst.id)
         for _ in range(inst.inflight):
             pool.balancer.acquire(inst.id)  # the trial, already on its way
@@ -496,6 +632,8 @@ class Fleet:
         if inst.inflight and inst.first_request_at is None:
             out.append(self._first(inst, now))
         self._flush_queue(pool, now, out)
+        if pool.rollout is not None or inst.version == pool.version:
+            self._roll(pool, now, out)  # the new version is ready: the old one leaves rotation now
         return out
 
     def boot_failed(self, instance_id: str, reason: str, now: float) -> list[Command]:
@@ -519,7 +657,28 @@ class Fleet:
             if pool.queue:
                 out.append(Record("rejected", inst.route, detail={"reason": "boot failed", "requests": len(pool.queue)}))
             pool.queue.clear()
+        ro = pool.rollout
+        if ro is not None and inst.version == pool.version:
+            ro.failed_boots += 1
+            if ro.failed_boots >= pool.route.rollback_after_failures and ro.from_version:
+                self._roll_back(pool, ro, reason, now, out)
         return out
+
+    def _roll_back(self, pool: PoolState, ro: Rollout, last: str, now: float, out: list[Command]) -> None:
+        """The new version failed to boot `rollback_after_failures` times: serve the old one again."""
+        bad, good = pool.version, ro.from_version
+        pool.version, pool.previous = good, bad
+        pool.rollout = None
+        pool.failures, pool.backoff_until = 0, 0.0  # the old version boots fine: no back-off for it
+        why = f"{ro.failed_boots} boot(s) of {bad} failed (last: {last})"
+        for inst in list(pool.instances.values()):
+            if not inst.owner and inst.version == bad and inst.state is State.BOOTING:
+                self._end_trial(inst, 1, f"version {bad} rolled back", out)
+                self._stop(inst, "version rolled back", out)
+        out.append(Record("rolled_back", pool.route.name, detail={
+            "from": bad, "to": good, "reason": why, "failed_boots": ro.failed_boots, "automatic": True,
+            "took_s": round(now - ro.started_at, 3)}))
+        self._roll(pool, now, out)  # an instance of a third version that served meanwhile leaves rotation
 
     def instance_died(self, instance_id: str, reason: str, now: float) -> list[Command]:
         """A ready (or draining) instance stopped on its own: out of rotation, replaced on demand."""
@@ -545,6 +704,11 @@ class Fleet:
         self._forget(inst, now, out)
         self._cap_recorded = False
         out.extend(self._serve_waiting(now))
+        pool = self.pools.get(inst.route)
+        if pool is not None and pool.rollout is not None:
+            if pool.rollout.making_room == inst.id:
+                pool.rollout.making_room = ""
+            self._roll(pool, now, out)  # a slot freed up: the surge may boot now
         return out
 
     def host_unreachable(self, host: str, now: float) -> list[Command]:
@@ -621,14 +785,16 @@ class Fleet:
                 self._drop_foreign(inst)
         for f in current.values():
             pool = self.pools.get(f.route)
-            if pool is None or pool.removed or f.image != pool.route.image:
+            if pool is None or pool.removed:
                 continue
             known = self.instances.get(f.instance_id)
-            if known is not None:
+            if known is not None:  # (of an old version: routed to until the switch, like ours; see `_roll`)
                 known.address = f.address
                 continue
+            if f.image != pool.version:
+                continue  # another version than ours: not ours to use
             inst = Instance(f.instance_id, f.route, f.host, f.region, State.READY, now, address=f.address,
-                            ready_at=now, last_used=now, first_request_at=now, owner=f.owner)
+                            ready_at=now, last_used=now, first_request_at=now, owner=f.owner, version=f.image)
             self.instances[inst.id] = inst
             pool.instances[inst.id] = inst
             pool.balancer.add(inst.id)
@@ -717,6 +883,8 @@ class Fleet:
                 if not pool.live() and not pool.instances:
                     del self.pools[name]
                 continue
+            if pool.rollout is not None:
+                self._roll(pool, now, out)
             self._scale(pool, now, out)
             self._keep_standbys(pool, now, out)
             demand = pool.scaler.region_demand
@@ -787,7 +955,8 @@ class Fleet:
         return self._wake(pool, now, reason, out) or self._boot(pool, region, now, reason, out)
 
     def _wake(self, pool: PoolState, now: float, reason: str, out: list[Command]) -> Resume | None:
-        parked = [i for i in pool.instances.values() if i.state is State.STANDBY and not i.owner and not i.stopping]
+        parked = [i for i in pool.instances.values() if i.state is State.STANDBY and not i.owner and not i.stopping
+                  and i.version == pool.version]
         if not parked or pool.replicas() >= pool.route.max_replicas:
             return None
         inst = min(parked, key=lambda i: i.summoned_at)
@@ -826,12 +995,14 @@ class Fleet:
         self._boot(pool, self._busiest_region(pool), now, "standby", out, standby=True)
 
     def _boot(self, pool: PoolState, region: str, now: float, reason: str, out: list[Command],
-              standby: bool = False) -> Boot | Refused:
-        """Boot one instance for `pool`: the Boot (also appended to `out`), or why not.
-        A standby's boot (`standby`) goes only into free capacity and within its host's
-        standby memory; it reclaims nothing."""
+              standby: bool = False, surge: bool = False) -> Boot | Refused:
+        """Boot one instance of the pool's version for `pool`: the Boot (also appended to
+        `out`), or why not. A standby's boot (`standby`) goes only into free capacity and
+        within its host's standby memory; it reclaims nothing. `surge`: a rolling deploy's,
+        beside the old replicas: `max_replicas` counts only the new version's."""
         route = pool.route
-        if not standby and pool.replicas() >= route.max_replicas:
+        replicas = pool.replicas(pool.version if surge else None)
+        if not standby and replicas >= route.max_replicas:
             return Refused(f"route at max_replicas ({route.max_replicas})")
         if standby and self.live_count() >= self.limits.max_instances:
             return Refused("no free capacity for a standby")
@@ -859,11 +1030,11 @@ class Fleet:
         cold = not standby and not any(i.state not in STANDBYS for i in pool.instances.values())
         inst = Instance(self._new_id(route.name), route.name, host.name, host.region,
                         State.PREPARING if standby else State.BOOTING, now, last_used=now,
-                        memory_mib=memory if standby else 0)
+                        memory_mib=memory if standby else 0, version=pool.version)
         self.instances[inst.id] = inst
         pool.instances[inst.id] = inst
         self.host_used[host.name] += 1
-        boot = Boot(inst.id, route.name, host.name, host.region, cold, standby)
+        boot = Boot(inst.id, route.name, host.name, host.region, cold, standby, pool.version)
         out.append(boot)
         summoned = Record("summoned", route.name, inst.id, host.name, host.region,
                           detail={"reason": reason, "client_region": region})
@@ -1098,6 +1269,12 @@ class Fleet:
             routes.append({
                 "name": name,
                 "image": pool.route.image,
+                "version": pool.version,
+                "previous_version": pool.previous or None,
+                "rollout": None if pool.rollout is None else {
+                    "from": pool.rollout.from_version, "to": pool.rollout.to_version, "reason": pool.rollout.reason,
+                    "started_at": pool.rollout.started_at, "surge": pool.rollout.surge,
+                    "failed_boots": pool.rollout.failed_boots},
                 "queued": len(pool.queue),
                 "backoff_until": pool.backoff_until or None,
                 "instances": [
@@ -1112,6 +1289,7 @@ class Fleet:
                         "summoned_at": i.summoned_at,
                         "ready_at": i.ready_at,
                         "woken_at": i.woken_at,  # a standby woken by a cold request: its start
+                        "version": i.version,
                     }
                     for i in pool.instances.values()
                 ],

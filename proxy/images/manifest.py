@@ -222,14 +222,17 @@ def read_manifest_file(file: Path) -> dict[str, Any]:
     return data
 
 
-def load_image(images_dir: Path, ref: str, store: Path | None = None) -> Image:
+def load_image(images_dir: Path, ref: str, store: Path | None = None, prefer_store: bool = False) -> Image:
     """Resolve ``NAME``, ``path/to/dir`` or either with ``@sha256:<hex>``; cached by mtime.
 
     Unpinned, or pinned to the current version: the latest build (or the recipe), as
     `_load` says; on a node that follows NAME's announcements, the version it followed
     last (``<store>/followed/NAME``). Pinned to another version: that version from the image store (`store`,
     default ``<images_dir>/.store``), laid out under its versions/ directory, so a route
-    keeps the version it pins while newer ones are built."""
+    keeps the version it pins while newer ones are built. `prefer_store`: a pin to the
+    current version is served from the store too when the store holds it (what a boot
+    wants: the image dir's site is edited in place for the next build, a running
+    instance of this version must not see that)."""
     pin: str | None = None
     m = _PIN.match(ref)
     if m:
@@ -270,9 +273,16 @@ def load_image(images_dir: Path, ref: str, store: Path | None = None) -> Image:
         image = _load(image_dir, built_exists=bst[1] >= 0)
         with _lock:
             _manifest_cache[key] = image
-    if pin is not None and pin != image.digest:
-        return _load_stored(image, pin, store if store is not None else images_dir / ".store")
+    store_dir = store if store is not None else images_dir / ".store"
+    if pin is not None and (pin != image.digest or (prefer_store and _in_store(store_dir, pin))):
+        return _load_stored(image, pin, store_dir)
     return image
+
+
+def _in_store(store_dir: Path, pin: str) -> bool:
+    from .store import Store
+
+    return Store(store_dir).has(pin)
 
 
 def _load_stored(current: Image, pin: str, store_dir: Path) -> Image:

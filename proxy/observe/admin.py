@@ -6,11 +6,13 @@
     GET  /images/sha256/<hex>   an object of the image store, Range requests too (proxy.images.distribute)
     GET  /          the dashboard page (also /index.html)
     POST /reload    validate and swap the config
+    POST /images/deploy     {"image": NAME, "version": "sha256:..."}: a rolling deploy (`summon images deploy`)
+    POST /images/rollback   {"image": NAME}: back to the version served before (`summon images rollback`)
     POST /login     the dashboard's sign-in (only with a token): a cookie for the reads
 
 Access. Without `[proxy] admin_token` the admin address is loopback (the config loader
 refuses anything else, `config.token_rule`): reads answer anyone on this machine, and
-`POST /reload` only a loopback peer. With a token, every request asks for
+`POST /reload` and the deploys only a loopback peer. With a token, every request asks for
 `Authorization: Bearer <token>` (what Prometheus's `authorization` setting and curl send),
 compared in constant time; without it the answer is 401 with `WWW-Authenticate`. A browser
 cannot send that header when it opens a page, so `GET /` without it answers 401 with a
@@ -32,6 +34,7 @@ import http
 import inspect
 import json
 import logging
+import re
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -43,13 +46,17 @@ from ..config import Address
 log = logging.getLogger("summon.admin")
 
 _MAX_HEAD = 16 * 1024
-_MAX_BODY = 8 * 1024  # /login's form; /reload takes none
+_MAX_BODY = 8 * 1024  # /login's form and the deploys' JSON; /reload takes none
 MAX_EVENTS = 10_000
 COOKIE = "summon_admin"
 REALM = 'Bearer realm="summon admin"'
 # path -> the one method it answers (anything else: 405 with Allow)
 ENDPOINTS = {"/status": "GET", "/events": "GET", "/metrics": "GET", "/": "GET", "/index.html": "GET",
-             "/reload": "POST", "/login": "POST"}
+             "/reload": "POST", "/login": "POST", "/images/deploy": "POST", "/images/rollback": "POST"}
+_IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_VERSION = re.compile(r"^sha256:[0-9a-f]{64}$")
+# what the deploy endpoints call: (action, image name, version or None) -> (status, JSON body)
+ImagesAction = Callable[[str, str, "str | None"], Awaitable[tuple[int, dict[str, Any]]]]
 
 
 class Response(NamedTuple):
@@ -101,8 +108,10 @@ class AdminServer:
         reload: Callable[[], Awaitable[tuple[bool, list[str]]]] | None = None,
         token: str | None = None,
         images_store: Path | None = None,
+        images_action: ImagesAction | None = None,
     ) -> None:
         self.address = address
+        self.images_action = images_action
         self.images_store = images_store
         self.status = status
         self.events = events
@@ -227,14 +236,35 @@ class AdminServer:
                 return Response(200, "text/html; charset=utf-8", b"<h1>summon</h1><p><a href=/status>status</a></p>")
         if path == "/login":
             return self._login(req)
-        # /reload
         if not self.token and not _loopback_peer(writer):
+            if path.startswith("/images/"):
+                return _text(403, "deploys need the admin token (Authorization: Bearer ...) or loopback")
             return _text(403, "reload needs the admin token (Authorization: Bearer ...) or loopback")
+        if path.startswith("/images/"):
+            return await self._images(path.rsplit("/", 1)[1], req)
         if self.reload is None:
             return _text(409, "reload not available")
         ok, messages = await self.reload()
         body = json.dumps({"ok": ok, "errors": messages}).encode() + b"\n"
         return Response(200 if ok else 400, "application/json", body)
+
+    async def _images(self, action: str, req: Request) -> Response:
+        """POST /images/deploy and /images/rollback: a JSON object in, a JSON object out."""
+        if self.images_action is None:
+            return _json(409, {"ok": False, "error": "this summon serves no summoned route: nothing to deploy"})
+        try:
+            body = json.loads(req.body or b"{}")
+        except ValueError:
+            return _json(400, {"ok": False, "error": "the body must be a JSON object"})
+        if not isinstance(body, dict):
+            return _json(400, {"ok": False, "error": "the body must be a JSON object"})
+        name, version = body.get("image"), body.get("version")
+        if not isinstance(name, str) or not _IMAGE_NAME.match(name):
+            return _json(400, {"ok": False, "error": "\"image\" must be an image name"})
+        if action == "deploy" and version is not None and (not isinstance(version, str) or not _VERSION.match(version)):
+            return _json(400, {"ok": False, "error": "\"version\" must be sha256:<64 hex digits>"})
+        status, answer = await self.images_action(action, name, version if action == "deploy" else None)
+        return _json(status, answer)
 
     def _denied(self, req: Request) -> Response | None:
         """None if `req` carries the token (or, for a read, the dashboard's cookie), else
@@ -268,6 +298,10 @@ class AdminServer:
                             (("WWW-Authenticate", REALM),))
         cookie = f"{COOKIE}={self._session}; Path=/; HttpOnly; SameSite=Strict"
         return Response(303, "text/plain; charset=utf-8", b"signed in\n", (("Location", "./"), ("Set-Cookie", cookie)))
+
+
+def _json(status: int, body: dict[str, Any]) -> Response:
+    return Response(status, "application/json", json.dumps(body).encode() + b"\n")
 
 
 def _parse_head(head: bytes) -> Request | Response:

@@ -123,7 +123,7 @@ class Coordinator:
             return
         inst = self.fleet.instances.get(cmd.instance)
         if cmd.kind == "ready" and inst is not None and not inst.owner and inst.address is not None:
-            entry = Entry(inst.id, self.node, inst.route, self.image_of(inst.route), inst.host, inst.region,
+            entry = Entry(inst.id, self.node, inst.route, inst.version or self.image_of(inst.route), inst.host, inst.region,
                           str(inst.address), State.READY.value, MACHINE)
             self._spawn(self._store_call(lambda: self.store.ready(entry)))
         elif cmd.kind == "stopped":
@@ -158,7 +158,7 @@ class Coordinator:
             async with self._serial:  # read the engine only once earlier calls are done
                 now = self.clock()
                 # only what the store granted: a boot not yet claimed (or refused) holds no permit
-                mine = [Entry(i.id, self.node, i.route, self.image_of(i.route), i.host, i.region,
+                mine = [Entry(i.id, self.node, i.route, i.version or self.image_of(i.route), i.host, i.region,
                               str(i.address) if i.address and i.state is not State.BOOTING else "", i.state.value,
                               MACHINE)
                         for i in fleet.own_live() if i.id in self.claimed]

@@ -6,8 +6,9 @@ and pulls each (in a thread: hashing a kernel must not hold up requests) from th
 the announcement names, one after the other until one gives the whole version. `pull`
 checks every byte against the announced digest and stores the manifest last; only after
 that does ``<store>/followed/NAME`` move to the new version, so an unpinned
-``image = "NAME"`` on this node means the new version for the next boot (instances already
-running finish their lives on the old one). A version that fails everywhere is an
+``image = "NAME"`` on this node means the new version, and `on_followed` tells the
+summoner, whose routes switch to it by a rolling deploy (`proxy.engine.fleet`: the old
+instances serve until one of the new version is ready, then drain). A version that fails everywhere is an
 ``image_refused`` event and is tried again after `follow_retry`; nothing of it is used.
 
 Redis being away is not an error here: the node keeps the version it has (edge
@@ -39,8 +40,9 @@ log = logging.getLogger("summon.follower")
 class Follower:
     def __init__(self, settings: Follow, store_dir: Path, client: Any, record: Callable[[Event], None],
                  token: str | None = None, clock: Callable[[], float] = time.time,
-                 fetch: Fetch | None = None) -> None:
+                 fetch: Fetch | None = None, on_followed: Callable[[], None] | None = None) -> None:
         self.settings = settings
+        self.on_followed = on_followed  # a new version is followed: switch the routes to it
         self.store = Store(store_dir)
         self.client = client  # redis.asyncio.Redis
         self.record = record
@@ -56,7 +58,8 @@ class Follower:
     async def _run(self) -> None:
         while True:
             try:
-                await self.once()
+                if await self.once() and self.on_followed is not None:
+                    self.on_followed()
             except asyncio.CancelledError:
                 raise
             except Exception:

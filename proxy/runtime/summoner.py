@@ -32,6 +32,13 @@ like any boot, then paused by the driver (`Pausable.pause`) and reported as
 `standby_parked`; a `Resume` wakes one (`Pausable.resume`), after which it goes the way
 of every start: `instance_started`, its trial request or the readiness probe, ready.
 
+Versions (rolling deploys, rules in `proxy.engine.fleet`): the shell resolves which image
+version each route serves (`resolve_versions`): its pin, else the version deployed for
+its image (`proxy.images.deployed`, written by `deploy`/`rollback` and by an automatic
+rollback) or, on an edge, the version it followed last, whichever came later, else the
+latest build. The engine boots that version and switches pools when
+it changes (a reload, `deploy`, `rollback`); each Boot says which version to start.
+
 Every `reap_interval_s` (and once before the first tick) each driver reaps the
 instances whose owning summon process is dead (`proxy.backends.owner`): a restart that
 came before the kernel was done with the old process finds them on a later round.
@@ -42,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -51,9 +59,10 @@ from ..config import Address, Config, Host, Route
 from ..engine.fleet import Boot, Command, Fleet, Forward, Record, Reject, Resume, Stop
 from ..engine.health import HealthChecks, Probe
 from ..engine.regions import RegionMap
-from ..errors import BackendError, HostUnavailable, SummonError, Unavailable
+from ..errors import BackendError, DeployError, HostUnavailable, ImageError, SummonError, Unavailable, UnknownVersion
 from ..http.message import RequestHead
-from ..images.manifest import load_image
+from ..images.deployed import Deployed, read_deployed, write_deployed
+from ..images.manifest import Image, load_image
 from ..observe.events import Event, EventLog
 from ..routing.contracts import Lease
 from ..routing.dispatch import hash_key
@@ -211,7 +220,8 @@ class Summoner:
             self.coordinator = Coordinator(store, self.fleet, settings, self.execute, self.now, self._image_of)
             self.listeners.append(self.coordinator.observe)
         self._learn_targets(self.routes.values())
-        self.execute(self.fleet.set_routes(self.routes.values(), self.now()))
+        versions, reasons = self.resolve_versions(self.routes.values())
+        self.execute(self.fleet.set_routes(self.routes.values(), self.now(), versions, reasons))
         self.learning: Learning | None = None
         self.learn_routes: frozenset[str] = frozenset()  # routes whose requests `learning` records
         self._update_learning()
@@ -344,8 +354,136 @@ class Summoner:
         for name in list(self.pools):
             if self.pools[name].route != self.routes.get(name):
                 del self.pools[name]
-        self.execute(self.fleet.set_routes(self.routes.values(), self.now()))
+        versions, reasons = self.resolve_versions(self.routes.values())
+        self.execute(self.fleet.set_routes(self.routes.values(), self.now(), versions, reasons))
         self._update_learning()
+
+    # --- versions and rolling deploys ------------------------------------------------------
+
+    def resolve_versions(self, routes: Iterable[Route]) -> tuple[dict[str, str], dict[str, str]]:
+        """Route name -> the version it serves (its pin, the deployed version of its image,
+        else its latest build), and -> why, for a route whose version came from a deploy
+        record (its `how`). A route whose image cannot be loaded is left out: it keeps the
+        version it has (its boots report the image's problem)."""
+        versions: dict[str, str] = {}
+        reasons: dict[str, str] = {}
+        by_ref: dict[str, tuple[str, str] | None] = {}
+        for route in routes:
+            ref = route.image
+            if ref is None:
+                continue
+            if ref not in by_ref:
+                by_ref[ref] = self._version_of(ref)
+            got = by_ref[ref]
+            if got is not None:
+                versions[route.name], how = got
+                if how:
+                    reasons[route.name] = how
+        return versions, reasons
+
+    def _version_of(self, ref: str) -> tuple[str, str] | None:
+        base, sep, pin = ref.partition("@")
+        if sep:
+            return pin, ""
+        try:
+            image = load_image(self.config.images_dir, ref, store=self.config.images_store)
+            record = read_deployed(self.config.images_store, image.name)
+        except ImageError as exc:
+            log.warning("image %s: %s", ref, exc.detail)
+            return None
+        followed_at = self._followed_at(image.name)
+        if record is not None and record.at >= followed_at:
+            return record.version, record.how
+        return image.digest, "followed" if followed_at else ""
+
+    def _followed_at(self, name: str) -> float:
+        """When this node (an edge, `[images] follow`) last followed an announced version of
+        `name`, 0 if it follows none: the newer of that and a deploy decides what runs."""
+        from ..images.store import Store
+
+        try:
+            return (Store(self.config.images_store).followed_dir / name).stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def _image_name(self, ref: str) -> str:
+        base = ref.partition("@")[0]
+        if "/" in base or base.startswith("."):
+            try:
+                return load_image(self.config.images_dir, base, store=self.config.images_store).name
+            except ImageError:
+                pass
+        return base
+
+    def _following(self, name: str) -> tuple[list[Route], list[Route]]:
+        """The routes that follow image `name` (no pin), and those that pin a version of it."""
+        follow: list[Route] = []
+        pinned: list[Route] = []
+        for r in self.routes.values():
+            if r.image is not None and self._image_name(r.image) == name:
+                (pinned if "@" in r.image else follow).append(r)
+        return follow, pinned
+
+    def deploy(self, name: str, version: str | None, how: str = "deploy") -> dict[str, Any]:
+        """Switch every route that follows image `name` to `version` (None: its latest
+        build) by a rolling deploy, and record it so a restart keeps it. Raises
+        UnknownVersion (not in the store) or DeployError (no route follows `name`); then
+        nothing has changed."""
+        follow, pinned = self._following(name)
+        if not follow:
+            pins = f" (routes pinning a version of it: {', '.join(r.name for r in pinned)}; change their pin and " \
+                   "reload)" if pinned else ""
+            raise DeployError(f"no route follows image {name!r}{pins}")
+        try:
+            image = self._load_version(name, version)
+        except ImageError as exc:
+            raise UnknownVersion(exc.detail) from exc
+        pools = [self.fleet.pools[r.name] for r in follow if r.name in self.fleet.pools]
+        current = next((p.version for p in pools if p.version.startswith("sha256:")), "")
+        record = read_deployed(self.config.images_store, name)
+        previous = current if current and current != image.digest else (record.previous if record else "")
+        write_deployed(self.config.images_store, Deployed(name, image.digest, previous, how, time.time()))
+        now = self.now()
+        for r in follow:
+            self.execute(self.fleet.deploy(r.name, image.digest, now, how))
+        return {"ok": True, "image": name, "from": current or None, "to": image.digest,
+                "routes": sorted(r.name for r in follow), "pinned": sorted(r.name for r in pinned)}
+
+    def rollback(self, name: str) -> dict[str, Any]:
+        """Deploy the version image `name` served before its last switch."""
+        record = read_deployed(self.config.images_store, name)
+        target = record.previous if record is not None else ""
+        if not target:
+            follow, _ = self._following(name)
+            target = next((self.fleet.pools[r.name].previous for r in follow
+                           if r.name in self.fleet.pools and self.fleet.pools[r.name].previous.startswith("sha256:")), "")
+        if not target:
+            raise DeployError(f"image {name!r} has no previous version to roll back to")
+        return self.deploy(name, target, "rollback")
+
+    def refresh_versions(self) -> None:
+        """Another worker deployed (its record is on disk): switch the pools here as well."""
+        versions, reasons = self.resolve_versions(self.routes.values())
+        now = self.now()
+        for route, version in versions.items():
+            self.execute(self.fleet.deploy(route, version, now, reasons.get(route, "deploy")))
+
+    def _load_version(self, name: str, version: str | None) -> Image:
+        ref = name if version is None else f"{name}@{version}"
+        return load_image(self.config.images_dir, ref, store=self.config.images_store)
+
+    def _rolled_back(self, cmd: Record) -> None:
+        """The engine gave up on a version: a route that follows its image keeps the old one
+        after a restart too."""
+        route = self.routes.get(cmd.route)
+        if route is None or route.image is None or "@" in route.image:
+            return
+        name = self._image_name(route.image)
+        try:
+            write_deployed(self.config.images_store, Deployed(name, str(cmd.detail["to"]), str(cmd.detail["from"]),
+                                                              "rolled back", time.time()))
+        except ImageError as exc:
+            log.error("cannot record the rollback of %s: %s", name, exc.detail)
 
     def pool(self, route: Route) -> SummonedPool:
         pool = self.pools.get(route.name)
@@ -399,6 +537,8 @@ class Summoner:
                 task.add_done_callback(self.stop_tasks.discard)
             elif isinstance(cmd, Record):
                 self._record(cmd)
+                if cmd.kind == "rolled_back":
+                    self._rolled_back(cmd)
             for fn in self.listeners:
                 fn(cmd)
 
@@ -480,7 +620,7 @@ class Summoner:
         loop = self.loop
         try:
             assert route.image is not None
-            image = load_image(self.config.images_dir, route.image, store=self.config.images_store)  # cached by mtime
+            image = self._image_for(cmd, route)
             self.digests[cmd.instance_id] = image.digest
             self.image_targets[route.image] = frozenset(image.targets())
             spec = InstanceSpec(cmd.instance_id, route, host, image, "boot" if cmd.standby else route.start)
@@ -590,6 +730,27 @@ class Summoner:
         inst = self.fleet.instances.get(instance_id)
         backend = self.backends.get(inst.host) if inst is not None else None
         return bool(getattr(backend, "forwards_connections", False))
+
+    def _image_for(self, cmd: Boot, route: Route) -> Image:
+        """The image version the engine boots (see "Versions"), from the store when it is
+        there. A route that follows its image (no pin) whose version is gone (the recipe
+        edited in place, never built into the store) boots what the image is now, and the
+        engine hears of it (its pool switches)."""
+        assert route.image is not None
+        if not cmd.version.startswith("sha256:"):
+            return load_image(self.config.images_dir, route.image, store=self.config.images_store)
+        base = route.image.partition("@")[0]
+        try:
+            return load_image(self.config.images_dir, f"{base}@{cmd.version}", store=self.config.images_store,
+                              prefer_store=True)  # cached by mtime; a stored version from the store
+        except ImageError:
+            if "@" in route.image:
+                raise
+            image = load_image(self.config.images_dir, base, store=self.config.images_store)
+            log.warning("route %s: version %s of %s is gone; booting %s, what it is now", route.name, cmd.version,
+                        base, image.digest)
+            self.execute(self.fleet.booted_other_version(cmd.instance_id, image.digest, self.now()))
+            return image
 
     def _boot_marks(self, instance_id: str) -> dict[str, float] | None:
         """The driver's marks of this start (libvirt: its phases and the guest's console),

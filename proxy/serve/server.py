@@ -59,7 +59,7 @@ from ..cluster.sqlite_store import SqliteStore
 from ..cluster.store import Store
 from ..config import Address, Config, Route, load
 from ..engine.overload import TICK_S, Shedder
-from ..errors import ConfigError, Unavailable
+from ..errors import ConfigError, SummonError, Unavailable
 from ..http.front import ClientConnection
 from ..http.responses import error_response
 from ..http.state import ServerState
@@ -182,7 +182,8 @@ async def build_runtime(config: Config, sockets: list[socket.socket], admin: boo
     if admin and p.admin is not None:
         rt.admin = AdminServer(p.admin, status=lambda: status_of(rt), events=lambda n, r: events_of(rt, n, r),
                                metrics=metrics.render, reload=lambda: reload_all(rt), token=p.admin_token,
-                               images_store=config.images_store)
+                               images_store=config.images_store,
+                               images_action=functools.partial(images_action, rt) if rt.summoner else None)
         try:
             await rt.admin.start()
         except OSError as exc:  # taken since `summon serve` checked it: stop what started, say which key
@@ -417,6 +418,33 @@ async def reload_all(rt: Runtime) -> tuple[bool, list[str]]:
     return ok, messages
 
 
+async def images_action(rt: Runtime, action: str, name: str, version: str | None) -> tuple[int, dict[str, Any]]:
+    """The admin API's deploy and rollback: this worker switches its pools and records the
+    version (`proxy.images.deployed`); with several workers the parent is then sent
+    SIGUSR1, which it passes to every worker, and each switches to the recorded version."""
+    assert rt.summoner is not None
+    async with rt.reload_lock:  # not halfway through a reload
+        if rt.draining:
+            return 409, {"ok": False, "error": "summon is draining: deploy refused"}
+        try:
+            result = rt.summoner.deploy(name, version) if action == "deploy" else rt.summoner.rollback(name)
+        except SummonError as exc:
+            return exc.status, {"ok": False, "error": exc.detail}
+    log.info("%s of %s: %s -> %s on %s", action, name, result["from"], result["to"], ", ".join(result["routes"]))
+    if rt.config.proxy.workers > 1:
+        os.kill(os.getppid(), signal.SIGUSR1)
+    return 200, result
+
+
+def versions_changed(rt: Runtime) -> None:
+    """The follower followed a new version: the routes switch to it here, and with several
+    workers in every worker (SIGUSR1 through the parent, as for a deploy)."""
+    if rt.summoner is not None and not rt.draining:
+        rt.summoner.refresh_versions()
+    if rt.config.proxy.workers > 1:
+        os.kill(os.getppid(), signal.SIGUSR1)
+
+
 def _refused(rt: Runtime, messages: list[str]) -> tuple[bool, list[str]]:
     for m in messages:
         log.error("reload refused: %s", m)
@@ -586,7 +614,7 @@ async def run_worker(config: Config, sockets: list[socket.socket], worker: int, 
     # sent as soon as they answer must not meet the default action (which ends the
     # process). Signals that come while starting are kept and acted on once running.
     early: list[signal.Signals] = []
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         loop.add_signal_handler(sig, early.append, sig)
     rt = await build_runtime(config, sockets, admin=(worker == 0),
                              store=fleet_store(config, worker, peer_dir, redis_password))
@@ -599,7 +627,7 @@ async def run_worker(config: Config, sockets: list[socket.socket], worker: int, 
         if config.follow is not None:  # an edge: new versions come by announcement (one follower)
             events = rt.events
             rt.follower = Follower(config.follow, config.images_store, connect(config.cluster.redis, redis_password),
-                                   events.record, token=pull_token)
+                                   events.record, token=pull_token, on_followed=lambda: versions_changed(rt))
             rt.follower.start()
     if peer_dir is not None:
         await join_workers(rt, worker, peer_dir)
@@ -641,11 +669,16 @@ async def run_worker(config: Config, sockets: list[socket.socket], worker: int, 
 
         loop.create_task(go())
 
+    def on_usr1() -> None:  # another worker deployed (see `images_action`)
+        if rt.summoner is not None and not rt.draining:
+            rt.summoner.refresh_versions()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    loop.add_signal_handler(signal.SIGUSR1, on_usr1)
     for sig in early:
-        on_hup() if sig == signal.SIGHUP else on_stop()
+        {signal.SIGHUP: on_hup, signal.SIGUSR1: on_usr1}.get(sig, on_stop)()
     addrs = ", ".join(str(a) for a in config.proxy.listen)
     admin = f", admin on {config.proxy.admin}" if rt.admin else ""
     log.info("worker %d listening on %s%s", worker, addrs, admin)
@@ -725,7 +758,7 @@ def serve(config: Config, redis_password: str | None = None, pull_token: str | N
             except ProcessLookupError:
                 pass
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, forward)
     code = 0
     for pid in children:

@@ -649,3 +649,13 @@ def test_follow_needs_a_cluster_and_its_options_need_follow(tmp_path):
     path = write(tmp_path, VALID + CLUSTER + '[images]\nfollow_every = "1s"\n')
     got = problems(path)
     assert any("[images].follow_every: only with [images].follow" in p for p in got), got
+
+
+def test_rollback_after_failures_defaults_to_three_and_must_be_at_least_one(tmp_path: Path) -> None:
+    routes = '[[route]]\nname = "site"\npath = "/site"\nimage = "decks"\n'
+    config = load(write(tmp_path, VALID, routes))
+    assert next(r for r in config.routes if r.name == "site").rollback_after_failures == 3
+    path = write(tmp_path, VALID, routes + "rollback_after_failures = 0\n")
+    (problem,) = problems(path)
+    assert problem.startswith(f"{tmp_path / 'routes' / 'extra.toml'}:{line_of(tmp_path / 'routes' / 'extra.toml', 'rollback_after')}:")
+    assert "rollback_after_failures" in problem

@@ -158,8 +158,10 @@ def test_draining_instance_is_stopped_at_drain_timeout_with_requests_still_open(
     f.set_routes((a,), 0.0)
     iid = of(Boot, f.request_arrived("a", 1, "k", None, 0.0))[0].instance_id
     f.instance_ready(iid, addr(1), 0.5)
-    out = f.set_routes((replace(a, image="a2"),), 10.0)  # a new image: the old instance drains
-    assert not of(Stop, out) and f.instances[iid].state is State.DRAINING
+    out = f.set_routes((replace(a, image="a2"),), 10.0)  # a new image: a rolling deploy
+    (new,) = of(Boot, out)
+    f.instance_ready(new.instance_id, addr(2), 10.0)  # the new version ready: the old instance drains
+    assert f.instances[iid].state is State.DRAINING
     assert not of(Stop, f.tick(39.9)), "an open tunnel is cut only at drain_timeout"
     (stop,) = of(Stop, f.tick(40.0))
     assert stop.instance_id == iid and "drain_timeout" in stop.reason

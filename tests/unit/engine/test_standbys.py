@@ -207,3 +207,17 @@ class StandbyMachine(FleetMachine):
 
 TestStandbyCaps = StandbyMachine.TestCase
 TestStandbyCaps.settings = settings(max_examples=60, stateful_step_count=60, deadline=None)
+
+
+def test_a_deploy_stops_the_old_versions_standby_and_parks_one_of_the_new() -> None:
+    f, out = fleet()
+    (old,) = park_all(f, out, 2.0)
+    out = f.deploy("site", "sha256:" + "2" * 64, 3.0)
+    (stop,) = of(Stop, out)
+    assert stop.instance_id == old and f.instances[old].stopping, "an old standby is never woken"
+    f.instance_stopped(old, 3.5)
+    (boot,) = of(Boot, f.tick(4.0))
+    assert boot.standby and boot.version == "sha256:" + "2" * 64
+    f.standby_parked(boot.instance_id, addr(2), 5.0)
+    out = f.request_arrived("site", 1, "k", None, 6.0, trial_ok=True)
+    assert of(Resume, out) == [Resume(boot.instance_id, "site", "h1")]
