@@ -72,6 +72,7 @@ class ProxySettings:
     upstream_pool_size: int = 64  # idle keep-alive connections kept per upstream
     drain_timeout_s: float = 30.0
     server_name: str = "summon"
+    shed_overload: bool = True  # refuse and shed while summon's own CPU is saturated (proxy.engine.overload)
 
 
 @dataclass(frozen=True)
@@ -559,6 +560,7 @@ _PROXY_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "upstream_pool_size": ("upstream_pool_size", _positive_int),
     "drain_timeout": ("drain_timeout_s", parse_duration),
     "server_name": ("server_name", _string),
+    "shed_overload": ("shed_overload", _boolean),
 }
 _LIMIT_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "max_instances": ("max_instances", _positive_int),

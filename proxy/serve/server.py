@@ -384,7 +384,7 @@ async def _fleet_events(rt: Runtime, fleet_log: FleetLog, limit: int, route: str
 
 # Settings read once at start: a reload that changes them says so instead of ignoring it.
 _RESTART_ONLY_PROXY = ("listen", "admin", "admin_token", "workers", "upstream_pool_size", "upstream_idle_s",
-                       "connect_timeout_s")
+                       "connect_timeout_s", "shed_overload")
 
 
 async def reload(rt: Runtime) -> tuple[bool, list[str]]:
@@ -631,8 +631,10 @@ async def run_worker(config: Config, sockets: list[socket.socket], worker: int, 
             rt.follower.start()
     if peer_dir is not None:
         await join_workers(rt, worker, peer_dir)
-    watch = OverloadWatch(rt, refuse_connections=all(a.port != 0 for a in config.proxy.listen))
-    watch.start()
+    watch = (OverloadWatch(rt, refuse_connections=all(a.port != 0 for a in config.proxy.listen))
+             if config.proxy.shed_overload else None)
+    if watch is not None:
+        watch.start()
     # Start-up objects (config, route table, modules) live for ever: keep the collector
     # from rescanning them, and collect young objects less often (requests allocate many
     # short-lived ones; reference counting frees nearly all of them anyway).
@@ -684,7 +686,8 @@ async def run_worker(config: Config, sockets: list[socket.socket], worker: int, 
     log.info("worker %d listening on %s%s", worker, addrs, admin)
     notify.ready(f"listening on {addrs}")
     await rt.stopping.wait()
-    watch.stop()
+    if watch is not None:
+        watch.stop()
     await drain(rt, rt.config.proxy.drain_timeout_s)
     log.info("worker %d stopped%s", worker, " (forced)" if rt.forced.is_set() else "")
     return 1 if rt.forced.is_set() else 0

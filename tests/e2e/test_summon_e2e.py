@@ -40,6 +40,9 @@ def route(image: str = "site", idle: str = "60s", boot_timeout: str = "10s", que
 # default max_conns (32 per worker) has its dropped SYNs retried after 1, 3, 7 s. The burst
 # tests keep the connections per worker within that backlog, as an operator would.
 BURST_CONNS = 4
+# ... and count every answer: hundreds of clients on two cores may make summon shed (its own
+# tests, tests/e2e/test_faults.py), which would turn some of them away with a reset
+NO_SHED = "shed_overload = false\n"
 
 
 def events(db: Path, kind: str | None = None) -> list[tuple[str, str]]:
@@ -82,7 +85,7 @@ def test_cold_request_is_answered_by_a_freshly_summoned_instance(tmp_path: Path,
 def test_500_concurrent_requests_during_one_boot_all_succeed_with_one_instance(tmp_path: Path, images: Path) -> None:
     # the instance takes 0.5 s to come up, so all 500 requests arrive during its boot
     make_image(images, "site", ["sh", "-c", "sleep 0.5; exec busybox httpd -f -p 127.0.0.1:{port} -h {dir}/site"])
-    s = Summon(tmp_path, route(target=10_000, max_conns=BURST_CONNS)).start()
+    s = Summon(tmp_path, route(target=10_000, max_conns=BURST_CONNS), extra=NO_SHED).start()
     try:
         with ThreadPoolExecutor(max_workers=500) as pool:
             results = list(pool.map(lambda _: http_get(s.port, "/")[0], range(500)))
@@ -284,7 +287,7 @@ def test_a_cold_burst_over_two_workers_boots_exactly_one_instance(tmp_path: Path
     (SO_REUSEPORT hashes each connection; all 300 on one worker has odds of 2**-299), and
     the instance takes 0.5 s to come up, so both workers hold cold requests at once."""
     make_image(images, "site", SLOW_SITE)
-    s = Summon(tmp_path, route(target=1000, max_conns=BURST_CONNS), extra="workers = 2\n").start()
+    s = Summon(tmp_path, route(target=1000, max_conns=BURST_CONNS), extra="workers = 2\n" + NO_SHED).start()
     try:
         with ThreadPoolExecutor(max_workers=300) as pool:
             statuses = list(pool.map(lambda _: http_get(s.port, "/", timeout=30)[0], range(300)))
@@ -350,3 +353,18 @@ def test_a_cold_page_that_takes_300_ms_to_render_is_answered_and_rendered_once(t
         assert runs.read_text().count("x") == 1  # one cold request, one render
     finally:
         s.stop()
+
+
+def test_shed_overload_false_runs_no_overload_watch(tmp_path: Path, images: Path) -> None:
+    make_image(images, "site", BUSYBOX)
+    for shed, extra in ((True, ""), (False, "shed_overload = false\n")):
+        d = tmp_path / f"shed-{shed}"
+        d.mkdir()
+        s = Summon(d, route(), extra=extra)
+        s.config.write_text(s.config.read_text().replace('dir = "images"', f'dir = "{images}"'))
+        s.start()
+        try:
+            assert http_get(s.port, "/")[0] == 200
+            assert s.status()["overload"]["watched"] is shed
+        finally:
+            s.stop()

@@ -169,7 +169,7 @@ def test_unknown_key(tmp_path):
                             "max_header_count", "header_timeout", "keepalive_timeout", "body_timeout",
                             "max_body_bytes", "max_connections", "max_inflight", "connect_timeout",
                             "upstream_timeout", "upstream_idle_timeout", "upstream_pool_size", "drain_timeout",
-                            "server_name", "send_timeout", "request_buffer_bytes"])) + ")"
+                            "server_name", "send_timeout", "request_buffer_bytes", "shed_overload"])) + ")"
     ]
 
 
@@ -195,6 +195,7 @@ def test_unknown_top_level_key(tmp_path):
     ('listen = "127.0.0.1:99999"', "listen", "not HOST:PORT"),
     ("trusted_proxies = \"10.0.0.0/8\"", "trusted_proxies", "expected a list of strings"),
     ('server_name = 5', "server_name", "expected a string"),
+    ('shed_overload = "no"', "shed_overload", "expected true or false"),
     ('max_body_bytes = "lots"', "max_body_bytes", "not a size"),
 ])
 def test_wrong_type(tmp_path, line, key, fragment):
