@@ -22,8 +22,8 @@ until the guest shows its network is up (a connection closed from its side: its 
 answered) or, for a guest that never shows it, with twice the wait after every
 `TRIAL_ATTEMPTS_PER_STEP` give-ups. Elsewhere an accepted connection is the server's own,
 and a slow first answer is just slow: giving up on it every 100 ms would never see an
-answer that takes longer (a page that renders in 300 ms would fail at the boot timeout). That saves the cold request one extra round
-trip into a guest that has only just woken up. A 5xx may mean "still warming up" or "this
+answer that takes longer (a page that renders in 300 ms would fail at the boot timeout).
+Trials save the cold request one extra round trip into a guest that has only just woken up. A 5xx may mean "still warming up" or "this
 URL fails anyway": the lease is handed over to the health probe, and the request is sent
 again once the probe finds the instance ready.
 
