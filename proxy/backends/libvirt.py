@@ -71,6 +71,7 @@ T = TypeVar("T")
 log = logging.getLogger("summon.libvirt")
 POLL_S = 0.5
 PROBE_TIMEOUT_S = 3.0  # a remote host's answer to a cheap call; two misses and it is down
+REAP_ON_RETURN_TIMEOUT_S = 10.0  # a returning host's orphans are reaped within this, or left to the reaper
 KVM_PROBE_TIMEOUT_S = 10.0
 CONSOLE_DIR = Path("/tmp/summon-console")
 _kvm_answers: dict[str, bool] = {}  # per URI, for the life of the process
@@ -707,8 +708,12 @@ class LibvirtBackend:
                 self._host_lost(why)
             elif change == "up":
                 self._down = None
-                try:
-                    reaped = await self.reap_orphans()
+                try:  # bounded: a reap stuck on the host must not hold back its return (nor the watch)
+                    reaped = await asyncio.wait_for(self.reap_orphans(), REAP_ON_RETURN_TIMEOUT_S)
+                except TimeoutError:
+                    log.warning("libvirt host %s is back; reaping its orphans took over %g s (the periodic "
+                                "reaper tries again)", self.uri, REAP_ON_RETURN_TIMEOUT_S)
+                    reaped = []
                 except BackendError:
                     reaped = []  # the periodic reaper, or the next start-up, tries again
                 if self._on_health is not None:

@@ -312,3 +312,38 @@ def test_aarch64_domain_is_the_virt_machine_without_acpi() -> None:
     assert "hostfwd=tcp:127.0.0.1:40001-:80" in xml  # the same user-net port forward as x86
     x86 = domain_xml(DomainParams(**{**p.__dict__, "arch": "x86_64"}))
     assert '<type arch="x86_64" machine="pc">hvm</type>' in x86 and "<acpi/>" in x86 and "<cpu" not in x86
+
+
+def test_a_host_whose_orphan_reap_hangs_on_its_return_is_still_reported_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The health watch's "up" waits for the reap of the returning host's orphans, but not
+    for ever: a reap stuck there once left the host out of placement with no more log lines."""
+    import proxy.backends.libvirt as lv
+    from proxy.backends.libvirt_host import HostHealth
+
+    monkeypatch.setattr(lv, "REAP_ON_RETURN_TIMEOUT_S", 0.05)
+
+    async def scenario() -> list[tuple[bool, str, list[str]]]:
+        b = LibvirtBackend(URI)
+        seen: list[tuple[bool, str, list[str]]] = []
+
+        async def answers() -> None:
+            return None
+
+        async def hangs(all_summon: bool = False) -> list[str]:
+            await asyncio.sleep(3600)
+            return []
+
+        monkeypatch.setattr(b, "_probe", answers)
+        monkeypatch.setattr(b, "reap_orphans", hangs)
+        b._on_health = lambda up, why, reaped: seen.append((up, why, reaped))
+        health = HostHealth()
+        health.up = False  # it was down: the first answer is its return
+        task = asyncio.ensure_future(b._watch_host_once(health))
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.02)
+        task.cancel()
+        return seen
+
+    assert asyncio.run(scenario()) == [(True, "", [])]
