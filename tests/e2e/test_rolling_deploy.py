@@ -15,7 +15,9 @@ import shutil
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -23,6 +25,8 @@ from proxy.images.manifest import content_digest, load_image, read_manifest_file
 from tests.e2e.test_image_store import checkout, summon
 from tests.helpers.paths import REPO
 from tests.helpers.summon_proc import SUMMON, Summon, http_get, wait_for
+
+T = TypeVar("T")
 
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
 
@@ -82,16 +86,18 @@ def set_version(root: Path, text: str) -> str:
     return load_image(images, "decks").digest
 
 
-def under_load(s: Summon, root: Path, *switch: str) -> tuple[dict[str, int], subprocess.CompletedProcess[str]]:
-    """wrk -c32 for 8 s; after 1.5 s, `summon images <switch...> --wait 30`. The counts and the switch's run."""
+def wrk_during(s: Summon, root: Path, seconds: int, after_s: float,
+               switch: Callable[[], T]) -> tuple[dict[str, int], str, T]:
+    """wrk -c32 for `seconds`; after `after_s`, `switch()`. The counts, their line, and what
+    the switch returned."""
     script = root / "count.lua"
     script.write_text(LUA)
-    wrk = subprocess.Popen([WRK, "-t2", "-c32", "-d8s", "--timeout", "5s", "-s", str(script),
+    wrk = subprocess.Popen([WRK, "-t2", "-c32", f"-d{seconds}s", "--timeout", "5s", "-s", str(script),
                             f"http://127.0.0.1:{s.port}/v.txt"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True)
     try:
-        time.sleep(1.5)
-        run = summon(root, *switch, "--wait", "30", "-c", str(s.config))
+        time.sleep(after_s)
+        done = switch()
         out, _ = wrk.communicate(timeout=60)
     finally:
         if wrk.poll() is None:
@@ -99,8 +105,15 @@ def under_load(s: Summon, root: Path, *switch: str) -> tuple[dict[str, int], sub
             wrk.wait()
     m = re.search(r"COUNTS (.*)", out)
     assert m, out
-    print(" ".join(switch), m.group(1), run.stdout.strip().replace("\n", " | "))  # the figures, with -s
-    return {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split())}, run
+    return {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split())}, m.group(1), done
+
+
+def under_load(s: Summon, root: Path, *switch: str) -> tuple[dict[str, int], subprocess.CompletedProcess[str]]:
+    """wrk -c32 for 8 s; after 1.5 s, `summon images <switch...> --wait 30`. The counts and the switch's run."""
+    counts, line, run = wrk_during(s, root, 8, 1.5,
+                                   lambda: summon(root, *switch, "--wait", "30", "-c", str(s.config)))
+    print(" ".join(switch), line, run.stdout.strip().replace("\n", " | "))  # the figures, with -s
+    return counts, run
 
 
 def events(s: Summon, kind: str) -> list[dict]:  # type: ignore[type-arg]
@@ -188,26 +201,15 @@ def test_a_reload_that_changes_a_pin_is_the_same_rolling_switch(tmp_path: Path) 
         r = summon(root, "deploy", "decks", "-c", str(s.config))  # the config's pin wins
         assert r.returncode == 1 and "no route follows image 'decks'" in r.stderr and "site" in r.stderr, r.stderr
         s.config.write_text(s.config.read_text().replace(f"decks@{v1}", f"decks@{v2}"))
-        script = root / "count.lua"
-        script.write_text(LUA)
-        wrk = subprocess.Popen([WRK, "-t2", "-c32", "-d5s", "--timeout", "5s", "-s", str(script),
-                                f"http://127.0.0.1:{s.port}/v.txt"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-        try:
-            time.sleep(1.0)
-            env = dict(os.environ, PYTHONPATH=str(REPO))
-            reload = subprocess.run([*SUMMON, "reload", "-c", str(s.config)], cwd=root, env=env, capture_output=True,
-                                    text=True, timeout=60)
-            assert reload.returncode == 0, reload.stderr
-            out, _ = wrk.communicate(timeout=60)
-        finally:
-            if wrk.poll() is None:
-                wrk.kill()
-                wrk.wait()
-        m = re.search(r"COUNTS (.*)", out)
-        assert m, out
-        counts = {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split())}
-        print("reload", m.group(1))
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+
+        def reload() -> None:
+            run = subprocess.run([*SUMMON, "reload", "-c", str(s.config)], cwd=root, env=env, capture_output=True,
+                                 text=True, timeout=60)
+            assert run.returncode == 0, run.stderr
+
+        counts, line, _ = wrk_during(s, root, 5, 1.0, reload)
+        print("reload", line)
         assert counts["bad"] == 0 and counts["other"] == 0 and counts["one"] > 0 and counts["two"] > 0, counts
         assert all(counts[k] == 0 for k in ("connect", "read", "write", "timeout", "status")), counts
         assert wait_for(lambda: serving(s) == {v2}, 20), serving(s)
