@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import invariant, precondition, rule
 
-from proxy.config import Address, Host, Limits, Region, Route
+from proxy.config import Host, Limits, Region, Route
 from proxy.engine.fleet import Boot, Fleet, Forward, Record, Reject, Stop
 from proxy.engine.lifecycle import TRANSITIONS, LifecycleError, State, next_state
 from proxy.engine.scaler import ScalerSettings
+from tests.unit.engine.fleet_driver import FleetDriver, addr
 
 
 def replace(route: Route, **changes: object) -> Route:
@@ -32,10 +33,6 @@ def fleet(*routes: Route, cap: int = 8, hosts: tuple[Host, ...] | None = None,
 
 def of(kind: type, commands: list) -> list:
     return [c for c in commands if isinstance(c, kind)]
-
-
-def addr(n: int) -> Address:
-    return Address("127.0.0.1", 10000 + n)
 
 
 def boot_ready(f: Fleet, out: list, now: float) -> list:
@@ -348,7 +345,7 @@ def test_lifecycle_table_rejects_illegal_transitions() -> None:
                     next_state(state, event)
 
 
-class FleetMachine(RuleBasedStateMachine):
+class FleetMachine(FleetDriver):
     """Random interleavings of many pools scaling at once: the caps always hold."""
 
     def __init__(self) -> None:
@@ -360,22 +357,6 @@ class FleetMachine(RuleBasedStateMachine):
                            (Region("a", ("b",)), Region("b", ("a",))), default_region="a",
                            scaler=ScalerSettings(stable_window_s=3.0, panic_window_s=0.5, scale_in_delay_s=1.0))
         self.fleet.set_routes(routes, 0.0)
-        self.now = 0.0
-        self.rid = 0
-        self.inflight: list[tuple[str, str, int]] = []  # (route, instance, request id)
-        self.booting: list[str] = []
-        self.stopping: list[str] = []
-
-    def _apply(self, out: list) -> None:
-        for c in out:
-            if isinstance(c, Boot):
-                self.booting.append(c.instance_id)
-            elif isinstance(c, Forward):
-                self.inflight.append((self.fleet.instances[c.instance_id].route, c.instance_id, c.request_id))
-            elif isinstance(c, Reject):  # a trial given up with its instance
-                self.inflight = [x for x in self.inflight if x[2] != c.request_id]
-            elif isinstance(c, Stop):
-                self.stopping.append(c.instance_id)
 
     @rule(route=st.integers(0, 3), region=st.sampled_from(["a", "b"]), trial_ok=st.booleans())
     def request(self, route: int, region: str, trial_ok: bool) -> None:
@@ -383,37 +364,11 @@ class FleetMachine(RuleBasedStateMachine):
         self._apply(self.fleet.request_arrived(f"r{route}", self.rid, str(self.rid), region, self.now,
                                                trial_ok=trial_ok))
 
-    @precondition(lambda self: self.inflight)
-    @rule(i=st.integers(0, 1000))
-    def finish(self, i: int) -> None:
-        route, iid, _ = self.inflight.pop(i % len(self.inflight))
-        self._apply(self.fleet.request_finished(route, iid, True, self.now))
-
     @precondition(lambda self: self.booting)
     @rule(i=st.integers(0, 1000))
     def started(self, i: int) -> None:
         iid = self.booting[i % len(self.booting)]
         self._apply(self.fleet.instance_started(iid, addr(i), self.now))
-
-    @precondition(lambda self: self.booting)
-    @rule(i=st.integers(0, 1000), ok=st.booleans())
-    def boot_done(self, i: int, ok: bool) -> None:
-        iid = self.booting.pop(i % len(self.booting))
-        if ok:
-            self._apply(self.fleet.instance_ready(iid, addr(i), self.now))
-        else:
-            self._apply(self.fleet.boot_failed(iid, "x", self.now))
-
-    @precondition(lambda self: self.stopping)
-    @rule(i=st.integers(0, 1000))
-    def stopped(self, i: int) -> None:
-        iid = self.stopping.pop(i % len(self.stopping))
-        self._apply(self.fleet.instance_stopped(iid, self.now))
-
-    @rule(dt=st.floats(0.01, 3.0))
-    def tick(self, dt: float) -> None:
-        self.now += dt
-        self._apply(self.fleet.tick(self.now))
 
     @invariant()
     def caps_hold(self) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import invariant, rule
 
-from proxy.config import Address, Host, Limits, Route
-from proxy.engine.fleet import Boot, Fleet, Forward, Record, Reject, Stop
+from proxy.config import Host, Limits, Route
+from proxy.engine.fleet import Boot, Fleet, Forward, Record, Stop
 from proxy.engine.lifecycle import State
+from tests.unit.engine.fleet_driver import FleetDriver, addr
 
 V1, V2, V3 = "sha256:" + "1" * 64, "sha256:" + "2" * 64, "sha256:" + "3" * 64
 ROUTE = Route(name="site", image="site", idle_timeout_s=600.0, boot_timeout_s=30.0, max_replicas=4,
@@ -22,10 +23,6 @@ def of(kind: type, commands: list) -> list:  # type: ignore[type-arg]
 
 def records(kind: str, commands: list) -> list[Record]:  # type: ignore[type-arg]
     return [c for c in of(Record, commands) if c.kind == kind]
-
-
-def addr(n: int) -> Address:
-    return Address("127.0.0.1", 10000 + n)
 
 
 def warm(route: Route = ROUTE, replicas: int = 2, cap: int = 8) -> tuple[Fleet, list[str]]:
@@ -214,7 +211,7 @@ def test_a_boot_of_another_version_than_asked_switches_its_pool() -> None:
     assert f.instances[old[0]].state is not State.READY
 
 
-class RolloutMachine(RuleBasedStateMachine):
+class RolloutMachine(FleetDriver):
     """Random interleavings of requests, boots, failures and deploys back and forth over
     three versions: the caps hold, every boot is of its pool's version, no request waits
     while a replica serves, and once a replica of the wanted version takes requests no
@@ -226,27 +223,14 @@ class RolloutMachine(RuleBasedStateMachine):
                                   idle_timeout_s=5.0, queue_size=5, rollback_after_failures=2) for i in range(2))
         self.fleet = Fleet(Limits(max_instances=5), (Host("h1", "local", slots=4), Host("h2", "local", slots=4)))
         self.fleet.set_routes(self.routes, 0.0, versions={r.name: V1 for r in self.routes})
-        self.now = 0.0
-        self.rid = 0
-        self.inflight: list[tuple[str, str, int]] = []
-        self.booting: list[str] = []
-        self.stopping: list[str] = []
 
-    def _apply(self, out: list) -> None:  # type: ignore[type-arg]
-        for c in out:
-            if isinstance(c, Boot):
-                assert c.version == self.fleet.pools[c.route].version
-                self.booting.append(c.instance_id)
-            elif isinstance(c, Forward):
-                self.inflight.append((self.fleet.instances[c.instance_id].route, c.instance_id, c.request_id))
-            elif isinstance(c, Reject):
-                self.inflight = [x for x in self.inflight if x[2] != c.request_id]
-            elif isinstance(c, Stop):
-                self.stopping.append(c.instance_id)
-                if c.instance_id in self.booting:
-                    self.booting.remove(c.instance_id)
-            elif isinstance(c, Record) and c.kind == "rolled_back":
-                assert self.fleet.pools[c.route].version == c.detail["to"]
+    STOP_ENDS_BOOT = True
+
+    def seen(self, c: object) -> None:
+        if isinstance(c, Boot):
+            assert c.version == self.fleet.pools[c.route].version
+        elif isinstance(c, Record) and c.kind == "rolled_back":
+            assert self.fleet.pools[c.route].version == c.detail["to"]
 
     @rule(route=st.integers(0, 1))
     def request(self, route: int) -> None:
@@ -258,36 +242,10 @@ class RolloutMachine(RuleBasedStateMachine):
             assert any(isinstance(c, Forward) and c.request_id == self.rid for c in out), "no wait for a boot"
         self._apply(out)
 
-    @precondition(lambda self: self.inflight)
-    @rule(i=st.integers(0, 1000))
-    def finish(self, i: int) -> None:
-        route, iid, _ = self.inflight.pop(i % len(self.inflight))
-        self._apply(self.fleet.request_finished(route, iid, True, self.now))
-
-    @precondition(lambda self: self.booting)
-    @rule(i=st.integers(0, 1000), ok=st.booleans())
-    def boot_done(self, i: int, ok: bool) -> None:
-        iid = self.booting.pop(i % len(self.booting))
-        if ok:
-            self._apply(self.fleet.instance_ready(iid, addr(i), self.now))
-        else:
-            self._apply(self.fleet.boot_failed(iid, "panic", self.now))
-
-    @precondition(lambda self: self.stopping)
-    @rule(i=st.integers(0, 1000))
-    def stopped(self, i: int) -> None:
-        iid = self.stopping.pop(i % len(self.stopping))
-        self._apply(self.fleet.instance_stopped(iid, self.now))
-
     @rule(route=st.integers(0, 1), version=st.sampled_from([V1, V2, V3]), back=st.booleans())
     def deploy(self, route: int, version: str, back: bool) -> None:
         name = f"r{route}"
         self._apply(self.fleet.rollback(name, self.now) if back else self.fleet.deploy(name, version, self.now))
-
-    @rule(dt=st.floats(0.01, 3.0))
-    def tick(self, dt: float) -> None:
-        self.now += dt
-        self._apply(self.fleet.tick(self.now))
 
     @invariant()
     def caps_hold(self) -> None:
