@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
@@ -21,8 +20,7 @@ import pytest
 from tests.e2e.test_vm_boot import _missing
 from tests.helpers.paths import REPO
 from tests.helpers.summon_proc import Summon, http_get
-
-URI = "qemu:///system"
+from tests.helpers.vm_images import URI, copy_decks, libvirt_up, on_host
 
 pytestmark = [
     pytest.mark.slow,
@@ -34,17 +32,11 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def built() -> Iterator[Path]:
-    from proxy.backends.libvirt import libvirt_available, start_libvirt_daemons
     from proxy.images.build import build_image
 
-    if os.geteuid() == 0:
-        start_libvirt_daemons()
-    reason = libvirt_available(URI)
-    assert reason is None, reason
-    root = Path(tempfile.mkdtemp(prefix="summon-push-", dir="/var/tmp"))
-    root.chmod(0o755)
+    libvirt_up()
+    root = copy_decks("summon-push-")
     try:
-        shutil.copytree(REPO / "images" / "decks", root / "decks", ignore=shutil.ignore_patterns("build"))
         build_image(root / "decks", print)
         yield root
     finally:
@@ -128,9 +120,7 @@ def test_a_host_with_a_pool_boots_from_its_volumes(tmp_path: Path, built: Path, 
     for attempt, damaged in enumerate((False, True)):
         d = tmp_path / f"run{attempt}"
         d.mkdir()
-        s = Summon(d, route)
-        text = s.config.read_text().replace('dir = "images"', f'dir = "{built}"')
-        s.config.write_text(text.replace('[[host]]\nname = "local"\nbackend = "process"\nslots = 16\n', host))
+        s = on_host(Summon(d, route), built, host)
         if damaged:  # someone changes a volume on the host: the next summon hashes it there and refuses
             initrd = next(p for p in where.iterdir() if p.stat().st_size < 5_000_000)
             with initrd.open("ab") as f:

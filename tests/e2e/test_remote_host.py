@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_vm_boot import _missing
-from tests.e2e.test_vm_e2e import summon_domains, vm_images  # noqa: F401 - the fixture
+from tests.e2e.test_vm_e2e import vm_images  # noqa: F401 - the fixture
 from tests.helpers.netns_host import NetnsHost, netns_available
 from tests.helpers.summon_proc import Summon, http_get
+from tests.helpers.vm_images import on_host, summon_domains
 
 pytestmark = [
     pytest.mark.slow,
@@ -96,8 +97,7 @@ def test_vm_on_a_remote_host_answers_and_the_host_going_away_is_survived(
         tmp_path: Path, vm_images: Path, remote: NetnsHost) -> None:  # noqa: F811
     local_before = set(summon_domains())
     s = Summon(tmp_path, "")
-    text = s.config.read_text().replace('dir = "images"', f'dir = "{vm_images}"')
-    s.config.write_text(text.replace('[[host]]\nname = "local"\nbackend = "process"\nslots = 16\n', config(remote)))
+    on_host(s, vm_images, config(remote))
     s.start()
     ours = ""
     try:

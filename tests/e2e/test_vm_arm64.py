@@ -7,12 +7,10 @@ the boot-to-first-200 is printed (the README's figure)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +20,8 @@ import pytest
 from tests.e2e.test_vm_boot import _missing
 from tests.helpers.paths import REPO
 from tests.helpers.summon_proc import Summon, http_get
+from tests.helpers.vm_images import URI, copy_decks, libvirt_up, on_host, summon_domains
 
-URI = "qemu:///system"
 _arm_missing = _missing + [x for x in ("qemu-system-aarch64",) if shutil.which(x) is None]
 
 pytestmark = [
@@ -67,26 +65,12 @@ def both_images() -> Iterator[Path]:
 
 
 def _built(arches: tuple[str, ...]) -> Iterator[Path]:
-    from proxy.backends.libvirt import libvirt_available, start_libvirt_daemons
     from proxy.errors import ImageError
     from proxy.images.build import build_image
-    from proxy.images.manifest import content_digest, read_manifest, write_manifest
 
-    if os.geteuid() == 0:
-        start_libvirt_daemons()
-    reason = libvirt_available(URI, "aarch64")
-    if reason is not None and "cannot run aarch64" in reason:
-        pytest.skip(reason)
-    assert reason is None, reason
-    root = Path(tempfile.mkdtemp(prefix="summon-vm-arm64-", dir="/var/tmp"))
-    root.chmod(0o755)
+    libvirt_up("aarch64")
+    root = copy_decks("summon-vm-arm64-", marker="served-by-arm64")
     try:
-        shutil.copytree(REPO / "images" / "decks", root / "decks", ignore=shutil.ignore_patterns("build"))
-        index = root / "decks" / "site" / "index.html"
-        index.write_text(index.read_text().replace("</body>", "<!-- served-by-arm64 --></body>"))
-        manifest = read_manifest(root / "decks")
-        manifest["targets"]["unix"]["content_sha256"] = content_digest(root / "decks" / "site")
-        write_manifest(root / "decks", manifest)
         t0 = time.monotonic()
         try:
             build_image(root / "decks", print, arches=arches)
@@ -100,19 +84,13 @@ def _built(arches: tuple[str, ...]) -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def summon_domains() -> list[str]:
-    out = subprocess.run(["virsh", "-c", URI, "list", "--name"], capture_output=True, text=True, check=True).stdout
-    return [n for n in out.split() if n.startswith("summon-")]
-
-
 def test_a_cold_request_is_answered_by_an_arm64_microvm(tmp_path: Path, arm_images: Path) -> None:
     from proxy.images.manifest import load_image
 
     image = load_image(arm_images, "decks")
     assert image.targets() == ["aarch64", "unix"]  # no x86_64: only the board can run it
     s = Summon(tmp_path, ROUTE)
-    text = s.config.read_text().replace('dir = "images"', f'dir = "{arm_images}"')
-    s.config.write_text(text.replace('[[host]]\nname = "local"\nbackend = "process"\nslots = 16\n', HOSTS))
+    on_host(s, arm_images, HOSTS)
     before = set(summon_domains())
     s.start()
     try:
@@ -182,8 +160,7 @@ def test_an_image_with_both_arches_spills_from_the_full_board_to_the_nearest_x86
     """Two warm replicas wanted, the board has one slot: the second goes to eu (edge's
     nearest), not us, and boots the image's x86_64 target there."""
     s = Summon(tmp_path, ROUTE.replace('idle_timeout = "10m"', 'idle_timeout = "10m"\nmin_replicas = 2'))
-    text = s.config.read_text().replace('dir = "images"', f'dir = "{both_images}"')
-    s.config.write_text(text.replace('[[host]]\nname = "local"\nbackend = "process"\nslots = 16\n', SPILL_HOSTS))
+    on_host(s, both_images, SPILL_HOSTS)
     before = set(summon_domains())
     s.start()
     try:

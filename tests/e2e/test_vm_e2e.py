@@ -20,8 +20,7 @@ from tests.e2e.test_orphans import get_through_outside_destroys, reaped_events, 
 from tests.e2e.test_vm_boot import _missing
 from tests.helpers.paths import REPO
 from tests.helpers.summon_proc import Summon, http_get, wait_for
-
-URI = "qemu:///system"
+from tests.helpers.vm_images import URI, copy_decks, libvirt_up, on_host, summon_domains
 
 pytestmark = [
     pytest.mark.slow,
@@ -52,31 +51,13 @@ idle_timeout = "10m"
 @pytest.fixture(scope="module")
 def vm_images() -> Iterator[Path]:
     """The decks image with a marker only the VM's copy of the site carries."""
-    from proxy.backends.libvirt import libvirt_available, start_libvirt_daemons
     from proxy.images.build import build_image
 
-    if os.geteuid() == 0:
-        start_libvirt_daemons()
-    reason = libvirt_available(URI)
-    assert reason is None, reason
-    root = Path(tempfile.mkdtemp(prefix="summon-vm-e2e-", dir="/var/tmp"))
-    root.chmod(0o755)
-    shutil.copytree(REPO / "images" / "decks", root / "decks", ignore=shutil.ignore_patterns("build"))
-    index = root / "decks" / "site" / "index.html"
-    index.write_text(index.read_text().replace("</body>", "<!-- served-by-microvm --></body>"))
-    from proxy.images.manifest import content_digest, read_manifest, write_manifest
-
-    manifest = read_manifest(root / "decks")
-    manifest["targets"]["unix"]["content_sha256"] = content_digest(root / "decks" / "site")
-    write_manifest(root / "decks", manifest)
+    libvirt_up()
+    root = copy_decks("summon-vm-e2e-", marker="served-by-microvm")
     build_image(root / "decks", print)
     yield root
     shutil.rmtree(root, ignore_errors=True)
-
-
-def summon_domains() -> list[str]:
-    out = subprocess.run(["virsh", "-c", URI, "list", "--name"], capture_output=True, text=True, check=True).stdout
-    return [n for n in out.split() if n.startswith("summon-")]
 
 
 def kinds(db: Path) -> list[str]:
@@ -97,12 +78,7 @@ def ready_detail(db: Path, timeout_s: float = 10.0) -> dict:
 
 
 def make_summon(tmp: Path, images: Path) -> Summon:
-    s = Summon(tmp, ROUTE)
-    text = s.config.read_text()
-    text = text.replace('dir = "images"', f'dir = "{images}"')
-    text = text.replace('[[host]]\nname = "local"\nbackend = "process"\nslots = 16\n', HOST)
-    s.config.write_text(text)
-    return s
+    return on_host(Summon(tmp, ROUTE), images, HOST)
 
 
 def test_cold_request_is_answered_by_a_vm_and_orphans_are_reaped(tmp_path: Path, vm_images: Path) -> None:

@@ -16,7 +16,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -27,8 +26,7 @@ import pytest
 from tests.e2e.test_vm_boot import _missing
 from tests.helpers.paths import REPO
 from tests.helpers.summon_proc import SUMMON, Summon, http_get, wait_for
-
-URI = "qemu:///system"
+from tests.helpers.vm_images import URI, copy_decks, libvirt_up, on_host
 
 pytestmark = [
     pytest.mark.slow,
@@ -60,15 +58,8 @@ rollback_after_failures = 2
 
 @pytest.fixture(scope="module")
 def images() -> Iterator[Path]:
-    from proxy.backends.libvirt import libvirt_available, start_libvirt_daemons
-
-    if os.geteuid() == 0:
-        start_libvirt_daemons()
-    reason = libvirt_available(URI)
-    assert reason is None, reason
-    root = Path(tempfile.mkdtemp(prefix="summon-vm-rollback-", dir="/var/tmp"))  # readable by QEMU
-    root.chmod(0o755)
-    shutil.copytree(REPO / "images" / "decks", root / "decks", ignore=shutil.ignore_patterns("build"))
+    libvirt_up()
+    root = copy_decks("summon-vm-rollback-")
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
@@ -91,10 +82,7 @@ def kinds_detail(db: Path, kind: str) -> list[dict]:  # type: ignore[type-arg]
 
 def test_a_version_whose_kernel_panics_is_rolled_back_while_the_route_serves(tmp_path: Path, images: Path) -> None:
     good = build(images)
-    s = Summon(tmp_path, ROUTE)
-    text = s.config.read_text().replace('dir = "images"', f'dir = "{images}"')
-    s.config.write_text(text.replace('[[host]]\nname = "local"\nbackend = "process"\nslots = 16\n', HOST))
-    s.start()
+    s = on_host(Summon(tmp_path, ROUTE), images, HOST).start()
     answers: list[int] = []
     stop = threading.Event()
 

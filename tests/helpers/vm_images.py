@@ -1,0 +1,68 @@
+"""What the microVM end-to-end tests share: libvirt up, a private copy of the demo image,
+summon's config pointed at it and at a libvirt host, and the domains libvirt runs.
+
+Each test module builds its own copy of `images/decks` under /var/tmp (QEMU, running as
+libvirt's user, must read the kernel and initrd; pytest's tmp_path is private to root) so
+that no test writes into the checkout, and so that a marker in the copy's page proves the
+answer came from the VM that copy was built into."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.paths import REPO
+from tests.helpers.summon_proc import Summon
+
+URI = "qemu:///system"
+PROCESS_HOST = '[[host]]\nname = "local"\nbackend = "process"\nslots = 16\n'  # Summon's default
+
+
+def libvirt_up(arch: str | None = None) -> None:
+    """Start libvirtd/virtlogd when root and absent; fail (or skip, for a guest arch this
+    QEMU cannot run) with libvirt's reason otherwise."""
+    import os
+
+    from proxy.backends.libvirt import libvirt_available, start_libvirt_daemons
+
+    if os.geteuid() == 0:
+        start_libvirt_daemons()
+    reason = libvirt_available(URI, arch) if arch else libvirt_available(URI)
+    if reason is not None and arch and f"cannot run {arch}" in reason:
+        pytest.skip(reason)
+    assert reason is None, reason
+
+
+def copy_decks(prefix: str, marker: str | None = None) -> Path:
+    """A directory of images holding a copy of decks (no build); with `marker`, the copy's
+    index page carries `<!-- marker -->` and its manifest the new content digest."""
+    from proxy.images.manifest import content_digest, read_manifest, write_manifest
+
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    root.chmod(0o755)
+    shutil.copytree(REPO / "images" / "decks", root / "decks", ignore=shutil.ignore_patterns("build"))
+    if marker is not None:
+        index = root / "decks" / "site" / "index.html"
+        index.write_text(index.read_text().replace("</body>", f"<!-- {marker} --></body>"))
+        manifest = read_manifest(root / "decks")
+        manifest["targets"]["unix"]["content_sha256"] = content_digest(root / "decks" / "site")
+        write_manifest(root / "decks", manifest)
+    return root
+
+
+def on_host(s: Summon, images: Path, hosts: str) -> Summon:
+    """`s` with its images directory at `images` and `hosts` (TOML) instead of the process host."""
+    text = s.config.read_text().replace('dir = "images"', f'dir = "{images}"')
+    assert PROCESS_HOST in text, "Summon's default host changed: update PROCESS_HOST"
+    s.config.write_text(text.replace(PROCESS_HOST, hosts))
+    return s
+
+
+def summon_domains() -> list[str]:
+    """Names of the running domains summon names (`summon-...`), anyone's."""
+    out = subprocess.run(["virsh", "-c", URI, "list", "--name"], capture_output=True, text=True, check=True).stdout
+    return [n for n in out.split() if n.startswith("summon-")]
