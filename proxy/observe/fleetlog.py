@@ -24,6 +24,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from .. import background
 from ..cluster.redis_store import PREFIX, STREAM
 from .events import Event, EventReader
 
@@ -71,25 +72,19 @@ class Shipper:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = background.repeat(self._ship_backlog, SHIP_EVERY_S, "event shipping")
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                while await self.ship_once() == BATCH:
-                    pass  # a backlog (after an outage): keep going
-                if self.down:
-                    self.down = False
-                    log.info("event stream reachable again: the backlog is sent")
-            except (RedisError, OSError) as exc:
-                if not self.down:
-                    self.down = True
-                    log.warning("cannot send events to the fleet's stream (kept locally, sent later): %s", exc)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("event shipping failed")
-            await asyncio.sleep(SHIP_EVERY_S)
+    async def _ship_backlog(self) -> None:
+        try:
+            while await self.ship_once() == BATCH:
+                pass  # a backlog (after an outage): keep going
+            if self.down:
+                self.down = False
+                log.info("event stream reachable again: the backlog is sent")
+        except (RedisError, OSError) as exc:
+            if not self.down:
+                self.down = True
+                log.warning("cannot send events to the fleet's stream (kept locally, sent later): %s", exc)
 
     async def ship_once(self) -> int:
         """Send the next batch; returns how many events went."""
@@ -113,12 +108,7 @@ class Shipper:
         return len(rows)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await background.stop(self._task)
         try:  # one last batch: what the shutdown itself recorded
             await asyncio.wait_for(self.ship_once(), 2.0)
         except (RedisError, OSError, TimeoutError):

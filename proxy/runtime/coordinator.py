@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import background
 from ..cluster.store import Claim, Entry, Snapshot, Store, StoreUnavailable
 from ..config import Route, is_loopback, parse_address
 from ..engine.fleet import Boot, Command, Fleet, Foreign, Record
@@ -134,23 +135,12 @@ class Coordinator:
     # --- the sync loop ----------------------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._task = background.repeat(self.sync_once, self._sync_pause, "fleet sync", wake=self._wake)
 
-    async def _loop(self) -> None:
-        while True:
-            self._wake.clear()  # before the sync: a wake-up that comes during it is not lost
-            try:
-                await self.sync_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("fleet sync failed")
-            waiting = any(p.awaiting_until for p in self.fleet.pools.values())
-            interval = self.settings.fast_sync_s if waiting else self.settings.sync_s
-            try:
-                await asyncio.wait_for(self._wake.wait(), interval)
-            except TimeoutError:
-                pass
+    def _sync_pause(self) -> float:
+        """Soon again while a pool waits for the store's word on a boot, else the usual pace."""
+        waiting = any(p.awaiting_until for p in self.fleet.pools.values())
+        return self.settings.fast_sync_s if waiting else self.settings.sync_s
 
     async def sync_once(self) -> None:
         fleet = self.fleet
@@ -223,12 +213,7 @@ class Coordinator:
         }
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await background.stop(self._task)
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
         await self.store.close()

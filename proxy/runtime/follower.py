@@ -27,6 +27,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from .. import background
 from ..config import Follow
 from ..errors import ImageError
 from ..images import announce
@@ -53,18 +54,11 @@ class Follower:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = background.repeat(self._round, self.settings.every_s, "following announcements")
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                if await self.once() and self.on_followed is not None:
-                    self.on_followed()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("following announcements failed")
-            await asyncio.sleep(self.settings.every_s)
+    async def _round(self) -> None:
+        if await self.once() and self.on_followed is not None:
+            self.on_followed()
 
     def followed(self) -> dict[str, str | None]:
         return {name: self.store.followed(name) for name in self.settings.images}
@@ -120,12 +114,7 @@ class Follower:
         raise ImageError("; ".join(errors) or "the announcement names no URL")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await background.stop(self._task)
         try:
             await self.client.aclose()
         except (RedisError, OSError):

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import background
 from ..config import Config
 from ..engine.fleet import Fleet
 from ..engine.prefetch import Followers, Observation, client_hash, learn, sampled
@@ -125,25 +126,14 @@ class Learning:
 
     def start(self) -> None:
         if self.settings.learn and self._task is None:
-            self._task = self.loop.create_task(self._run())
+            self._task = background.repeat(self._relearn, self.settings.learn_interval_s,
+                                           "rebuilding the learned prefetch table", pause_first=True)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await background.stop(self._task)
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.learn_interval_s)
-            try:
-                table = await asyncio.to_thread(self.rebuild)
-            except Exception:
-                log.exception("rebuilding the learned prefetch table failed")
-                continue
-            self.fleet.prefetch.set_learned(table)
+    async def _relearn(self) -> None:
+        self.fleet.prefetch.set_learned(await asyncio.to_thread(self.rebuild))
 
     def rebuild(self) -> Followers:
         """Read the recent request events, learn, persist. Runs in a thread."""

@@ -53,6 +53,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .. import background
 from ..backends.base import Backend, Handle, InstanceSpec, Pausable, image_target
 from ..cluster.store import Store
 from ..config import Address, Config, Host, Route
@@ -269,7 +270,8 @@ class Summoner:
 
     def start(self) -> None:
         self._ticker = self.loop.call_later(self.tick_s, self._tick)
-        self._reaper = self.loop.create_task(self._reap_periodically(), name="summon reaper")
+        self._reaper = background.repeat(self.reap_orphans, self.reap_interval_s, "periodic orphan reap",
+                                         pause_first=True)
         if self.learning is not None:
             self.learning.start()
         self._watch_hosts()
@@ -314,11 +316,6 @@ class Summoner:
                 log.warning("reaped orphan instance %s left by a summon process that is gone", name)
             reaped += names
         return reaped
-
-    async def _reap_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(self.reap_interval_s)
-            await self.reap_orphans()
 
     def _tick(self) -> None:
         try:
@@ -791,9 +788,7 @@ class Summoner:
         """Stop every instance (drain has already let requests finish)."""
         if self._ticker is not None:
             self._ticker.cancel()
-        if self._reaper is not None:
-            self._reaper.cancel()
-            await asyncio.gather(self._reaper, return_exceptions=True)
+        await background.stop(self._reaper)
         if self.learning is not None:
             await self.learning.close()
         for fut, _pool in list(self.waiting.values()):
