@@ -64,6 +64,7 @@ MEMORY_MIB = 128
 # The minimal kernel's defaults (see `minimal`): what `make bench`'s breakdown kept.
 MINIMAL_MEMORY_MIB = 128
 MINIMAL_CMDLINE = CMDLINE
+MINIMAL_TB_CACHE_MIB = 0
 KERNEL_FORMAT = "pvh"  # the default `kernel_format` (see `kernel`): no decompressor per boot
 KERNEL_FILES = {"bzimage": "vmlinuz", "pvh": "vmlinux"}
 
@@ -575,6 +576,9 @@ def build_image(image_dir: Path, progress: Callable[[str], None], store: Path | 
             "memory_mib": memory,
             "guest_port": guest_port,
         }
+        tb_cache = int(recipe_t.get("tb_cache_mib", MINIMAL_TB_CACHE_MIB if minimal else 0))
+        if tb_cache:  # TCG's translation buffer (QEMU's tb-size); absent: QEMU's default
+            targets[name]["tb_cache_mib"] = tb_cache
         recorded = {
             "packages": packages,
             "kernel_release": kernel.release,
