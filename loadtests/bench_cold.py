@@ -267,7 +267,8 @@ class Floor:
     """What this machine allows on the same path: a guest that does nothing, and QEMU alone.
 
     `idle()` boots the image's kernel with its command line and an initramfs whose PID 1
-    marks itself, copies the kernel's hand-over line and powers off: its phases up to
+    marks itself, copies the kernel's hand-over line and powers off (reboots, on a kernel
+    without ACPI: the domain's on_reboot destroys it the same way): its phases up to
     ``init`` are the floor of a boot's; ``poweroff`` is from that mark until the domain is
     gone. `paused()` creates the domain paused (no guest code runs) and destroys it:
     libvirt and QEMU's own start. Uses the driver's own XML and console reading."""
@@ -276,6 +277,7 @@ class Floor:
             b"echo '<2>summon-mark: init' > /dev/kmsg\n"
             b"/bin/busybox mount -t proc proc /proc\n"
             b"/bin/busybox dmesg | /bin/busybox grep -m1 'Run /init as init process'\n"
+            b"[ -d /proc/acpi ] || /bin/busybox reboot -f\n"  # no ACPI (the minimal kernel): no poweroff
             b"/bin/busybox poweroff -f\n")
 
     def __init__(self) -> None:

@@ -2,7 +2,7 @@
 previous build left), built into the decks image, and booted through `summon serve` to
 a 200 from the VM, with the boot's phases; then `summon images verify` on that image.
 
-A cold compile takes minutes here (2 cores, TCG host: about 3.5 min at load 1.5-2.5);
+A cold compile takes minutes here (2 cores shared: 3.2-4.6 min at load average 1.5-3.4);
 the cache (``~/.cache/summon/kernels``, or ``$SUMMON_KERNEL_CACHE``) makes every later
 run a copy. `make test` installs what the compile needs (scripts/setup.sh).
 """
