@@ -539,7 +539,17 @@ def build_image(image_dir: Path, progress: Callable[[str], None], store: Path | 
         if minimal:
             from . import minimal as mk
 
-            built = mk.obtain(mk.inputs_here(package_version), progress, cache=kernel_cache)
+            try:
+                wanted_inputs = mk.inputs_here(package_version)
+            except BuildSetupError as exc:
+                if kernel_source is not None:  # asked for with --kernel
+                    raise
+                from ..config import key_line  # asked for by the recipe: say where
+
+                recipe = image_dir / "image.toml"
+                line = key_line(recipe, f"targets.{name}", key="kernel_source")
+                raise BuildSetupError(f"{recipe}:{line}: [targets.{name}] kernel_source = \"minimal\": {exc}") from exc
+            built = mk.obtain(wanted_inputs, progress, cache=kernel_cache)
             kernel, busybox = Kernel(built.release, built.vmlinux, Path("/nonexistent")), BUSYBOX
             minimal_record = built.record()
             packages = {mk.SOURCE_PACKAGE: built.inputs.linux_source, BUSYBOX_PACKAGE: package_version(BUSYBOX_PACKAGE),

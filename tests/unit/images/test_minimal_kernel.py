@@ -206,6 +206,14 @@ def test_the_cli_names_the_missing_source_package_and_exits_2(
     assert args.func(args) == 2
     err = capsys.readouterr().err
     assert "apt-get install linux-source-6.1" in err and "Traceback" not in err
+    recipe = images / "decks" / "image.toml"
+    recipe.write_text(recipe.read_text() + '\n[targets.x86_64]\nkernel_source = "minimal"\n')
+    line = recipe.read_text().splitlines().index('kernel_source = "minimal"') + 1
+    args = parser.parse_args(["images", "build", "decks", "--images-dir", str(images)])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert f"image.toml:{line}: [targets.x86_64] kernel_source = \"minimal\": " in err
+    assert "apt-get install linux-source-6.1" in err
 
 
 # --- verify ------------------------------------------------------------------------------
