@@ -61,16 +61,17 @@ KERNEL_GLOB = "vmlinuz-*-cloud-amd64"
 CMDLINE = ("console=ttyS0 quiet panic=-1 8250.nr_uarts=1 i8042.noaux i8042.nopnp i8042.dumbkbd tsc=reliable"
            " no_timer_check noreplace-smp pci=lastbus=0 cryptomgr.notests")
 MEMORY_MIB = 128
-# The minimal kernel's defaults (see `minimal`), from boots under TCG here (medians of 5,
+# The minimal kernel's defaults (see `minimal`), from boots under TCG here (medians of 5-7,
 # round robin): the guest touches ~30 MiB whatever its size (128, 64, 48, 32 MiB: idle
 # RSS 112 MiB each, boot 1.43-1.46 s), so 48 MiB costs nothing and counts a third against
-# a host's standby budget; TCG's translation buffer at 16 MiB (QEMU's default grows to
-# ~30 MiB for this kernel) takes 17 MiB off the RSS at no boot cost (1.26 s), 8 MiB
-# slows boots (1.68 s, some of 5 s). The cloud kernel needs 48 MiB of buffer: a smaller
-# one slowed its boot from 2.1 to 5.1 s. Same command line as the packaged kernel.
+# a host's standby budget. TCG's translation buffer is left at QEMU's default: 16 MiB
+# (`tb_cache_mib = 16`) took 17 MiB off the RSS and ~0.1 s off a boot (1.35 vs 1.45 s)
+# but made a paused standby's resume 90 ms instead of 22 (the boot's translations are
+# flushed, so the first request translates again); 8 MiB slowed boots (1.68 s, some 5 s).
+# Same command line as the packaged kernel.
 MINIMAL_MEMORY_MIB = 48
 MINIMAL_CMDLINE = CMDLINE
-MINIMAL_TB_CACHE_MIB = 16
+MINIMAL_TB_CACHE_MIB = 0
 KERNEL_FORMAT = "pvh"  # the default `kernel_format` (see `kernel`): no decompressor per boot
 KERNEL_FILES = {"bzimage": "vmlinuz", "pvh": "vmlinux"}
 
