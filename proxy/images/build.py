@@ -63,7 +63,7 @@ CMDLINE = ("console=ttyS0 quiet panic=-1 8250.nr_uarts=1 i8042.noaux i8042.nopnp
 MEMORY_MIB = 128
 # The minimal kernel's defaults (see `minimal`), from boots under TCG here (medians of 5-7,
 # round robin): the guest touches ~30 MiB whatever its size (128, 64, 48, 32 MiB: idle
-# RSS 112 MiB each, boot 1.43-1.46 s), so 48 MiB costs nothing and counts a third against
+# RSS 112 MiB each, boot 1.43-1.46 s), so 48 MiB costs nothing and counts 48, not 128, against
 # a host's standby budget. TCG's translation buffer is left at QEMU's default: 16 MiB
 # (`tb_cache_mib = 16`) took 17 MiB off the RSS and ~0.1 s off a boot (1.35 vs 1.45 s)
 # but made a paused standby's resume 90 ms instead of 22 (the boot's translations are
