@@ -267,7 +267,8 @@ class Floor:
     """What this machine allows on the same path: a guest that does nothing, and QEMU alone.
 
     `idle()` boots the image's kernel with its command line and an initramfs whose PID 1
-    marks itself, copies the kernel's hand-over line and powers off: its phases up to
+    marks itself, copies the kernel's hand-over line and powers off (reboots, on a kernel
+    without ACPI: the domain's on_reboot destroys it the same way): its phases up to
     ``init`` are the floor of a boot's; ``poweroff`` is from that mark until the domain is
     gone. `paused()` creates the domain paused (no guest code runs) and destroys it:
     libvirt and QEMU's own start. Uses the driver's own XML and console reading."""
@@ -276,6 +277,7 @@ class Floor:
             b"echo '<2>summon-mark: init' > /dev/kmsg\n"
             b"/bin/busybox mount -t proc proc /proc\n"
             b"/bin/busybox dmesg | /bin/busybox grep -m1 'Run /init as init process'\n"
+            b"[ -d /proc/acpi ] || /bin/busybox reboot -f\n"  # no ACPI (the minimal kernel): no poweroff
             b"/bin/busybox poweroff -f\n")
 
     def __init__(self) -> None:
@@ -447,8 +449,23 @@ def _qemu_rss_kib(domain: str) -> int | None:
     return None
 
 
+def bench_kernels() -> list[str]:
+    """The kernels `cold_vm` measures, one after the other in the same run:
+    ``$SUMMON_BENCH_KERNELS`` (e.g. ``packaged,minimal``), else the packaged one and, where
+    it can be built here (linux-source-6.1 installed; compiled once, then cached), the
+    minimal one."""
+    raw = os.environ.get("SUMMON_BENCH_KERNELS", "")
+    if raw:
+        return [k.strip() for k in raw.split(",") if k.strip()]
+    from proxy.images import minimal
+    from proxy.images.build import package_version
+
+    return ["packaged"] + ([] if minimal.missing_packages(package_version) else ["minimal"])
+
+
 def section_cold_vm(bench: Any) -> dict[str, Any]:
-    runs = 10 if not getattr(bench.args, "quick", False) else 3
+    """The packaged kernel's figures at the top level (as before the minimal kernel), each
+    other kernel's under ``kernels``; the build left in images/decks/build is the first's."""
     try:
         import libvirt  # noqa: F401
 
@@ -459,11 +476,39 @@ def section_cold_vm(bench: Any) -> dict[str, Any]:
     reason = libvirt_available("qemu:///system")
     if reason:
         return {"skipped": reason}
-    build = subprocess.run([str(ROOT / ".venv/bin/summon"), "images", "build", "decks"], cwd=ROOT,
-                           capture_output=True, text=True)
-    if build.returncode != 0:
-        return {"skipped": f"image build failed: {build.stderr[-500:]}"}
-    result: dict[str, Any] = {"runs": runs}
+    kernels = bench_kernels()
+    out: dict[str, Any] = {}
+    for kernel in [*kernels[1:], kernels[0]]:
+        bench.log(f"cold_vm: the {kernel} kernel")
+        build = subprocess.run([str(ROOT / ".venv/bin/summon"), "images", "build", "decks", "--kernel", kernel],
+                               cwd=ROOT, capture_output=True, text=True)
+        if build.returncode != 0:
+            part: dict[str, Any] = {"skipped": f"image build failed: {build.stderr[-500:]}"}
+        else:
+            part = _cold_vm_one(bench)
+        part["kernel"] = kernel
+        if kernel == kernels[0]:
+            out.update(part)
+        else:
+            out.setdefault("kernels", {})[kernel] = part
+    if len(kernels) > 1:
+        bench.log(f"  {'kernel':<10}{'boot':>9}{'restore':>9}{'resume':>9}{'idle RSS':>10}   (through summon, p50 ms)")
+        for kernel in kernels:
+            k = out if kernel == kernels[0] else out["kernels"][kernel]
+            if "skipped" in k:
+                bench.log(f"  {kernel:<10} skipped: {k['skipped'][:200]}")
+                continue
+            bench.log(f"  {kernel:<10}" + "".join(f"{k[kind]['summon_median_ms']:>9}" for kind in VM_KINDS)
+                      + f"{k['boot'].get('idle_vm_rss_mib')!s:>10}")
+    return out
+
+
+def _cold_vm_one(bench: Any) -> dict[str, Any]:
+    """boot, restore and resume of the decks image as built now (see `section_cold_vm`)."""
+    runs = 10 if not getattr(bench.args, "quick", False) else 3
+    if os.environ.get("SUMMON_BENCH_RUNS", "").isdigit():
+        runs = int(os.environ["SUMMON_BENCH_RUNS"])
+    result: dict[str, Any] = {"runs": runs, "image": load_image(ROOT / "images", "decks").ref}
     floor_idle: list[dict[str, float]] = []
     floor_paused: list[dict[str, float]] = []
     for kind in VM_KINDS:

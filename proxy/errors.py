@@ -18,6 +18,7 @@ The tree (one place turns any of these into a response: `proxy.http.responses`):
     ├── Unavailable            503 + Retry-After: boot failed, queue full, cap reached
     ├── BackendError           503  a driver failed to start or stop an instance
     │   ├── ImageError             image missing, malformed, or a digest mismatch
+    │   │   └── BuildSetupError        a build's recipe key or machine is wrong (CLI: exit 2)
     │   └── HostUnavailable        libvirtd / the hypervisor cannot be reached
     ├── DeployError            409  a deploy or rollback that cannot be done (admin API)
     │   └── UnknownVersion         404  the version is not in the image store
@@ -129,6 +130,12 @@ class BackendError(SummonError):
 
 class ImageError(BackendError):
     """The image is missing, malformed, or an artefact does not match its digest."""
+
+
+class BuildSetupError(ImageError):
+    """A build cannot start: a recipe key has a bad value (the message is ``file:line:
+    ...``) or the machine lacks a package (the message names it). Not the build failing:
+    the user must fix something first, so `summon images build` exits 2, not 1."""
 
 
 class HostUnavailable(BackendError):

@@ -20,6 +20,8 @@ DEB_PACKAGES=(
   libvirt-dev pkg-config  # to build libvirt-python
   linux-image-cloud-amd64 # a small virtio kernel for the microVM
   lz4                     # unpacks that kernel (LZ4 inside its bzImage) for a PVH boot
+  linux-source-6.1        # the minimal microVM kernel's source (`summon images build --kernel minimal`)
+  gcc make bc flex bison libelf-dev # compiling it: Kconfig's parser (flex, bison), timeconst (bc), objtool (libelf)
   cpio                    # initramfs packing
   chromium                # browser tests (headless)
   redis-server            # shared state where an issue asks for it

@@ -403,6 +403,7 @@ class LibvirtBackend:
             cmdline=str(t.get("cmdline", "console=ttyAMA0 quiet panic=-1" if arch == "aarch64"
                               else "console=ttyS0 quiet panic=-1")),
             memory_mib=int(t.get("memory_mib", 128)),
+            tb_cache_mib=int(t.get("tb_cache_mib", 0)),
             guest_port=int(t.get("guest_port", 80)),
             host_port=port,
             route=route,

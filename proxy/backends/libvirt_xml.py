@@ -61,6 +61,7 @@ class DomainParams:
     host_address: str = "127.0.0.1"  # where the forwarded port binds, on the hypervisor host
     owner: str = ""  # the owner lock file (`proxy.backends.owner`): held while summon lives
     arch: str = "x86_64"  # or "aarch64": QEMU's virt machine (qemu-system-aarch64)
+    tb_cache_mib: int = 0  # TCG's translation buffer (QEMU's tb-size); 0: QEMU's default
 
 
 # Per guest arch: the machine, and what goes in <os>/<cpu>/<features>. aarch64 is QEMU's
@@ -129,8 +130,10 @@ def domain_xml(p: DomainParams) -> str:
 
 
 def _cpu_features(p: DomainParams) -> str:
+    tcg = f"<tcg><tb-cache unit='MiB'>{p.tb_cache_mib}</tb-cache></tcg>" if p.tb_cache_mib and p.domain_type == "qemu" \
+        else ""
     if p.arch == "x86_64":
-        return "<features><acpi/></features>"
+        return f"<features><acpi/>{tcg}</features>"
     if p.domain_type == "kvm":
         return "<cpu mode='host-passthrough'/><features><gic version='host'/></features>"
     return f"<cpu mode='custom' match='exact'><model fallback='forbid'>{AARCH64_CPU}</model></cpu>"

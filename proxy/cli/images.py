@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import ImageError
+from ..errors import BuildSetupError, ImageError
 from ..images.manifest import built_manifest_file, image_names, load_image, read_manifest_file
 from ..images.store import Store
 
@@ -43,6 +43,10 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     build.add_argument("--arch", default="x86_64", metavar="ARCH",
                        help="x86_64 (default), aarch64 (from Debian's arm64 packages: `make image-arm64` "
                             "enables them), a comma list, or all")
+    build.add_argument("--kernel", choices=("packaged", "minimal"), default=None,
+                       help="x86_64's kernel: packaged (Debian's cloud kernel, the default) or minimal (compiled "
+                            "from linux-source-6.1 once, then cached); default: the recipe's "
+                            "[targets.x86_64] kernel_source, else packaged")
     _where(build)
     build.set_defaults(func=cmd_build)
 
@@ -176,8 +180,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     image_dir = _image_dir(args.images_dir, args.name)
     try:
         build_image(image_dir, lambda line: print(f"  {line}", flush=True), store=args.store, source_date_epoch=epoch,
-                    arches=arches)
+                    arches=arches, kernel_source=args.kernel)
         image = load_image(args.images_dir, args.name, store=args.store)
+    except BuildSetupError as exc:  # fix the recipe or the machine first
+        print(f"summon images build: {exc}", file=sys.stderr)
+        return 2
     except ImageError as exc:
         print(f"summon images build: {exc}", file=sys.stderr)
         return 1
@@ -203,11 +210,55 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for target in image.targets():
             try:
                 image.verify(target)
-                print(f"ok   {image.name} [{target}] {len(image.artefacts(target))} artefact(s)")
+                problems, notes = _verify_inputs(image, target)
             except ImageError as exc:
                 print(f"FAIL {image.name} [{target}]: {exc}")
                 failures += 1
+                continue
+            for note in notes:
+                print(f"note {image.name} [{target}]: {note}")
+            if problems:
+                for problem in problems:
+                    print(f"FAIL {image.name} [{target}]: {problem}")
+                failures += 1
+            else:
+                print(f"ok   {image.name} [{target}] {len(image.artefacts(target))} artefact(s)"
+                      f"{' and the minimal kernel inputs' if _is_minimal(image, target) else ''}")
     return 1 if failures else 0
+
+
+def _is_minimal(image: object, target: str) -> bool:
+    b = getattr(image, "manifest", {}).get("build")
+    return target == "x86_64" and isinstance(b, dict) and b.get("kernel_source") == "minimal"
+
+
+def _verify_inputs(image: object, target: str) -> tuple[list[str], list[str]]:
+    """(problems, notes) about what [build] records of a minimal kernel (nothing otherwise):
+    checked against the kernel's own embedded .config and the initramfs's entries."""
+    if not _is_minimal(image, target):
+        return [], []
+    import hashlib
+
+    from ..images import minimal as mk
+    from ..images.rebuild import read_newc
+
+    b = image.manifest["build"]  # type: ignore[attr-defined]
+    record = b.get("minimal_kernel")
+    if not isinstance(record, dict):
+        return ["[build] says kernel_source = \"minimal\" but has no minimal_kernel table"], []
+    kernel = image.path(target, "kernel").read_bytes()  # type: ignore[attr-defined]
+    initrd = read_newc(image.path(target, "initrd").read_bytes())  # type: ignore[attr-defined]
+    try:
+        committed = mk.FRAGMENT.read_text()
+    except OSError:
+        committed = None
+    same = committed is not None and hashlib.sha256(committed.encode()).hexdigest() == record.get(
+        "config_fragment_sha256")
+    packages = b.get("packages") if isinstance(b.get("packages"), dict) else {}
+    problems, notes = mk.check_record(record, packages, kernel, list(initrd), committed if same else None)
+    if b.get("modules"):
+        problems.append(f"[build].modules lists {b['modules']}: the minimal kernel loads none")
+    return problems, notes
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -278,7 +329,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         for target in targets:
             try:
                 out = rebuild(manifest, image_dir, store, Path(tmp) / target, allow_substitutes=args.allow_substitutes,
-                              target=target)
+                              target=target, progress=lambda line: print(f"  {line}", flush=True))
             except ImageError as exc:
                 print(f"summon images rebuild: {exc}", file=sys.stderr)
                 return 3

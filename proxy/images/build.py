@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ImageError
-from .kernel import FORMATS, TOOL_PACKAGES, extract_vmlinux, payload
+from ..errors import BuildSetupError, ImageError
+from .kernel import FORMATS, TOOL_PACKAGES, extract_vmlinux, has_pvh_entry, payload
 from .manifest import BUILD_DIR, content_digest, manifest_digest, read_manifest, write_built_manifest
 
 # Load order matters: each module needs the ones before it (see modules.dep).
@@ -61,6 +61,17 @@ KERNEL_GLOB = "vmlinuz-*-cloud-amd64"
 CMDLINE = ("console=ttyS0 quiet panic=-1 8250.nr_uarts=1 i8042.noaux i8042.nopnp i8042.dumbkbd tsc=reliable"
            " no_timer_check noreplace-smp pci=lastbus=0 cryptomgr.notests")
 MEMORY_MIB = 128
+# The minimal kernel's defaults (see `minimal`), from boots under TCG here (medians of 5-7,
+# round robin): the guest touches ~30 MiB whatever its size (128, 64, 48, 32 MiB: idle
+# RSS 112 MiB each, boot 1.43-1.46 s), so 48 MiB costs nothing and counts 48, not 128, against
+# a host's standby budget. TCG's translation buffer is left at QEMU's default: 16 MiB
+# (`tb_cache_mib = 16`) took 17 MiB off the RSS and ~0.1 s off a boot (1.35 vs 1.45 s)
+# but made a paused standby's resume 90 ms instead of 22 (the boot's translations are
+# flushed, so the first request translates again); 8 MiB slowed boots (1.68 s, some 5 s).
+# Same command line as the packaged kernel.
+MINIMAL_MEMORY_MIB = 48
+MINIMAL_CMDLINE = CMDLINE
+MINIMAL_TB_CACHE_MIB = 0
 KERNEL_FORMAT = "pvh"  # the default `kernel_format` (see `kernel`): no decompressor per boot
 KERNEL_FILES = {"bzimage": "vmlinuz", "pvh": "vmlinux"}
 
@@ -145,8 +156,10 @@ def tree_entries(src: Path, prefix: str) -> list[Entry]:
     return entries
 
 
-def init_script(guest_port: int, modules: Iterable[str]) -> str:
+def init_script(guest_port: int, modules: Iterable[str], builtin: bool = False) -> str:
     """PID 1: mount, load virtio-net, configure QEMU user networking, run httpd.
+
+    `builtin`: the kernel has its drivers built in (the minimal kernel): no module loop.
 
     It marks its progress on the console (`proxy.backends.console` reads the marks): a
     line written to /dev/kmsg at level 2 passes ``quiet`` and carries the kernel's
@@ -158,6 +171,10 @@ def init_script(guest_port: int, modules: Iterable[str]) -> str:
     when the driver reads the console."""
     mods = " ".join(modules)
     port_hex = f"{guest_port:04X}"
+    load = "" if builtin else f"""for m in {mods}; do
+  [ -f /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko
+done
+"""
     return f"""#!/bin/busybox sh
 # PID 1 of a summon microVM. If httpd ever exits, so does this script: the kernel panics
 # (panic=-1 reboots, libvirt's on_reboot=destroy removes the domain) and the proxy sees
@@ -169,10 +186,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 (dmesg | grep -m1 "Run /init as init process") &
-for m in {mods}; do
-  [ -f /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko
-done
-i=0
+{load}i=0
 while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done
 ip link set lo up
 ip addr add 10.0.2.15/24 dev eth0
@@ -255,23 +269,28 @@ def check_load_order(mods: list[tuple[str, bytes]]) -> None:
 
 def vm_entries(site: Path, kernel: Kernel | None, guest_port: int = 80, busybox: Path = BUSYBOX,
                modules: Iterable[str] = VIRTIO_NET_MODULES) -> list[Entry]:
-    """Everything in the microVM's root: busybox, /init, modules (if a kernel), /site."""
+    """Everything in the microVM's root: busybox, /init, modules (if a kernel), /site.
+
+    No `modules` at all (the minimal kernel, drivers built in): no /lib/modules and an
+    /init that loads nothing."""
+    builtin = not tuple(modules)
     try:
         bb = busybox.read_bytes()
     except OSError as exc:
         raise ImageError(f"cannot read {busybox}: install busybox-static ({exc})") from exc
-    mods = module_files(kernel, modules) if kernel else []
+    mods = module_files(kernel, modules) if kernel and not builtin else []
     check_load_order(mods)
     entries = [
         Entry("bin/busybox", S_IFREG | 0o755, bb),
-        Entry("init", S_IFREG | 0o755, init_script(guest_port, [n for n, _ in mods]).encode()),
+        Entry("init", S_IFREG | 0o755, init_script(guest_port, [n for n, _ in mods], builtin).encode()),
         Entry("dev/console", S_IFCHR | 0o600, rdev=(5, 1)),
         Entry("dev/kmsg", S_IFCHR | 0o644, rdev=(1, 11)),  # PID 1's first mark, before devtmpfs
         Entry("proc", S_IFDIR | 0o755),
         Entry("sys", S_IFDIR | 0o755),
         Entry("tmp", S_IFDIR | 0o1777),
-        Entry("lib/modules", S_IFDIR | 0o755),
     ]
+    if not builtin:
+        entries.append(Entry("lib/modules", S_IFDIR | 0o755))
     entries += [Entry(f"lib/modules/{n}.ko", S_IFREG | 0o644, data) for n, data in mods]
     return entries + tree_entries(site, "site")
 
@@ -318,6 +337,7 @@ class Inputs:
     source_date_epoch: int = 0
     modules: tuple[str, ...] = VIRTIO_NET_MODULES
     kernel_format: str = KERNEL_FORMAT  # "pvh": the ELF inside the bzImage (see `kernel`)
+    kernel_source: str = "packaged"  # "minimal": `kernel.vmlinuz` is the compiled ELF (see `minimal`)
 
 
 @dataclass(frozen=True)
@@ -335,11 +355,18 @@ def assemble(inputs: Inputs, out: Path) -> Artefacts:
         raise ImageError(f"site directory {inputs.site} does not exist")
     if inputs.kernel_format not in FORMATS:
         raise ImageError(f"kernel_format {inputs.kernel_format!r}: use one of {', '.join(FORMATS)}")
+    if inputs.kernel_source == "minimal" and inputs.kernel_format != "pvh":
+        raise ImageError("the minimal kernel is built as an ELF with a PVH entry: kernel_format must be \"pvh\"")
     out.mkdir(parents=True, exist_ok=True)
     vmlinuz = out / KERNEL_FILES[inputs.kernel_format]
     tmp = out / f".{vmlinuz.name}.tmp"
     try:
-        if inputs.kernel_format == "pvh":
+        if inputs.kernel_source == "minimal":
+            elf = inputs.kernel.vmlinuz.read_bytes()
+            if not has_pvh_entry(elf):
+                raise ImageError(f"{inputs.kernel.vmlinuz} is not an ELF kernel with a PVH entry point")
+            tmp.write_bytes(elf)
+        elif inputs.kernel_format == "pvh":
             tmp.write_bytes(extract_vmlinux(inputs.kernel.vmlinuz.read_bytes())[0])
         else:
             shutil.copyfile(inputs.kernel.vmlinuz, tmp)
@@ -466,7 +493,8 @@ def fetch_foreign(arch: Arch, cache: Path, progress: Callable[[str], None]) -> F
 
 def build_image(image_dir: Path, progress: Callable[[str], None], store: Path | None = None,
                 source_date_epoch: int = 0, now: Callable[[], float] = time.time,
-                arches: Iterable[str] = ("x86_64",), packages_dir: Path | None = None) -> str:
+                arches: Iterable[str] = ("x86_64",), packages_dir: Path | None = None,
+                kernel_source: str | None = None, kernel_cache: Path | None = None) -> str:
     """Build the microVM of each of `arches` into the image store; record them in build/image.toml.
 
     The artefacts go into the store (`store`, default ``<images dir>/.store``) by digest;
@@ -480,6 +508,10 @@ def build_image(image_dir: Path, progress: Callable[[str], None], store: Path | 
     ``<images dir>/.packages``). Building some arches keeps the others' targets from the
     previous build of the same recipe, so `--arch aarch64` after a plain build gives an
     image with both.
+
+    `kernel_source` (``--kernel``; else the recipe's ``[targets.x86_64] kernel_source``,
+    else "packaged"): "minimal" compiles (or takes from `kernel_cache`) the kernel of
+    `minimal`, x86_64 only, and its initramfs carries no modules.
     """
     from .store import Build, Store, default_store, link_into
 
@@ -496,12 +528,34 @@ def build_image(image_dir: Path, progress: Callable[[str], None], store: Path | 
     for name in wanted:
         arch = ARCHES[name]
         recipe_t = manifest.get("targets", {}).get(name, {})
+        source = _kernel_source(image_dir, name, recipe_t, kernel_source)
+        minimal = source == "minimal"
         guest_port = int(recipe_t.get("guest_port", 80))
-        memory = int(recipe_t.get("memory_mib", MEMORY_MIB))
-        cmdline = str(recipe_t.get("cmdline", arch.cmdline))
+        memory = int(recipe_t.get("memory_mib", MINIMAL_MEMORY_MIB if minimal else MEMORY_MIB))
+        cmdline = str(recipe_t.get("cmdline", MINIMAL_CMDLINE if minimal else arch.cmdline))
         # the PVH entry is x86's; other arches boot the packaged file as it is
         kernel_format = str(recipe_t.get("kernel_format", KERNEL_FORMAT if name == "x86_64" else "bzimage"))
-        if name == native_arch():
+        modules: tuple[str, ...] = () if minimal else arch.modules
+        minimal_record: dict[str, Any] | None = None
+        if minimal:
+            from . import minimal as mk
+
+            try:
+                wanted_inputs = mk.inputs_here(package_version)
+            except BuildSetupError as exc:
+                if kernel_source is not None:  # asked for with --kernel
+                    raise
+                from ..config import key_line  # asked for by the recipe: say where
+
+                recipe = image_dir / "image.toml"
+                line = key_line(recipe, f"targets.{name}", key="kernel_source")
+                raise BuildSetupError(f"{recipe}:{line}: [targets.{name}] kernel_source = \"minimal\": {exc}") from exc
+            built = mk.obtain(wanted_inputs, progress, cache=kernel_cache)
+            kernel, busybox = Kernel(built.release, built.vmlinux, Path("/nonexistent")), BUSYBOX
+            minimal_record = built.record()
+            packages = {mk.SOURCE_PACKAGE: built.inputs.linux_source, BUSYBOX_PACKAGE: package_version(BUSYBOX_PACKAGE),
+                        **{p: package_version(p) for p in ("gcc", "binutils", "libelf-dev")}}
+        elif name == native_arch():
             kernel, busybox = find_kernel(), BUSYBOX
             wanted_pkgs = [f"linux-image-cloud-{arch.debian}", KERNEL_PACKAGE.format(release=kernel.release),
                            BUSYBOX_PACKAGE]
@@ -513,12 +567,13 @@ def build_image(image_dir: Path, progress: Callable[[str], None], store: Path | 
             foreign = fetch_foreign(arch, packages_dir or image_dir.parent / ".packages" / arch.debian, progress)
             kernel, busybox, packages = foreign.kernel, foreign.busybox, foreign.packages
         progress(f"[{name}] kernel {kernel.release} from {kernel.vmlinuz}")
-        progress(f"[{name}] packing initramfs: busybox, {len(arch.modules)} virtio modules, site {site}")
+        progress(f"[{name}] packing initramfs: busybox, "
+                 f"{f'{len(modules)} virtio modules' if modules else 'no modules (built in)'}, site {site}")
         out = image_dir / arch.build_dir
         staging = image_dir / BUILD_DIR / f".staging.{os.getpid()}"
         try:
-            art = assemble(Inputs(kernel, busybox, site, guest_port, source_date_epoch, arch.modules, kernel_format),
-                           staging)
+            art = assemble(Inputs(kernel, busybox, site, guest_port, source_date_epoch, modules, kernel_format,
+                                  source), staging)
             for src, fname in ((art.kernel, art.kernel.name), (art.initrd, "initrd.cpio.gz")):
                 out.mkdir(parents=True, exist_ok=True)
                 link_into(st.object_path(st.put_file(src)), out / fname)
@@ -538,13 +593,19 @@ def build_image(image_dir: Path, progress: Callable[[str], None], store: Path | 
             "memory_mib": memory,
             "guest_port": guest_port,
         }
+        tb_cache = int(recipe_t.get("tb_cache_mib", MINIMAL_TB_CACHE_MIB if minimal else 0))
+        if tb_cache:  # TCG's translation buffer (QEMU's tb-size); absent: QEMU's default
+            targets[name]["tb_cache_mib"] = tb_cache
         recorded = {
             "packages": packages,
             "kernel_release": kernel.release,
             "kernel_format": kernel_format,
-            "modules": list(arch.modules),
+            "modules": list(modules),
             "initrd_cpio_sha256": art.initrd_cpio_sha256,
         }
+        if minimal_record is not None:  # only then: a packaged build's manifest keeps its shape
+            recorded["kernel_source"] = source
+            recorded["minimal_kernel"] = minimal_record
         if name == "x86_64":  # at the top of [build], where rebuild.py reads it
             build_table.update(recorded)
         else:
@@ -567,7 +628,30 @@ def build_image(image_dir: Path, progress: Callable[[str], None], store: Path | 
     return version
 
 
-_X86_BUILD_KEYS = ("packages", "kernel_release", "modules", "initrd_cpio_sha256")
+_X86_BUILD_KEYS = ("packages", "kernel_release", "modules", "initrd_cpio_sha256", "kernel_format", "kernel_source",
+                   "minimal_kernel")
+
+
+def _kernel_source(image_dir: Path, target: str, recipe_t: dict[str, Any], override: str | None) -> str:
+    """The kernel to build, packaged or minimal: `--kernel`, else the recipe's key (a bad value names its line)."""
+    from ..config import key_line
+    from . import minimal as mk
+
+    recipe = image_dir / "image.toml"
+    value = override if override is not None else recipe_t.get("kernel_source", "packaged")
+    if value not in mk.SOURCES:
+        if override is not None:
+            raise BuildSetupError(f"--kernel {value!r}: use {' or '.join(mk.SOURCES)}")
+        line = key_line(recipe, f"targets.{target}", key="kernel_source")
+        raise BuildSetupError(f"{recipe}:{line}: [targets.{target}] kernel_source = {value!r}: use "
+                              f"{' or '.join(repr(s) for s in mk.SOURCES)}")
+    if value == "minimal" and target != "x86_64":
+        if override is not None:
+            raise BuildSetupError(f"--kernel minimal is built for x86_64 only, not {target}")
+        line = key_line(recipe, f"targets.{target}", key="kernel_source")
+        raise BuildSetupError(f"{recipe}:{line}: [targets.{target}] kernel_source = \"minimal\": the minimal "
+                              f"kernel is built for x86_64 only")
+    return str(value)
 
 
 def _carried_over(image_dir: Path, recipe: dict[str, Any], recipe_digest: str, wanted: list[str],

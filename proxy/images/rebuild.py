@@ -150,9 +150,12 @@ class Packages:
 
 def rebuild(manifest: dict[str, Any], image_dir: Path, store: Store, out_dir: Path,
             allow_substitutes: bool = False, run: Run = _run,
-            installed: Callable[[str], str] = ib.package_version, target: str = "x86_64") -> Outcome:
+            installed: Callable[[str], str] = ib.package_version, target: str = "x86_64",
+            progress: Callable[[str], None] = lambda _line: None,
+            compile_kernel: Callable[..., Any] | None = None) -> Outcome:
     """Recreate the artefacts of microVM target `target` (x86_64, aarch64) that `manifest`
-    records into `out_dir`; compare digests."""
+    records into `out_dir`; compare digests. A minimal kernel is compiled again
+    (`compile_kernel`, default `minimal.obtain` without its cache): minutes."""
     out = Outcome()
     b = manifest.get("build")
     t = manifest.get("targets", {}).get(target)
@@ -172,6 +175,9 @@ def rebuild(manifest: dict[str, Any], image_dir: Path, store: Store, out_dir: Pa
         out.lines.append(f"note: built with {b['built_with']}, rebuilding with {now_with} (both {builder})")
     release = str(rec.get("kernel_release", ""))
     packages = rec.get("packages", {}) if isinstance(rec.get("packages"), dict) else {}
+    if target == "x86_64" and rec.get("kernel_source") == "minimal":
+        return _rebuild_minimal(manifest, rec, t, image_dir, store, out_dir, out, allow_substitutes, run, installed,
+                                progress, compile_kernel)
     kpkg, bpkg = ib.KERNEL_PACKAGE.format(release=release), ib.BUSYBOX_PACKAGE
     for p in (kpkg, bpkg):
         if p not in packages:
@@ -203,6 +209,74 @@ def rebuild(manifest: dict[str, Any], image_dir: Path, store: Store, out_dir: Pa
         old = _recorded_initrd(t, image_dir, store)
         if old is not None:
             out.differences += [f"  {d}" for d in diff_initrd(old, art.initrd.read_bytes())]
+    return out
+
+
+def _rebuild_minimal(manifest: dict[str, Any], rec: dict[str, Any], t: dict[str, Any], image_dir: Path, store: Store,
+                     out_dir: Path, out: Outcome, allow_substitutes: bool, run: Run, installed: Callable[[str], str],
+                     progress: Callable[[str], None], compile_kernel: Callable[..., Any] | None) -> Outcome:
+    """x86_64 with the minimal kernel: the same source package, fragment and toolchain,
+    compiled again from scratch (never from the cache), then the same `assemble`."""
+    from . import minimal as mk
+
+    raw = rec.get("minimal_kernel")
+    record: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    packages = rec.get("packages", {}) if isinstance(rec.get("packages"), dict) else {}
+    for p in (mk.SOURCE_PACKAGE, ib.BUSYBOX_PACKAGE):
+        if p not in packages:
+            out.refused.append(f"[build].packages does not record {p}")
+    if list(rec.get("modules") or []):
+        out.refused.append(f"[build].modules is {rec['modules']}; the minimal kernel loads none")
+    need = ("config_fragment_sha256", "config_sha256", "gcc", "binutils", "builder")
+    if absent := [k for k in need if not record.get(k)]:
+        out.refused.append(f"[build].minimal_kernel does not record {', '.join(absent)}")
+    if out.refused:
+        return out
+    if record["builder"] != mk.KERNEL_BUILDER:
+        out.refused.append(f"the kernel was compiled by {record['builder']}; this summon compiles "
+                           f"{mk.KERNEL_BUILDER} (use a summon of that version)")
+    try:
+        frag = mk.FRAGMENT.read_bytes()
+    except OSError as exc:
+        frag = b""
+        out.refused.append(f"cannot read {mk.FRAGMENT}: {exc}")
+    if frag and hashlib.sha256(frag).hexdigest() != record["config_fragment_sha256"]:
+        out.refused.append(f"{mk.FRAGMENT} has sha256:{hashlib.sha256(frag).hexdigest()}; the kernel was built from "
+                           f"sha256:{record['config_fragment_sha256']} (check out the summon it was built with)")
+    gcc, ld = mk.toolchain()
+    for what, have, want in (("gcc", gcc, record["gcc"]), ("binutils", ld, record["binutils"])):
+        if have != want:  # a compiler cannot be fetched as a .deb and unpacked: it must be installed
+            out.refused.append(f"{what} here is {have or 'absent'!r}, the kernel was compiled with {want!r}")
+    missing = mk.missing_packages(installed, mk.BUILD_PACKAGES)
+    if missing:
+        out.refused.append(f"compiling the kernel needs {', '.join(missing)}: apt-get install {' '.join(missing)}")
+    site = _site(manifest, image_dir, store, out_dir / "site-from-store", out)
+    if out.refused or site is None:
+        return out
+    pk = Packages(out_dir / "packages", allow_substitutes, run, installed)
+    src_version = str(packages[mk.SOURCE_PACKAGE])
+    sroot = pk.root(mk.SOURCE_PACKAGE, src_version, out)
+    broot = pk.root(ib.BUSYBOX_PACKAGE, str(packages[ib.BUSYBOX_PACKAGE]), out)
+    out.lines += pk.notes
+    if sroot is None or broot is None:
+        return out
+    use_version = installed(mk.SOURCE_PACKAGE) if sroot == Path("/") else src_version
+    inputs = mk.KernelInputs(use_version, record["config_fragment_sha256"], gcc, ld)
+    progress(f"compiling the minimal kernel again ({mk.SOURCE_PACKAGE} {use_version}, input digest "
+             f"{inputs.digest[:16]}...): not from the cache")
+    compile_kernel = compile_kernel or mk.obtain
+    built = compile_kernel(inputs, progress, cache=out_dir / "kernel-cache", fresh_in=out_dir / "kernel-build",
+                           source_tarball=sroot / str(mk.SOURCE_TARBALL).lstrip("/"))
+    _compare(out, "kernel .config", str(record["config_sha256"]), built.config_sha256)
+    kernel = ib.Kernel(built.release, built.vmlinux, Path("/nonexistent"))
+    inputs_ = ib.Inputs(kernel, broot / "bin" / "busybox", site, int(t.get("guest_port", 80)),
+                        int(manifest["build"].get("source_date_epoch", 0)), modules=(), kernel_format="pvh",
+                        kernel_source="minimal")
+    art = out.artefacts = ib.assemble(inputs_, out_dir / "artefacts" / "x86_64")
+    _compare(out, "kernel", str(t.get("kernel_sha256")), art.kernel_sha256)
+    _compare(out, "initrd", str(t.get("initrd_sha256")), art.initrd_sha256)
+    if "initrd_cpio_sha256" in rec:
+        _compare(out, "initrd (the cpio inside the gzip)", str(rec["initrd_cpio_sha256"]), art.initrd_cpio_sha256)
     return out
 
 

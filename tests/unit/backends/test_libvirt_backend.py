@@ -314,6 +314,15 @@ def test_aarch64_domain_is_the_virt_machine_without_acpi() -> None:
     assert '<type arch="x86_64" machine="pc">hvm</type>' in x86 and "<acpi/>" in x86 and "<cpu" not in x86
 
 
+def test_a_tb_cache_size_goes_into_the_tcg_features_only_under_tcg() -> None:
+    p = DomainParams("summon-a-1", "qemu", Path("/k"), Path("/i"), "console=ttyS0", 48, 80, 40001,
+                     "a", "1", "sha256:" + "0" * 64, 123, "456", "host1", None)
+    assert "<tcg>" not in domain_xml(p)  # 0: QEMU's own default
+    tcg = domain_xml(DomainParams(**{**p.__dict__, "tb_cache_mib": 16}))
+    assert "<features><acpi/><tcg><tb-cache unit='MiB'>16</tb-cache></tcg></features>" in tcg
+    assert "<tcg>" not in domain_xml(DomainParams(**{**p.__dict__, "tb_cache_mib": 16, "domain_type": "kvm"}))
+
+
 def test_a_host_whose_orphan_reap_hangs_on_its_return_is_still_reported_up(monkeypatch: pytest.MonkeyPatch) -> None:
     """The health watch's "up" waits for the reap of the returning host's orphans, but not
     for ever: a reap stuck there once left the host out of placement with no more log lines."""
