@@ -9,11 +9,9 @@ run a copy. `make test` installs what the compile needs (scripts/setup.sh).
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,8 +24,8 @@ from tests.e2e.test_vm_boot import _missing
 from tests.e2e.test_vm_e2e import make_summon, ready_detail
 from tests.helpers.paths import REPO
 from tests.helpers.summon_proc import http_get
+from tests.helpers.vm_images import copy_decks, libvirt_up
 
-URI = "qemu:///system"
 _missing = [*_missing, *minimal.missing_packages(package_version)]
 
 pytestmark = [
@@ -40,16 +38,10 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def minimal_images() -> Iterator[Path]:
-    from proxy.backends.libvirt import libvirt_available, start_libvirt_daemons
     from proxy.images.build import build_image
 
-    if os.geteuid() == 0:
-        start_libvirt_daemons()
-    reason = libvirt_available(URI)
-    assert reason is None, reason
-    root = Path(tempfile.mkdtemp(prefix="summon-vm-minimal-", dir="/var/tmp"))
-    root.chmod(0o755)
-    shutil.copytree(REPO / "images" / "decks", root / "decks", ignore=shutil.ignore_patterns("build"))
+    libvirt_up()
+    root = copy_decks("summon-vm-minimal-")
     t0 = time.monotonic()
     build_image(root / "decks", print, kernel_source="minimal")
     print(f"build with the minimal kernel: {time.monotonic() - t0:.1f}s")
