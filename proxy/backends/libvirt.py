@@ -23,6 +23,10 @@ Why these choices:
   it takes new boots, so a lost instance never runs beside its replacement.
   The kernel, initrd and save-file paths in the XML are read *on that host*: the image
   files must exist there at the same path (the console log is not kept remotely).
+- A background start (a pre-summon, `InstanceSpec.background`) on this machine: its QEMU
+  runs at the lowest CPU priority (`proxy.backends.priority`; found by its pid file) from
+  the moment it exists (during a restore, a watcher thread waits for the pid file) until
+  `foreground`. Remote hosts' QEMUs keep their priority.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from typing import Any, TypeVar
 from ..config import Address
 from ..errors import BackendError, HostUnavailable
 from ..images.manifest import Image
+from . import priority
 from .base import Handle, InstanceSpec
 from .console import ConsoleTail, guest_marks
 from .libvirt_host import (
@@ -253,6 +258,9 @@ class LibvirtBackend:
         self._boots: dict[str, tuple[dict[str, float], ConsoleTail | None]] = {}  # domain -> (host marks, tail)
         self._hostname = socket.gethostname()
         self.owner_dir = owner_dir or default_dir()
+        # background starts not brought to the foreground yet: instance id -> domain name
+        self._background: dict[str, str] = {}
+        self._may_lower = self.endpoint is None and priority.can_raise()
 
     # --- plumbing -----------------------------------------------------------------
 
@@ -461,6 +469,8 @@ class LibvirtBackend:
         name = domain_name(spec.route.name, spec.instance_id)
         restore = spec.start == "restore" and dtype != "test"
         snapshot = await self.save_snapshot(spec) if restore else None
+        if spec.background and self._may_lower and dtype != "test":
+            self._background[spec.instance_id] = name
         self.console_dir.mkdir(parents=True, exist_ok=True)
         last: BackendError | None = None
         tried: set[int] = set()
@@ -472,15 +482,19 @@ class LibvirtBackend:
             create_at = time.monotonic()
             try:
                 if snapshot is not None:
-                    await self._call(f"restore {name}", self._restore_sync, snapshot, params)
+                    await self._call(f"restore {name}", self._restore_sync, snapshot, params, spec.instance_id)
                 else:
                     xml = domain_xml(params)
                     await self._call(f"create {name}", lambda xml=xml: self._connection().createXML(xml, 0))
+                    self._lower(spec.instance_id, name)
             except HostUnavailable:
                 self._ports.discard(port)
+                self._background.pop(spec.instance_id, None)
                 raise
             except BackendError as exc:
                 self._ports.discard(port)
+                if not ("hostfwd" in str(exc) or "host forwarding" in str(exc)):
+                    self._background.pop(spec.instance_id, None)
                 last = exc
                 if "hostfwd" in str(exc) or "host forwarding" in str(exc):
                     continue
@@ -539,13 +553,66 @@ class LibvirtBackend:
             marks = {**marks, **{renamed[k]: v for k, v in guest.items()}}
         return marks
 
-    def _restore_sync(self, snapshot: Path, params: DomainParams) -> None:
+    def _restore_sync(self, snapshot: Path, params: DomainParams, instance_id: str = "") -> None:
         copy = snapshot.with_name(f".{params.name}.restore")
+        done = threading.Event()
+        watcher = None
+        if instance_id in self._background:  # its QEMU appears inside the restore call: lower it then
+            watcher = threading.Thread(target=self._lower_when_up, args=(instance_id, params.name, done),
+                                       name=f"libvirt-nice {params.name}", daemon=True)
+            watcher.start()
         try:
             copy_save_with_xml(snapshot, copy, lambda xml: retarget_xml(xml, params))
             self._connection().restore(str(copy))
         finally:
+            done.set()
+            if watcher is not None:
+                watcher.join(timeout=1.0)
             copy.unlink(missing_ok=True)
+
+    # --- background starts (pre-summons): the lowest CPU priority until `foreground` --------
+
+    def _qemu_pid(self, name: str) -> int | None:
+        try:
+            return int((QEMU_PID_DIR / f"{name}.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _lower(self, instance_id: str, name: str) -> bool:
+        """Lower the QEMU of a background start, unless it was brought to the foreground
+        meanwhile; True once done (or nothing is to be done)."""
+        if self._background.get(instance_id) != name:
+            return True
+        pid = self._qemu_pid(name)
+        if pid is None:
+            return False
+        try:
+            priority.set_nice(pid, priority.BACKGROUND_NICE)
+        except OSError as exc:
+            log.warning("cannot lower the priority of %s: %s", name, exc)
+            return True
+        if self._background.get(instance_id) != name:  # raised while we lowered it: raise it again
+            self._raise(pid, name)
+        return True
+
+    def _lower_when_up(self, instance_id: str, name: str, done: threading.Event) -> None:
+        """During a restore: every 10 ms, until its QEMU's pid file is there or the call ends."""
+        while not done.is_set() and not self._lower(instance_id, name):
+            done.wait(0.01)
+        if done.is_set():
+            self._lower(instance_id, name)  # (the pid file came with the call's end)
+
+    def _raise(self, pid: int, name: str) -> None:
+        try:
+            priority.set_nice(pid, 0)
+        except OSError as exc:
+            log.warning("cannot raise the priority of %s: %s", name, exc)
+
+    def foreground(self, instance_id: str) -> None:
+        name = self._background.pop(instance_id, None)
+        pid = self._qemu_pid(name) if name is not None else None
+        if pid is not None and name is not None:
+            self._raise(pid, name)
 
     # --- paused standbys (`start = "resume"`) ------------------------------------------------
 
@@ -571,6 +638,7 @@ class LibvirtBackend:
 
     async def stop(self, handle: Handle) -> None:
         name = str(handle.detail.get("domain", ""))
+        self._background.pop(handle.instance_id, None)
         self._handles.pop(name, None)
         _marks, tail = self._boots.pop(name, ({}, None))
         if tail is not None:

@@ -146,3 +146,35 @@ def test_snapshot_restore_two_instances(decks: Image) -> None:
         assert not any(str(h.detail["domain"]) in names for h in handles)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("start", ["boot", "restore"])
+def test_a_background_start_runs_at_the_lowest_priority_until_foreground(decks: Image, start: str) -> None:
+    """A pre-summon's QEMU (every thread, and its session's autogroup) is at nice 19 from
+    its start, the foreground puts it back to 0, and the guest answers either way."""
+    from dataclasses import replace
+
+    from proxy.backends import priority
+    from proxy.backends.libvirt import QEMU_PID_DIR, LibvirtBackend
+
+    async def main() -> None:
+        b = LibvirtBackend(URI, probe_kvm=True)
+        try:
+            h = await b.start(replace(spec(decks, f"bg{start}", start=start), background=True))
+            assert h.detail["start"] == start
+            pid = int((QEMU_PID_DIR / f"{h.detail['domain']}.pid").read_text())
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+            assert len(tasks) > 1 and {priority.nice_of(int(t.name)) for t in tasks} == {19}
+            assert priority.autogroup_nice_of(pid) in (None, 19)
+            b.foreground(h.instance_id)
+            assert {priority.nice_of(int(t.name)) for t in Path(f"/proc/{pid}/task").iterdir()} == {0}
+            assert priority.autogroup_nice_of(pid) in (None, 0)
+            await asyncio.to_thread(fetch, h.address.port, 60)
+            b.foreground(h.instance_id)  # once more: nothing left to do, no error
+            plain = await b.start(spec(decks, f"fg{start}", start=start))  # not background: never lowered
+            ppid = int((QEMU_PID_DIR / f"{plain.detail['domain']}.pid").read_text())
+            assert priority.nice_of(ppid) == 0 and priority.autogroup_nice_of(ppid) in (None, 0)
+        finally:
+            await b.close()
+
+    asyncio.run(main())
