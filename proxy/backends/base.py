@@ -89,13 +89,13 @@ class Pausable(Protocol):
 
 @runtime_checkable
 class Prioritised(Protocol):
-    """A driver that starts a `background` spec at a low CPU priority (see
-    `proxy.backends.priority`), so that on shared cores the starts a request waits for
-    come first."""
+    """A driver that starts a `background` spec at a low CPU priority (processes: nice,
+    `proxy.backends.priority`; libvirt: the domain's cgroup CPU share), so that on shared
+    cores the starts a request waits for come first."""
 
-    def foreground(self, instance_id: str) -> None:
-        """Give the instance the CPU like any other from now on (it may still be starting:
-        then it is not lowered at all). Never raises for an instance that is gone."""
+    async def foreground(self, instance_id: str) -> None:
+        """Give the instance the CPU like any other from now on (it may still be starting).
+        Never raises for an instance that is gone."""
         ...
 
 

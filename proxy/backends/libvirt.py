@@ -23,10 +23,15 @@ Why these choices:
   it takes new boots, so a lost instance never runs beside its replacement.
   The kernel, initrd and save-file paths in the XML are read *on that host*: the image
   files must exist there at the same path (the console log is not kept remotely).
-- A background start (a pre-summon, `InstanceSpec.background`) on this machine: its QEMU
-  runs at the lowest CPU priority (`proxy.backends.priority`; found by its pid file) from
-  the moment it exists (during a restore, a watcher thread waits for the pid file) until
-  `foreground`. Remote hosts' QEMUs keep their priority.
+- A background start (a pre-summon, `InstanceSpec.background`) on this machine: its domain
+  is created (or restored) with `<cputune><shares>2</shares>`, the least CPU share of
+  libvirt's per-domain cgroup, from its QEMU's first instruction to `foreground`, which
+  sets a normal domain's share (1024 under cgroup v1, 100 under v2) through
+  virDomainSetSchedulerParameters. A nice value would do nothing here: libvirt puts each
+  QEMU in a cgroup of its own, and the kernel weighs nice only within one. Its libvirt
+  calls run on their own two threads, so that the starts requests wait for never queue
+  behind them. Where libvirt has no CPU controller (the first such start fails), or on a
+  remote host, pre-summons start like any other.
 """
 
 from __future__ import annotations
@@ -49,7 +54,6 @@ from typing import Any, TypeVar
 from ..config import Address
 from ..errors import BackendError, HostUnavailable
 from ..images.manifest import Image
-from . import priority
 from .base import Handle, InstanceSpec
 from .console import ConsoleTail, guest_marks
 from .libvirt_host import (
@@ -215,6 +219,21 @@ def qemu_exec_time(name: str, pid_dir: Path = QEMU_PID_DIR) -> float | None:
     return time.monotonic() - (time.clock_gettime(time.CLOCK_BOOTTIME) - started_boottime)
 
 
+BACKGROUND_SHARES = 2  # cgroup v1's least cpu.shares (v2: a weight of 2 against 100)
+
+
+def normal_cpu_shares(root: Path = Path("/sys/fs/cgroup")) -> int:
+    """A domain's CPU share without `<cputune>`: the kernel's default, cpu.shares 1024
+    where the cpu controller is cgroup v1, else cpu.weight 100 (v2)."""
+    v1 = any((root / d / "cpu.shares").exists() for d in ("cpu", "cpu,cpuacct"))
+    return 1024 if v1 else 100
+
+
+def _cputune_unsupported(exc: BackendError) -> bool:
+    text = str(exc).lower()
+    return "cgroup" in text or "cpu shares" in text or "cputune" in text
+
+
 def _close_quietly(conn: Any) -> None:
     try:
         conn.close()
@@ -260,7 +279,12 @@ class LibvirtBackend:
         self.owner_dir = owner_dir or default_dir()
         # background starts not brought to the foreground yet: instance id -> domain name
         self._background: dict[str, str] = {}
-        self._may_lower = self.endpoint is None and priority.can_raise()
+        self._shares_ok: bool | None = None  # do domains here take <cputune><shares>? None: not tried yet
+        self._normal_shares = normal_cpu_shares()
+        # pre-summons' create/restore calls: never all of the pool above, which the starts a
+        # request waits for need; and the calls that raise a share, behind no create
+        self._background_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="libvirt-bg")
+        self._prio_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="libvirt-prio")
 
     # --- plumbing -----------------------------------------------------------------
 
@@ -401,7 +425,8 @@ class LibvirtBackend:
     # --- start / stop -----------------------------------------------------------------
 
     def _params(self, image: Image, name: str, instance_id: str, dtype: str, port: int, route: str = "",
-                arch: str = "x86_64", paths: dict[str, str] | None = None) -> DomainParams:
+                arch: str = "x86_64", paths: dict[str, str] | None = None,
+                cpu_shares: int | None = None) -> DomainParams:
         t = image.target(arch)
         return DomainParams(
             name=name,
@@ -424,6 +449,7 @@ class LibvirtBackend:
             host_address=self._address or "127.0.0.1",
             owner=str(claim(self.owner_dir).path),  # this process's, also after a fork
             arch=arch,
+            cpu_shares=cpu_shares,
         )
 
     # --- where guests' ports go -----------------------------------------------------------
@@ -469,36 +495,47 @@ class LibvirtBackend:
         name = domain_name(spec.route.name, spec.instance_id)
         restore = spec.start == "restore" and dtype != "test"
         snapshot = await self.save_snapshot(spec) if restore else None
-        if spec.background and self._may_lower and dtype != "test":
-            self._background[spec.instance_id] = name
+        # a pre-summon: its domain is born with the least CPU share (`<cputune><shares>`), and its
+        # libvirt calls take other threads than the starts a request waits for
+        background = spec.background and self.endpoint is None and dtype != "test" and self._shares_ok is not False
+        executor = self._background_executor if spec.background else None
         self.console_dir.mkdir(parents=True, exist_ok=True)
         last: BackendError | None = None
         tried: set[int] = set()
         for _attempt in range(3):  # a port picked as free can be taken before QEMU binds it
             port = await self._choose_port(tried)
             tried.add(port)
-            params = self._params(image, name, spec.instance_id, dtype, port, spec.route.name, arch, paths)
+            params = self._params(image, name, spec.instance_id, dtype, port, spec.route.name, arch, paths,
+                                  cpu_shares=BACKGROUND_SHARES if background else None)
             self._ports.add(port)
+            if background:
+                self._background[spec.instance_id] = name
             create_at = time.monotonic()
             try:
                 if snapshot is not None:
-                    await self._call(f"restore {name}", self._restore_sync, snapshot, params, spec.instance_id)
+                    await self._call(f"restore {name}", self._restore_sync, snapshot, params, executor=executor)
                 else:
                     xml = domain_xml(params)
-                    await self._call(f"create {name}", lambda xml=xml: self._connection().createXML(xml, 0))
-                    self._lower(spec.instance_id, name)
+                    await self._call(f"create {name}", lambda xml=xml: self._connection().createXML(xml, 0),
+                                     executor=executor)
             except HostUnavailable:
                 self._ports.discard(port)
                 self._background.pop(spec.instance_id, None)
                 raise
             except BackendError as exc:
                 self._ports.discard(port)
-                if not ("hostfwd" in str(exc) or "host forwarding" in str(exc)):
-                    self._background.pop(spec.instance_id, None)
+                self._background.pop(spec.instance_id, None)
                 last = exc
                 if "hostfwd" in str(exc) or "host forwarding" in str(exc):
                     continue
+                if background and _cputune_unsupported(exc):
+                    log.warning("%s: no CPU shares for pre-summons here (%s); they start like any other",
+                                self.uri, exc)
+                    self._shares_ok = background = False
+                    continue
                 raise
+            if background:
+                self._shares_ok = True
             loop = asyncio.get_running_loop()
             handle = Handle(
                 instance_id=spec.instance_id,
@@ -509,6 +546,11 @@ class LibvirtBackend:
             )
             self._handles[name] = (handle, spec.instance_id)
             self._note_boot(name, params, create_at, time.monotonic(), restored=snapshot is not None)
+            if background and spec.instance_id not in self._background:  # brought to the foreground meanwhile
+                try:
+                    await self._set_shares(name, self._normal_shares)
+                except BackendError as exc:
+                    log.warning("cannot raise the CPU share of %s: %s", name, exc)
             if self._watcher is None or self._watcher.done():
                 self._watcher = asyncio.create_task(self._watch(), name=f"libvirt-watch {self.uri}")
             return handle
@@ -553,66 +595,30 @@ class LibvirtBackend:
             marks = {**marks, **{renamed[k]: v for k, v in guest.items()}}
         return marks
 
-    def _restore_sync(self, snapshot: Path, params: DomainParams, instance_id: str = "") -> None:
+    def _restore_sync(self, snapshot: Path, params: DomainParams) -> None:
         copy = snapshot.with_name(f".{params.name}.restore")
-        done = threading.Event()
-        watcher = None
-        if instance_id in self._background:  # its QEMU appears inside the restore call: lower it then
-            watcher = threading.Thread(target=self._lower_when_up, args=(instance_id, params.name, done),
-                                       name=f"libvirt-nice {params.name}", daemon=True)
-            watcher.start()
         try:
             copy_save_with_xml(snapshot, copy, lambda xml: retarget_xml(xml, params))
             self._connection().restore(str(copy))
         finally:
-            done.set()
-            if watcher is not None:
-                watcher.join(timeout=1.0)
             copy.unlink(missing_ok=True)
 
-    # --- background starts (pre-summons): the lowest CPU priority until `foreground` --------
+    # --- background starts (pre-summons): the least CPU share until `foreground` ------------
 
-    def _qemu_pid(self, name: str) -> int | None:
-        try:
-            return int((QEMU_PID_DIR / f"{name}.pid").read_text().strip())
-        except (OSError, ValueError):
-            return None
-
-    def _lower(self, instance_id: str, name: str) -> bool:
-        """Lower the QEMU of a background start, unless it was brought to the foreground
-        meanwhile; True once done (or nothing is to be done)."""
-        if self._background.get(instance_id) != name:
-            return True
-        pid = self._qemu_pid(name)
-        if pid is None:
-            return False
-        try:
-            priority.set_nice(pid, priority.BACKGROUND_NICE)
-        except OSError as exc:
-            log.warning("cannot lower the priority of %s: %s", name, exc)
-            return True
-        if self._background.get(instance_id) != name:  # raised while we lowered it: raise it again
-            self._raise(pid, name)
-        return True
-
-    def _lower_when_up(self, instance_id: str, name: str, done: threading.Event) -> None:
-        """During a restore: every 10 ms, until its QEMU's pid file is there or the call ends."""
-        while not done.is_set() and not self._lower(instance_id, name):
-            done.wait(0.01)
-        if done.is_set():
-            self._lower(instance_id, name)  # (the pid file came with the call's end)
-
-    def _raise(self, pid: int, name: str) -> None:
-        try:
-            priority.set_nice(pid, 0)
-        except OSError as exc:
-            log.warning("cannot raise the priority of %s: %s", name, exc)
-
-    def foreground(self, instance_id: str) -> None:
+    async def foreground(self, instance_id: str) -> None:
+        """The domain's CPU share back to a normal domain's. One still being created is
+        left to `start`, which raises it once its call returns."""
         name = self._background.pop(instance_id, None)
-        pid = self._qemu_pid(name) if name is not None else None
-        if pid is not None and name is not None:
-            self._raise(pid, name)
+        if name is None or name not in self._handles:
+            return
+        try:
+            await self._set_shares(name, self._normal_shares)
+        except BackendError as exc:
+            log.warning("cannot raise the CPU share of %s: %s", name, exc)
+
+    async def _set_shares(self, name: str, shares: int) -> None:
+        await self._call(f"cpu shares of {name}", lambda: self._connection().lookupByName(name).setSchedulerParametersFlags(
+            {"cpu_shares": shares}, libvirt.VIR_DOMAIN_AFFECT_LIVE), executor=self._prio_executor)
 
     # --- paused standbys (`start = "resume"`) ------------------------------------------------
 
@@ -846,6 +852,8 @@ class LibvirtBackend:
             await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
         self._executor.shutdown(wait=False)
         self._probe_executor.shutdown(wait=False)
+        self._background_executor.shutdown(wait=False)
+        self._prio_executor.shutdown(wait=False)
 
     # --- snapshots -----------------------------------------------------------------------
 

@@ -177,7 +177,7 @@ class ProcessBackend:
             os.close(child.pidfd)
             child.pidfd = None
 
-    def foreground(self, instance_id: str) -> None:
+    async def foreground(self, instance_id: str) -> None:
         child = self.children.get(instance_id)
         if instance_id not in self._background or child is None:
             return

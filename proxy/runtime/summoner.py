@@ -681,17 +681,21 @@ class Summoner:
             self.execute(self.fleet.boot_failed(instance_id, reason, self.now()))
 
     def _foreground(self, cmd: Foreground) -> None:
-        """A pre-summon a request now waits for (or that is ready): full CPU priority. A
-        few syscalls (no libvirt call), so on the loop, before the request's wait begins."""
+        """A pre-summon a request now waits for (or that is ready): full CPU priority."""
         inst = self.fleet.instances.get(cmd.instance_id)
         backend = self.backends.get(inst.host) if inst is not None else None
         if isinstance(backend, Prioritised):
-            try:
-                backend.foreground(cmd.instance_id)
-            except Exception:  # noqa: BLE001 - a priority is worth less than the request
-                log.exception("foreground %s", cmd.instance_id)
-            else:
-                log.debug("foreground %s (%s)", cmd.instance_id, cmd.reason)
+            task = self.loop.create_task(self._raise_priority(backend, cmd))
+            self.stop_tasks.add(task)  # (awaited on close like a stop)
+            task.add_done_callback(self.stop_tasks.discard)
+
+    async def _raise_priority(self, backend: Prioritised, cmd: Foreground) -> None:
+        try:
+            await backend.foreground(cmd.instance_id)
+        except Exception:  # noqa: BLE001 - a priority is worth less than the request
+            log.exception("foreground %s", cmd.instance_id)
+        else:
+            log.debug("foreground %s (%s)", cmd.instance_id, cmd.reason)
 
     async def _resume(self, cmd: Resume) -> None:
         """A cold request took a paused standby: run it again, then as after any start."""
