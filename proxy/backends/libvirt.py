@@ -29,7 +29,7 @@ Why these choices:
   sets a normal domain's share (1024 under cgroup v1, 100 under v2) through
   virDomainSetSchedulerParameters. A nice value would do nothing here: libvirt puts each
   QEMU in a cgroup of its own, and the kernel weighs nice only within one. Its libvirt
-  calls run on their own two threads, so that the starts requests wait for never queue
+  calls run on their own threads, so that the starts requests wait for never queue
   behind them. Where libvirt has no CPU controller (the first such start fails), or on a
   remote host, pre-summons start like any other.
 """
@@ -281,9 +281,10 @@ class LibvirtBackend:
         self._background: dict[str, str] = {}
         self._shares_ok: bool | None = None  # do domains here take <cputune><shares>? None: not tried yet
         self._normal_shares = normal_cpu_shares()
-        # pre-summons' create/restore calls: never all of the pool above, which the starts a
-        # request waits for need; and the calls that raise a share, behind no create
-        self._background_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="libvirt-bg")
+        # pre-summons' create/restore calls: never on the pool above, which the starts a request
+        # waits for need, and all at once (as many as `max_followers`: a call queued here could
+        # not be brought to the foreground); the calls that raise a share, behind no create
+        self._background_executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="libvirt-bg")
         self._prio_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="libvirt-prio")
 
     # --- plumbing -----------------------------------------------------------------
