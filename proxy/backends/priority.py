@@ -1,12 +1,13 @@
-"""The CPU priority of an instance's processes: how a background start (a pre-summon) yields.
+"""The CPU priority of a child process: how the process driver's background starts (pre-summons) yield.
 
 Why two knobs: Linux weighs a thread's nice value only against the threads of its own
 scheduling group, and with autogroups on (`kernel.sched_autogroup_enabled`, the default
-where no cgroup manager places processes) every session is a group of its own. Both the
-process driver's children (setsid) and libvirt's QEMUs (daemonised) lead their own
-sessions, so nicing their threads alone would change nothing against the other instances:
-a background start sets its session's autogroup nice (`/proc/PID/autogroup`) as well as
-the nice of every thread of its process group, and the foreground puts both back to 0.
+where no cgroup manager places processes) every session is a group of its own. The
+process driver's children lead their own sessions (setsid), so nicing their threads alone
+would change nothing against the other instances: a background start sets its session's
+autogroup nice (`/proc/PID/autogroup`) as well as the nice of every thread of its process
+group, and the foreground puts both back to 0. (libvirt's QEMUs each sit in a cpu cgroup
+of their own, where no nice reaches: that driver sets the cgroup's CPU share instead.)
 
 Lowering a priority is allowed to anyone, raising it back is not (CAP_SYS_NICE, or an
 RLIMIT_NICE of 20): where it could not be put back nothing is lowered (`can_raise`), since
