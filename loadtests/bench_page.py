@@ -18,6 +18,8 @@ checked) and with no other of our instances alive:
   no browser involved;
 - `one`: a lone cold GET of `/` through summon: one boot alone.
 
+`BENCH_PAGE_CONFIGS` (comma-separated: `process`, `vm_boot`, `vm_restore`) runs only those.
+
 Boots are the `summoned` events of each run. The goals (issue 18), on VMs only: the
 median `on` at most 1.2x the median floor, and at most 0.85x the median `off`. Where a
 start's time goes is read from the `ready` events' `phases` of the `on` runs: the page's
@@ -409,9 +411,12 @@ def section_page(bench: Any) -> dict[str, Any]:
     else:
         result["vm_skipped"] = vm_reason
         bench.log(f"  VMs skipped: {vm_reason}")
+    wanted = [k for k in os.environ.get("BENCH_PAGE_CONFIGS", "").split(",") if k]  # e.g. vm_boot,vm_restore
+    if wanted:
+        configs = [c for c in configs if _key(*c) in wanted]
     try:
         for backend, start in configs:
-            key = "process" if backend == "process" else f"vm_{start}"
+            key = _key(backend, start)
             bench.log(f" {key}:")
             res = measure(bench, site, backend, start, runs)
             res["goals"] = {
@@ -433,6 +438,10 @@ def section_page(bench: Any) -> dict[str, Any]:
         bench.log(f"page: loadavg before {result['loadavg_before']}, after {result['loadavg_after']};"
                   f" instances left running: {len(left)}")
     return result
+
+
+def _key(backend: str, start: str) -> str:
+    return "process" if backend == "process" else f"vm_{start}"
 
 
 def _vm_unavailable() -> str | None:

@@ -31,6 +31,7 @@ class InstanceSpec:
     host: Host
     image: Image
     start: str = "boot"  # "boot" or "restore" (a standby of a "resume" route is booted)
+    background: bool = False  # a pre-summon: start at a low CPU priority until `Prioritised.foreground`
 
 
 @dataclass
@@ -83,6 +84,18 @@ class Pausable(Protocol):
 
     def rss_mib(self, handle: Handle) -> float | None:
         """The host memory the instance holds now (resident set), or None if unknown."""
+        ...
+
+
+@runtime_checkable
+class Prioritised(Protocol):
+    """A driver that starts a `background` spec at a low CPU priority (processes: nice,
+    `proxy.backends.priority`; libvirt: the domain's cgroup CPU share), so that on shared
+    cores the starts a request waits for come first."""
+
+    async def foreground(self, instance_id: str) -> None:
+        """Give the instance the CPU like any other from now on (it may still be starting).
+        Never raises for an instance that is gone."""
         ...
 
 

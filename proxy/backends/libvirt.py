@@ -23,6 +23,15 @@ Why these choices:
   it takes new boots, so a lost instance never runs beside its replacement.
   The kernel, initrd and save-file paths in the XML are read *on that host*: the image
   files must exist there at the same path (the console log is not kept remotely).
+- A background start (a pre-summon, `InstanceSpec.background`) on this machine: its domain
+  is created (or restored) with `<cputune><shares>2</shares>`, the least CPU share of
+  libvirt's per-domain cgroup, from its QEMU's first instruction to `foreground`, which
+  sets a normal domain's share (1024 under cgroup v1, 100 under v2) through
+  virDomainSetSchedulerParameters. A nice value would do nothing here: libvirt puts each
+  QEMU in a cgroup of its own, and the kernel weighs nice only within one. Its libvirt
+  calls run on their own threads, so that the starts requests wait for never queue
+  behind them. Where libvirt has no CPU controller (the first such start fails), or on a
+  remote host, pre-summons start like any other.
 """
 
 from __future__ import annotations
@@ -210,6 +219,21 @@ def qemu_exec_time(name: str, pid_dir: Path = QEMU_PID_DIR) -> float | None:
     return time.monotonic() - (time.clock_gettime(time.CLOCK_BOOTTIME) - started_boottime)
 
 
+BACKGROUND_SHARES = 2  # cgroup v1's least cpu.shares (v2: a weight of 2 against 100)
+
+
+def normal_cpu_shares(root: Path = Path("/sys/fs/cgroup")) -> int:
+    """A domain's CPU share without `<cputune>`: the kernel's default, cpu.shares 1024
+    where the cpu controller is cgroup v1, else cpu.weight 100 (v2)."""
+    v1 = any((root / d / "cpu.shares").exists() for d in ("cpu", "cpu,cpuacct"))
+    return 1024 if v1 else 100
+
+
+def _cputune_unsupported(exc: BackendError) -> bool:
+    text = str(exc).lower()
+    return "cgroup" in text or "cpu shares" in text or "cputune" in text
+
+
 def _close_quietly(conn: Any) -> None:
     try:
         conn.close()
@@ -253,6 +277,15 @@ class LibvirtBackend:
         self._boots: dict[str, tuple[dict[str, float], ConsoleTail | None]] = {}  # domain -> (host marks, tail)
         self._hostname = socket.gethostname()
         self.owner_dir = owner_dir or default_dir()
+        # background starts not brought to the foreground yet: instance id -> domain name
+        self._background: dict[str, str] = {}
+        self._shares_ok: bool | None = None  # do domains here take <cputune><shares>? None: not tried yet
+        self._normal_shares = normal_cpu_shares()
+        # pre-summons' create/restore calls: never on the pool above, which the starts a request
+        # waits for need, and all at once (as many as `max_followers`: a call queued here could
+        # not be brought to the foreground); the calls that raise a share, behind no create
+        self._background_executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="libvirt-bg")
+        self._prio_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="libvirt-prio")
 
     # --- plumbing -----------------------------------------------------------------
 
@@ -393,7 +426,8 @@ class LibvirtBackend:
     # --- start / stop -----------------------------------------------------------------
 
     def _params(self, image: Image, name: str, instance_id: str, dtype: str, port: int, route: str = "",
-                arch: str = "x86_64", paths: dict[str, str] | None = None) -> DomainParams:
+                arch: str = "x86_64", paths: dict[str, str] | None = None,
+                cpu_shares: int | None = None) -> DomainParams:
         t = image.target(arch)
         return DomainParams(
             name=name,
@@ -416,6 +450,7 @@ class LibvirtBackend:
             host_address=self._address or "127.0.0.1",
             owner=str(claim(self.owner_dir).path),  # this process's, also after a fork
             arch=arch,
+            cpu_shares=cpu_shares,
         )
 
     # --- where guests' ports go -----------------------------------------------------------
@@ -461,30 +496,47 @@ class LibvirtBackend:
         name = domain_name(spec.route.name, spec.instance_id)
         restore = spec.start == "restore" and dtype != "test"
         snapshot = await self.save_snapshot(spec) if restore else None
+        # a pre-summon: its domain is born with the least CPU share (`<cputune><shares>`), and its
+        # libvirt calls take other threads than the starts a request waits for
+        background = spec.background and self.endpoint is None and dtype != "test" and self._shares_ok is not False
+        executor = self._background_executor if spec.background else None
         self.console_dir.mkdir(parents=True, exist_ok=True)
         last: BackendError | None = None
         tried: set[int] = set()
         for _attempt in range(3):  # a port picked as free can be taken before QEMU binds it
             port = await self._choose_port(tried)
             tried.add(port)
-            params = self._params(image, name, spec.instance_id, dtype, port, spec.route.name, arch, paths)
+            params = self._params(image, name, spec.instance_id, dtype, port, spec.route.name, arch, paths,
+                                  cpu_shares=BACKGROUND_SHARES if background else None)
             self._ports.add(port)
+            if background:
+                self._background[spec.instance_id] = name
             create_at = time.monotonic()
             try:
                 if snapshot is not None:
-                    await self._call(f"restore {name}", self._restore_sync, snapshot, params)
+                    await self._call(f"restore {name}", self._restore_sync, snapshot, params, executor=executor)
                 else:
                     xml = domain_xml(params)
-                    await self._call(f"create {name}", lambda xml=xml: self._connection().createXML(xml, 0))
+                    await self._call(f"create {name}", lambda xml=xml: self._connection().createXML(xml, 0),
+                                     executor=executor)
             except HostUnavailable:
                 self._ports.discard(port)
+                self._background.pop(spec.instance_id, None)
                 raise
             except BackendError as exc:
                 self._ports.discard(port)
+                self._background.pop(spec.instance_id, None)
                 last = exc
                 if "hostfwd" in str(exc) or "host forwarding" in str(exc):
                     continue
+                if background and _cputune_unsupported(exc):
+                    log.warning("%s: no CPU shares for pre-summons here (%s); they start like any other",
+                                self.uri, exc)
+                    self._shares_ok = background = False
+                    continue
                 raise
+            if background:
+                self._shares_ok = True
             loop = asyncio.get_running_loop()
             handle = Handle(
                 instance_id=spec.instance_id,
@@ -495,6 +547,11 @@ class LibvirtBackend:
             )
             self._handles[name] = (handle, spec.instance_id)
             self._note_boot(name, params, create_at, time.monotonic(), restored=snapshot is not None)
+            if background and spec.instance_id not in self._background:  # brought to the foreground meanwhile
+                try:
+                    await self._set_shares(name, self._normal_shares)
+                except BackendError as exc:
+                    log.warning("cannot raise the CPU share of %s: %s", name, exc)
             if self._watcher is None or self._watcher.done():
                 self._watcher = asyncio.create_task(self._watch(), name=f"libvirt-watch {self.uri}")
             return handle
@@ -547,6 +604,23 @@ class LibvirtBackend:
         finally:
             copy.unlink(missing_ok=True)
 
+    # --- background starts (pre-summons): the least CPU share until `foreground` ------------
+
+    async def foreground(self, instance_id: str) -> None:
+        """The domain's CPU share back to a normal domain's. One still being created is
+        left to `start`, which raises it once its call returns."""
+        name = self._background.pop(instance_id, None)
+        if name is None or name not in self._handles:
+            return
+        try:
+            await self._set_shares(name, self._normal_shares)
+        except BackendError as exc:
+            log.warning("cannot raise the CPU share of %s: %s", name, exc)
+
+    async def _set_shares(self, name: str, shares: int) -> None:
+        await self._call(f"cpu shares of {name}", lambda: self._connection().lookupByName(name).setSchedulerParametersFlags(
+            {"cpu_shares": shares}, libvirt.VIR_DOMAIN_AFFECT_LIVE), executor=self._prio_executor)
+
     # --- paused standbys (`start = "resume"`) ------------------------------------------------
 
     async def pause(self, handle: Handle) -> None:
@@ -571,6 +645,7 @@ class LibvirtBackend:
 
     async def stop(self, handle: Handle) -> None:
         name = str(handle.detail.get("domain", ""))
+        self._background.pop(handle.instance_id, None)
         self._handles.pop(name, None)
         _marks, tail = self._boots.pop(name, ({}, None))
         if tail is not None:
@@ -778,6 +853,8 @@ class LibvirtBackend:
             await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
         self._executor.shutdown(wait=False)
         self._probe_executor.shutdown(wait=False)
+        self._background_executor.shutdown(wait=False)
+        self._prio_executor.shutdown(wait=False)
 
     # --- snapshots -----------------------------------------------------------------------
 

@@ -62,6 +62,7 @@ class DomainParams:
     owner: str = ""  # the owner lock file (`proxy.backends.owner`): held while summon lives
     arch: str = "x86_64"  # or "aarch64": QEMU's virt machine (qemu-system-aarch64)
     tb_cache_mib: int = 0  # TCG's translation buffer (QEMU's tb-size); 0: QEMU's default
+    cpu_shares: int | None = None  # a background start's cgroup CPU share (<cputune>); None: libvirt's default
 
 
 # Per guest arch: the machine, and what goes in <os>/<cpu>/<features>. aarch64 is QEMU's
@@ -119,7 +120,7 @@ def domain_xml(p: DomainParams) -> str:
         f"<domain type={quoteattr(p.domain_type)}{ns}>"
         f"<name>{escape(p.name)}</name>"
         f"<metadata>{metadata_xml(p)}</metadata>"
-        f"<memory unit='MiB'>{p.memory_mib}</memory><vcpu>1</vcpu>"
+        f"<memory unit='MiB'>{p.memory_mib}</memory><vcpu>1</vcpu>{_cputune(p)}"
         f"<os><type arch={quoteattr(p.arch)} machine={quoteattr(MACHINES[p.arch])}>hvm</type>"
         f"<kernel>{escape(str(p.kernel))}</kernel><initrd>{escape(str(p.initrd))}</initrd>"
         f"<cmdline>{escape(p.cmdline)}</cmdline></os>"
@@ -127,6 +128,10 @@ def domain_xml(p: DomainParams) -> str:
         "<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>"
         f"<devices>{devices}</devices>{commandline}</domain>"
     )
+
+
+def _cputune(p: DomainParams) -> str:
+    return f"<cputune><shares>{p.cpu_shares}</shares></cputune>" if p.cpu_shares is not None else ""
 
 
 def _cpu_features(p: DomainParams) -> str:
@@ -156,7 +161,7 @@ def parse_metadata(xml: str) -> dict[str, str]:
 
 def retarget_xml(xml: str, p: DomainParams) -> str:
     """The saved domain's XML, made into instance `p`: name, UUID, address and port, log,
-    metadata. (A snapshot saved on one host can be restored on another: its hostfwd
+    CPU share, metadata. (A snapshot saved on one host can be restored on another: its hostfwd
     address is rewritten too.)"""
     xml = re.sub(r"<name>[^<]*</name>", f"<name>{escape(p.name)}</name>", xml, count=1)
     xml = re.sub(r"<uuid>[^<]*</uuid>", f"<uuid>{uuid.uuid4()}</uuid>", xml, count=1)
@@ -165,6 +170,11 @@ def retarget_xml(xml: str, p: DomainParams) -> str:
         raise ValueError("saved domain XML has no single hostfwd rule to retarget")
     if p.console_log is not None:
         xml = re.sub(r"(<source path=)(['\"])[^'\"]*\.log\2", lambda m: f"{m.group(1)}{quoteattr(str(p.console_log))}", xml)
+    xml = re.sub(r"\s*<cputune>.*?</cputune>", "", xml, count=1, flags=re.S)  # the snapshot's domain had none
+    if p.cpu_shares is not None:
+        xml, n = re.subn(r"(<vcpu\b[^>]*>[^<]*</vcpu>)", lambda m: m.group(1) + _cputune(p), xml, count=1)
+        if n != 1:
+            raise ValueError("saved domain XML has no <vcpu> to put a CPU share after")
     xml = re.sub(
         r"<(\w+:)?instance xmlns(:\w+)?=['\"]" + re.escape(NS) + r"['\"].*?</\1instance>",
         lambda _: metadata_xml(p),

@@ -6,7 +6,8 @@ machine with no hypervisor, and the fastest way to exercise the whole summoning 
 Children should not outlive the proxy: each one is started through `setpriv --pdeathsig
 KILL` (util-linux), so the kernel kills it when the proxy dies, even by SIGKILL. It
 also gets its own process group so a Ctrl-C at the terminal reaches only the proxy,
-which then stops its children in order. pdeathsig reaches only the child itself, not
+which then stops its children in order. A background start (a pre-summon) runs at the
+lowest CPU priority until `foreground` (`proxy.backends.priority`). pdeathsig reaches only the child itself, not
 what it started (a shell's server, say), and nothing at all without setpriv; so each
 child is also recorded beside the proxy's owner lock (`proxy.backends.owner`), and
 `reap_orphans` kills the process group of every record whose owner is dead.
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from ..config import Address
 from ..errors import BackendError, ImageError
+from . import priority
 from .base import Handle, InstanceSpec
 from .owner import RECORD_PREFIX, claim, default_dir, owner_alive, pid_alive, proc_start, sweep, write_record
 
@@ -85,6 +87,8 @@ class ProcessBackend:
         self.records: dict[str, Path] = {}  # instance id -> its record beside the owner lock
         self._setpriv = shutil.which("setpriv")
         self._which: dict[str, str | None] = {}
+        self._background: set[str] = set()  # started at a low priority, not brought to the foreground yet
+        self._may_lower = priority.can_raise()
 
     def _resolve(self, program: str, image_name: str) -> str:
         if "/" in program:
@@ -127,6 +131,10 @@ class ProcessBackend:
         exited: asyncio.Future[str] = loop.create_future()
         child = _Child(pid, exited)
         self.children[spec.instance_id] = child
+        if spec.background and self._may_lower:  # a few ms after exec: a negligible share of its start
+            with contextlib.suppress(OSError):
+                if priority.set_nice(pid, priority.BACKGROUND_NICE):
+                    self._background.add(spec.instance_id)
         self._record(owner.path, spec, pid)
         try:
             child.pidfd = os.pidfd_open(pid)
@@ -169,7 +177,18 @@ class ProcessBackend:
             os.close(child.pidfd)
             child.pidfd = None
 
+    async def foreground(self, instance_id: str) -> None:
+        child = self.children.get(instance_id)
+        if instance_id not in self._background or child is None:
+            return
+        self._background.discard(instance_id)
+        try:
+            priority.set_nice(child.pid, 0)
+        except OSError as exc:
+            log.warning("cannot raise the priority of %s: %s", instance_id, exc)
+
     async def stop(self, handle: Handle) -> None:
+        self._background.discard(handle.instance_id)
         child = self.children.pop(handle.instance_id, None)
         if child is None:
             return

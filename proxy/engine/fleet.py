@@ -2,8 +2,8 @@
 
 How this works (h11 style): the shell tells the fleet what happened by calling one of
 its fact methods (`request_arrived`, `instance_ready`, `boot_failed`, `tick`, ...) with
-the current time, and gets back a list of commands (`Boot`, `Forward`, `Reject`,
-`Stop`, `Record`) to carry out. The fleet never waits, sleeps or reads a clock, so
+the current time, and gets back a list of commands (`Boot`, `Foreground`, `Forward`,
+`Reject`, `Stop`, `Record`) to carry out. The fleet never waits, sleeps or reads a clock, so
 tests drive it with a fake clock in microseconds and both fronts (the native proxy
 and the mitmproxy addon) share it.
 
@@ -29,7 +29,11 @@ Rules kept here, and only here:
 - a cold pool's first safe bodiless request is its trial: forwarded as soon as the driver
   has the instance running (`instance_started`), before readiness is known, so the
   request itself is the readiness probe and a cold start costs no extra round trip
-  into the guest (the shell retries it until the instance answers).
+  into the guest (the shell retries it until the instance answers);
+- a pre-summon (`_presummon`, rules in proxy/engine/prefetch.py) is a background `Boot`:
+  the driver starts it at a low CPU priority, so that on shared cores the starts a
+  request waits for come first; `Foreground` lifts that, once, as soon as a real request
+  queues for its pool or when it is ready.
 
 Rolling deploy (`deploy`, or `set_routes` with another version for a route): a pool
 knows the version it should serve (`PoolState.version`, the image's manifest digest as the
@@ -85,6 +89,16 @@ class Boot:
     cold: bool = False  # the pool had no instance at all: fleet-wide, only one engine may boot it
     standby: bool = False  # boot it, wait until it answers, pause it, report `standby_parked`
     version: str = ""  # the image version to boot (the pool's, see "Rolling deploy"); "" = the route's image
+    background: bool = False  # a pre-summon (a guess): start it at a low CPU priority until `Foreground`
+
+
+@dataclass(frozen=True)
+class Foreground:
+    """A background start (`Boot.background`) that a real request now waits for, or that is
+    ready: from now on it gets the CPU like any other instance. Sent once per instance."""
+
+    instance_id: str
+    reason: str  # "request" (one queued for its pool) or "ready"
 
 
 @dataclass(frozen=True)
@@ -130,7 +144,7 @@ class Record:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-Command = Boot | Resume | Forward | Reject | Stop | Record
+Command = Boot | Foreground | Resume | Forward | Reject | Stop | Record
 
 
 @dataclass(frozen=True)
@@ -183,6 +197,7 @@ class Instance:
     drained_at: float | None = None  # when it left rotation (a shared fleet stops it a grace later)
     stopping: bool = False  # its Stop has been sent (a shared fleet's tick sends it once)
     presummoned_by: str = ""  # the route whose request pre-summoned it (see `_presummon`)
+    background: bool = False  # started at a low CPU priority, no `Foreground` sent yet
     woken_at: float | None = None  # a standby woken by a cold request: its start counts from here
     memory_mib: int = 0  # a standby's guest memory, counted against its host's standby budget
     version: str = ""  # the image version it was booted from
@@ -501,6 +516,7 @@ class Fleet:
             out.append(Record("rejected", route, detail={"reason": "backoff"}))
             return out
         pool.queue[request_id] = Waiting(key, region, now + pool.route.boot_timeout_s, trial_ok)
+        self._foreground(pool, "request", out)
         if now < pool.awaiting_until:
             return out  # another engine is booting this route: its instance will serve the queue
         if not pool.count(State.BOOTING) and not pool.reclaim_pending:
@@ -602,6 +618,9 @@ class Fleet:
             return out
         pool = self.pools[inst.route]
         inst.move("ready")
+        if inst.background:  # a guess that came true or not: ready, it runs like any instance
+            inst.background = False
+            out.append(Foreground(inst.id, "ready"))
         inst.address = address
         inst.ready_at = now
         inst.last_used = now
@@ -995,11 +1014,12 @@ class Fleet:
         self._boot(pool, self._busiest_region(pool), now, "standby", out, standby=True)
 
     def _boot(self, pool: PoolState, region: str, now: float, reason: str, out: list[Command],
-              standby: bool = False, surge: bool = False) -> Boot | Refused:
+              standby: bool = False, surge: bool = False, background: bool = False) -> Boot | Refused:
         """Boot one instance of the pool's version for `pool`: the Boot (also appended to
         `out`), or why not. A standby's boot (`standby`) goes only into free capacity and
         within its host's standby memory; it reclaims nothing. `surge`: a rolling deploy's,
-        beside the old replicas: `max_replicas` counts only the new version's."""
+        beside the old replicas: `max_replicas` counts only the new version's. `background`:
+        a pre-summon's, at a low CPU priority until `_foreground`."""
         route = pool.route
         replicas = pool.replicas(pool.version if surge else None)
         if not standby and replicas >= route.max_replicas:
@@ -1030,11 +1050,11 @@ class Fleet:
         cold = not standby and not any(i.state not in STANDBYS for i in pool.instances.values())
         inst = Instance(self._new_id(route.name), route.name, host.name, host.region,
                         State.PREPARING if standby else State.BOOTING, now, last_used=now,
-                        memory_mib=memory if standby else 0, version=pool.version)
+                        memory_mib=memory if standby else 0, version=pool.version, background=background)
         self.instances[inst.id] = inst
         pool.instances[inst.id] = inst
         self.host_used[host.name] += 1
-        boot = Boot(inst.id, route.name, host.name, host.region, cold, standby, pool.version)
+        boot = Boot(inst.id, route.name, host.name, host.region, cold, standby, pool.version, background)
         out.append(boot)
         summoned = Record("summoned", route.name, inst.id, host.name, host.region,
                           detail={"reason": reason, "client_region": region})
@@ -1110,7 +1130,7 @@ class Fleet:
             if self.live_count() + 1 >= self.limits.max_instances or self._over_budget(now):
                 return
             pool = self.pools[name]
-            booted = self._boot(pool, region, now, f"pre-summoned by {route}", out)
+            booted = self._boot(pool, region, now, f"pre-summoned by {route}", out, background=True)
             if isinstance(booted, Refused):
                 return  # (a guess refused is nobody's refusal: nothing to tell anyone)
             inst = self.instances[booted.instance_id]
@@ -1120,6 +1140,14 @@ class Fleet:
                 self._unclaimed_presummons[inst.id] = record
             else:
                 out.append(record)
+
+    def _foreground(self, pool: PoolState, reason: str, out: list[Command]) -> None:
+        """A real request queued for `pool`: its background start (a pre-summon) is what the
+        request waits for now, so it stops yielding the CPU. Once per instance."""
+        for inst in pool.instances.values():
+            if inst.background and inst.state is State.BOOTING:
+                inst.background = False
+                out.append(Foreground(inst.id, reason))
 
     def _cold(self, name: str, now: float) -> bool:
         pool = self.pools.get(name)

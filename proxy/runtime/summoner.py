@@ -27,6 +27,9 @@ Drivers that watch their host (a remote libvirt host: `LibvirtBackend.watch_heal
 say when it stops answering: the host leaves placement (`host_down`) until it answers
 again (`host_up`); its instances come back through their `exited` futures as dead.
 
+Pre-summons (`Boot.background`) are started at a low CPU priority by drivers that can
+(`Prioritised`); `Foreground` has the driver raise it again.
+
 Paused standbys (`start = "resume"`): a `Boot` marked `standby` is started and probed
 like any boot, then paused by the driver (`Pausable.pause`) and reported as
 `standby_parked`; a `Resume` wakes one (`Pausable.resume`), after which it goes the way
@@ -54,10 +57,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .. import background
-from ..backends.base import Backend, Handle, InstanceSpec, Pausable, image_target
+from ..backends.base import Backend, Handle, InstanceSpec, Pausable, Prioritised, image_target
 from ..cluster.store import Store
 from ..config import Address, Config, Host, Route
-from ..engine.fleet import Boot, Command, Fleet, Forward, Record, Reject, Resume, Stop
+from ..engine.fleet import Boot, Command, Fleet, Foreground, Forward, Record, Reject, Resume, Stop
 from ..engine.health import HealthChecks, Probe
 from ..engine.regions import RegionMap
 from ..errors import BackendError, DeployError, HostUnavailable, ImageError, SummonError, Unavailable, UnknownVersion
@@ -528,6 +531,8 @@ class Summoner:
                 self.boot_tasks[cmd.instance_id] = self.loop.create_task(self._boot(cmd))
             elif isinstance(cmd, Resume):
                 self.boot_tasks[cmd.instance_id] = self.loop.create_task(self._resume(cmd))
+            elif isinstance(cmd, Foreground):
+                self._foreground(cmd)
             elif isinstance(cmd, Stop):
                 task = self.loop.create_task(self._stop(cmd))
                 self.stop_tasks.add(task)
@@ -620,7 +625,8 @@ class Summoner:
             image = self._image_for(cmd, route)
             self.digests[cmd.instance_id] = image.digest
             self.image_targets[route.image] = frozenset(image.targets())
-            spec = InstanceSpec(cmd.instance_id, route, host, image, "boot" if cmd.standby else route.start)
+            spec = InstanceSpec(cmd.instance_id, route, host, image, "boot" if cmd.standby else route.start,
+                                background=cmd.background)
             if cmd.standby and not isinstance(backend, Pausable):
                 raise BackendError(f"start = \"resume\": the {backend.name} driver cannot pause instances")
             if self.coordinator is not None:
@@ -673,6 +679,23 @@ class Summoner:
             self.execute(self.fleet.standby_parked(instance_id, handle.address, self.now()))
         else:
             self.execute(self.fleet.boot_failed(instance_id, reason, self.now()))
+
+    def _foreground(self, cmd: Foreground) -> None:
+        """A pre-summon a request now waits for (or that is ready): full CPU priority."""
+        inst = self.fleet.instances.get(cmd.instance_id)
+        backend = self.backends.get(inst.host) if inst is not None else None
+        if isinstance(backend, Prioritised):
+            task = self.loop.create_task(self._raise_priority(backend, cmd))
+            self.stop_tasks.add(task)  # (awaited on close like a stop)
+            task.add_done_callback(self.stop_tasks.discard)
+
+    async def _raise_priority(self, backend: Prioritised, cmd: Foreground) -> None:
+        try:
+            await backend.foreground(cmd.instance_id)
+        except Exception:  # noqa: BLE001 - a priority is worth less than the request
+            log.exception("foreground %s", cmd.instance_id)
+        else:
+            log.debug("foreground %s (%s)", cmd.instance_id, cmd.reason)
 
     async def _resume(self, cmd: Resume) -> None:
         """A cold request took a paused standby: run it again, then as after any start."""

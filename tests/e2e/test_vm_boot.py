@@ -146,3 +146,61 @@ def test_snapshot_restore_two_instances(decks: Image) -> None:
         assert not any(str(h.detail["domain"]) in names for h in handles)
 
     asyncio.run(main())
+
+
+def cpu_shares(name: str) -> int:
+    """A domain's cgroup CPU share, as libvirt reads it (cpu.shares, or cpu.weight on v2)."""
+    import libvirt
+
+    conn = libvirt.open(URI)
+    try:
+        return int(conn.lookupByName(name).schedulerParameters()["cpu_shares"])
+    finally:
+        conn.close()
+
+
+def qemu_cgroup_shares(name: str) -> int | None:
+    """The same, read by the kernel's files: the QEMU's cpu cgroup (v1: its domain's group
+    above `emulator`), None where the cpu controller is not v1."""
+    from proxy.backends.libvirt import QEMU_PID_DIR
+
+    pid = int((QEMU_PID_DIR / f"{name}.pid").read_text())
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _n, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(","):
+            group = Path("/sys/fs/cgroup") / controllers / path.lstrip("/")
+            group = group.parent if group.name == "emulator" else group
+            return int((group / "cpu.shares").read_text())
+    return None
+
+
+@pytest.mark.parametrize("start", ["boot", "restore"])
+def test_a_background_start_has_the_least_cpu_share_until_foreground(decks: Image, start: str) -> None:
+    """A pre-summon's domain is born with the least CPU share of libvirt's per-domain
+    cgroup (QEMU's own nice would weigh nothing against the other domains' groups), the
+    foreground gives it a normal domain's share, and the guest answers either way."""
+    from dataclasses import replace
+
+    from proxy.backends.libvirt import BACKGROUND_SHARES, LibvirtBackend, normal_cpu_shares
+
+    normal = normal_cpu_shares()
+
+    async def main() -> None:
+        b = LibvirtBackend(URI, probe_kvm=True)
+        try:
+            plain = await b.start(spec(decks, f"fg{start}", start=start))  # a request's start: never lowered
+            assert cpu_shares(str(plain.detail["domain"])) == normal
+            h = await b.start(replace(spec(decks, f"bg{start}", start=start), background=True))
+            name = str(h.detail["domain"])
+            assert h.detail["start"] == start
+            assert cpu_shares(name) == BACKGROUND_SHARES
+            assert qemu_cgroup_shares(name) in (None, BACKGROUND_SHARES)
+            await b.foreground(h.instance_id)
+            assert cpu_shares(name) == normal and qemu_cgroup_shares(name) in (None, normal)
+            await asyncio.to_thread(fetch, h.address.port, 60)
+            await b.foreground(h.instance_id)  # once more: nothing left to do, no error
+            assert cpu_shares(name) == normal
+        finally:
+            await b.close()
+
+    asyncio.run(main())

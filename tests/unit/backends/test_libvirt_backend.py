@@ -356,3 +356,18 @@ def test_a_host_whose_orphan_reap_hangs_on_its_return_is_still_reported_up(monke
         return seen
 
     assert asyncio.run(scenario()) == [(True, "", [])]
+
+
+def test_a_background_domain_carries_the_least_cpu_share_and_a_restored_copy_its_own() -> None:
+    """A pre-summon's domain is born with `<cputune><shares>`; a restore's XML (the saved
+    domain's, which had none, or another instance's share) gets the instance's own, or none."""
+    p = DomainParams("summon-a-1", "qemu", Path("/k"), Path("/i"), "console=ttyS0", 128, 80, 40001,
+                     "a", "1", "sha256:" + "0" * 64, 123, "456", "host1", None)
+    assert "<cputune>" not in domain_xml(p)
+    bg = DomainParams(**{**p.__dict__, "cpu_shares": 2})
+    assert "<vcpu>1</vcpu><cputune><shares>2</shares></cputune>" in domain_xml(bg)
+    saved = domain_xml(p).replace("<vcpu>1</vcpu>", "<vcpu placement='static'>1</vcpu>")  # as libvirt writes it
+    restored = retarget_xml(saved, bg)
+    assert "<vcpu placement='static'>1</vcpu><cputune><shares>2</shares></cputune>" in restored
+    assert retarget_xml(restored, p).count("<cputune>") == 0  # a request's restore: libvirt's default share
+    assert retarget_xml(restored, bg).count("<cputune>") == 1

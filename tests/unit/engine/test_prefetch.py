@@ -4,7 +4,7 @@ limits, and what the learned table says (proxy/engine/prefetch.py, its hooks in 
 from __future__ import annotations
 
 from proxy.config import Address, Host, Limits, PrefetchSettings, Route
-from proxy.engine.fleet import Boot, Fleet, Forward, Record, Reject, Stop
+from proxy.engine.fleet import Boot, Fleet, Foreground, Forward, Record, Reject, Stop
 from proxy.engine.lifecycle import State
 from proxy.engine.prefetch import Observation, Prefetcher, learn, resolve_static, sampled
 
@@ -55,6 +55,53 @@ def test_a_cold_page_boots_its_followers_in_the_same_wave() -> None:
     # the follower's own request joins the booting pre-summon: no second boot
     later = f.request_arrived("s:/style.css", 2, "k", None, 0.1)
     assert not of(Boot, later) and not of(Reject, later)
+
+
+def test_pre_summons_start_in_the_background_and_real_boots_never_do() -> None:
+    f = fleet()
+    out = f.request_arrived("s:/", 1, "k", None, 0.0)
+    boots = of(Boot, out)
+    assert not boots[0].background  # the page's own: a request waits for it
+    assert all(b.background for b in boots[1:]) and len(boots) == 4
+    assert not of(Foreground, out)  # nobody waits for a follower yet
+    real = of(Boot, f.request_arrived("other", 2, "k", None, 0.1))
+    assert len(real) == 1 and not real[0].background
+
+
+def test_a_request_queued_for_a_pre_summon_brings_it_to_the_foreground_once() -> None:
+    f = fleet()
+    out = f.request_arrived("s:/", 1, "k", None, 0.0)
+    css = next(b.instance_id for b in of(Boot, out) if b.route == "s:/style.css")
+    first = f.request_arrived("s:/style.css", 2, "k", None, 0.5, trial_ok=True)
+    assert of(Foreground, first) == [Foreground(css, "request")] and not of(Boot, first)
+    second = f.request_arrived("s:/style.css", 3, "k", None, 0.6)
+    assert not of(Foreground, second)  # once per instance
+    # the page's own boot and the other followers are untouched
+    assert not of(Foreground, f.request_arrived("s:/", 4, "k", None, 0.7))
+    ready = f.instance_ready(css, addr(1), 1.0)
+    assert not of(Foreground, ready) and len(of(Forward, ready)) == 2
+
+
+def test_a_pre_summon_nobody_asked_for_runs_normally_once_ready() -> None:
+    f = fleet()
+    out = f.request_arrived("s:/", 1, "k", None, 0.0)
+    page, *followers = of(Boot, out)
+    assert not of(Foreground, f.instance_ready(page.instance_id, addr(0), 1.0))
+    logo = next(b.instance_id for b in followers if b.route == "s:/logo.svg")
+    ready = f.instance_ready(logo, addr(2), 2.0)
+    assert of(Foreground, ready) == [Foreground(logo, "ready")]
+    assert not of(Foreground, f.request_arrived("s:/logo.svg", 2, "k", None, 2.5))  # warm: nothing left to lift
+
+
+def test_a_failed_pre_summon_is_never_brought_to_the_foreground() -> None:
+    f = fleet()
+    out = f.request_arrived("s:/", 1, "k", None, 0.0)
+    img = next(b.instance_id for b in of(Boot, out) if b.route == "s:/img")
+    f.boot_failed(img, "crashed", 0.5)
+    later = f.request_arrived("s:/img", 2, "k", None, 5.0)  # past the back-off
+    assert not of(Foreground, later)
+    reboot = of(Boot, later)
+    assert len(reboot) == 1 and not reboot[0].background  # the request's own boot
 
 
 def test_a_warm_page_wakes_followers_that_went_cold() -> None:
