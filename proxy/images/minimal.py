@@ -14,7 +14,7 @@ fragment's sha256, gcc's and binutils' versions, the recipe of the compile itsel
 `cache_dir()` (outside the repo), so a second build copies it. The compile is
 ``make allnoconfig KCONFIG_ALLCONFIG=<fragment>`` (everything not named is off), a check
 that every fragment line survived Kconfig's dependency resolution, then ``nice -n 19 make
--j2 vmlinux`` with the build's timestamp, user, host and version fixed (the kernel's
+-jNCPU vmlinux`` with the build's timestamp, user, host and version fixed (the kernel's
 reproducible-builds knobs), and the ELF stripped as the kernel's own bzImage build strips
 it (``objcopy -R .comment -S``). A `rebuild` compiles again without the cache and compares.
 The resolved .config is inside the kernel (CONFIG_IKCONFIG, not exposed in /proc), so
@@ -60,7 +60,7 @@ BUILD_ENV = {
     "LC_ALL": "C",
     "TZ": "UTC",
 }
-JOBS = 2
+JOBS = os.cpu_count() or 2  # the bytes do not depend on it (so it is not among the inputs)
 COMPILE_TIMEOUT_S = 3 * 3600.0
 
 Run = Callable[..., "subprocess.CompletedProcess[str]"]
@@ -288,7 +288,7 @@ def _compile(src: Path, work: Path, fragment: Path, progress: Callable[[str], No
     lost = missing_config(fragment.read_text(), config.read_text())
     if lost:
         raise ImageError(f"{fragment}: Kconfig did not keep {', '.join(lost)} (a dependency is not enabled)")
-    progress(f"compiling the minimal kernel in {work} (nice -n 19 make -j{JOBS} vmlinux; minutes on 2 cores)")
+    progress(f"compiling the minimal kernel in {work} (nice -n 19 make -j{JOBS} vmlinux; minutes on a small machine)")
     log = work / "build.log"
     with log.open("w") as f:
         r = run([*make, f"-j{JOBS}", "vmlinux"], stdout=f, stderr=subprocess.STDOUT, text=True, env=env,
