@@ -43,9 +43,9 @@ Method (wrk cannot hold a fixed arrival rate and wrk2 is not packaged here):
    and after. Why rounds: on a shared 2-core machine a capped target's capacity moves by
    a quarter from one minute to the next (other processes on its core, steal time), and
    the saturation is the best of several 2 s steps while 2x is one 5 s run, so a single
-   round's ratio is mostly that noise (measured: summon's goodput at a fixed 2x rate
-   ranged 870-1250 2xx/s over 20 minutes while its CPU per 2xx answer at 2x was the same
-   as at 1x).
+   round's ratio is mostly that noise (measured: offered a fixed 1,800/s, summon's
+   goodput ranged 870-1,250 2xx/s over 20 minutes; its CPU per 2xx answer moved as much
+   from one minute to the next as between 1x and 2x).
 """
 
 from __future__ import annotations
