@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from proxy.engine.overload import IDLE_TICK_S, MIN_QUEUE, TICK_S, Shedder
+from proxy.engine.overload import IDLE_TICK_S, MIN_QUEUE, SETPOINT, TICK_S, Shedder
 
 TARGET, INTERVAL, TICK = 0.05, 0.1, 0.01
 
@@ -214,7 +214,7 @@ class BusyConnections:
 def test_drops_follow_the_standing_queue_not_codels_pace() -> None:
     """200 busy connections at 1 ms each: a 200 ms wait, four times the target. CoDel's
     pace alone would need hundreds of steps to clear that (one drop per interval/sqrt(n));
-    a cut brings the wait under the target within one interval of shedding."""
+    a cut brings the wait down to the setpoint within one interval of shedding."""
     loop = BusyConnections(200)
     while not loop.shedder.shedding:
         loop.turn()
@@ -222,13 +222,13 @@ def test_drops_follow_the_standing_queue_not_codels_pace() -> None:
     began = loop.now
     while loop.now - began < INTERVAL:
         loop.turn()
-    assert loop.conns * loop.per_request_s < TARGET, loop.turns
+    assert loop.conns * loop.per_request_s <= SETPOINT * TARGET, loop.turns
     # and not far under it: what is left keeps the loop busy (goodput does not collapse)
-    assert loop.conns * loop.per_request_s >= 0.5 * 0.5 * TARGET, loop.turns
+    assert loop.conns * loop.per_request_s >= 0.5 * SETPOINT * TARGET, loop.turns
     assert loop.shedder.cut > 0
     for _ in range(50):  # and it stays there: no further cuts once the wait is at the setpoint
         loop.turn()
-    assert 0.5 * 0.5 * TARGET <= loop.conns * loop.per_request_s < TARGET
+    assert 0.5 * SETPOINT * TARGET <= loop.conns * loop.per_request_s <= SETPOINT * TARGET
 
 
 def _shedding_with(queued: int, rate: float) -> tuple[Shedder, float, int]:
@@ -245,11 +245,12 @@ def _shedding_with(queued: int, rate: float) -> tuple[Shedder, float, int]:
 
 
 def test_a_cut_sheds_the_surplus_over_littles_law() -> None:
-    """400 in flight answered at 1,000/s wait 400 ms: keep what is answered in half the
-    target (25), shed the rest, once; the next ticks see the same count (the dropped
+    """400 in flight answered at 1,000/s wait 400 ms: keep what is answered in SETPOINT
+    targets (75), shed the rest, once; the next ticks see the same count (the dropped
     connections are still being read) and must not cut again."""
     shedder, now, first = _shedding_with(400, 1000.0)
-    assert 400 - 25 - 2 <= first <= 400 - 25 + 2
+    kept = round(1000.0 * SETPOINT * TARGET)
+    assert 400 - kept - 2 <= first <= 400 - kept + 2
     answered = 10**6
     for _ in range(3):  # within interval / 2
         now += TICK
