@@ -232,6 +232,18 @@ def cap_cpu(pid: int, share: float) -> Path | None:
         return None
 
 
+def uncap(cgroup: Path | None) -> None:
+    """Remove a cgroup `cap_cpu` made, once its process is gone (it empties a little later)."""
+    if cgroup is None:
+        return
+    for _ in range(50):
+        try:
+            cgroup.rmdir()
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
 def open_loop(bench: Any, port: int, rate: float, duration_s: float, tail_s: float = 1.0) -> dict[str, Any]:
     script = bench.tmp / "openloop.py"
     script.write_text(GENERATOR)
@@ -320,13 +332,7 @@ def _one_target(bench: Any, B: Any, name: str, start: Any, upstream_port: int, s
         return r
     finally:
         bench.procs.stop(proc)
-        if cgroup is not None:
-            for _ in range(50):  # the cgroup empties once the process is gone
-                try:
-                    cgroup.rmdir()
-                    break
-                except OSError:
-                    time.sleep(0.1)
+        uncap(cgroup)
 
 
 def _summary(bl: Any, rounds: list[dict[str, Any]]) -> dict[str, Any]:

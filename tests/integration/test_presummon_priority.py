@@ -13,11 +13,9 @@ import pytest
 import uvloop
 
 from proxy.backends import priority
-from proxy.config import Address, load
-from proxy.engine.fleet import Command, Foreground
-from proxy.serve.server import build_runtime, drain, listen_socket
+from proxy.engine.fleet import Foreground
+from tests.helpers.runtime import serving, wait_for
 from tests.helpers.summon_proc import BUSYBOX, make_image
-from tests.integration.test_standby import wait_for
 from tests.integration.test_summoner import get
 
 pytestmark = [pytest.mark.skipif(shutil.which("busybox") is None, reason="busybox not installed"),
@@ -58,19 +56,8 @@ def test_a_pre_summon_runs_at_low_priority_until_a_request_waits_for_it(tmp_path
     cfg.write_text(CONFIG)
 
     async def scenario() -> None:
-        sock = listen_socket(Address("127.0.0.1", 0), False)
-        port = sock.getsockname()[1]
-        rt = await build_runtime(load(cfg), [sock], admin=False)
-        s = rt.summoner
-        assert s is not None
-        foregrounds: list[Foreground] = []
-
-        def seen(cmd: Command) -> None:
-            if isinstance(cmd, Foreground):
-                foregrounds.append(cmd)
-
-        s.listeners.append(seen)
-        try:
+        async with serving(cfg, Foreground, 1.0) as run:
+            s, port, foregrounds = run.summoner, run.port, run.seen
             assert await get(port, "/") == (200, b"page\n")
             page = next(i for i in s.fleet.instances.values() if i.route == "page")
             late = await wait_for(lambda: next((i for i in s.fleet.instances.values()
@@ -92,7 +79,5 @@ def test_a_pre_summon_runs_at_low_priority_until_a_request_waits_for_it(tmp_path
             assert len(foregrounds) == 1  # once: ready adds nothing
             # what it started inherits the priority: the gated shell exec'd busybox in place
             assert priority.nice_of(pid) == 0
-        finally:
-            await drain(rt, 1.0)
 
     uvloop.run(scenario())

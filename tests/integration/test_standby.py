@@ -3,17 +3,15 @@ standby is really stopped, a cold request is answered by it, and the pool refill
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
 import uvloop
 
 from proxy.backends.owner import proc_start
-from proxy.config import Address, load
-from proxy.engine.fleet import Command, Record
+from proxy.engine.fleet import Record
 from proxy.engine.lifecycle import State
-from proxy.serve.server import build_runtime, drain, listen_socket
+from tests.helpers.runtime import serving, wait_for
 from tests.helpers.summon_proc import BUSYBOX, make_image
 from tests.integration.test_summoner import get
 
@@ -41,34 +39,15 @@ idle_timeout = "60s"
 """
 
 
-async def wait_for(check, what: str, timeout_s: float = 15.0):  # type: ignore[no-untyped-def]
-    for _ in range(int(timeout_s / 0.05)):
-        value = check()
-        if value:
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_a_cold_request_is_answered_by_the_resumed_standby_and_the_pool_refills(tmp_path: Path) -> None:
     make_image(tmp_path / "images", "site", BUSYBOX, body="standby here\n")
     cfg = tmp_path / "summon.toml"
     cfg.write_text(CONFIG)
 
     async def scenario() -> None:
-        sock = listen_socket(Address("127.0.0.1", 0), False)
-        port = sock.getsockname()[1]
-        rt = await build_runtime(load(cfg), [sock], admin=False)
-        s = rt.summoner
-        assert s is not None
-        records: list[Record] = []
+        async with serving(cfg, Record, 2.0) as run:
+            s, port, records = run.summoner, run.port, run.seen
 
-        def seen(cmd: Command) -> None:
-            if isinstance(cmd, Record):
-                records.append(cmd)
-
-        s.listeners.append(seen)
-        try:
             def parked() -> list[str]:
                 return [i.id for i in s.fleet.instances.values() if i.state is State.STANDBY]
 
@@ -91,7 +70,5 @@ def test_a_cold_request_is_answered_by_the_resumed_standby_and_the_pool_refills(
 
             refill = await wait_for(lambda: [i for i in parked() if i != standby], "the standby refilled")
             assert refill and s.fleet.instances[standby].state is State.READY
-        finally:
-            await drain(rt, 2.0)
 
     uvloop.run(scenario())
