@@ -10,6 +10,11 @@ symmetric: a full upstream pauses client reads, a full client pauses upstream re
 Retry rule (the edge rules in docs/architecture.md): a failure before any response byte is retried once,
 on a fresh connection, when the method is idempotent and nothing of the body has been
 sent (or there is no body). Connect failures never reach the replica and are not retried.
+A head that arrives alone, of a fixed-length response to such a request, is kept back
+until its body's first bytes (or its end): a replica that dies between its head and its
+body (a server writes them apart, and a killed instance stops in between) has then sent
+the client nothing, and the request is retried rather than cut. Not for chunked or
+close-delimited bodies, which may stream (server-sent events): their head goes at once.
 
 Trials: a lease marked `trial` is on an instance that has started but is not known to be
 ready; this (safe method, no body) request is its readiness probe. Until the instance
@@ -103,7 +108,7 @@ class Exchange:
         "keep_alive", "finished", "response_deadline", "retries", "continue_sent",
         "started_at", "cold", "status", "tunnel_buf", "error", "counted", "trial_timer", "trial_attempts",
         "trial_timeouts", "trial_patient",
-        "body_chunks", "stall_mark",
+        "body_chunks", "stall_mark", "held_head",
     )
 
     def __init__(self, client: Client, head: RequestHead, route: Route | None,
@@ -140,6 +145,7 @@ class Exchange:
         self.trial_patient = False  # the guest's network answered: silence now means a slow answer
         self.body_chunks = 0  # response body reads, so the deadline can tell a stall from a long body
         self.stall_mark = -1
+        self.held_head: bytes | None = None  # a response head kept back until its body starts (see response_head)
 
     @property
     def response_started(self) -> bool:
@@ -307,6 +313,7 @@ class Exchange:
         if self.phase >= _RESPONDING:
             self._check_body_stall()
             return
+        self.held_head = None  # a head kept back and no body since: the client gets the 504
         if self.upstream is not None:
             self.upstream.abort()
         self.upstream = None
@@ -345,7 +352,6 @@ class Exchange:
             self.client_framing = framing
             keep = False  # the client connection ends with the tunnel
         else:
-            self.phase = _RESPONDING
             if framing is _F_NONE:
                 self.client_framing = framing
                 copy_length = self.method == "HEAD" or status == 304
@@ -365,6 +371,7 @@ class Exchange:
         # second): keep the last one built and reuse it when everything that goes in matches.
         client = self.client
         key = (status, reason, line, keep, tunnel, client_http11, copy_length)
+        hold = (framing is _F_LENGTH and self.retries < 1 and not self.body_sent and self.head.idempotent)
         last = client.last_response
         if last is not None and last.key == key and last.headers == headers:
             out = last.out
@@ -372,13 +379,26 @@ class Exchange:
             out = response_head(status, reason, headers, client.state.via, line, keep, tunnel=tunnel,
                                 http10=not client_http11, copy_length=copy_length)
             client.last_response = ResponseMemo(key, headers, out)
+        if hold:  # still ATTACHED: nothing went to the client yet, a failure can still be retried
+            self.held_head = out
+            return
+        if not tunnel:
+            self.phase = _RESPONDING
         client.write(out)
         if tunnel:
             self.client.start_tunnel(self)
 
+    def _send_held_head(self) -> None:
+        out, self.held_head = self.held_head, None
+        assert out is not None
+        self.phase = _RESPONDING
+        self.client.write(out)
+
     def response_body(self, data: bytes) -> None:
         if self.finished:
             return
+        if self.held_head is not None:
+            self._send_held_head()
         self.body_chunks += 1
         if self.client_framing is _F_CHUNKED:
             self.client.write(b"%x\r\n%b\r\n" % (len(data), data))
@@ -389,6 +409,8 @@ class Exchange:
         self.response_deadline = None
         if self.finished:
             return
+        if self.held_head is not None:
+            self._send_held_head()
         if self.client_framing is _F_CHUNKED:
             self.client.write(b"0\r\n\r\n")
         conn, self.upstream = self.upstream, None
@@ -425,6 +447,7 @@ class Exchange:
         if conn is not None:
             conn.close()
         started = self.phase >= _RESPONDING
+        held, self.held_head = self.held_head is not None, None  # a head kept back: nothing reached the client
         if not started:
             if self.phase is _ATTACHED:
                 self.phase = _ACQUIRING  # off the connection: a retry, or an error page
@@ -432,7 +455,7 @@ class Exchange:
                     self.trial_patient = True  # closed from the far side: behind a forwarder, the guest's stack
             if self._trial_again():
                 return
-        if (not got_bytes and not started and self.retries < 1 and not self.body_sent
+        if ((not got_bytes or held) and not started and self.retries < 1 and not self.body_sent
                 and self.head.idempotent):
             # Nothing of the response reached us, no body byte left and the method is
             # idempotent (the head did reach the replica, which may have acted on it):

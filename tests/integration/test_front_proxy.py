@@ -834,6 +834,56 @@ def test_non_idempotent_request_not_retried(proxy, upstream, body):
     assert [r.target for r in upstream.requests].count(b"/order") == 1, "a POST that reached a replica was replayed"
 
 
+def dies_between_head_and_body(framing: str) -> object:
+    """The first connection sends a response head alone, waits (so the proxy reads it on
+    its own) and closes before any body byte: a replica killed between its two writes.
+    Later connections answer whole."""
+
+    first: list[UpConn] = []
+
+    async def handler(req: UpRequest, conn: UpConn) -> str | None:
+        assert conn.writer is not None
+        if not first or first[0] is conn:
+            first.append(conn)
+            head = "Content-Length: 6" if framing == "length" else "Transfer-Encoding: chunked"
+            conn.writer.write(f"HTTP/1.1 200 OK\r\n{head}\r\n\r\n".encode())
+            await conn.writer.drain()
+            await asyncio.sleep(0.2)
+            return "close"
+        conn.writer.write(http_response(200, b"second"))
+        return None
+
+    return handler
+
+
+def test_a_replica_dying_between_its_head_and_body_is_retried_for_a_get(proxy, upstream):
+    upstream.handler = dies_between_head_and_body("length")
+    with proxy.client() as c:
+        r = c.request(get("/page"))
+        assert r.status == 200 and r.body == b"second", "the head was kept back: nothing reached the client"
+    assert upstream.accepts == 2
+
+
+@pytest.mark.parametrize("body", [b"", b"payload"])
+def test_a_replica_dying_between_its_head_and_body_cuts_a_post(proxy, upstream, body):
+    upstream.handler = dies_between_head_and_body("length")
+    with proxy.client() as c:
+        with pytest.raises(Truncated):
+            c.request(post("/order", f"Content-Length: {len(body)}\r\n".encode(), body))
+    time.sleep(0.1)
+    assert [r.target for r in upstream.requests].count(b"/order") == 1, "a POST that reached a replica was replayed"
+
+
+def test_a_chunked_head_goes_to_the_client_at_once(proxy, upstream):
+    """A chunked body may stream (server-sent events): its head is not kept back, so the
+    same death after it is a cut, not a retry."""
+    upstream.handler = dies_between_head_and_body("chunked")
+    with proxy.client() as c:
+        with pytest.raises(Truncated):
+            c.request(get("/events"))
+    assert upstream.accepts == 1
+
+
 def test_http10_keepalive_client_is_told_and_kept(proxy, upstream):
     req = b"GET /old HTTP/1.0\r\nHost: example.com\r\nConnection: keep-alive\r\n\r\n"
     with proxy.client() as c:
