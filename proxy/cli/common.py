@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config, load
 from ..errors import ConfigError, Problem
+
+if TYPE_CHECKING:  # imported where used: not every subcommand talks to the admin API
+    import urllib.error
+    import urllib.request
 
 
 def report(problems: Iterable[Problem]) -> None:
@@ -45,3 +50,35 @@ def admin_target(config_path: str, path: str) -> tuple[Config, str] | int:
         return 1
     address = str(config.proxy.admin).replace("0.0.0.0:", "127.0.0.1:").replace("[::]:", "[::1]:")  # wildcards
     return config, f"http://{address}{path}"
+
+
+def admin_request(config: Config, url: str, *, post: bool = False,
+                  json_body: Any = None) -> urllib.request.Request:
+    """A request to the admin API with the config's bearer token (a POST when `post` or
+    with a JSON body)."""
+    import json
+    import urllib.request
+
+    headers = {}
+    data = None
+    if json_body is not None:
+        data = json.dumps(json_body).encode()
+        headers["Content-Type"] = "application/json"
+    elif post:
+        data = b""
+    if config.proxy.admin_token:
+        headers["Authorization"] = f"Bearer {config.proxy.admin_token}"
+    return urllib.request.Request(url, data=data, method="POST" if data is not None else "GET", headers=headers)
+
+
+def refusal(exc: urllib.error.HTTPError) -> tuple[Any, str]:
+    """What the admin API said when it refused: its JSON body (None when it is not JSON)
+    and the body as text."""
+    import json
+
+    raw = exc.read()
+    try:
+        said = json.loads(raw)
+    except ValueError:
+        said = None
+    return said, raw.decode(errors="replace").strip()

@@ -690,26 +690,19 @@ def _switch(args: argparse.Namespace, action: str, body: dict) -> int:  # type: 
     import urllib.error
     import urllib.request
 
-    from .common import admin_target
+    from .common import admin_request, admin_target, refusal
 
     config_path = getattr(args, "config", None) or "summon.toml"
     target = admin_target(config_path, f"/images/{action}")
     if isinstance(target, int):
         return target
     config, url = target
-    headers = {"Content-Type": "application/json"}
-    if config.proxy.admin_token:
-        headers["Authorization"] = f"Bearer {config.proxy.admin_token}"
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
+        with urllib.request.urlopen(admin_request(config, url, json_body=body), timeout=30) as resp:
             answer = json.load(resp)
     except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            error = json.loads(raw).get("error", "")
-        except (ValueError, AttributeError):
-            error = raw.decode(errors="replace").strip()
+        said, text = refusal(exc)
+        error = said.get("error", "") if isinstance(said, dict) else text
         print(f"summon images {action}: {error} ({exc.code})", file=sys.stderr)
         return 1
     except (urllib.error.URLError, OSError) as exc:
@@ -729,8 +722,7 @@ def _switch(args: argparse.Namespace, action: str, body: dict) -> int:  # type: 
     while time.monotonic() < deadline:
         time.sleep(0.2)
         try:
-            sreq = urllib.request.Request(status_url, headers={k: v for k, v in headers.items() if k != "Content-Type"})
-            with urllib.request.urlopen(sreq, timeout=5) as resp:
+            with urllib.request.urlopen(admin_request(config, status_url), timeout=5) as resp:
                 status = json.load(resp)
         except (urllib.error.URLError, OSError, ValueError):
             continue

@@ -8,7 +8,7 @@ import sys
 
 from ..errors import ConfigError
 from ..observe.events import setup_json_logging
-from .common import admin_target, environment_ok, load_or_report, report
+from .common import admin_request, admin_target, environment_ok, load_or_report, refusal, report
 from .events import add_parsers as add_event_parsers
 from .images import add_parsers as add_image_parsers
 from .routes import add_parsers as add_route_parsers
@@ -54,11 +54,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if isinstance(target, int):
         return target
     config, url = target
-    req = urllib.request.Request(url)
-    if config.proxy.admin_token:
-        req.add_header("Authorization", f"Bearer {config.proxy.admin_token}")
     try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
+        with urllib.request.urlopen(admin_request(config, url), timeout=5) as resp:
             data = json.load(resp)
     except (urllib.error.URLError, OSError) as exc:
         print(f"summon: cannot reach the admin API at {url}: {exc} (is `summon serve` running?)", file=sys.stderr)
@@ -101,18 +98,13 @@ def cmd_reload(args: argparse.Namespace) -> int:
     if isinstance(target, int):
         return target
     config, url = target
-    req = urllib.request.Request(url, data=b"", method="POST")
-    if config.proxy.admin_token:
-        req.add_header("Authorization", f"Bearer {config.proxy.admin_token}")
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
+        with urllib.request.urlopen(admin_request(config, url, post=True), timeout=30) as resp:
             body = json.load(resp)
     except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            print(f"summon: reload refused ({exc.code}): {raw.decode(errors='replace').strip()}", file=sys.stderr)
+        body, text = refusal(exc)
+        if body is None:
+            print(f"summon: reload refused ({exc.code}): {text}", file=sys.stderr)
             return 1
     except (urllib.error.URLError, OSError) as exc:
         print(f"summon: cannot reach the admin API at {url}: {exc} (is `summon serve` running?)", file=sys.stderr)
