@@ -17,17 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_vm_boot import _missing
 from tests.helpers.paths import REPO
 from tests.helpers.summon_proc import Summon, http_get
-from tests.helpers.vm_images import URI, copy_decks, libvirt_up, on_host
+from tests.helpers.vm_images import URI, copy_decks, libvirt_up, on_host, vm_marks
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.vm,
-    pytest.mark.timeout(300),
-    pytest.mark.skipif(bool(_missing), reason=f"not installed: {', '.join(_missing)}"),
-]
+pytestmark = vm_marks(300)
 
 
 @pytest.fixture(scope="module")

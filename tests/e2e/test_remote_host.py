@@ -21,19 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_vm_boot import _missing
 from tests.e2e.test_vm_e2e import vm_images  # noqa: F401 - the fixture
 from tests.helpers.netns_host import NetnsHost, netns_available
 from tests.helpers.summon_proc import Summon, http_get
-from tests.helpers.vm_images import on_host, summon_domains
+from tests.helpers.vm_images import on_host, summon_domains, vm_marks
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.vm,
-    pytest.mark.timeout(420),
-    pytest.mark.skipif(bool(_missing), reason=f"not installed: {', '.join(_missing)}"),
-    pytest.mark.skipif(netns_available() is not None, reason=str(netns_available())),
-]
+pytestmark = [*vm_marks(420), pytest.mark.skipif(netns_available() is not None, reason=str(netns_available()))]
 
 PORTS = (24100, 24139)
 

@@ -23,6 +23,7 @@ from proxy.errors import ImageError
 from proxy.images.manifest import load_image
 from proxy.images.sitesplit import SplitOptions, content_type_for, slug, split_site
 from tests.helpers.summon_proc import Summon, http_get
+from tests.helpers.vm_images import MISSING
 
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d49484452") + bytes(range(256))
 
@@ -212,19 +213,12 @@ def test_round_trip_every_file_through_summon(tmp_path: Path) -> None:
         assert summon.stop() == 0
 
 
-_vm_missing = [x for x in ("qemu-system-x86_64", "libvirtd", "virsh") if shutil.which(x) is None]
-if not list(Path("/boot").glob("vmlinuz-*-cloud-amd64")):
-    _vm_missing.append("linux-image-cloud-amd64")
-try:
-    import libvirt  # noqa: F401
-except ImportError:
-    _vm_missing.append("libvirt-python")
 
 
 @pytest.mark.slow
 @pytest.mark.vm
 @pytest.mark.timeout(300)
-@pytest.mark.skipif(bool(_vm_missing), reason=f"not installed: {', '.join(_vm_missing)}")
+@pytest.mark.skipif(bool(MISSING), reason=f"not installed: {', '.join(MISSING)}")
 def test_vm_per_url_initramfs_holds_just_its_resource(tmp_path: Path) -> None:
     """--vm: every image gets a microVM (one shared kernel); booting one serves its resource."""
     import asyncio

@@ -17,19 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_vm_boot import _missing
 from tests.helpers.paths import REPO
 from tests.helpers.summon_proc import Summon, http_get
-from tests.helpers.vm_images import URI, copy_decks, libvirt_up, on_host, summon_domains
+from tests.helpers.vm_images import MISSING, URI, copy_decks, libvirt_up, on_host, summon_domains, vm_marks
 
-_arm_missing = _missing + [x for x in ("qemu-system-aarch64",) if shutil.which(x) is None]
+_arm_missing = MISSING + [x for x in ("qemu-system-aarch64",) if shutil.which(x) is None]
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.vm,
-    pytest.mark.timeout(300),
-    pytest.mark.skipif(bool(_arm_missing), reason=f"not installed: {', '.join(_arm_missing)} (make image-arm64)"),
-]
+pytestmark = vm_marks(300, _arm_missing, hint="(make image-arm64)")
 
 HOSTS = f"""
 [[host]]

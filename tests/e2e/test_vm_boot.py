@@ -22,23 +22,9 @@ from proxy.backends.base import InstanceSpec
 from proxy.config import Host, Route
 from proxy.images.manifest import Image, load_image
 from tests.helpers.paths import REPO
+from tests.helpers.vm_images import URI, vm_marks
 
-URI = "qemu:///system"
-
-_missing = [x for x in ("qemu-system-x86_64", "libvirtd", "virsh") if shutil.which(x) is None]
-try:
-    import libvirt  # noqa: F401
-except ImportError:
-    _missing.append("libvirt-python")
-if not list(Path("/boot").glob("vmlinuz-*-cloud-amd64")):
-    _missing.append("linux-image-cloud-amd64")
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.vm,
-    pytest.mark.timeout(240),
-    pytest.mark.skipif(bool(_missing), reason=f"not installed: {', '.join(_missing)}"),
-]
+pytestmark = vm_marks(240)
 
 
 @pytest.fixture(scope="module")

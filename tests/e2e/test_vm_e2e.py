@@ -17,17 +17,11 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_orphans import get_through_outside_destroys, reaped_events, restart_storm, start_at_once
-from tests.e2e.test_vm_boot import _missing
 from tests.helpers.paths import REPO
 from tests.helpers.summon_proc import Summon, http_get, wait_for
-from tests.helpers.vm_images import URI, copy_decks, libvirt_up, on_host, summon_domains
+from tests.helpers.vm_images import URI, copy_decks, libvirt_up, on_host, summon_domains, vm_marks
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.vm,
-    pytest.mark.timeout(400),
-    pytest.mark.skipif(bool(_missing), reason=f"not installed: {', '.join(_missing)}"),
-]
+pytestmark = vm_marks(400)
 
 HOST = f"""
 [[host]]

@@ -20,20 +20,14 @@ import pytest
 
 from proxy.images import minimal
 from proxy.images.build import package_version
-from tests.e2e.test_vm_boot import _missing
 from tests.e2e.test_vm_e2e import make_summon, ready_detail
 from tests.helpers.paths import REPO
 from tests.helpers.summon_proc import http_get
-from tests.helpers.vm_images import copy_decks, libvirt_up
+from tests.helpers.vm_images import MISSING, copy_decks, libvirt_up, vm_marks
 
-_missing = [*_missing, *minimal.missing_packages(package_version)]
+_missing = [*MISSING, *minimal.missing_packages(package_version)]
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.vm,
-    pytest.mark.timeout(1800),  # a cold compile on a loaded 2-core machine, then a TCG boot
-    pytest.mark.skipif(bool(_missing), reason=f"not installed: {', '.join(_missing)}"),
-]
+pytestmark = vm_marks(1800, _missing)  # a cold compile on a loaded 2-core machine, then a TCG boot
 
 
 @pytest.fixture(scope="module")

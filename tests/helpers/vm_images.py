@@ -19,6 +19,24 @@ from tests.helpers.paths import REPO
 from tests.helpers.summon_proc import Summon
 
 URI = "qemu:///system"
+
+# What a microVM test needs on this machine, named when it is absent (`make test` installs it all)
+MISSING = [x for x in ("qemu-system-x86_64", "libvirtd", "virsh") if shutil.which(x) is None]
+try:
+    import libvirt  # noqa: F401
+except ImportError:
+    MISSING.append("libvirt-python")
+if not list(Path("/boot").glob("vmlinuz-*-cloud-amd64")):
+    MISSING.append("linux-image-cloud-amd64")
+
+
+def vm_marks(timeout_s: int, missing: list[str] = MISSING, hint: str = "") -> list[pytest.MarkDecorator]:
+    """A microVM test module's marks: slow, vm, its timeout, skipped naming what is missing."""
+    reason = f"not installed: {', '.join(missing)}" + (f" {hint}" if hint else "")
+    return [pytest.mark.slow, pytest.mark.vm, pytest.mark.timeout(timeout_s),
+            pytest.mark.skipif(bool(missing), reason=reason)]
+
+
 PROCESS_HOST = '[[host]]\nname = "local"\nbackend = "process"\nslots = 16\n'  # Summon's default
 
 
