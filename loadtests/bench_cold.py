@@ -10,8 +10,10 @@
 microVM are available): the same through summon for `start = "boot"`,
 `start = "restore"` and `start = "resume"` (a paused standby woken), the raw libvirt
 figures (createXML / restore / virDomainResume to first HTTP 200) measured directly with
-the driver, alternating with the cold requests through summon so both see the same
-machine, each mode's ratio to a boot (the default start), the summon overhead over raw
+the driver, alternating with the cold requests through summon (who goes first swaps
+every round) so both see the same machine; the raw driver's standby stays paused about as
+long as summon's does between cold requests, since how long a guest was paused shows in
+its wake-up (`$SUMMON_BENCH_VM_KINDS`, e.g. ``resume``, runs only those start modes), each mode's ratio to a boot (the default start), the summon overhead over raw
 libvirt (goal: within 10 ms), the memory of an idle VM and of a paused one, and the
 issue's goals through summon: boot <= 1 s, restore <= 200 ms, resume <= 50 ms, idle
 RSS <= 64 MiB.
@@ -56,6 +58,10 @@ GOAL_VM_MS = {"boot": 1000.0, "restore": 200.0, "resume": 50.0}  # through summo
 GOAL_VM_RSS_MIB = 64.0
 VM_KINDS = ("boot", "restore", "resume")
 VM_SETTLE_S = 1.0  # between one VM's destruction and the next start
+# How long the raw driver's standby stays paused before it is timed: about as long as
+# summon's waits between two cold requests here (its refill's boot, the raw start beside
+# it, the settling), so both guests wake from a pause alike (a guest's clock jumps by it).
+RESUME_PARKED_S = 5.0
 
 
 def _http_status(port: int, timeout: float = 1.0) -> int | None:
@@ -244,7 +250,7 @@ class RawLibvirt:
             while _http_status(handle.address.port, timeout=0.1) != 200:
                 await asyncio.sleep(0.01)
             await self.backend.pause(handle)
-            await asyncio.sleep(VM_SETTLE_S)
+            await asyncio.sleep(RESUME_PARKED_S)
             if self.paused_rss_kib is None:
                 self.paused_rss_kib = _qemu_rss_kib(str(handle.detail.get("domain", "")))
             t0, m0 = time.perf_counter(), time.monotonic()
@@ -433,6 +439,10 @@ def phases_report(bench: Any, through_runs: list[dict[str, float]], raw_runs: li
     return {"by_phase": rows, "floor_idle_ms": floor, "floor_paused_ms": paused}
 
 
+def _ratio_text(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}"
 
@@ -461,6 +471,17 @@ def bench_kernels() -> list[str]:
     from proxy.images.build import package_version
 
     return ["packaged"] + ([] if minimal.missing_packages(package_version) else ["minimal"])
+
+
+def bench_vm_kinds() -> list[str]:
+    """The start modes `cold_vm` measures: ``$SUMMON_BENCH_VM_KINDS`` (e.g. ``resume``),
+    else all three."""
+    raw = [k.strip() for k in os.environ.get("SUMMON_BENCH_VM_KINDS", "").split(",") if k.strip()]
+    unknown = sorted(set(raw) - set(VM_KINDS))
+    if unknown:
+        raise SystemExit(f"SUMMON_BENCH_VM_KINDS: unknown start mode(s) {', '.join(unknown)}"
+                         f" (known: {', '.join(VM_KINDS)})")
+    return [k for k in VM_KINDS if k in raw] if raw else list(VM_KINDS)
 
 
 def section_cold_vm(bench: Any) -> dict[str, Any]:
@@ -498,8 +519,9 @@ def section_cold_vm(bench: Any) -> dict[str, Any]:
             if "skipped" in k:
                 bench.log(f"  {kernel:<10} skipped: {k['skipped'][:200]}")
                 continue
-            bench.log(f"  {kernel:<10}" + "".join(f"{k[kind]['summon_median_ms']:>9}" for kind in VM_KINDS)
-                      + f"{k['boot'].get('idle_vm_rss_mib')!s:>10}")
+            bench.log(f"  {kernel:<10}" + "".join(f"{k.get(kind, {}).get('summon_median_ms', '-')!s:>9}"
+                                                  for kind in VM_KINDS)
+                      + f"{k.get('boot', {}).get('idle_vm_rss_mib')!s:>10}")
     return out
 
 
@@ -511,7 +533,8 @@ def _cold_vm_one(bench: Any) -> dict[str, Any]:
     result: dict[str, Any] = {"runs": runs, "image": load_image(ROOT / "images", "decks").ref}
     floor_idle: list[dict[str, float]] = []
     floor_paused: list[dict[str, float]] = []
-    for kind in VM_KINDS:
+    kinds = bench_vm_kinds()
+    for kind in kinds:
         bench.log(f"cold start (libvirt, start={kind}): {runs} raw driver starts alternating with"
                   f" {runs} cold requests through summon")
         standbys = 1 if kind == "resume" else 0
@@ -522,20 +545,22 @@ def _cold_vm_one(bench: Any) -> dict[str, Any]:
         raw: list[float] = []
         through: list[float] = []
         try:
-            for _ in range(runs):
+            for i in range(runs):
                 # Each start, raw or through summon, begins with no other VM alive (but a
                 # resume route's paused standby) and a pause after the last one was
                 # destroyed: a QEMU being torn down (its memory freed) slows the restore
-                # next to it by some 100 ms.
-                _wait_cold(admin, timeout=180, standbys=standbys)
-                time.sleep(VM_SETTLE_S)
-                raw.append(raw_driver.start_to_ready())
-                _wait_cold(admin, timeout=180, standbys=standbys)
-                time.sleep(VM_SETTLE_S)
-                seconds, status = ttfb(port)
-                if status != 200:
-                    raise RuntimeError(f"cold VM request answered {status}: {proc.output_tail()}")
-                through.append(seconds)
+                # next to it by some 100 ms. Who goes first swaps every round, so a drift
+                # of the shared machine within a round falls on both alike.
+                for is_raw in (True, False) if i % 2 == 0 else (False, True):
+                    _wait_cold(admin, timeout=180, standbys=standbys)
+                    time.sleep(VM_SETTLE_S)
+                    if is_raw:
+                        raw.append(raw_driver.start_to_ready())
+                        continue
+                    seconds, status = ttfb(port)
+                    if status != 200:
+                        raise RuntimeError(f"cold VM request answered {status}: {proc.output_tail()}")
+                    through.append(seconds)
                 if floor is not None:  # the floor in the same run, between the same starts
                     _wait_cold(admin, timeout=120)
                     time.sleep(VM_SETTLE_S)
@@ -559,31 +584,31 @@ def _cold_vm_one(bench: Any) -> dict[str, Any]:
                   f" overhead {result[kind]['overhead_ms']} ms")
         result[kind]["phases"] = phases_report(bench, summon_phases(bench.tmp / f"summon-vm-{kind}-events.db"),
                                                raw_driver.phases, floor_idle, floor_paused)
-    boot_ms = result["boot"]["summon_median_ms"]
-    for kind in VM_KINDS:  # against the default start mode (boot), same run
+    boot_ms = result["boot"]["summon_median_ms"] if "boot" in result else None
+    for kind in kinds:  # against the default start mode (boot), same run
         result[kind]["over_boot"] = bl.ratio(result[kind]["summon_median_ms"], boot_ms)
-    ratio = result["restore"]["over_boot"]
+    ratio = result["restore"]["over_boot"] if "restore" in result else None
     result["restore_over_boot"] = ratio
-    rss = result["boot"].get("idle_vm_rss_mib")
+    rss = result.get("boot", {}).get("idle_vm_rss_mib")
     result["goals"] = {
         "restore_over_boot": {"value": ratio, "goal": f"<= {GOAL_RESTORE_RATIO}",
                               "status": bl.check_goal(ratio, "<=", GOAL_RESTORE_RATIO)},
         "overhead_ms": {kind: {"value": result[kind]["overhead_ms"], "goal": f"<= {GOAL_VM_OVERHEAD_MS}",
                                "status": bl.check_goal(result[kind]["overhead_ms"], "<=", GOAL_VM_OVERHEAD_MS)}
-                        for kind in VM_KINDS},
+                        for kind in kinds},
         "summon_ms": {kind: {"value": result[kind]["summon_median_ms"], "goal": f"<= {GOAL_VM_MS[kind]:g}",
                              "status": bl.check_goal(result[kind]["summon_median_ms"], "<=", GOAL_VM_MS[kind])}
-                      for kind in VM_KINDS},
+                      for kind in kinds},
         "idle_vm_rss_mib": {"value": rss, "goal": f"<= {GOAL_VM_RSS_MIB:g}",
                             "status": bl.check_goal(rss, "<=", GOAL_VM_RSS_MIB)},
     }
     bench.log(f"  {'start':<9}{'summon':>9}{'raw':>9}{'overhead':>10}{'x boot':>8}{'goal':>8}")
-    for kind in VM_KINDS:
+    for kind in kinds:
         k, g = result[kind], result["goals"]["summon_ms"][kind]
         bench.log(f"  {kind:<9}{k['summon_median_ms']:>9}{k['raw_median_ms']:>9}{k['overhead_ms']:>10}"
-                  f"{k['over_boot'] or 0:>8.3f}{g['goal']:>10} {g['status']}")
+                  f"{_ratio_text(k['over_boot']):>8}{g['goal']:>10} {g['status']}")
     bench.log(f"  idle VM RSS {rss} MiB (goal <= {GOAL_VM_RSS_MIB:g}); paused standby"
-              f" {result['resume'].get('paused_vm_rss_mib')} MiB; restore/boot ratio {ratio}")
+              f" {result.get('resume', {}).get('paused_vm_rss_mib')} MiB; restore/boot ratio {ratio}")
     return result
 
 
