@@ -526,7 +526,7 @@ def section_cold_vm(bench: Any) -> dict[str, Any]:
         if build.returncode != 0:
             part: dict[str, Any] = {"skipped": f"image build failed: {build.stderr[-500:]}"}
         else:
-            part = _cold_vm_one(bench)
+            part = _cold_vm_one(bench, kernel)
         part["kernel"] = kernel
         if kernel == kernels[0]:
             out.update(part)
@@ -545,8 +545,9 @@ def section_cold_vm(bench: Any) -> dict[str, Any]:
     return out
 
 
-def _cold_vm_one(bench: Any) -> dict[str, Any]:
-    """boot, restore and resume of the decks image as built now (see `section_cold_vm`)."""
+def _cold_vm_one(bench: Any, kernel: str) -> dict[str, Any]:
+    """boot, restore and resume of the decks image as built now (see `section_cold_vm`);
+    each kernel's summon keeps its own event log, whose `ready` events are its phases."""
     runs = 10 if not getattr(bench.args, "quick", False) else 3
     if os.environ.get("SUMMON_BENCH_RUNS", "").isdigit():
         runs = int(os.environ["SUMMON_BENCH_RUNS"])
@@ -558,7 +559,7 @@ def _cold_vm_one(bench: Any) -> dict[str, Any]:
         bench.log(f"cold start (libvirt, start={kind}): {runs} raw driver starts alternating with"
                   f" {runs} cold requests through summon")
         standbys = 1 if kind == "resume" else 0
-        proc, port, admin = _start_summon(bench, f"summon-vm-{kind}", "libvirt", kind, "200ms",
+        proc, port, admin = _start_summon(bench, f"summon-vm-{kernel}-{kind}", "libvirt", kind, "200ms",
                                           'uri = "qemu:///system"')
         raw_driver = RawLibvirt(kind)
         floor = Floor() if kind == "boot" else None
@@ -602,7 +603,7 @@ def _cold_vm_one(bench: Any) -> dict[str, Any]:
             result[kind]["paused_vm_rss_mib"] = round(raw_driver.paused_rss_kib / 1024, 1)
         bench.log(f"  raw median {result[kind]['raw_median_ms']} ms, through summon {result[kind]['summon_median_ms']} ms,"
                   f" overhead {result[kind]['overhead_ms']} ms")
-        ready = summon_ready(bench.tmp / f"summon-vm-{kind}-events.db")
+        ready = summon_ready(bench.tmp / f"summon-vm-{kernel}-{kind}-events.db")
         own = own_ms(through, ready)
         result[kind]["own_ms"] = own
         result[kind]["own_median_ms"] = bl.median(own)
