@@ -43,7 +43,7 @@ _PIN = re.compile(r"^(?P<ref>.+?)@(?P<digest>sha256:[0-9a-f]{64})$")
 
 _lock = threading.Lock()
 _manifest_cache: dict[tuple[str, int, int, int, int], Image] = {}  # recipe and build/image.toml stats
-_file_hash_cache: dict[tuple[str, int, int], str] = {}
+_file_hash_cache: dict[tuple[int, int, int, int], str] = {}
 _stored_cache: dict[tuple[str, str], Image] = {}  # (store, pin): versions in the store never change
 
 
@@ -121,9 +121,12 @@ class Image:
 
 
 def file_digest(path: Path, st: os.stat_result | None = None) -> str:
-    """sha256 hex of a file, cached by (path, size, mtime_ns) so re-verification is cheap."""
+    """sha256 hex of a file, cached by (device, inode, size, mtime_ns) so re-verification
+    is cheap. By inode, not path: the store's copy of a build is a hard link to it, so the
+    files `summon serve` verifies at start are the ones its first boot verifies again
+    (keyed by path, that first cold start hashed the kernel anew: some 50 ms)."""
     st = st or path.stat()
-    key = (str(path.absolute()), st.st_size, st.st_mtime_ns)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     with _lock:
         hit = _file_hash_cache.get(key)
     if hit is not None:
