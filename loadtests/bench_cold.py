@@ -11,9 +11,8 @@ microVM are available): the same through summon for `start = "boot"`,
 `start = "restore"` and `start = "resume"` (a paused standby woken), the raw libvirt
 figures (createXML / restore / virDomainResume to first HTTP 200) measured directly with
 the driver, alternating with the cold requests through summon (who goes first swaps
-every round) so both see the same machine; the raw driver's standby stays paused about as
-long as summon's does between cold requests, since how long a guest was paused shows in
-its wake-up (`$SUMMON_BENCH_VM_KINDS`, e.g. ``resume``, runs only those start modes), each mode's ratio to a boot (the default start), the summon overhead over raw
+every round) so both see the same machine (`$SUMMON_BENCH_VM_KINDS`, e.g. ``resume``,
+runs only those start modes), each mode's ratio to a boot (the default start), the summon overhead over raw
 libvirt (goal: within 10 ms; a difference of two medians that each move by tens of ms
 between runs for a boot, so also summon's own time on its own clock, `own_ms`), the memory of an idle VM and of a paused one, and the
 issue's goals through summon: boot <= 1 s, restore <= 200 ms, resume <= 50 ms, idle
@@ -59,10 +58,6 @@ GOAL_VM_MS = {"boot": 1000.0, "restore": 200.0, "resume": 50.0}  # through summo
 GOAL_VM_RSS_MIB = 64.0
 VM_KINDS = ("boot", "restore", "resume")
 VM_SETTLE_S = 1.0  # between one VM's destruction and the next start
-# How long the raw driver's standby stays paused before it is timed: about as long as
-# summon's waits between two cold requests here (its refill's boot, the raw start beside
-# it, the settling), so both guests wake from a pause alike (a guest's clock jumps by it).
-RESUME_PARKED_S = 5.0
 
 
 def _http_status(port: int, timeout: float = 1.0) -> int | None:
@@ -251,7 +246,7 @@ class RawLibvirt:
             while _http_status(handle.address.port, timeout=0.1) != 200:
                 await asyncio.sleep(0.01)
             await self.backend.pause(handle)
-            await asyncio.sleep(RESUME_PARKED_S)
+            await asyncio.sleep(VM_SETTLE_S)
             if self.paused_rss_kib is None:
                 self.paused_rss_kib = _qemu_rss_kib(str(handle.detail.get("domain", "")))
             t0, m0 = time.perf_counter(), time.monotonic()
