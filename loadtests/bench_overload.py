@@ -38,7 +38,13 @@ Method (wrk cannot hold a fixed arrival rate and wrk2 is not packaged here):
    own saturation (does it hold up or collapse?) and 2xx p99 at 2x over 1x (does what it
    serves stay fast, or queue?). Goals for summon: the goodput ratio at least 0.8 and not
    below nginx's in the same run; the p99 ratio at most 10. `offered_2x_over_saturation`
-   (at least 1.95) says the generator really offered 2x.
+   (at least 1.95) says the generator really offered 2x. Diagnostics beside the goals:
+   `cpu_us_per_ok`, the target's own CPU time (/proc, user + system) per 2xx answer in
+   each run and sweep step (does turning clients away make what it serves dearer?), and
+   `plateau_per_s`, the median goodput of the sweep's steps from the best one on, with
+   `goodput_2x_over_plateau`: past saturation goodput is flat to within the machine's
+   noise, and the saturation is the best of those windows, so the goal's ratio is the
+   2x window against the luckiest one.
 5. `--repeat` rounds (default 3), each a fresh process per target, swept and measured
    anew; the order alternates (summon then nginx, nginx then summon, ...), so that
    neither always meets the machine's noise first. The reported figures (and the goals)
