@@ -38,7 +38,13 @@ Method (wrk cannot hold a fixed arrival rate and wrk2 is not packaged here):
    own saturation (does it hold up or collapse?) and 2xx p99 at 2x over 1x (does what it
    serves stay fast, or queue?). Goals for summon: the goodput ratio at least 0.8 and not
    below nginx's in the same run; the p99 ratio at most 10. `offered_2x_over_saturation`
-   (at least 1.95) says the generator really offered 2x.
+   (at least 1.95) says the generator really offered 2x. Diagnostics beside the goals:
+   `cpu_us_per_ok`, the target's own CPU time (/proc, user + system) per 2xx answer in
+   each run and sweep step (does turning clients away make what it serves dearer?), and
+   `plateau_per_s`, the median goodput of the sweep's steps from the best one on, with
+   `goodput_2x_over_plateau`: past saturation goodput is flat to within the machine's
+   noise, and the saturation is the best of those windows, so the goal's ratio is the
+   2x window against the luckiest one.
 5. `--repeat` rounds (default 3), each a fresh process per target, swept and measured
    anew; the order alternates (summon then nginx, nginx then summon, ...), so that
    neither always meets the machine's noise first. The reported figures (and the goals)
@@ -325,7 +331,7 @@ def _one_target(bench: Any, B: Any, name: str, start: Any, upstream_port: int, s
     bench.log(f"  {name} capped at {CPU_SHARE:.0%} of a core ({cgroup})" if cgroup else
               f"  no writable CPU cgroup: {name} runs uncapped (the generator may not reach 2x)")
     try:
-        r = _measure(bench, bl, port, step_s, duration)
+        r = _measure(bench, bl, port, step_s, duration, proc.pid)
         r["cpu_share"] = CPU_SHARE if cgroup else None
         if name == "summon":
             r["overload"] = _summon_overload(bench)
@@ -345,12 +351,16 @@ def _summary(bl: Any, rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return {"saturation_per_s": med("saturation_per_s"),
             "goodput_2x_over_saturation": med("goodput_2x_over_saturation"),
             "p99_2x_over_1x": med("p99_2x_over_1x"),
+            "plateau_per_s": med("plateau_per_s"),
+            "goodput_2x_over_plateau": med("goodput_2x_over_plateau"),
             "offered_2x_over_saturation": min((r["offered_2x_over_saturation"] for r in rounds
                                                if r.get("offered_2x_over_saturation") is not None), default=None),
             "at_1x": {"goodput_per_s": med_of(rounds, "at_1x", "goodput_per_s"),
-                      "p99_ms": med_of(rounds, "at_1x", "p99_ms")},
+                      "p99_ms": med_of(rounds, "at_1x", "p99_ms"),
+                      "cpu_us_per_ok": med_of(rounds, "at_1x", "cpu_us_per_ok")},
             "at_2x": {"goodput_per_s": med_of(rounds, "at_2x", "goodput_per_s"),
-                      "p99_ms": med_of(rounds, "at_2x", "p99_ms")},
+                      "p99_ms": med_of(rounds, "at_2x", "p99_ms"),
+                      "cpu_us_per_ok": med_of(rounds, "at_2x", "cpu_us_per_ok")},
             "cpu_share": last.get("cpu_share"),
             "rounds": rounds}
 
@@ -367,21 +377,54 @@ def _loadavg() -> str:
         return "?"
 
 
-def _measure(bench: Any, bl: Any, port: int, step_s: float, duration_s: float) -> dict[str, Any]:
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of a process so far (/proc; None without it): the target's
+    own cost, which other processes on a shared machine hardly change."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _run(bench: Any, port: int, rate: float, duration_s: float, pid: int | None) -> dict[str, Any]:
+    """One open-loop run, with the target's CPU time per 2xx answer (`cpu_us_per_ok`)."""
+    before = cpu_seconds(pid)
+    r = open_loop(bench, port, rate, duration_s)
+    after = cpu_seconds(pid)
+    r["cpu_us_per_ok"] = (None if before is None or after is None or not r["ok"]
+                          else round((after - before) / r["ok"] * 1e6, 1))
+    return r
+
+
+def plateau(sweep: list[dict[str, Any]], best: int) -> float | None:
+    """The median goodput of the sweep's steps from the best one on (offered at or above
+    saturation, where goodput stopped rising): a diagnostic next to `saturation_per_s`,
+    which is the best of those windows and so, on a noisy machine, above what the target
+    typically serves there."""
+    values = sorted(s["goodput_per_s"] for s in sweep[best:])
+    return float(values[len(values) // 2]) if values else None
+
+
+def _measure(bench: Any, bl: Any, port: int, step_s: float, duration_s: float,
+             pid: int | None = None) -> dict[str, Any]:
     """Saturation by raising the open-loop rate until goodput stops rising, then 1x and 2x."""
     sweep: list[dict[str, Any]] = []
+    best_at = 0
     best: dict[str, Any] | None = None
     without_gain = 0
     rate = SWEEP_START_PER_S
     for _ in range(SWEEP_MAX_STEPS):
         _settle(bl, port)
-        r = open_loop(bench, port, rate, step_s)
+        r = _run(bench, port, rate, step_s, pid)
         sweep.append({k: r[k] for k in ("rate", "offered_per_s", "goodput_per_s", "shed_per_s", "p99_ms",
-                                         "dropped", "errors")})
+                                         "dropped", "errors", "cpu_us_per_ok")})
         bench.log(f"  sweep {rate:.0f}/s: goodput {r['goodput_per_s']}/s, shed {r['shed_per_s']}/s, "
                   f"2xx p99 {r['p99_ms']} ms")
         if best is None or r["goodput_per_s"] > best["goodput_per_s"] * SWEEP_GAIN:
-            best, without_gain = r, 0
+            best, best_at, without_gain = r, len(sweep) - 1, 0
         else:
             without_gain += 1
             if without_gain >= 2:
@@ -392,15 +435,17 @@ def _measure(bench: Any, bl: Any, port: int, step_s: float, duration_s: float) -
     runs = {}
     for label, factor in (("1x", 1.0), ("2x", 2.0)):
         _settle(bl, port)
-        r = open_loop(bench, port, factor * saturation, duration_s)
+        r = _run(bench, port, factor * saturation, duration_s, pid)
         runs[label] = r
         bench.log(f"  open loop {label}: offered {r['offered_per_s']}/s, goodput {r['goodput_per_s']}/s, "
                   f"shed {r['shed_per_s']}/s (503 {r['shed_503']}, refused {r['refused']}, reset {r['reset']}), "
                   f"dropped {r['dropped']}, unanswered {r['unanswered']}, errors {r['errors']}; "
                   f"2xx p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms (first on a new connection: {r['ok_first']}, "
                   f"p50 {r['first_p50_ms']} ms, p99 {r['first_p99_ms']} ms); "
-                  f"generator late by {r['send_lag_p99_ms']} ms (p99)")
+                  f"generator late by {r['send_lag_p99_ms']} ms (p99); {r['cpu_us_per_ok']} us CPU per 2xx")
+    level = plateau(sweep, best_at)
     return {"saturation_per_s": saturation, "saturation_offered_per_s": best["rate"], "sweep": sweep,
+            "plateau_per_s": level, "goodput_2x_over_plateau": bl.ratio(runs["2x"]["goodput_per_s"], level),
             "at_1x": runs["1x"], "at_2x": runs["2x"],
             "offered_2x_over_saturation": bl.ratio(runs["2x"]["offered_per_s"], saturation),
             "goodput_2x_over_saturation": bl.ratio(runs["2x"]["goodput_per_s"], saturation),
@@ -447,6 +492,10 @@ def _print_side_by_side(targets: dict[str, dict[str, Any]], goals: dict[str, dic
         ("goodput 2x / saturation", lambda t: _fmt(t.get("goodput_2x_over_saturation"))),
         ("2xx p99 2x / 1x", lambda t: _fmt(t.get("p99_2x_over_1x"))),
         ("offered 2x / saturation", lambda t: _fmt(t.get("offered_2x_over_saturation"))),
+        ("plateau (2xx/s, diagnostic)", lambda t: _fmt(t.get("plateau_per_s"), 0)),
+        ("goodput 2x / plateau", lambda t: _fmt(t.get("goodput_2x_over_plateau"))),
+        ("CPU per 2xx at 1x (us)", lambda t: _fmt(t.get("at_1x", {}).get("cpu_us_per_ok"), 0)),
+        ("CPU per 2xx at 2x (us)", lambda t: _fmt(t.get("at_2x", {}).get("cpu_us_per_ok"), 0)),
     ]
     print(f"  {'':<30}" + "".join(f"{n:>12}" for n in names))
     for label, cell in rows:

@@ -64,7 +64,9 @@ What shedding does (carried out by the asyncio shell, `proxy.serve.server`) mean
   cut down to half the target left the loop too little in flight and cut again and
   again (measured at 2x saturation, alternating 5 s runs: 300-360 503s and 330-370 new
   connections served per run at 0.5, 130-180 and 190-230 at 1.5, and 15-20% more 2xx
-  answers for the same CPU, the 2xx p99 unchanged at 160-260 ms). The CoDel-paced drops
+  answers for the same CPU, the 2xx p99 unchanged at 160-260 ms). Not higher either: at 3,
+  half the 503s again and a third fewer new connections, but no more 2xx answers and no
+  cheaper ones, and a higher p99 (12 alternating runs at about 2x). The CoDel-paced drops
   go on meanwhile, so the wait still comes down.
 - An episode that ended less than 16 intervals ago comes back at the first sample above
   target, not after a whole interval of them: the demand that ended episode was refused,

@@ -287,7 +287,16 @@ def _voluntary_switches() -> int:
 
 def _stop_accepting(rt: Runtime) -> None:
     """Close the servers and stop the listening sockets listening: the kernel refuses
-    new connections, and resets those already in the backlog (counted as refused)."""
+    new connections, and resets those already in the backlog (counted as refused).
+
+    Why not keep listening and only stop accepting, so the backlog holds connections
+    until summon can take them (no resets, no reconnections)? Tried, with the listening
+    socket kept open (4,096 deep, or shrunk to 64 while shedding and 4,096 again once
+    accepting) in alternating runs of the `overload` bench: summon's goodput fell to 0
+    at 1x and 2x after the first overload, in every round. The backlog is a FIFO in front of a CPU that is already
+    full: what waits there waits for seconds, its clients give up (close) while it waits,
+    and summon then accepts and serves those dead connections one per loop turn, the live
+    ones queued behind them. Resetting the backlog is the drop that keeps that queue short."""
     for server in rt.servers:
         server.close()
     rt.servers.clear()

@@ -1,0 +1,52 @@
+"""Unit tests of the pure parts of the bench's `overload` section (loadtests/bench_overload.py):
+the plateau next to the saturation, and the target's CPU time read from /proc."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+from types import ModuleType
+
+from tests.helpers.paths import REPO
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, REPO / "loadtests" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+bo = _load("bench_overload")
+
+
+def _steps(*goodputs: float) -> list[dict[str, float]]:
+    return [{"goodput_per_s": g} for g in goodputs]
+
+
+def test_the_plateau_is_the_median_from_the_best_step_on_not_the_best() -> None:
+    sweep = _steps(250, 350, 490, 897, 951, 822, 779)  # best at index 4, then two steps without gain
+    assert bo.plateau(sweep, 4) == 822  # median of 951, 822, 779: below the saturation (951)
+    assert bo.plateau(sweep, 3) == 897  # an even count: the upper of the two middle ones
+
+
+def test_the_steps_before_the_best_do_not_count() -> None:
+    sweep = _steps(100, 200, 300)
+    assert bo.plateau(sweep, 2) == 300
+    assert bo.plateau([], 0) is None
+
+
+def test_cpu_seconds_counts_this_process_and_none_for_a_missing_one() -> None:
+    before = bo.cpu_seconds(os.getpid())
+    assert before is not None
+    end = time.process_time() + 0.05
+    while time.process_time() < end:  # burn some CPU: the count must grow
+        pass
+    after = bo.cpu_seconds(os.getpid())
+    assert after is not None and after > before
+    assert bo.cpu_seconds(None) is None
+    assert bo.cpu_seconds(2**22 + 12345) is None  # above pid_max's default: no such process
