@@ -201,6 +201,9 @@ class PrefetchSettings:
     enabled: bool = False
     max_followers: int = 8  # followers one request may wake
     unused_idle_timeout_s: float = 15.0  # a pre-summoned instance no request used idles out after this
+    # start pre-summons at the lowest CPU priority until a request waits for them (`Boot.background`);
+    # false: like any boot (to compare the two, or where the priority costs more than it saves)
+    low_priority: bool = True
     learn: bool = True  # learn followers from what clients request next (routes that pre-summon only)
     learn_window_s: float = 2.0  # "next": the same client, within this long after the route
     learn_threshold: float = 0.5  # share of a route's visits followed by the other route
@@ -612,6 +615,7 @@ _PREFETCH_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "enabled": ("enabled", _boolean),
     "max_followers": ("max_followers", _positive_int),
     "unused_idle_timeout": ("unused_idle_timeout_s", parse_duration),
+    "low_priority": ("low_priority", _boolean),
     "learn": ("learn", _boolean),
     "learn_window": ("learn_window_s", parse_duration),
     "learn_threshold": ("learn_threshold", _share),

@@ -1130,7 +1130,8 @@ class Fleet:
             if self.live_count() + 1 >= self.limits.max_instances or self._over_budget(now):
                 return
             pool = self.pools[name]
-            booted = self._boot(pool, region, now, f"pre-summoned by {route}", out, background=True)
+            booted = self._boot(pool, region, now, f"pre-summoned by {route}", out,
+                                background=self.prefetch.settings.low_priority)
             if isinstance(booted, Refused):
                 return  # (a guess refused is nobody's refusal: nothing to tell anyone)
             inst = self.instances[booted.instance_id]

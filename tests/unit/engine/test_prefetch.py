@@ -68,6 +68,17 @@ def test_pre_summons_start_in_the_background_and_real_boots_never_do() -> None:
     assert len(real) == 1 and not real[0].background
 
 
+def test_low_priority_off_starts_pre_summons_like_any_boot() -> None:
+    f = fleet(settings=PrefetchSettings(low_priority=False))
+    out = f.request_arrived("s:/", 1, "k", None, 0.0)
+    boots = of(Boot, out)
+    assert len(boots) == 4 and not any(b.background for b in boots)  # still pre-summoned, not lowered
+    assert {r.route for r in records("presummoned", out)} == FOLLOWERS
+    css = next(b.instance_id for b in boots if b.route == "s:/style.css")
+    assert not of(Foreground, f.request_arrived("s:/style.css", 2, "k", None, 0.5))  # nothing to lift
+    assert not of(Foreground, f.instance_ready(css, addr(1), 1.0))
+
+
 def test_a_request_queued_for_a_pre_summon_brings_it_to_the_foreground_once() -> None:
     f = fleet()
     out = f.request_arrived("s:/", 1, "k", None, 0.0)
