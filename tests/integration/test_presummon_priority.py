@@ -81,3 +81,26 @@ def test_a_pre_summon_runs_at_low_priority_until_a_request_waits_for_it(tmp_path
             assert priority.nice_of(pid) == 0
 
     uvloop.run(scenario())
+
+
+def test_low_priority_off_starts_a_pre_summon_like_any_boot(tmp_path: Path) -> None:
+    make_image(tmp_path / "images", "page", BUSYBOX, body="page\n")
+    late_dir = make_image(tmp_path / "images", "late", GATED, body="late\n")
+    cfg = tmp_path / "summon.toml"
+    cfg.write_text(CONFIG + "[prefetch]\nlow_priority = false\n")
+
+    async def scenario() -> None:
+        async with serving(cfg, Foreground, 1.0) as run:
+            s, port, foregrounds = run.summoner, run.port, run.seen
+            assert await get(port, "/") == (200, b"page\n")
+            late = await wait_for(lambda: next((i for i in s.fleet.instances.values()
+                                                if i.route == "late" and i.id in s.handles), None), "the pre-summon")
+            assert late.presummoned_by == "page"  # still pre-summoned by the page's request ...
+            pid = int(s.handles[late.id].detail["pid"])  # type: ignore[call-overload]
+            assert priority.nice_of(pid) == 0 and priority.autogroup_nice_of(pid) in (None, 0)  # ... not lowered
+            request = asyncio.create_task(get(port, "/index.html"))
+            (late_dir / "go").touch()
+            assert await asyncio.wait_for(request, 30) == (200, b"late\n")
+            assert not foregrounds  # nothing was lowered, so nothing to lift
+
+    uvloop.run(scenario())
