@@ -24,6 +24,16 @@ Boots are the `summoned` events of each run. The goals (issue 18), on VMs only: 
 median `on` at most 1.2x the median floor, and at most 0.85x the median `off`. Where a
 start's time goes is read from the `ready` events' `phases` of the `on` runs: the page's
 own boot and the slowest resource's, per phase (medians).
+
+Every run also prints its timeline on one clock (`page_timeline.py`): per instance when
+its boot was issued and by whom (a request or a pre-summon), when it was ready (and its
+phases), when Chromium (or the plain client) sent its request and got the answer, and
+its QEMU's CPU seconds when the page was ready and in all; then how many cores were busy
+and the CPU seconds of the QEMUs, Chromium, summon and the rest. Per configuration a
+"where the time goes" line gives the medians. The load event is awaited as Chromium's
+`Page.loadEventFired`, with nothing asked of the page meanwhile (a poll costs Chromium
+CPU that the boots it waits for then lack). `BENCH_PAGE_LOWPRIO=1` adds a diagnostic kind
+per round, `on_lp`: pre-summoning on with `[prefetch] low_priority = true`.
 """
 
 from __future__ import annotations
@@ -52,7 +62,7 @@ GOAL_ON_OVER_FLOOR = 1.2
 GOAL_ON_OVER_OFF = 0.85
 VM_SETTLE_S = 0.5  # after the last VM is gone, before the next start (cf. bench_cold)
 LOAD_TIMEOUT_S = 120.0
-NOPRIO = os.environ.get("BENCH_PAGE_NOPRIO") == "1"  # also `on_np`: pre-summoning on, `low_priority = false`
+LOWPRIO = os.environ.get("BENCH_PAGE_LOWPRIO") == "1"  # also `on_lp`: pre-summoning on, `low_priority = true`
 SITE = ROOT / "images" / "decks" / "site"
 SUMMON = ROOT / ".venv" / "bin" / "summon"
 
@@ -294,8 +304,8 @@ def measure(bench: Any, site: Site, backend: str, start: str, runs: int) -> dict
     tables = {"off": site.routes(False, start), "on": site.routes(True, start)}
     page_and_resources = ["/", *site.resources]
     samples: dict[str, list[float]] = {"off": [], "on": [], "floor": [], "one": []}
-    if NOPRIO:  # a diagnostic: pre-summons started like any boot, no low CPU priority
-        samples["on_np"] = []
+    if LOWPRIO:  # a diagnostic: pre-summons at the lowest CPU priority until waited for
+        samples["on_lp"] = []
     detail: dict[str, list[dict[str, Any]]] = {k: [] for k in samples}
     failures: list[str] = []
 
@@ -303,12 +313,12 @@ def measure(bench: Any, site: Site, backend: str, start: str, runs: int) -> dict
         for attempt in (1, 2):  # a run that failed (a resource not answered 200) is run again, once
             if backend == "libvirt":
                 time.sleep(VM_SETTLE_S)  # a QEMU just torn down still slows the next start
-            table = tables["on"] if kind.startswith("on") else tables["off"]
-            extra = "[prefetch]\nlow_priority = false\n" if kind == "on_np" else ""
+            table = tables["on"] if kind in ("on", "on_lp") else tables["off"]
+            extra = "[prefetch]\nlow_priority = true\n" if kind == "on_lp" else ""
             marks: dict[str, Any] = {}
             with Run(bench, site, backend, table, extra) as run, ptl.CpuWatch(run.proc.pid if run.proc else None) as cpu:
                 try:
-                    if kind in ("off", "on", "on_np"):
+                    if kind in ("off", "on", "on_lp"):
                         seconds = browser_load(browser, run, site.resources, marks)
                     else:
                         seconds = concurrent_gets(run, page_and_resources if kind == "floor" else ["/"], marks)
@@ -340,8 +350,8 @@ def measure(bench: Any, site: Site, backend: str, start: str, runs: int) -> dict
             bench.log(f"  round {n + 1} of {runs}  (loadavg {_loadavg()})")
             for kind in (("off", "on") if n % 2 == 0 else ("on", "off")):
                 one(kind, browser)
-            if NOPRIO:
-                one("on_np", browser)
+            if LOWPRIO:
+                one("on_lp", browser)
             one("floor", browser)
             if n % 2 == 0:  # one boot alone is context, not a goal's term: every other round
                 one("one", browser)
@@ -352,8 +362,8 @@ def measure(bench: Any, site: Site, backend: str, start: str, runs: int) -> dict
         "median_s": {k: round(v, 3) if v is not None else None for k, v in med.items()},
         "boots": {k: bl.median(d["boots"] for d in v) for k, v in detail.items()},
         "presummoned": {k: bl.median(d["presummoned"] for d in v) for k, v in detail.items()},
-        "over_floor": {k: _r(bl.ratio(med[k], med["floor"])) for k in ("off", "on", "on_np") if k in med},
-        "over_one_boot": {k: _r(bl.ratio(med[k], med["one"])) for k in ("off", "on", "on_np", "floor") if k in med},
+        "over_floor": {k: _r(bl.ratio(med[k], med["floor"])) for k in ("off", "on", "on_lp") if k in med},
+        "over_one_boot": {k: _r(bl.ratio(med[k], med["one"])) for k in ("off", "on", "on_lp", "floor") if k in med},
         "on_over_off": _r(bl.ratio(med["on"], med["off"])),
         "on_over_off_per_round": [_r(x) for x in bl.paired_ratios(samples["on"], samples["off"])],
         "failed_runs": failures,
@@ -398,12 +408,12 @@ def report(bench: Any, res: dict[str, Any]) -> None:
     rows = [
         ("Chromium, pre-summoning off (load event)", "off"),
         ("Chromium, pre-summoning on (load event)", "on"),
-        *([("Chromium, on, pre-summons at normal priority (diagnostic)", "on_np")] if "on_np" in m else []),
+        *([("Chromium, on, pre-summons at low priority (diagnostic)", "on_lp")] if "on_lp" in m else []),
         ("floor: / and its resources' GETs at once, plain HTTP client", "floor"),
         (f"{one_name}: one cold GET / through summon", "one"),
     ]
     for text, k in rows:
-        xf = res["over_floor"].get(k) if k in ("off", "on", "on_np") else (1.0 if k == "floor" else None)
+        xf = res["over_floor"].get(k) if k in ("off", "on", "on_lp") else (1.0 if k == "floor" else None)
         xo = res["over_one_boot"].get(k) if k != "one" else 1.0
         bench.log(f"  {text:<58}{bl_fmt(m[k], 3):>9}{bl_fmt(b[k], 0):>7}{bl_fmt(xf, 2):>9}{bl_fmt(xo, 2):>7}")
     for line in ptl.summary(res["runs_detail"]):

@@ -1,4 +1,5 @@
-"""Pre-summons yield the CPU, on real processes through the summoner shell: a follower the
+"""Pre-summons yield the CPU where `[prefetch] low_priority = true` says so (by default they
+start like any boot), on real processes through the summoner shell: a follower the
 page's request pre-summoned runs at nice 19 (every thread, and its session's autogroup),
 and is put back to 0 as soon as a request for it queues; the page's own start never is
 lowered. (The libvirt driver's QEMUs: tests/e2e/test_vm_boot.py.)"""
@@ -44,6 +45,7 @@ url = "/index.html"
 image = "late"
 boot_timeout = "30s"
 """
+LOW = "[prefetch]\nlow_priority = true\n"
 
 # serves only once the test lets it (a file in its image directory): booting until then
 GATED = ["sh", "-c", "while [ ! -e {dir}/go ]; do sleep 0.02; done; exec " + " ".join(BUSYBOX)]
@@ -53,7 +55,7 @@ def test_a_pre_summon_runs_at_low_priority_until_a_request_waits_for_it(tmp_path
     make_image(tmp_path / "images", "page", BUSYBOX, body="page\n")
     late_dir = make_image(tmp_path / "images", "late", GATED, body="late\n")
     cfg = tmp_path / "summon.toml"
-    cfg.write_text(CONFIG)
+    cfg.write_text(CONFIG + LOW)
 
     async def scenario() -> None:
         async with serving(cfg, Foreground, 1.0) as run:
@@ -83,11 +85,11 @@ def test_a_pre_summon_runs_at_low_priority_until_a_request_waits_for_it(tmp_path
     uvloop.run(scenario())
 
 
-def test_low_priority_off_starts_a_pre_summon_like_any_boot(tmp_path: Path) -> None:
+def test_by_default_a_pre_summon_starts_like_any_boot(tmp_path: Path) -> None:
     make_image(tmp_path / "images", "page", BUSYBOX, body="page\n")
     late_dir = make_image(tmp_path / "images", "late", GATED, body="late\n")
     cfg = tmp_path / "summon.toml"
-    cfg.write_text(CONFIG + "[prefetch]\nlow_priority = false\n")
+    cfg.write_text(CONFIG)
 
     async def scenario() -> None:
         async with serving(cfg, Foreground, 1.0) as run:

@@ -569,17 +569,17 @@ def test_plugin_problems_name_the_key(tmp_path: Path, body: str, needle: str, fr
 
 def test_prefetch_settings_and_route_keys_load(tmp_path):
     main = VALID + ('\n[prefetch]\nenabled = true\nmax_followers = 3\nunused_idle_timeout = "5s"\nlearn_window = "1s"\n'
-                    'low_priority = false\n')
+                    'low_priority = true\n')
     routes = ROUTES.replace('upstreams = ["127.0.0.1:9004"]', 'image = "blog"\nprefetch = ["/blog/a.css"]\npresummon = false')
     cfg = load(write(tmp_path, main, routes))
     assert (cfg.prefetch.enabled, cfg.prefetch.max_followers, cfg.prefetch.unused_idle_timeout_s) == (True, 3, 5.0)
     assert cfg.prefetch.learn_window_s == 1.0 and cfg.prefetch.learn_min_count == 3
-    assert cfg.prefetch.low_priority is False
+    assert cfg.prefetch.low_priority is True
     blog = next(r for r in cfg.routes if r.name == "blog")
     assert blog.prefetch == ("/blog/a.css",) and blog.presummon is False
     default = load(write(tmp_path, VALID)).prefetch
     assert default.enabled is False  # off unless a route or [prefetch] says
-    assert default.low_priority is True  # pre-summons yield the CPU unless told not to
+    assert default.low_priority is False  # pre-summons start like any boot unless told to yield
 
 
 @pytest.mark.parametrize(("value", "fragment"), [
