@@ -24,6 +24,16 @@ Boots are the `summoned` events of each run. The goals (issue 18), on VMs only: 
 median `on` at most 1.2x the median floor, and at most 0.85x the median `off`. Where a
 start's time goes is read from the `ready` events' `phases` of the `on` runs: the page's
 own boot and the slowest resource's, per phase (medians).
+
+Every run also prints its timeline on one clock (`page_timeline.py`): per instance when
+its boot was issued and by whom (a request or a pre-summon), when it was ready (and its
+phases), when Chromium (or the plain client) sent its request and got the answer, and
+its QEMU's CPU seconds when the page was ready and in all; then how many cores were busy
+and the CPU seconds of the QEMUs, Chromium, summon and the rest. Per configuration a
+"where the time goes" line gives the medians. The load event is awaited as Chromium's
+`Page.loadEventFired`, with nothing asked of the page meanwhile (a poll costs Chromium
+CPU that the boots it waits for then lack). `BENCH_PAGE_LOWPRIO=1` adds a diagnostic kind
+per round, `on_lp`: pre-summoning on with `[prefetch] low_priority = true`.
 """
 
 from __future__ import annotations
@@ -46,11 +56,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import benchlib as bl  # noqa: E402
+import page_timeline as ptl  # noqa: E402
 
 GOAL_ON_OVER_FLOOR = 1.2
 GOAL_ON_OVER_OFF = 0.85
 VM_SETTLE_S = 0.5  # after the last VM is gone, before the next start (cf. bench_cold)
 LOAD_TIMEOUT_S = 120.0
+LOWPRIO = os.environ.get("BENCH_PAGE_LOWPRIO") == "1"  # also `on_lp`: pre-summoning on, `low_priority = true`
 SITE = ROOT / "images" / "decks" / "site"
 SUMMON = ROOT / ".venv" / "bin" / "summon"
 
@@ -98,7 +110,7 @@ class Run:
 
     counter = 0
 
-    def __init__(self, bench: Any, site: Site, backend: str, routes: Path) -> None:
+    def __init__(self, bench: Any, site: Site, backend: str, routes: Path, extra: str = "") -> None:
         Run.counter += 1
         self.bench, self.site, self.backend = bench, site, backend
         self.dir = bench.tmp / f"page-{Run.counter}"
@@ -133,6 +145,7 @@ name = "local"
 region = "local"
 slots = 32
 {host}
+{extra}
 """)
         self.proc: bl.Proc | None = None
 
@@ -190,7 +203,7 @@ def wait_none_left(site: Site, backend: str, timeout_s: float = 30.0) -> list[st
 # the four measurements
 
 
-def browser_load(browser: Any, run: Run, resources: list[str]) -> float:
+def browser_load(browser: Any, run: Run, resources: list[str], marks: dict[str, Any]) -> float:
     """Seconds from navigation start to the end of the load event of a cold `/`, in a
     fresh browser context (its own cache and connections: nothing carried over from the
     last load) of one running Chromium. A load event also ends a page whose resources
@@ -204,28 +217,37 @@ def browser_load(browser: Any, run: Run, resources: list[str]) -> float:
         b.call("Page.enable", session=True)
         b.call("Runtime.enable", session=True)
         b.call("Page.navigate", {"url": f"http://127.0.0.1:{run.port}/"}, session=True, timeout=LOAD_TIMEOUT_S)
-        ms = b.wait_for("performance.getEntriesByType('navigation')[0]?.loadEventEnd || 0",
-                        timeout=LOAD_TIMEOUT_S, interval=0.05)
+        # the load event as Chromium reports it, nothing asked meanwhile: a poll would be a
+        # script run in the page every few ms, CPU taken from the boots the load waits for
+        b.wait_event("Page.loadEventFired", timeout=LOAD_TIMEOUT_S)
+        ms = b.wait_for("performance.getEntriesByType('navigation')[0]?.loadEventEnd || 0", timeout=10, interval=0.01)
         status = b.evaluate("Object.fromEntries([...performance.getEntriesByType('navigation'),"
                             " ...performance.getEntriesByType('resource')]"
                             ".map(e => [new URL(e.name).pathname, e.responseStatus]))")
         rendered = "decks" in b.dom()
+        marks.update(ptl.chromium_timing(b))
     finally:
         b.session = outer
         b.call("Target.disposeBrowserContext", {"browserContextId": ctx})
         b.events.clear()
     bad = {p: status.get(p) for p in ["/", *resources] if status.get(p) != 200}
+    marks["zero"] = marks["nav"]["start"]
+    marks["end"] = marks["nav"]["loadEventEnd"]
+    marks["requests"] = ptl.first_by_path([marks["nav"], *marks["resources"]])
     if bad or not rendered:
         raise RuntimeError(f"the browser's loads were not all answered 200: {bad or 'the page did not render'}")
     return float(ms) / 1000.0
 
 
-def _get(port: int, path: str, out: dict[str, Any]) -> None:
+def _get(port: int, path: str, out: dict[str, Any], at: dict[str, dict[str, float]]) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=LOAD_TIMEOUT_S)
     try:
+        at[path] = {"requestStart": time.time()}
         conn.request("GET", path, headers={"Connection": "close"})
         resp = conn.getresponse()
+        at[path]["responseStart"] = time.time()
         resp.read()
+        at[path]["responseEnd"] = time.time()
         out[path] = (resp.status, time.perf_counter())
     except (OSError, http.client.HTTPException) as e:
         out[path] = (repr(e), time.perf_counter())
@@ -233,10 +255,13 @@ def _get(port: int, path: str, out: dict[str, Any]) -> None:
         conn.close()
 
 
-def concurrent_gets(run: Run, paths: list[str]) -> float:
+def concurrent_gets(run: Run, paths: list[str], marks: dict[str, Any] | None = None) -> float:
     """Seconds from sending every GET at once to the last complete response (all must be 200)."""
     done: dict[str, Any] = {}
-    threads = [threading.Thread(target=_get, args=(run.port, p, done)) for p in paths]
+    at: dict[str, dict[str, float]] = {}
+    threads = [threading.Thread(target=_get, args=(run.port, p, done, at)) for p in paths]
+    if marks is not None:
+        marks["zero"], marks["requests"] = time.time(), at
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -245,7 +270,10 @@ def concurrent_gets(run: Run, paths: list[str]) -> float:
     bad = {p: s for p, (s, _) in done.items() if s != 200}
     if bad or len(done) != len(paths):
         raise RuntimeError(f"GETs through summon failed: {bad or 'no answer'}")
-    return max(at for _, at in done.values()) - t0
+    seconds = max(at for _, at in done.values()) - t0
+    if marks is not None:
+        marks["end"] = marks["zero"] + seconds
+    return seconds
 
 
 def boots_of(events: list[Any]) -> dict[str, Any]:
@@ -276,6 +304,8 @@ def measure(bench: Any, site: Site, backend: str, start: str, runs: int) -> dict
     tables = {"off": site.routes(False, start), "on": site.routes(True, start)}
     page_and_resources = ["/", *site.resources]
     samples: dict[str, list[float]] = {"off": [], "on": [], "floor": [], "one": []}
+    if LOWPRIO:  # a diagnostic: pre-summons at the lowest CPU priority until waited for
+        samples["on_lp"] = []
     detail: dict[str, list[dict[str, Any]]] = {k: [] for k in samples}
     failures: list[str] = []
 
@@ -283,21 +313,29 @@ def measure(bench: Any, site: Site, backend: str, start: str, runs: int) -> dict
         for attempt in (1, 2):  # a run that failed (a resource not answered 200) is run again, once
             if backend == "libvirt":
                 time.sleep(VM_SETTLE_S)  # a QEMU just torn down still slows the next start
-            table = tables["on"] if kind == "on" else tables["off"]
-            with Run(bench, site, backend, table) as run:
+            table = tables["on"] if kind in ("on", "on_lp") else tables["off"]
+            extra = "[prefetch]\nlow_priority = true\n" if kind == "on_lp" else ""
+            marks: dict[str, Any] = {}
+            with Run(bench, site, backend, table, extra) as run, ptl.CpuWatch(run.proc.pid if run.proc else None) as cpu:
                 try:
-                    if kind in ("off", "on"):
-                        seconds = browser_load(browser, run, site.resources)
+                    if kind in ("off", "on", "on_lp"):
+                        seconds = browser_load(browser, run, site.resources, marks)
                     else:
-                        seconds = concurrent_gets(run, page_and_resources if kind == "floor" else ["/"])
+                        seconds = concurrent_gets(run, page_and_resources if kind == "floor" else ["/"], marks)
                 except RuntimeError as e:
                     seconds = None
                     why = str(e)
-            boots = boots_of(run.events())
+                cpu.stop()  # the window's end: before summon stops its instances
+            events = run.events()
+            boots = boots_of(events)
             if seconds is not None:
                 samples[kind].append(seconds)
+                boots["timeline"] = ptl.timeline(events, marks["zero"], page_and_resources, marks["requests"],
+                                                 cpu if backend == "libvirt" else None, _domain_of, marks["end"])
                 detail[kind].append(boots)
                 bench.log(f"    {kind:<5} {seconds:7.3f} s  boots {boots['boots']}")
+                for line in ptl.describe(boots["timeline"]):
+                    bench.log(line)
                 return
             failures.append(f"{kind} (attempt {attempt}): {why}; events {boots['kinds']}")
             bench.log(f"    {kind:<5} FAILED: {failures[-1]}")
@@ -312,6 +350,8 @@ def measure(bench: Any, site: Site, backend: str, start: str, runs: int) -> dict
             bench.log(f"  round {n + 1} of {runs}  (loadavg {_loadavg()})")
             for kind in (("off", "on") if n % 2 == 0 else ("on", "off")):
                 one(kind, browser)
+            if LOWPRIO:
+                one("on_lp", browser)
             one("floor", browser)
             if n % 2 == 0:  # one boot alone is context, not a goal's term: every other round
                 one("one", browser)
@@ -322,8 +362,8 @@ def measure(bench: Any, site: Site, backend: str, start: str, runs: int) -> dict
         "median_s": {k: round(v, 3) if v is not None else None for k, v in med.items()},
         "boots": {k: bl.median(d["boots"] for d in v) for k, v in detail.items()},
         "presummoned": {k: bl.median(d["presummoned"] for d in v) for k, v in detail.items()},
-        "over_floor": {k: _r(bl.ratio(med[k], med["floor"])) for k in ("off", "on")},
-        "over_one_boot": {k: _r(bl.ratio(med[k], med["one"])) for k in ("off", "on", "floor")},
+        "over_floor": {k: _r(bl.ratio(med[k], med["floor"])) for k in ("off", "on", "on_lp") if k in med},
+        "over_one_boot": {k: _r(bl.ratio(med[k], med["one"])) for k in ("off", "on", "on_lp", "floor") if k in med},
         "on_over_off": _r(bl.ratio(med["on"], med["off"])),
         "on_over_off_per_round": [_r(x) for x in bl.paired_ratios(samples["on"], samples["off"])],
         "failed_runs": failures,
@@ -368,13 +408,16 @@ def report(bench: Any, res: dict[str, Any]) -> None:
     rows = [
         ("Chromium, pre-summoning off (load event)", "off"),
         ("Chromium, pre-summoning on (load event)", "on"),
+        *([("Chromium, on, pre-summons at low priority (diagnostic)", "on_lp")] if "on_lp" in m else []),
         ("floor: / and its resources' GETs at once, plain HTTP client", "floor"),
         (f"{one_name}: one cold GET / through summon", "one"),
     ]
     for text, k in rows:
-        xf = res["over_floor"].get(k) if k in ("off", "on") else (1.0 if k == "floor" else None)
+        xf = res["over_floor"].get(k) if k in ("off", "on", "on_lp") else (1.0 if k == "floor" else None)
         xo = res["over_one_boot"].get(k) if k != "one" else 1.0
         bench.log(f"  {text:<58}{bl_fmt(m[k], 3):>9}{bl_fmt(b[k], 0):>7}{bl_fmt(xf, 2):>9}{bl_fmt(xo, 2):>7}")
+    for line in ptl.summary(res["runs_detail"]):
+        bench.log(line)
     w = res["where"]["on"]
     bench.log(f"  with pre-summoning: page ready {bl_fmt(w['page_ready_s'], 2)} s after its summons, the last"
               f" resource {bl_fmt(w['last_resource_ready_after_page_summons_s'], 2)} s after it"
@@ -438,6 +481,12 @@ def section_page(bench: Any) -> dict[str, Any]:
         bench.log(f"page: loadavg before {result['loadavg_before']}, after {result['loadavg_after']};"
                   f" instances left running: {len(left)}")
     return result
+
+
+def _domain_of(route: str, instance: str) -> str:
+    from proxy.backends.libvirt_xml import domain_name
+
+    return domain_name(route, instance)
 
 
 def _key(backend: str, start: str) -> str:

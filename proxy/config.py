@@ -201,6 +201,10 @@ class PrefetchSettings:
     enabled: bool = False
     max_followers: int = 8  # followers one request may wake
     unused_idle_timeout_s: float = 15.0  # a pre-summoned instance no request used idles out after this
+    # start pre-summons at the lowest CPU priority until a request waits for them (`Boot.background`):
+    # the page's own start comes first, but on a CPU-bound host the whole page ends later (the
+    # starved followers' boots cost more CPU: loadtests/README.md, section `page`), so off by default
+    low_priority: bool = False
     learn: bool = True  # learn followers from what clients request next (routes that pre-summon only)
     learn_window_s: float = 2.0  # "next": the same client, within this long after the route
     learn_threshold: float = 0.5  # share of a route's visits followed by the other route
@@ -612,6 +616,7 @@ _PREFETCH_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "enabled": ("enabled", _boolean),
     "max_followers": ("max_followers", _positive_int),
     "unused_idle_timeout": ("unused_idle_timeout_s", parse_duration),
+    "low_priority": ("low_priority", _boolean),
     "learn": ("learn", _boolean),
     "learn_window": ("learn_window_s", parse_duration),
     "learn_threshold": ("learn_threshold", _share),

@@ -11,6 +11,9 @@ Why these choices:
   and cached): on nested setups /dev/kvm exists but Linux hangs, so we fall back to TCG.
   The probe takes up to 10 s there, so its answer is also kept on disk until the machine
   reboots: a restarted summon does not make its first cold request pay for it again.
+- A start cancelled while libvirt is still creating or restoring its domain (summon
+  stopping, a booting pre-summon reclaimed) destroys that domain once the call returns:
+  with no handle it could not be stopped, and would run until a later summon reaped it.
 - Death detection polls the list of running domains every 0.5 s (one call for all
   instances): simpler and more robust across libvirtd restarts than lifecycle events.
 - ``start = "restore"``: boot one instance, wait for HTTP, ``dom.save()`` it once per
@@ -82,6 +85,7 @@ POLL_S = 0.5
 PROBE_TIMEOUT_S = 3.0  # a remote host's answer to a cheap call; two misses and it is down
 REAP_ON_RETURN_TIMEOUT_S = 10.0  # a returning host's orphans are reaped within this, or left to the reaper
 KVM_PROBE_TIMEOUT_S = 10.0
+CANCELLED_START_WAIT_S = 15.0  # `close` waits this long for cancelled starts' domains, to destroy them
 CONSOLE_DIR = Path("/tmp/summon-console")
 _kvm_answers: dict[str, bool] = {}  # per URI, for the life of the process
 # ... and on disk for the life of the machine's boot (see `remembered_kvm_answer`)
@@ -286,6 +290,9 @@ class LibvirtBackend:
         # not be brought to the foreground); the calls that raise a share, behind no create
         self._background_executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="libvirt-bg")
         self._prio_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="libvirt-prio")
+        # creates and restores whose start was cancelled while libvirt was still at them: their
+        # domain is destroyed once the call returns (see `_unless_cancelled`)
+        self._orphaned: set[asyncio.Task[Any]] = set()
 
     # --- plumbing -----------------------------------------------------------------
 
@@ -514,11 +521,16 @@ class LibvirtBackend:
             create_at = time.monotonic()
             try:
                 if snapshot is not None:
-                    await self._call(f"restore {name}", self._restore_sync, snapshot, params, executor=executor)
+                    await self._unless_cancelled(name, self._call(
+                        f"restore {name}", self._restore_sync, snapshot, params, executor=executor))
                 else:
                     xml = domain_xml(params)
-                    await self._call(f"create {name}", lambda xml=xml: self._connection().createXML(xml, 0),
-                                     executor=executor)
+                    await self._unless_cancelled(name, self._call(
+                        f"create {name}", lambda xml=xml: self._connection().createXML(xml, 0), executor=executor))
+            except asyncio.CancelledError:
+                self._ports.discard(port)
+                self._background.pop(spec.instance_id, None)
+                raise
             except HostUnavailable:
                 self._ports.discard(port)
                 self._background.pop(spec.instance_id, None)
@@ -557,6 +569,33 @@ class LibvirtBackend:
             return handle
         assert last is not None
         raise last
+
+    async def _unless_cancelled(self, name: str, call: Any) -> None:
+        """Await a create or restore; if the start is cancelled meanwhile (summon stopping,
+        a booting pre-summon reclaimed), the call still runs on in its thread and its domain
+        comes up with no handle to stop it by: it is destroyed as soon as the call returns,
+        instead of running untracked until a later summon reaps it (`close` waits for that)."""
+        task = asyncio.ensure_future(call)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+
+            async def destroy_when_up() -> None:
+                try:
+                    await task
+                except BaseException:  # noqa: BLE001 - no domain came up: nothing to destroy
+                    return
+                try:
+                    await self._destroy(name)
+                except BackendError as exc:
+                    log.warning("cannot destroy %s, whose start was cancelled: %s", name, exc)
+
+            cleanup = asyncio.ensure_future(destroy_when_up())
+            self._orphaned.add(cleanup)
+            cleanup.add_done_callback(self._orphaned.discard)
+            raise
 
     async def _artefacts(self, spec: InstanceSpec) -> dict[str, str] | None:
         """Check what the guest boots: the image's files here, or (a host with `pool`) the
@@ -841,6 +880,8 @@ class LibvirtBackend:
     async def close(self) -> None:
         if self._monitor is not None:
             self._monitor.cancel()
+        if self._orphaned:  # cancelled starts still in libvirt: destroy what they bring up
+            await asyncio.wait(list(self._orphaned), timeout=CANCELLED_START_WAIT_S)
         for name, (handle, _iid) in list(self._handles.items()):
             try:
                 await self.stop(handle)

@@ -30,10 +30,12 @@ Rules kept here, and only here:
   has the instance running (`instance_started`), before readiness is known, so the
   request itself is the readiness probe and a cold start costs no extra round trip
   into the guest (the shell retries it until the instance answers);
-- a pre-summon (`_presummon`, rules in proxy/engine/prefetch.py) is a background `Boot`:
-  the driver starts it at a low CPU priority, so that on shared cores the starts a
-  request waits for come first; `Foreground` lifts that, once, as soon as a real request
-  queues for its pool or when it is ready.
+- a pre-summon (`_presummon`, rules in proxy/engine/prefetch.py) is, with `[prefetch]
+  low_priority = true` (off by default: on a CPU-bound host the starved followers cost
+  more than the page gains), a background `Boot`: the driver starts it at a low CPU
+  priority, so that on shared cores the starts a request waits for come first;
+  `Foreground` lifts that, once, as soon as a real request queues for its pool or when it
+  is ready.
 
 Rolling deploy (`deploy`, or `set_routes` with another version for a route): a pool
 knows the version it should serve (`PoolState.version`, the image's manifest digest as the
@@ -1130,7 +1132,8 @@ class Fleet:
             if self.live_count() + 1 >= self.limits.max_instances or self._over_budget(now):
                 return
             pool = self.pools[name]
-            booted = self._boot(pool, region, now, f"pre-summoned by {route}", out, background=True)
+            booted = self._boot(pool, region, now, f"pre-summoned by {route}", out,
+                                background=self.prefetch.settings.low_priority)
             if isinstance(booted, Refused):
                 return  # (a guess refused is nobody's refusal: nothing to tell anyone)
             inst = self.instances[booted.instance_id]

@@ -16,8 +16,8 @@ else `[prefetch].enabled`):
 No I/O and no clock here: the fleet (proxy/engine/fleet.py) asks `Prefetcher.choose`
 which followers to boot and applies the capacity rules (free slots only, never one a
 real request waits for, unused pre-summons reclaimed first and idled out on
-`unused_idle_timeout`, started in the background: at a low CPU priority until a request
-queues for them or they are ready, `Foreground`); the shell records observations and
+`unused_idle_timeout`, and with `low_priority` started in the background: at a low CPU
+priority until a request queues for them or they are ready, `Foreground`); the shell records observations and
 rebuilds the learned table in the background (proxy/runtime/learning.py).
 """
 

@@ -1,4 +1,5 @@
-"""Pre-summons yield the CPU, on real processes through the summoner shell: a follower the
+"""Pre-summons yield the CPU where `[prefetch] low_priority = true` says so (by default they
+start like any boot), on real processes through the summoner shell: a follower the
 page's request pre-summoned runs at nice 19 (every thread, and its session's autogroup),
 and is put back to 0 as soon as a request for it queues; the page's own start never is
 lowered. (The libvirt driver's QEMUs: tests/e2e/test_vm_boot.py.)"""
@@ -44,6 +45,7 @@ url = "/index.html"
 image = "late"
 boot_timeout = "30s"
 """
+LOW = "[prefetch]\nlow_priority = true\n"
 
 # serves only once the test lets it (a file in its image directory): booting until then
 GATED = ["sh", "-c", "while [ ! -e {dir}/go ]; do sleep 0.02; done; exec " + " ".join(BUSYBOX)]
@@ -53,7 +55,7 @@ def test_a_pre_summon_runs_at_low_priority_until_a_request_waits_for_it(tmp_path
     make_image(tmp_path / "images", "page", BUSYBOX, body="page\n")
     late_dir = make_image(tmp_path / "images", "late", GATED, body="late\n")
     cfg = tmp_path / "summon.toml"
-    cfg.write_text(CONFIG)
+    cfg.write_text(CONFIG + LOW)
 
     async def scenario() -> None:
         async with serving(cfg, Foreground, 1.0) as run:
@@ -79,5 +81,28 @@ def test_a_pre_summon_runs_at_low_priority_until_a_request_waits_for_it(tmp_path
             assert len(foregrounds) == 1  # once: ready adds nothing
             # what it started inherits the priority: the gated shell exec'd busybox in place
             assert priority.nice_of(pid) == 0
+
+    uvloop.run(scenario())
+
+
+def test_by_default_a_pre_summon_starts_like_any_boot(tmp_path: Path) -> None:
+    make_image(tmp_path / "images", "page", BUSYBOX, body="page\n")
+    late_dir = make_image(tmp_path / "images", "late", GATED, body="late\n")
+    cfg = tmp_path / "summon.toml"
+    cfg.write_text(CONFIG)
+
+    async def scenario() -> None:
+        async with serving(cfg, Foreground, 1.0) as run:
+            s, port, foregrounds = run.summoner, run.port, run.seen
+            assert await get(port, "/") == (200, b"page\n")
+            late = await wait_for(lambda: next((i for i in s.fleet.instances.values()
+                                                if i.route == "late" and i.id in s.handles), None), "the pre-summon")
+            assert late.presummoned_by == "page"  # still pre-summoned by the page's request ...
+            pid = int(s.handles[late.id].detail["pid"])  # type: ignore[call-overload]
+            assert priority.nice_of(pid) == 0 and priority.autogroup_nice_of(pid) in (None, 0)  # ... not lowered
+            request = asyncio.create_task(get(port, "/index.html"))
+            (late_dir / "go").touch()
+            assert await asyncio.wait_for(request, 30) == (200, b"late\n")
+            assert not foregrounds  # nothing was lowered, so nothing to lift
 
     uvloop.run(scenario())

@@ -568,14 +568,18 @@ def test_plugin_problems_name_the_key(tmp_path: Path, body: str, needle: str, fr
 
 
 def test_prefetch_settings_and_route_keys_load(tmp_path):
-    main = VALID + '\n[prefetch]\nenabled = true\nmax_followers = 3\nunused_idle_timeout = "5s"\nlearn_window = "1s"\n'
+    main = VALID + ('\n[prefetch]\nenabled = true\nmax_followers = 3\nunused_idle_timeout = "5s"\nlearn_window = "1s"\n'
+                    'low_priority = true\n')
     routes = ROUTES.replace('upstreams = ["127.0.0.1:9004"]', 'image = "blog"\nprefetch = ["/blog/a.css"]\npresummon = false')
     cfg = load(write(tmp_path, main, routes))
     assert (cfg.prefetch.enabled, cfg.prefetch.max_followers, cfg.prefetch.unused_idle_timeout_s) == (True, 3, 5.0)
     assert cfg.prefetch.learn_window_s == 1.0 and cfg.prefetch.learn_min_count == 3
+    assert cfg.prefetch.low_priority is True
     blog = next(r for r in cfg.routes if r.name == "blog")
     assert blog.prefetch == ("/blog/a.css",) and blog.presummon is False
-    assert load(write(tmp_path, VALID)).prefetch.enabled is False  # off unless a route or [prefetch] says
+    default = load(write(tmp_path, VALID)).prefetch
+    assert default.enabled is False  # off unless a route or [prefetch] says
+    assert default.low_priority is False  # pre-summons start like any boot unless told to yield
 
 
 @pytest.mark.parametrize(("value", "fragment"), [
@@ -596,7 +600,8 @@ def test_bad_prefetch_section_names_its_lines(tmp_path):
     assert msgs == [
         f"{path}:{line_of(path, 'learn_threshold')}: [prefetch].learn_threshold: must be more than 0 and at most 1",
         f"{path}:{line_of(path, 'soon')}: [prefetch]: unknown key 'soon' (known: enabled, learn, learn_interval, "
-        "learn_min_count, learn_sample, learn_threshold, learn_window, max_followers, unused_idle_timeout)",
+        "learn_min_count, learn_sample, learn_threshold, learn_window, low_priority, max_followers, "
+        "unused_idle_timeout)",
         f"{path}:{line_of(path, 'learn_window')}: [prefetch].learn_window: must be more than 0",
     ]
 

@@ -371,3 +371,61 @@ def test_a_background_domain_carries_the_least_cpu_share_and_a_restored_copy_its
     assert "<vcpu placement='static'>1</vcpu><cputune><shares>2</shares></cputune>" in restored
     assert retarget_xml(restored, p).count("<cputune>") == 0  # a request's restore: libvirt's default share
     assert retarget_xml(restored, bg).count("<cputune>") == 1
+
+
+def test_a_start_cancelled_while_libvirt_creates_its_domain_destroys_it_once_up(tmp_path: Path) -> None:
+    """Summon stopping, or a booting pre-summon reclaimed, cancels a start whose createXML
+    is still running in its thread: the domain it brings up has no handle to stop it by,
+    so the driver destroys it when the call returns (and `close` waits for that) instead
+    of leaving it running until some later summon reaps it."""
+    image_dir = make_image(tmp_path)
+
+    async def main() -> None:
+        b = LibvirtBackend(URI)
+        conn = b._connection()
+        entered, go = threading.Event(), threading.Event()
+
+        class Slow:
+            def __getattr__(self, name: str) -> object:
+                return getattr(conn, name)
+
+            def createXML(self, xml: str, flags: int) -> object:  # noqa: N802 - libvirt's name
+                entered.set()
+                go.wait(10)
+                return conn.createXML(xml, flags)
+
+        b._connection = lambda: Slow()  # type: ignore[method-assign]
+        name = domain_name("Decks Site/v1", "c1")
+        start = asyncio.ensure_future(b.start(spec(image_dir, "c1")))
+        assert await asyncio.to_thread(entered.wait, 10)
+        start.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await start
+        go.set()  # the create returns now, after its start was given up
+        for _ in range(50):
+            await asyncio.sleep(0.05)
+            if name not in {d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}:
+                break
+        assert name not in {d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}
+        # and at close, a create still in flight is waited for and destroyed
+        entered.clear()
+        go.clear()
+        late = asyncio.ensure_future(b.start(spec(image_dir, "c2")))
+        assert await asyncio.to_thread(entered.wait, 10)
+        late.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await late
+        destroyed: list[tuple[str, bool]] = []
+        destroy = b._destroy
+
+        async def spy(n: str) -> bool:
+            gone = await destroy(n)
+            destroyed.append((n, gone))
+            return gone
+
+        b._destroy = spy  # type: ignore[method-assign]
+        asyncio.get_running_loop().call_later(0.2, go.set)
+        await b.close()
+        assert destroyed == [(domain_name("Decks Site/v1", "c2"), True)] and not b._orphaned
+
+    asyncio.run(main())

@@ -17,6 +17,9 @@ OTHER = Route(name="other", url="/other", image="other", idle_timeout_s=60.0, bo
 FOLLOWERS = {"s:/style.css", "s:/logo.svg", "s:/img"}
 
 
+LOW = PrefetchSettings(low_priority=True)  # pre-summons at the lowest CPU priority until waited for
+
+
 def fleet(*routes: Route, cap: int = 16, settings: PrefetchSettings | None = None, budget: float | None = None,
           slots: int = 32) -> Fleet:
     f = Fleet(Limits(max_instances=cap, budget_instance_seconds_per_hour=budget), (Host("h1", "local", slots=slots),),
@@ -58,7 +61,7 @@ def test_a_cold_page_boots_its_followers_in_the_same_wave() -> None:
 
 
 def test_pre_summons_start_in_the_background_and_real_boots_never_do() -> None:
-    f = fleet()
+    f = fleet(settings=LOW)
     out = f.request_arrived("s:/", 1, "k", None, 0.0)
     boots = of(Boot, out)
     assert not boots[0].background  # the page's own: a request waits for it
@@ -68,8 +71,19 @@ def test_pre_summons_start_in_the_background_and_real_boots_never_do() -> None:
     assert len(real) == 1 and not real[0].background
 
 
-def test_a_request_queued_for_a_pre_summon_brings_it_to_the_foreground_once() -> None:
+def test_by_default_pre_summons_start_like_any_boot() -> None:
     f = fleet()
+    out = f.request_arrived("s:/", 1, "k", None, 0.0)
+    boots = of(Boot, out)
+    assert len(boots) == 4 and not any(b.background for b in boots)  # still pre-summoned, not lowered
+    assert {r.route for r in records("presummoned", out)} == FOLLOWERS
+    css = next(b.instance_id for b in boots if b.route == "s:/style.css")
+    assert not of(Foreground, f.request_arrived("s:/style.css", 2, "k", None, 0.5))  # nothing to lift
+    assert not of(Foreground, f.instance_ready(css, addr(1), 1.0))
+
+
+def test_a_request_queued_for_a_pre_summon_brings_it_to_the_foreground_once() -> None:
+    f = fleet(settings=LOW)
     out = f.request_arrived("s:/", 1, "k", None, 0.0)
     css = next(b.instance_id for b in of(Boot, out) if b.route == "s:/style.css")
     first = f.request_arrived("s:/style.css", 2, "k", None, 0.5, trial_ok=True)
@@ -83,7 +97,7 @@ def test_a_request_queued_for_a_pre_summon_brings_it_to_the_foreground_once() ->
 
 
 def test_a_pre_summon_nobody_asked_for_runs_normally_once_ready() -> None:
-    f = fleet()
+    f = fleet(settings=LOW)
     out = f.request_arrived("s:/", 1, "k", None, 0.0)
     page, *followers = of(Boot, out)
     assert not of(Foreground, f.instance_ready(page.instance_id, addr(0), 1.0))
@@ -94,7 +108,7 @@ def test_a_pre_summon_nobody_asked_for_runs_normally_once_ready() -> None:
 
 
 def test_a_failed_pre_summon_is_never_brought_to_the_foreground() -> None:
-    f = fleet()
+    f = fleet(settings=LOW)
     out = f.request_arrived("s:/", 1, "k", None, 0.0)
     img = next(b.instance_id for b in of(Boot, out) if b.route == "s:/img")
     f.boot_failed(img, "crashed", 0.5)
