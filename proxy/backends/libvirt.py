@@ -579,8 +579,8 @@ class LibvirtBackend:
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
-            if task.done():
-                raise
+            if task.done() and (task.cancelled() or task.exception() is not None):
+                raise  # no domain came up (a call that had just returned is destroyed below too)
 
             async def destroy_when_up() -> None:
                 try:
