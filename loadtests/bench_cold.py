@@ -24,9 +24,10 @@ response; see proxy/backends/console.py), through summon and with the raw driver
 to the floor measured in the same run (`Floor`): the same libvirt + QEMU path for a
 guest that does nothing (the same kernel and command line, an initramfs whose PID 1
 marks itself and powers off at once), and a domain created paused and destroyed (libvirt
-and QEMU alone). Each phase's ratio to its floor says how far it is above what this
-machine allows; network, server and first response have no floor (the idle guest has
-none of them).
+and QEMU alone; also the floor of a restore's `restore` phase, which starts a QEMU the
+same way and then reads the guest's RAM in). Each phase's ratio to its floor says how far
+it is above what this machine allows; network, server and first response have no floor
+(the idle guest has none of them).
 """
 
 from __future__ import annotations
@@ -433,6 +434,8 @@ def phases_report(bench: Any, through_runs: list[dict[str, float]], raw_runs: li
     through, raw = phase_medians(through_runs), phase_medians(raw_runs)
     floor, paused = phase_medians(floor_runs), phase_medians(paused_runs)
     floors = {**floor, **{k: v for k, v in paused.items() if k in ("libvirt_create", "qemu_up", "resume")}}
+    if "create_paused" in paused:  # a restore is at least a QEMU started paused (then its RAM read in)
+        floors["restore"] = paused["create_paused"]
     through_until, floor_until = until_medians(through_runs), until_medians(floor_runs)
     rows = {}
     bench.log(f"  {'phase':<16}{'summon':>9}{'raw':>9}{'floor':>9}{'x floor':>9}   {'until':>7}{'floor':>7}{'x floor':>9}")
