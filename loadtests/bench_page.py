@@ -8,7 +8,8 @@ configuration, `runs` rounds (5, 2 with --quick); each round measures, every tim
 fresh `summon serve` (every pool cold: the last one stopped all its instances, which is
 checked) and with no other of our instances alive:
 
-- `off` / `on`: Chromium (a fresh profile, no cache) navigates to `/`; the figure is the
+- `off` / `on`: Chromium (its headless shell where installed: `bench_browser`; a fresh
+  profile, no cache) navigates to `/`; the figure is the
   navigation's `loadEventEnd` (ms from navigation start to the end of the load event).
   The two alternate, and swap order every round, so a drift of the shared machine falls
   on both alike;
@@ -345,7 +346,7 @@ def measure(bench: Any, site: Site, backend: str, start: str, runs: int) -> dict
         with Run(bench, site, backend, tables["off"]) as run:
             concurrent_gets(run, page_and_resources)
         bench.log(f"    snapshots of {len(page_and_resources)} images saved in {time.monotonic() - t0:.1f} s")
-    with Browser(timeout=60) as browser:  # one Chromium; each load in a fresh context of it
+    with Browser(timeout=60, binary=bench_browser()) as browser:  # one Chromium; each load in a fresh context of it
         for n in range(runs):
             bench.log(f"  round {n + 1} of {runs}  (loadavg {_loadavg()})")
             for kind in (("off", "on") if n % 2 == 0 else ("on", "off")):
@@ -429,6 +430,15 @@ def report(bench: Any, res: dict[str, Any]) -> None:
         bench.log(f"  {text:<16} {bl_fmt(g['value'], 3):>7}   goal {g['goal']:<7} {g['status']}")
 
 
+def bench_browser() -> str:
+    """The Chromium the bench drives: ``$SUMMON_CHROMIUM``, else the headless shell where it
+    is installed (a full Chromium's own 2-3 CPU-s per load fall on the cores the VMs boot
+    on; the shell spends about 0.2), else Chromium."""
+    from tests.helpers.browser import CHROMIUM, HEADLESS_SHELL
+
+    return os.environ.get("SUMMON_CHROMIUM") or HEADLESS_SHELL or CHROMIUM
+
+
 def bl_fmt(v: float | None, digits: int) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
@@ -442,8 +452,9 @@ def section_page(bench: Any) -> dict[str, Any]:
     result: dict[str, Any] = {"cpus": os.cpu_count(), "loadavg_before": _loadavg(), "runs": runs,
                               "floor_method": "the page's and its resources' GETs sent at once through summon "
                                               "(plain HTTP client, pre-summoning off), to the last response"}
-    bench.log(f"page: cold page load of the per-URL demo site in headless Chromium; {os.cpu_count()} cores,"
-              f" loadavg {result['loadavg_before']}")
+    result["browser"] = bench_browser()
+    bench.log(f"page: cold page load of the per-URL demo site in headless Chromium ({result['browser']});"
+              f" {os.cpu_count()} cores, loadavg {result['loadavg_before']}")
     vm_reason = _vm_unavailable()
     site = Site(vm=vm_reason is None)
     bench.log(f"  split {SITE.relative_to(ROOT)} into {site.dir} ({'with' if vm_reason is None else 'no'} microVMs);"

@@ -24,6 +24,7 @@ DEB_PACKAGES=(
   gcc make bc flex bison libelf-dev # compiling it: Kconfig's parser (flex, bison), timeconst (bc), objtool (libelf)
   cpio                    # initramfs packing
   chromium                # browser tests (headless)
+  chromium-headless-shell # the page bench's browser: the same engine, a fraction of the CPU per load
   redis-server            # shared state where an issue asks for it
   python3-venv python3-dev # venvs on Debian's own python3 (scripts/pick-python.sh), headers for libvirt-python
 )

@@ -40,6 +40,10 @@ from tests.helpers.summon_proc import free_port
 
 CHROMIUM = os.environ.get("SUMMON_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 HAVE_CHROMIUM = os.access(CHROMIUM, os.X_OK)
+# Chromium's headless shell (Debian's chromium-headless-shell): the same engine without the
+# browser's UI layers. The page bench drives it because a full Chromium spends 2-3 CPU-s of
+# its own during a cold page load, which a 2-core bench machine takes from the VMs it times.
+HEADLESS_SHELL = shutil.which("chromium-headless-shell")
 # Skip (with the reason) only where Chromium is not installed; CI installs it (scripts/setup.sh).
 needs_chromium = pytest.mark.skipif(not HAVE_CHROMIUM, reason=f"headless Chromium not installed ({CHROMIUM})")
 
@@ -128,7 +132,7 @@ class Browser:
             b.screenshot(Path("x.png"))
     """
 
-    def __init__(self, size: tuple[int, int] = (1200, 900), timeout: float = 15.0) -> None:
+    def __init__(self, size: tuple[int, int] = (1200, 900), timeout: float = 15.0, binary: str | None = None) -> None:
         self.timeout = timeout
         self.size = size
         self.events: list[dict[str, Any]] = []
@@ -146,7 +150,7 @@ class Browser:
             os.close(fd)
         self._w = cmd_w
         self._r = res_r
-        argv = [CHROMIUM, *FLAGS, f"--user-data-dir={self._profile.name}", "--remote-debugging-pipe",
+        argv = [binary or CHROMIUM, *FLAGS, f"--user-data-dir={self._profile.name}", "--remote-debugging-pipe",
                 f"--window-size={size[0]},{size[1]}", "about:blank"]
         self.log = Path(self._profile.name) / "chromium.log"
         try:
