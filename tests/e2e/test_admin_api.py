@@ -41,8 +41,9 @@ def summon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Summon]:
               '[[route]]\nname = "site"\npath = "/"\nimage = "site"\nmin_replicas = 1\n')
     s = Summon(tmp, routes, f'admin_token = "{TOKEN}"').start()
     try:
-        def ready() -> bool:
-            return any(i["state"] == "ready" for r in get_status(s)["routes"] for i in r["instances"])
+        def ready() -> bool:  # the site's own instance: the static route's upstream is always "ready"
+            return any(i["state"] == "ready" for r in get_status(s)["routes"] if r["name"] == "site"
+                       for i in r["instances"])
 
         deadline = time.monotonic() + 60  # a busy machine: the fingerprints below need it settled
         while time.monotonic() < deadline and not ready():

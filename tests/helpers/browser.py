@@ -123,6 +123,9 @@ class BrowserError(AssertionError):
     pass
 
 
+START_TIMEOUT_S = 60.0  # until a launched Chromium first answers (see `Browser`)
+
+
 class Browser:
     """One headless Chromium with one page, driven over `--remote-debugging-pipe`.
 
@@ -167,7 +170,10 @@ class Browser:
             os.close(child_r)
             os.close(child_w)
         try:
-            target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+            # Chromium's start (its first answer): a cold start on a busy 2-core machine can
+            # take well past a page operation's timeout (CI saw one past 15 s), never a minute
+            target = self.call("Target.createTarget", {"url": "about:blank"},
+                               timeout=max(self.timeout, START_TIMEOUT_S))["targetId"]
             self.session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
             self.call("Page.enable", session=True)
             self.call("Runtime.enable", session=True)
