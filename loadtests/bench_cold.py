@@ -419,8 +419,10 @@ def own_ms(ttfbs: list[float], ready: list[tuple[float, dict[str, float]]]) -> l
     """summon's own share of each cold start, on its own clock (ms): the client's time to
     first byte less the ready event's duration (what is left is the request reaching the
     engine and the first answer reaching the client), plus the `prepare` phase (summon
-    readying the driver's call). The driver and the guest are not in it, so unlike a
-    difference of medians with the raw driver it does not move with their noise.
+    readying the driver's call). The driver is not in it and the guest only by the gap
+    between its response head and body (summon holds a fixed-length head until its body
+    starts), so it is an upper bound that, unlike a difference of medians with the raw
+    driver, does not move with their noise.
     Requests and events pair in order: each cold request made exactly one start."""
     if len(ttfbs) != len(ready):
         return []
