@@ -47,6 +47,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "loadtests"))  # run from bench.py or loaded by a test
 
 import benchlib as bl  # noqa: E402
 

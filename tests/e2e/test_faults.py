@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.paths import REPO
+from tests.helpers.loadtests import load
 from tests.helpers.summon_proc import BUSYBOX, Summon, free_port, http_get, make_image, pids_matching
 
 UPSTREAM = r'''
@@ -805,14 +805,7 @@ def test_slow_bodies_cannot_starve_a_route(tmp_path: Path, summons: list[Summon]
 
 def _bench_overload():  # type: ignore[no-untyped-def]
     """loadtests/bench_overload.py: its open-loop generator and CPU cgroup cap."""
-    import importlib.util
-
-    path = REPO / "loadtests" / "bench_overload.py"
-    spec = importlib.util.spec_from_file_location("bench_overload_for_tests", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("bench_overload")
 
 
 @pytest.mark.slow

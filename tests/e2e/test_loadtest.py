@@ -9,32 +9,19 @@ request, the cap respected and every pool back at zero.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import shutil
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-from tests.helpers.paths import REPO
+from tests.helpers.loadtests import load
+from tests.helpers.paths import LOADTESTS, REPO
 
-LOADTESTS = REPO / "loadtests"
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, LOADTESTS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
-regions = _load("regions")
-spike = _load("spike")
+regions = load("regions")
+spike = load("spike")
 
 
 def test_parse_weights() -> None:

@@ -3,26 +3,11 @@ summon's own time per cold start, and which start modes a run measures."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from types import ModuleType
-
 import pytest
 
-from tests.helpers.paths import REPO
+from tests.helpers.loadtests import load
 
-
-def _load(name: str) -> ModuleType:
-    sys.path.insert(0, str(REPO / "loadtests"))  # bench_cold imports benchlib as the bench does
-    spec = importlib.util.spec_from_file_location(name, REPO / "loadtests" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
-cold = _load("bench_cold")
+cold = load("bench_cold")
 
 
 def test_own_time_is_the_client_wait_outside_the_ready_duration_plus_preparing_the_call() -> None:

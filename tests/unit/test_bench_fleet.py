@@ -3,26 +3,12 @@ and of the region -> proxy map its Locust users follow (loadtests/regions.py).""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from types import ModuleType
-
 import pytest
 
-from tests.helpers.paths import REPO
+from tests.helpers.loadtests import load
 
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, REPO / "loadtests" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
-fleet = _load("bench_fleet")
-regions = _load("regions")
+fleet = load("bench_fleet")
+regions = load("regions")
 
 SUMMON_A, SUMMON_B = 100, 200
 

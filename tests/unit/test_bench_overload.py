@@ -3,25 +3,12 @@ the plateau next to the saturation, and the target's CPU time read from /proc.""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import time
-from types import ModuleType
 
-from tests.helpers.paths import REPO
+from tests.helpers.loadtests import load
 
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, REPO / "loadtests" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
-bo = _load("bench_overload")
+bo = load("bench_overload")
 
 
 def _steps(*goodputs: float) -> list[dict[str, float]]:

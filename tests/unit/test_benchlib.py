@@ -3,27 +3,14 @@ real wrk 4.1 runs on loopback) and the median / ratio / goal helpers."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 
 import pytest
 
-from tests.helpers.paths import REPO
+from tests.helpers.loadtests import load
 
-_PATH = REPO / "loadtests" / "benchlib.py"
-
-
-def _load_benchlib():
-    spec = importlib.util.spec_from_file_location("benchlib", _PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("benchlib", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-bl = _load_benchlib()
+bl = load("benchlib")
 
 # --- reports captured from real runs (wrk debian/4.1.0-3+b2) -----------------------
 # nginx `return`/static file, 1 connection: us and ms latencies, k in Req/Sec, MB read.
@@ -306,10 +293,7 @@ def test_processes_stop_by_pid(tmp_path):
 def test_hotpath_section_drives_real_connections():
     """The in-process bench must keep working as proxy/http changes: it fails unless every
     request really went through (one write to each side)."""
-    spec = importlib.util.spec_from_file_location("bench_hotpath", _PATH.parent / "bench_hotpath.py")
-    assert spec is not None and spec.loader is not None
-    hotpath = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hotpath)
+    hotpath = load("bench_hotpath")
 
     class Args:
         quick = True
