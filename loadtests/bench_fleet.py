@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
 import sqlite3
 import statistics
@@ -275,9 +274,9 @@ def measure_warm(bench: Any, proxies: dict[str, tuple[bl.Proc, int, int]], rc: A
         for name in order:
             port = proxies[name][1]
             before, t0 = int(rc.info("stats")["total_commands_processed"]), time.monotonic()
-            cpu0 = cpu_seconds(proxies[name][0].pid)
+            cpu0 = _cpu_seconds(proxies[name][0].pid)
             r = bl.run_wrk(f"http://{HOST}:{port}/", duration, 32, timeout_s=bench.args.wrk_timeout)
-            cpu_s[name] += cpu_seconds(proxies[name][0].pid) - cpu0
+            cpu_s[name] += _cpu_seconds(proxies[name][0].pid) - cpu0
             served[name] += r["requests"] or 0
             # minus our own INFO; the calls a Lua script makes count as commands too
             n = int(rc.info("stats")["total_commands_processed"]) - before - 1
@@ -302,10 +301,12 @@ def measure_warm(bench: Any, proxies: dict[str, tuple[bl.Proc, int, int]], rc: A
                                                   cpu_s["embedded"] / max(1, served["embedded"]))}
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (/proc/PID/stat, in clock ticks)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _cpu_seconds(pid: int) -> float:
+    """A proxy's CPU time so far (`benchlib.cpu_seconds`); a proxy gone mid-run ends the run."""
+    seconds = bl.cpu_seconds(pid)
+    if seconds is None:
+        raise RuntimeError(f"proxy {pid} is gone: no CPU time to read")
+    return seconds
 
 
 def measure_cold(bench: Any, proxies: dict[str, tuple[bl.Proc, int, int]], runs: int) -> dict[str, Any]:

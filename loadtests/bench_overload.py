@@ -283,7 +283,7 @@ def section_overload(bench: Any) -> dict[str, Any]:
     starts = {"summon": _start_summon, "nginx": _start_nginx}
     for i in range(rounds):
         order = ("summon", "nginx") if i % 2 == 0 else ("nginx", "summon")  # neither always goes first
-        load_before = _loadavg()
+        load_before = bl.loadavg()
         for name in order:
             if name in errors:
                 continue
@@ -293,12 +293,12 @@ def section_overload(bench: Any) -> dict[str, Any]:
                 errors[name] = r["error"]
                 continue
             r["loadavg_before"] = load_before
-            r["loadavg_after"] = _loadavg()
+            r["loadavg_after"] = bl.loadavg()
             per_round[name].append(r)
         bench.log(f"  round {i + 1}: " + "; ".join(
             f"{n} saturation {rs[-1]['saturation_per_s']:.0f}/s, goodput 2x/saturation "
             f"{_fmt(rs[-1]['goodput_2x_over_saturation'])}, p99 2x/1x {_fmt(rs[-1]['p99_2x_over_1x'])}"
-            for n, rs in per_round.items() if rs and len(rs) == i + 1) + f" (loadavg {load_before} -> {_loadavg()})")
+            for n, rs in per_round.items() if rs and len(rs) == i + 1) + f" (loadavg {load_before} -> {bl.loadavg()})")
     targets: dict[str, dict[str, Any]] = {}
     for name in ("summon", "nginx"):
         if per_round[name]:
@@ -370,30 +370,11 @@ def med_of(rounds: list[dict[str, Any]], run: str, key: str) -> Any:
     return values[len(values) // 2] if values else None
 
 
-def _loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
-
-def cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU time of a process so far (/proc; None without it): the target's
-    own cost, which other processes on a shared machine hardly change."""
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def _run(bench: Any, port: int, rate: float, duration_s: float, pid: int | None) -> dict[str, Any]:
     """One open-loop run, with the target's CPU time per 2xx answer (`cpu_us_per_ok`)."""
-    before = cpu_seconds(pid)
+    before = bl.cpu_seconds(pid)
     r = open_loop(bench, port, rate, duration_s)
-    after = cpu_seconds(pid)
+    after = bl.cpu_seconds(pid)
     r["cpu_us_per_ok"] = (None if before is None or after is None or not r["ok"]
                           else round((after - before) / r["ok"] * 1e6, 1))
     return r

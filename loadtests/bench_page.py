@@ -68,13 +68,6 @@ SITE = ROOT / "images" / "decks" / "site"
 SUMMON = ROOT / ".venv" / "bin" / "summon"
 
 
-def _loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
-
 class Site:
     """The split demo site in a directory libvirt's QEMU can read, and its route tables."""
 
@@ -348,7 +341,7 @@ def measure(bench: Any, site: Site, backend: str, start: str, runs: int) -> dict
         bench.log(f"    snapshots of {len(page_and_resources)} images saved in {time.monotonic() - t0:.1f} s")
     with Browser(timeout=60, binary=bench_browser()) as browser:  # one Chromium; each load in a fresh context of it
         for n in range(runs):
-            bench.log(f"  round {n + 1} of {runs}  (loadavg {_loadavg()})")
+            bench.log(f"  round {n + 1} of {runs}  (loadavg {bl.loadavg()})")
             for kind in (("off", "on") if n % 2 == 0 else ("on", "off")):
                 one(kind, browser)
             if LOWPRIO:
@@ -449,7 +442,7 @@ def section_page(bench: Any) -> dict[str, Any]:
     if not HAVE_CHROMIUM:
         return {"skipped": f"headless Chromium not installed ({CHROMIUM})"}
     runs = 2 if getattr(bench.args, "quick", False) else 5
-    result: dict[str, Any] = {"cpus": os.cpu_count(), "loadavg_before": _loadavg(), "runs": runs,
+    result: dict[str, Any] = {"cpus": os.cpu_count(), "loadavg_before": bl.loadavg(), "runs": runs,
                               "floor_method": "the page's and its resources' GETs sent at once through summon "
                                               "(plain HTTP client, pre-summoning off), to the last response"}
     result["browser"] = bench_browser()
@@ -488,7 +481,7 @@ def section_page(bench: Any) -> dict[str, Any]:
         left = ours_running(site, "libvirt" if vm_reason is None else "process")
         site.close()
         result["left_running"] = left
-        result["loadavg_after"] = _loadavg()
+        result["loadavg_after"] = bl.loadavg()
         bench.log(f"page: loadavg before {result['loadavg_before']}, after {result['loadavg_after']};"
                   f" instances left running: {len(left)}")
     return result

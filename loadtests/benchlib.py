@@ -330,6 +330,26 @@ def wrk_version(wrk: str = "wrk") -> str | None:
 # figures
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of a process so far (/proc/PID/stat; None without it): a
+    target's own cost, which other processes on a shared machine hardly change."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def loadavg() -> str:
+    """The machine's 1, 5 and 15 minute load averages, for a run's report ("?" without /proc)."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
 def median(values: Iterable[float | None]) -> float | None:
     """Median of the values that are not None (None if there are none)."""
     xs = sorted(v for v in values if v is not None)

@@ -4,7 +4,9 @@ real wrk 4.1 runs on loopback) and the median / ratio / goal helpers."""
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 
 import pytest
 
@@ -307,3 +309,15 @@ def test_hotpath_section_drives_real_connections():
     r = hotpath.section_hotpath(Bench(), n=500)
     assert r["proxied_us"] > r["parse_only_us"] > 0
     assert r["proxied_over_parse_only"] > 1
+
+
+def test_cpu_seconds_counts_this_process_and_none_for_a_missing_one() -> None:
+    before = bl.cpu_seconds(os.getpid())
+    assert before is not None
+    end = time.process_time() + 0.05
+    while time.process_time() < end:  # burn some CPU: the count must grow
+        pass
+    after = bl.cpu_seconds(os.getpid())
+    assert after is not None and after > before
+    assert bl.cpu_seconds(None) is None
+    assert bl.cpu_seconds(2**22 + 12345) is None  # above pid_max's default: no such process
