@@ -527,11 +527,7 @@ class LibvirtBackend:
                     xml = domain_xml(params)
                     await self._unless_cancelled(name, self._call(
                         f"create {name}", lambda xml=xml: self._connection().createXML(xml, 0), executor=executor))
-            except asyncio.CancelledError:
-                self._ports.discard(port)
-                self._background.pop(spec.instance_id, None)
-                raise
-            except HostUnavailable:
+            except (asyncio.CancelledError, HostUnavailable):
                 self._ports.discard(port)
                 self._background.pop(spec.instance_id, None)
                 raise
