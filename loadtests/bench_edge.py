@@ -5,7 +5,7 @@
 What it does, all on this machine (loopback and the local libvirtd):
 
 1. builds the demo image `decks` for aarch64 from Debian's arm64 packages (`make image-arm64`
-   enables them) in a temporary directory;
+   or `make test` enables them) in a temporary directory;
 2. **boot**: runs `summon serve` with one aarch64 libvirt host and sends `--boots` cold
    requests, one at a time, each after the previous instance idled out and was destroyed:
    the time from the request to its 200 (qemu-system-aarch64 emulates the CPU: TCG);

@@ -3,9 +3,18 @@
 # root), a virtualenv in .venv with the project and its dev tools, and the libvirt
 # daemons started by hand (these machines have no systemd).
 #   scripts/setup.sh           core + test tools
+#   scripts/setup.sh --arm64   also what an arm64 microVM needs (scripts/setup-arm64.sh):
+#                              `make test` asks for it, tests/e2e/test_vm_arm64.py boots one
 #   SUMMON_SKIP_APT=1 ...      do not touch Debian packages
 set -euo pipefail
 cd "$(dirname "$0")/.."
+arm64=0
+for arg in "$@"; do
+  case "$arg" in
+    --arm64) arm64=1 ;;
+    *) echo "setup: unknown argument: $arg" >&2; exit 2 ;;
+  esac
+done
 
 DEB_PACKAGES=(
   busybox-static          # httpd for the demo site, and /init of the microVM
@@ -40,11 +49,19 @@ if ((${#missing[@]})); then
   elif [[ $(id -u) -eq 0 && -x /usr/bin/apt-get ]]; then
     echo "setup: installing Debian packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
+    apt-get update -qq || { echo "setup: apt-get update failed" >&2; exit 1; }
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/tmp/summon-apt.log 2>&1 \
       || { tail -20 /tmp/summon-apt.log; echo "setup: apt-get install failed" >&2; exit 1; }
   else
     echo "setup: not root or not Debian: install these yourself: ${missing[*]}" >&2
+  fi
+fi
+if ((arm64)); then
+  if [[ "${SUMMON_SKIP_APT:-}" == 1 || $(id -u) -ne 0 || ! -x /usr/bin/apt-get ]]; then
+    # as with the packages above: say what is missing, and the arm64 tests skip naming it
+    bash scripts/setup-arm64.sh || echo "setup: the arm64 tests will be skipped" >&2
+  else
+    bash scripts/setup-arm64.sh  # as root a failure ends setup: setup-arm64 has named the step
   fi
 fi
 

@@ -42,7 +42,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     build.add_argument("name", help="image name under the images dir, or a path to an image dir")
     build.add_argument("--arch", default="x86_64", metavar="ARCH",
                        help="x86_64 (default), aarch64 (from Debian's arm64 packages: `make image-arm64` "
-                            "enables them), a comma list, or all")
+                            "or `make test` enables them), a comma list, or all")
     build.add_argument("--kernel", choices=("packaged", "minimal"), default=None,
                        help="x86_64's kernel: packaged (Debian's cloud kernel, the default) or minimal (compiled "
                             "from linux-source-6.1 once, then cached); default: the recipe's "

@@ -454,10 +454,10 @@ def fetch_foreign(arch: Arch, cache: Path, progress: Callable[[str], None]) -> F
     """`apt-get download` the cloud kernel and busybox-static of `arch` and `dpkg-deb -x` them.
 
     Multiarch only lets apt *see* the packages; nothing is installed (no root needed once
-    the architecture is added, which `make image-arm64` does: a build never changes dpkg's
-    configuration). Each .deb is unpacked once, into a directory named by its file."""
+    the architecture is added, which scripts/setup-arm64.sh does for `make image-arm64` and
+    `make test`: a build never changes dpkg's configuration). Each .deb is unpacked once, into a directory named by its file."""
     if arch.debian not in _run(["dpkg", "--print-foreign-architectures"]).split():
-        raise ImageError(f"dpkg does not know the {arch.debian} architecture: run `make image-{arch.debian}` "
+        raise ImageError(f"dpkg does not know the {arch.debian} architecture: run `make image-{arch.debian}` as root "
                          f"(dpkg --add-architecture {arch.debian} && apt-get update) first")
     meta = f"linux-image-cloud-{arch.debian}:{arch.debian}"
     deps = re.findall(rf"Depends: (linux-image-\S+-cloud-{arch.debian})", _run(["apt-cache", "depends", meta]))

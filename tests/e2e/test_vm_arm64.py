@@ -1,8 +1,8 @@
 """An arm64 microVM answers a cold request through `summon serve` (slow, TCG).
 
 The image is built from Debian's arm64 packages (`summon images build --arch aarch64`);
-where apt cannot fetch them (no `make image-arm64` here, or no mirror) the test is
-skipped, saying which. qemu-system-aarch64 emulates the CPU under TCG on an x86 host:
+`make test` installs what that needs (scripts/setup-arm64.sh, as root); where it could not
+(not root, or no mirror with arm64) the test is skipped, saying which. qemu-system-aarch64 emulates the CPU under TCG on an x86 host:
 the boot-to-first-200 is printed (the README's figure)."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tests.helpers.vm_images import MISSING, URI, copy_decks, libvirt_up, on_hos
 
 _arm_missing = MISSING + [x for x in ("qemu-system-aarch64",) if shutil.which(x) is None]
 
-pytestmark = vm_marks(300, _arm_missing, hint="(make image-arm64)")
+pytestmark = vm_marks(300, _arm_missing, hint="(`make test` installs it as root: scripts/setup-arm64.sh)")
 
 HOSTS = f"""
 [[host]]
