@@ -1,11 +1,11 @@
 """The overload verdict (proxy.engine.overload.Shedder), fed with a fake clock: what is and is
-not overload, when shedding starts and stops, and CoDel's pace of drops."""
+not overload, when shedding starts and stops, how long episodes last, and what is shed."""
 
 from __future__ import annotations
 
 import math
 
-from proxy.engine.overload import IDLE_TICK_S, MIN_QUEUE, SETPOINT, TICK_S, Shedder
+from proxy.engine.overload import IDLE_TICK_S, MAX_EPISODE_S, MIN_QUEUE, SETPOINT, TICK_S, Shedder
 
 TARGET, INTERVAL, TICK = 0.05, 0.1, 0.01
 
@@ -78,7 +78,7 @@ def test_a_standing_queue_in_the_loop_sheds_after_one_interval() -> None:
         assert loop.now - start < 1.0
     # every tick from the first late one on was late, for a whole interval, and no sooner
     assert INTERVAL <= loop.now - start < INTERVAL + 2 * (TICK + 0.06)
-    assert loop.drops == [loop.now]  # CoDel drops at once on entry
+    assert loop.drops == []  # nothing in flight to cut: refusing new connections is all it does
     assert loop.shedder.episodes == 1
 
 
@@ -118,56 +118,62 @@ def test_shedding_stops_after_an_interval_of_prompt_samples() -> None:
     assert not loop.shedder.shedding and loop.shedder.episodes == 1
 
 
-def test_drops_follow_codels_pace() -> None:
-    """The n-th drop of an episode comes interval/sqrt(n) after the one before."""
+def test_shedding_drops_nothing_while_the_open_connections_wait_within_the_setpoint() -> None:
+    """Refusing new connections bounds the queue on open ones; dropping more of them than
+    the wait asks for only empties the loop (CoDel's pace did, in episodes of a second)."""
     loop = Loop()
-    # a standing backlog rather than a late timer: ticks stay TICK apart, drops are finer
     loop.run(INTERVAL * 1.5, waited=0.06, slept=False)
+    assert loop.shedder.shedding
     loop.run(3.0, waited=0.06, slept=False)
-    gaps = [b - a for a, b in zip(loop.drops, loop.drops[1:], strict=False)]
-    assert len(gaps) > 20
-    for n, gap in enumerate(gaps[:20], start=1):
-        # ticks quantise the drops: each gap is the law's, give or take one tick
-        assert abs(gap - INTERVAL / math.sqrt(n)) <= TICK + 1e-9, (n, gap)
-    # in total: n drops take about 2 * interval * sqrt(n)
-    n = len(loop.drops)
-    assert abs((loop.drops[-1] - loop.drops[0]) - 2 * INTERVAL * math.sqrt(n)) < 0.2
+    assert loop.shedder.shedding and loop.drops == []
 
 
-def test_a_stall_while_shedding_asks_for_no_burst_of_drops() -> None:
+def _episode(loop: Loop) -> float:
+    """Overload until an episode begins, then prompt samples until it ends: its length."""
+    while not loop.shedder.shedding:
+        loop.tick(late=0.06, slept=False)
+    began = loop.shedder.began
+    while loop.shedder.shedding:
+        loop.tick(late=0.001, slept=False)
+        assert loop.now - began < 10.0
+    return loop.shedder.ended - began
+
+
+def test_an_overload_that_keeps_coming_back_gets_ever_longer_episodes_up_to_a_cap() -> None:
+    """Each episode that begins soon after the last lasts at least twice as long, so a
+    sustained overload is refused in long stretches, not in a flap of short ones."""
     loop = Loop()
-    loop.run(INTERVAL * 1.5, late=0.06, slept=False)
-    loop.run(0.3, late=0.06, slept=False)
-    assert loop.tick(late=5.0, slept=False) <= 1
+    lengths = [_episode(loop) for _ in range(7)]
+    minimums = [min(MAX_EPISODE_S, INTERVAL * 2**i) for i in range(7)]
+    for length, minimum in zip(lengths, minimums, strict=True):
+        # a prompt interval is needed too: the first episode ends one interval after its
+        # last late sample; the others as soon as their minimum is over
+        assert minimum - 1e-9 <= length <= max(minimum, 2 * INTERVAL) + 2 * TICK, (lengths, minimums)
+    assert lengths[-1] < 2 * MAX_EPISODE_S
 
 
-def test_an_episode_soon_after_another_resumes_its_pace() -> None:
+def test_an_episode_long_after_the_last_is_short_again() -> None:
     loop = Loop()
-    loop.run(INTERVAL * 1.5, late=0.06, slept=False)
-    loop.run(2.0, late=0.06, slept=False)
-    first = len(loop.drops)
-    loop.tick(slept=True)  # over
-    loop.run(INTERVAL * 1.5, late=0.06, slept=False)  # back soon
-    assert loop.shedder.episodes == 2
-    mark = len(loop.drops)
-    loop.run(0.5, late=0.06, slept=False)
-    soon = len(loop.drops) - mark
-    # the same half second at the start of a fresh episode drops far fewer
-    fresh = Loop()
-    fresh.run(INTERVAL * 1.5, late=0.06, slept=False)
-    mark = len(fresh.drops)
-    fresh.run(0.5, late=0.06, slept=False)
-    assert soon > 2 * (len(fresh.drops) - mark), (first, soon, len(fresh.drops) - mark)
-
-
-def test_an_episode_long_after_the_last_starts_afresh() -> None:
-    loop = Loop()
-    loop.run(INTERVAL * 1.5, late=0.06, slept=False)
-    loop.run(2.0, late=0.06, slept=False)
-    loop.tick(slept=True)
+    for _ in range(4):
+        _episode(loop)
+    assert loop.shedder.min_s == 8 * INTERVAL
     loop.run(16 * INTERVAL + 0.1)
-    loop.run(INTERVAL * 1.5, late=0.06, slept=False)
-    assert loop.shedder.count == 1
+    assert _episode(loop) < 2 * INTERVAL + 2 * TICK
+    assert loop.shedder.min_s == INTERVAL
+
+
+def test_a_sleep_ends_an_episode_only_once_its_minimum_is_over() -> None:
+    loop = Loop()
+    for _ in range(3):
+        _episode(loop)
+    while not loop.shedder.shedding:
+        loop.tick(late=0.06, slept=False)
+    began = loop.shedder.began
+    while loop.now - began < 8 * INTERVAL - TICK:
+        loop.tick(slept=True)
+        assert loop.shedder.shedding
+    loop.run(2 * TICK, slept=True)
+    assert not loop.shedder.shedding
 
 
 def test_an_idle_proxy_is_sampled_ten_times_less_often() -> None:
@@ -261,7 +267,7 @@ def test_no_cut_while_what_is_in_flight_is_answered_promptly() -> None:
     """Shedding because the backlog stood, the open connections answered within the
     setpoint: they are not cut. And a cut never leaves the loop without work."""
     shedder, _, first = _shedding_with(20, 1000.0)  # 20 ms
-    assert first == 1 and shedder.cut == 0  # CoDel's first drop only
+    assert first == 0 and shedder.cut == 0
     shedder, _, first = _shedding_with(50, 100.0)  # 500 ms, but only 50 in flight
     assert first == 50 - MIN_QUEUE
 
