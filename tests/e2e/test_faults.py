@@ -810,6 +810,14 @@ def _bench_overload():  # type: ignore[no-untyped-def]
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
+def _answers(port: int) -> bool:
+    """A 200 now; a refused connection (summon still shedding) is a no, not an error."""
+    try:
+        return http_get(port, "/")[0] == 200
+    except ConnectionRefusedError:
+        return False
+
+
 def test_a_cpu_saturated_summon_sheds_early_and_only_then(tmp_path: Path, upstream_port: int,
                                                           summons: list[Summon]) -> None:
     """Requests waiting for a slow upstream are not overload. Capped at 5% of a core and
@@ -852,7 +860,7 @@ def test_a_cpu_saturated_summon_sheds_early_and_only_then(tmp_path: Path, upstre
         assert r["refused"] + r["reset"] > 0, "no connection was refused early"
         assert r["ok"] > 0 and r["other"] == 0 and r["errors"] == 0
         assert r["unanswered"] <= 0.01 * r["sent"], f"{r['unanswered']} requests still queued after the run"
-        wait_for(lambda: http_get(s.port, "/")[0] == 200, 5, "summon to accept again")
+        wait_for(lambda: _answers(s.port), 5, "summon to accept again")  # an episode lasts up to 1.6 s
         assert not s.status()["overload"]["shedding"]
     finally:
         s.stop(signal.SIGKILL)
