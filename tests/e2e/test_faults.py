@@ -808,8 +808,6 @@ def _bench_overload():  # type: ignore[no-untyped-def]
     return load("bench_overload")
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(90)
 def _answers(port: int) -> bool:
     """A 200 now; a refused connection (summon still shedding) is a no, not an error."""
     try:
@@ -818,6 +816,8 @@ def _answers(port: int) -> bool:
         return False
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(90)
 def test_a_cpu_saturated_summon_sheds_early_and_only_then(tmp_path: Path, upstream_port: int,
                                                           summons: list[Summon]) -> None:
     """Requests waiting for a slow upstream are not overload. Capped at 5% of a core and
