@@ -455,7 +455,8 @@ def fetch_foreign(arch: Arch, cache: Path, progress: Callable[[str], None]) -> F
 
     Multiarch only lets apt *see* the packages; nothing is installed (no root needed once
     the architecture is added, which scripts/setup-arm64.sh does for `make image-arm64` and
-    `make test`: a build never changes dpkg's configuration). Each .deb is unpacked once, into a directory named by its file."""
+    `make test`: a build never changes dpkg's configuration). Each .deb is unpacked once,
+    into a directory named by its file."""
     if arch.debian not in _run(["dpkg", "--print-foreign-architectures"]).split():
         raise ImageError(f"dpkg does not know the {arch.debian} architecture: run `make image-{arch.debian}` as root "
                          f"(dpkg --add-architecture {arch.debian} && apt-get update) first")

@@ -2,8 +2,9 @@
 
 The image is built from Debian's arm64 packages (`summon images build --arch aarch64`);
 `make test` installs what that needs (scripts/setup-arm64.sh, as root); where it could not
-(not root, or no mirror with arm64) the test is skipped, saying which. qemu-system-aarch64 emulates the CPU under TCG on an x86 host:
-the boot-to-first-200 is printed (the README's figure)."""
+(not root, or no mirror with arm64) the test is skipped, saying which. qemu-system-aarch64
+emulates the CPU under TCG on an x86 host: the boot-to-first-200 is printed (the README's
+figure)."""
 
 from __future__ import annotations
 
