@@ -318,6 +318,14 @@ class Summoner:
                                              detail={"backend": backend.name, "when": when}))
                 log.warning("reaped orphan instance %s left by a summon process that is gone", name)
             reaped += names
+        if reaped and self.events is not None:
+            # The driver has already removed the instances' records, so these events are
+            # the only trace of the reaping: commit them before anything else happens (a
+            # summon killed again right after its start-up reap lost one, seen in CI).
+            try:
+                await asyncio.to_thread(self.events.flush)
+            except TimeoutError as exc:
+                log.warning("reaped events not written yet: %s", exc)
         return reaped
 
     def _tick(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 import uvloop
 
 from proxy.backends.fake import FakeBackend, FakeBehaviour
@@ -182,3 +183,40 @@ def test_orphans_are_reaped_at_start_up_and_then_periodically(tmp_path: Path) ->
         return got
 
     assert uvloop.run(main()) == [("a", "startup"), ("b", "periodic"), ("c", "periodic")]
+
+
+def test_reaped_events_are_on_disk_when_the_reap_returns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver removes an instance's record before the summoner records its event,
+    so the event is all that is left of the reaping: a summon killed right after its
+    start-up reap must not lose it. The writer thread is slowed down to show it."""
+    import time
+
+    from proxy.observe.events import EventLog, EventReader
+    from proxy.runtime.summoner import Summoner
+
+    write = EventLog._write
+
+    def slow_write(self: EventLog, conn: object, events: list[object]) -> None:
+        time.sleep(0.3)
+        write(self, conn, events)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(EventLog, "_write", slow_write)
+
+    class Reaping(FakeBackend):
+        async def reap_orphans(self) -> list[str]:
+            return ["a", "b"]
+
+    config = load(write_config(tmp_path, ROUTE.format(name="r", path="/", interval="1h")))
+
+    async def main() -> list[str]:
+        events = EventLog(tmp_path / "events.db")
+        summoner = Summoner(config, events, {"h": Reaping()})
+        try:
+            assert await summoner.reap_orphans("startup") == ["a", "b"]
+            # read as another process would, not through the writer
+            return [e.instance for e in EventReader(tmp_path / "events.db").query(kinds=["reaped"])]
+        finally:
+            await summoner.close()
+            events.close()
+
+    assert uvloop.run(main()) == ["a", "b"]
