@@ -127,13 +127,15 @@ def summon_bin() -> Path:
 
 
 def start_summon(bench: Bench, upstream_port: int, name: str = "summon", extra_proxy: str = "",
-                 extra_route: str = "") -> tuple[bl.Proc, int]:
+                 extra_route: str = "", env: dict[str, str] | None = None) -> tuple[bl.Proc, int]:
     """summon with one static route to the upstream; `extra_proxy` adds [proxy] lines,
-    `extra_route` lines to the route."""
+    `extra_route` lines to the route; `env` replaces summon's environment (another
+    checkout's code on PYTHONPATH, for `overload_ab`)."""
     exe = summon_bin()
     if not exe.exists():
         raise TargetUnavailable(f"{exe} not found (run `make setup`)")
-    cp = subprocess.run([str(exe), "serve", "--help"], capture_output=True, text=True, timeout=30, check=False)
+    cp = subprocess.run([str(exe), "serve", "--help"], capture_output=True, text=True, timeout=30, check=False,
+                        env=env)
     if cp.returncode != 0:
         raise TargetUnavailable(
             "`summon serve --help` failed, summon serve is not there yet:\n" + bl_tail_text(cp.stderr or cp.stdout)
@@ -159,7 +161,7 @@ path = "/"
 upstreams = ["{HOST}:{upstream_port}"]
 {extra_route}"""
     )
-    proc = bench.procs.start(name, [str(exe), "serve", "-c", str(conf)], cwd=d)
+    proc = bench.procs.start(name, [str(exe), "serve", "-c", str(conf)], env=env, cwd=d)
     if not bl.wait_port(HOST, port, timeout=20, alive=proc.alive):
         alive = proc.alive()
         code = bench.procs.stop(proc)
