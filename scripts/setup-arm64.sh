@@ -4,7 +4,9 @@
 # one): dpkg's arm64 architecture and apt's lists for it (so the build can `apt-get download`
 # linux-image-*-cloud-arm64 and busybox-static for arm64; it unpacks them, installs nothing)
 # and qemu-system-aarch64. Does nothing when all of that is already here.
-#   SUMMON_SKIP_APT=1 ...  change nothing; say what is missing (exit 1 if anything is)
+#   SUMMON_SKIP_APT=1 ...  change nothing; say what is missing (exit 3 if anything is)
+# Exit status: 0 all there, 3 something missing that this user cannot install (not root,
+# no apt-get, or SUMMON_SKIP_APT), 1 an install step failed (named on stderr).
 set -euo pipefail
 need=()
 if ! dpkg --print-foreign-architectures 2>/dev/null | grep -qx arm64; then
@@ -18,7 +20,7 @@ dpkg-query -W -f='${Status}' qemu-system-arm 2>/dev/null | grep -q "install ok i
 if [[ "${SUMMON_SKIP_APT:-}" == 1 || $(id -u) -ne 0 || ! -x /usr/bin/apt-get ]]; then
   printf -v todo '%s; ' "${need[@]}"
   echo "setup-arm64: as root on Debian, do: ${todo%; }" >&2
-  exit 1
+  exit 3
 fi
 export DEBIAN_FRONTEND=noninteractive
 log=/tmp/summon-apt-arm64.log
