@@ -8,7 +8,7 @@ something else: the same offered rate for both, many short rounds, each variant 
 process, the order rotating so that neither always meets the machine's noise first, and
 the figures that say where the CPU went (answers on new connections, 503s, resets).
 
-    .venv/bin/python loadtests/overload_ab.py --rate 1800 --rounds 5 summon base=/work/wt-base nginx
+    .venv/bin/python loadtests/overload_ab.py --rate 1800 --rounds 5 summon base=../wt-base nginx
 
 A variant is `summon` (this checkout), `nginx` (the bench's reverse proxy), or
 `NAME=DIR`: summon with the `proxy` package of checkout DIR first on PYTHONPATH (this
