@@ -222,7 +222,8 @@ async def main():
     print(json.dumps({**stats, "unanswered": unanswered, "rate": rate, "duration_s": duration,
                       "offered_per_s": round(stats["offered"] / duration, 1),
                       "goodput_per_s": round(stats["ok_in_window"] / duration, 1),
-                      "goodput_with_tail_per_s": round(stats["ok"] / duration, 1), "shed_per_s": round(shed / duration, 1),
+                      "goodput_with_tail_per_s": round(stats["ok"] / duration, 1),
+                      "shed_per_s": round(shed / duration, 1),
                       "p50_ms": q(lat_ok, 0.5), "p99_ms": q(lat_ok, 0.99),
                       "ok_first": len(lat_first), "first_p50_ms": q(lat_first, 0.5), "first_p99_ms": q(lat_first, 0.99),
                       "send_lag_p99_ms": q(send_lag, 0.99), "send_lag_max_ms": q(send_lag, 1.0)}))

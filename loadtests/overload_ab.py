@@ -2,7 +2,7 @@
 same arrival rate, alternating, under the overload bench's CPU cap and generator.
 
 Why beside the `overload` section: that section sweeps for each target's saturation and
-reports ratios, ten minutes for three rounds, and its ratios move by several hundredths
+reports ratios, over ten minutes for three rounds, and its ratios move by several hundredths
 from one run to the next on a shared machine. Comparing two versions of a rule needs
 something else: the same offered rate for both, many short rounds, each variant a fresh
 process, the order rotating so that neither always meets the machine's noise first, and
@@ -34,8 +34,8 @@ import bench_overload as bo  # noqa: E402
 import benchlib as bl  # noqa: E402
 import targets as tg  # noqa: E402
 
-FIGURES = ("goodput_per_s", "goodput_with_tail_per_s", "cpu_us_per_ok", "p99_ms", "ok_first", "opened", "shed_503", "reset", "refused",
-           "unanswered")
+FIGURES = ("goodput_per_s", "goodput_with_tail_per_s", "cpu_us_per_ok", "p99_ms", "ok_first", "opened", "shed_503",
+           "reset", "refused", "unanswered")
 
 
 def start(bench: tg.Bench, variant: str, upstream_port: int) -> tuple[bl.Proc, int]:
