@@ -11,6 +11,14 @@ mkdir -p var
 
 backend="${SUMMON_BACKEND:-auto}"
 why=""
+# the libvirt daemons this demo starts (not those already running): stopped, by PID, when it ends
+started=()
+for d in virtlogd libvirtd; do pgrep -x "$d" >/dev/null || started+=("$d"); done
+stop_started() {
+  for d in "${started[@]}"; do
+    if [[ -f /run/$d.pid ]] && pgrep -x "$d" >/dev/null; then kill "$(cat "/run/$d.pid")" 2>/dev/null || true; fi
+  done
+}
 if [[ "$backend" == auto ]]; then
   backend=process
   if [[ $(id -u) -ne 0 ]]; then why="not root (libvirt's qemu:///system needs it)"
@@ -44,4 +52,9 @@ cat <<MSG
   Ctrl-C drains and stops every instance.
 
 MSG
-exec $SUMMON serve -c "$config" --log-format text
+if [[ "$backend" == libvirt && "${SUMMON_BACKEND:-auto}" == auto ]]; then  # start-libvirt.sh ran
+  trap stop_started EXIT  # after summon has drained and stopped its VMs (Ctrl-C reaches it first)
+  $SUMMON serve -c "$config" --log-format text
+else
+  exec $SUMMON serve -c "$config" --log-format text
+fi

@@ -51,3 +51,11 @@ def make_proxy(loop_thread: LoopThread, upstream: RecordingUpstream, tmp_path: P
 @pytest.fixture
 def proxy(make_proxy: ProxyFactory) -> ProxyUnderTest:
     return make_proxy()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop, by PID, the libvirt daemons this run started (tests/helpers/vm_images.py);
+    one that was running before the run is left running."""
+    from tests.helpers.vm_images import stop_started_daemons
+
+    stop_started_daemons()

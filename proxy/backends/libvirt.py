@@ -168,15 +168,32 @@ def libvirt_available(uri: str, arch: str = "x86_64") -> str | None:
     return None
 
 
-def start_libvirt_daemons(timeout_s: float = 10.0) -> None:
-    """Start virtlogd and libvirtd if they are not running (no systemd here). Stops nothing."""
+def start_libvirt_daemons(timeout_s: float = 10.0) -> list[int]:
+    """Start virtlogd and libvirtd if they are not running (no systemd here). Stops
+    nothing; returns the PIDs of the daemons it started, so that whoever asked can stop
+    them, and only them, when done (a libvirtd that was running before is left alone)."""
+    started: list[int] = []
     for daemon in ("virtlogd", "libvirtd"):
         if subprocess.run(["pgrep", "-x", daemon], capture_output=True).returncode != 0:
-            subprocess.run([daemon, "-d"], check=False)
+            subprocess.run([daemon, "-d"], check=False)  # forks; as root it writes /run/<daemon>.pid
+            started += _daemon_pid(daemon, timeout_s)
     sock = Path("/run/libvirt/libvirt-sock")
     deadline = time.monotonic() + timeout_s
     while not sock.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
+    return started
+
+
+def _daemon_pid(daemon: str, timeout_s: float) -> list[int]:
+    """The PID a daemon that just forked into the background wrote to its pid file."""
+    pidfile = Path(f"/run/{daemon}.pid")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            return [int(pidfile.read_text().split()[0])]
+        except (OSError, ValueError, IndexError):
+            time.sleep(0.05)
+    return []
 
 
 def _free_port(avoid: set[int], host: str = "127.0.0.1") -> int:

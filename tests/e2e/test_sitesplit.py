@@ -228,11 +228,11 @@ def test_vm_per_url_initramfs_holds_just_its_resource(tmp_path: Path) -> None:
     import urllib.request
 
     from proxy.backends.base import InstanceSpec
-    from proxy.backends.libvirt import LibvirtBackend, libvirt_available, start_libvirt_daemons
+    from proxy.backends.libvirt import LibvirtBackend, libvirt_available
     from proxy.config import Host, Route
+    from tests.helpers.vm_images import libvirt_daemons_up
 
-    if os.geteuid() == 0:
-        start_libvirt_daemons()
+    libvirt_daemons_up()
     uri = "qemu:///system"
     reason = libvirt_available(uri)
     assert reason is None, reason

@@ -7,7 +7,6 @@ started if needed and these tests must pass.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
 import tempfile
@@ -30,11 +29,11 @@ pytestmark = vm_marks(240)
 @pytest.fixture(scope="module")
 def decks() -> Iterator[Image]:
     """The decks image, built into a directory QEMU (user libvirt-qemu) can read."""
-    from proxy.backends.libvirt import libvirt_available, start_libvirt_daemons
+    from proxy.backends.libvirt import libvirt_available
     from proxy.images.build import build_image
+    from tests.helpers.vm_images import libvirt_daemons_up
 
-    if os.geteuid() == 0:
-        start_libvirt_daemons()
+    libvirt_daemons_up()
     reason = libvirt_available(URI)
     assert reason is None, reason
     root = Path(tempfile.mkdtemp(prefix="summon-vm-test-", dir="/var/tmp"))

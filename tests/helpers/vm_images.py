@@ -8,9 +8,11 @@ answer came from the VM that copy was built into."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -40,15 +42,42 @@ def vm_marks(timeout_s: int, missing: list[str] = MISSING, hint: str = "") -> li
 PROCESS_HOST = '[[host]]\nname = "local"\nbackend = "process"\nslots = 16\n'  # Summon's default
 
 
+STARTED_DAEMONS: list[int] = []  # PIDs of the libvirt daemons this test run started (conftest stops them)
+
+
+def libvirt_daemons_up() -> None:
+    """Start libvirtd/virtlogd when root and absent, remembering which this run started."""
+    import os
+
+    from proxy.backends.libvirt import start_libvirt_daemons
+
+    if os.geteuid() == 0:
+        STARTED_DAEMONS.extend(start_libvirt_daemons())
+
+
+def stop_started_daemons(timeout_s: float = 10.0) -> None:
+    """SIGTERM the daemons `libvirt_daemons_up` started, by PID, and wait for them to go."""
+    import os
+    import signal
+
+    for pid in STARTED_DAEMONS:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while STARTED_DAEMONS and time.monotonic() < deadline:
+        try:
+            os.kill(STARTED_DAEMONS[-1], 0)
+            time.sleep(0.1)
+        except ProcessLookupError:
+            STARTED_DAEMONS.pop()
+
+
 def libvirt_up(arch: str | None = None) -> None:
     """Start libvirtd/virtlogd when root and absent; fail (or skip, for a guest arch this
     QEMU cannot run) with libvirt's reason otherwise."""
-    import os
+    from proxy.backends.libvirt import libvirt_available
 
-    from proxy.backends.libvirt import libvirt_available, start_libvirt_daemons
-
-    if os.geteuid() == 0:
-        start_libvirt_daemons()
+    libvirt_daemons_up()
     reason = libvirt_available(URI, arch) if arch else libvirt_available(URI)
     if reason is not None and arch and f"cannot run {arch}" in reason:
         pytest.skip(reason)
