@@ -15,8 +15,18 @@ why=""
 started=()
 for d in virtlogd libvirtd; do pgrep -x "$d" >/dev/null || started+=("$d"); done
 stop_started() {
+  local pids=() pid
   for d in "${started[@]}"; do
-    if [[ -f /run/$d.pid ]] && pgrep -x "$d" >/dev/null; then kill "$(cat "/run/$d.pid")" 2>/dev/null || true; fi
+    if [[ -f /run/$d.pid ]] && pgrep -x "$d" >/dev/null; then pids+=("$(cat "/run/$d.pid")"); fi
+  done
+  ((${#pids[@]})) || return 0
+  kill "${pids[@]}" 2>/dev/null || true
+  local alive
+  for _ in $(seq 100); do  # gone before `make demo` returns: a `make test` right after starts its own
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || return 0
+    sleep 0.1
   done
 }
 if [[ "$backend" == auto ]]; then
