@@ -81,6 +81,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -282,10 +283,27 @@ def open_loop(bench: Any, port: int, rate: float, duration_s: float, tail_s: flo
     return dict(json.loads(cp.stdout.strip().splitlines()[-1]))
 
 
-def _start_summon(bench: Any, B: Any, upstream_port: int) -> tuple[Any, int]:
-    proc, port = B.start_summon(bench, upstream_port, "summon-overload", "max_inflight = 256\nmax_connections = 1024\n",
-                                "max_conns = 1024\n")
+def _start_summon(bench: Any, B: Any, upstream_port: int, name: str = "summon-overload",
+                  env: dict[str, str] | None = None) -> tuple[Any, int]:
+    proc, port = B.start_summon(bench, upstream_port, name, "max_inflight = 256\nmax_connections = 1024\n",
+                                "max_conns = 1024\n", env=env)
     return proc, port
+
+
+@contextlib.contextmanager
+def confined(bench: Any, proc: Any) -> Iterator[Path | None]:
+    """`proc` pinned to core 0 (the generator runs on core 1) and capped at CPU_SHARE of it
+    while the block runs; then stopped, and its cgroup removed. Yields the cgroup (None:
+    no writable one, the target runs uncapped)."""
+    if (os.cpu_count() or 1) > 1:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(proc.pid, {0})
+    cgroup = cap_cpu(proc.pid, CPU_SHARE)
+    try:
+        yield cgroup
+    finally:
+        bench.procs.stop(proc)
+        uncap(cgroup)
 
 
 def _start_nginx(bench: Any, B: Any, upstream_port: int) -> tuple[Any, int]:
@@ -345,21 +363,14 @@ def _one_target(bench: Any, B: Any, name: str, start: Any, upstream_port: int, s
     except B.TargetUnavailable as exc:
         bench.messages.append(f"overload: {name} unavailable: {exc}")
         return {"error": str(exc)}
-    if (os.cpu_count() or 1) > 1:
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(proc.pid, {0})
-    cgroup = cap_cpu(proc.pid, CPU_SHARE)
-    bench.log(f"  {name} capped at {CPU_SHARE:.0%} of a core ({cgroup})" if cgroup else
-              f"  no writable CPU cgroup: {name} runs uncapped (the generator may not reach 2x)")
-    try:
+    with confined(bench, proc) as cgroup:
+        bench.log(f"  {name} capped at {CPU_SHARE:.0%} of a core ({cgroup})" if cgroup else
+                  f"  no writable CPU cgroup: {name} runs uncapped (the generator may not reach 2x)")
         r = _measure(bench, bl, port, step_s, duration, proc.pid)
         r["cpu_share"] = CPU_SHARE if cgroup else None
         if name == "summon":
             r["overload"] = _summon_overload(bench)
         return r
-    finally:
-        bench.procs.stop(proc)
-        uncap(cgroup)
 
 
 def _summary(bl: Any, rounds: list[dict[str, Any]]) -> dict[str, Any]:

@@ -20,7 +20,6 @@ every run, then the medians per variant; `--out` keeps them as JSON.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -48,24 +47,17 @@ def start(bench: tg.Bench, variant: str, upstream_port: int) -> tuple[bl.Proc, i
         if not (src / "proxy" / "__init__.py").exists():
             raise SystemExit(f"overload_ab: variant {name}: {src} holds no proxy package")
         env = {**os.environ, "PYTHONPATH": str(src)}
-    return tg.start_summon(bench, upstream_port, f"ab-{name}", "max_inflight = 256\nmax_connections = 1024\n",
-                           "max_conns = 1024\n", env=env)
+    return bo._start_summon(bench, tg, upstream_port, f"ab-{name}", env)  # the overload section's limits
 
 
 def one_run(bench: tg.Bench, variant: str, upstream_port: int, rate: float, duration: float,
             warmup: float) -> dict[str, Any]:
     proc, port = start(bench, variant, upstream_port)
-    with contextlib.suppress(OSError):
-        os.sched_setaffinity(proc.pid, {0})
-    cgroup = bo.cap_cpu(proc.pid, bo.CPU_SHARE)
-    try:
+    with bo.confined(bench, proc) as cgroup:
         if warmup > 0:
             bo.open_loop(bench, port, rate / 2, warmup)
             bo._settle(bl, port)
         r = bo._run(bench, port, rate, duration, proc.pid)
-    finally:
-        bench.procs.stop(proc)
-        bo.uncap(cgroup)
     r["capped"] = cgroup is not None
     return r
 
